@@ -1,0 +1,1 @@
+"""The indexer: one request per TCP connection, an in-memory directory, a SQLite store."""

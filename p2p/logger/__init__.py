@@ -1,0 +1,1 @@
+"""The audit logger: ONC-RPC over TCP and UDP, and the indexer's relay to it."""

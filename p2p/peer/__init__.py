@@ -1,0 +1,1 @@
+"""The peer: file server (GET_FILE, FETCH) and downloader."""

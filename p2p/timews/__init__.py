@@ -1,0 +1,1 @@
+"""The SOAP time service (Spyne mounted in twisted.web)."""

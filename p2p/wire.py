@@ -1,0 +1,266 @@
+"""The classic wire format shared by every part of p2p.
+
+Everything here is the contract of ``shared/docs/protocol.md``: the NUL-terminated
+string framing, the per-operation result codes, the field limits and their
+validation, the audit record and the date-time format. Every other module
+imports these names instead of restating them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+# --- Framing ---------------------------------------------------------------
+
+NUL = b"\0"
+
+#: Default ports and addresses of the services.
+INDEXER_PORT = 9090
+LOGGER_PORT = 9091
+TIME_PORT = 8000
+#: ONC-RPC program number of the audit logger (user-defined range 0x20000000-0x3FFFFFFF).
+LOGGER_PROGRAM = 0x20000155
+LOGGER_PROGRAM_MIN = 0x20000000
+LOGGER_PROGRAM_MAX = 0x3FFFFFFF
+LOGGER_VERSION = 1
+LOGGER_PROC_NULL = 0
+LOGGER_PROC_LOG = 1
+
+#: How long a client may stay silent in the middle of a request (seconds).
+DEFAULT_TIMEOUT = 10.0
+#: Default cap on simultaneously open indexer connections.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+#: ``dd/mm/YYYY HH:MM:SS``, the DATETIME of every request.
+DATETIME_FORMAT = "%d/%m/%Y %H:%M:%S"
+
+
+def format_datetime(when: float | None = None) -> str:
+    """Local time as the time service and the DATETIME field spell it."""
+    return time.strftime(DATETIME_FORMAT, time.localtime(when))
+
+
+def encode_field(value: str | bytes | int) -> bytes:
+    """One field as it travels: UTF-8 bytes (numbers in decimal) and a NUL."""
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if NUL in value:
+        raise ValueError("a field cannot contain a NUL byte")
+    return value + NUL
+
+
+def encode_fields(*values: str | bytes | int) -> bytes:
+    """Several fields back to back, as one request or reply."""
+    return b"".join(encode_field(v) for v in values)
+
+
+def encode_code(code: int) -> bytes:
+    """A result code: one unsigned byte."""
+    return bytes((code,))
+
+
+class FieldTooLong(Exception):
+    """A field grew past its limit before its NUL arrived."""
+
+
+class FieldReader:
+    """Incremental splitter of NUL-terminated fields.
+
+    Feed it bytes as they arrive; it returns the complete fields (without NUL)
+    and keeps the unterminated tail. ``limit`` bounds the tail so a client that
+    never sends NUL cannot make it grow: past ``limit`` bytes, ``FieldTooLong``.
+    """
+
+    __slots__ = ("_buffer", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buffer = b""
+        self.limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data if self._buffer else data
+        fields = buffer.split(NUL)
+        self._buffer = fields.pop()
+        if len(self._buffer) > self.limit:
+            raise FieldTooLong(len(self._buffer))
+        return fields
+
+    def take_rest(self) -> bytes:
+        """The bytes after the last complete field (for switching to raw mode)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+def decode_fields(data: bytes) -> list[bytes]:
+    """Split a complete message into fields; a trailing unterminated part is an error."""
+    fields = data.split(NUL)
+    if fields.pop() != b"":
+        raise ValueError("message does not end with NUL")
+    return fields
+
+
+# --- Limits and validation -------------------------------------------------
+
+MAX_OP = 32
+MAX_DATETIME = 64
+MAX_NAME = 256
+MAX_DESCRIPTION = 256
+#: A port travels as a decimal string; anything longer than this is not a port.
+MAX_PORT_FIELD = 5
+#: A FETCH offset travels as a decimal string (a 64-bit size has 20 digits).
+MAX_OFFSET_FIELD = 20
+#: The longest field anywhere in the classic protocols.
+MAX_FIELD = max(MAX_OP, MAX_DATETIME, MAX_NAME, MAX_DESCRIPTION)
+
+
+class FieldKind(Enum):
+    """What a field holds, which decides its limit and its check."""
+
+    OP = "op"
+    DATETIME = "datetime"
+    NAME = "name"  # user and file names: no whitespace, no control characters
+    TEXT = "text"  # descriptions: any printable UTF-8, spaces allowed
+    PORT = "port"
+    OFFSET = "offset"
+
+
+LIMITS: dict[FieldKind, int] = {
+    FieldKind.OP: MAX_OP,
+    FieldKind.DATETIME: MAX_DATETIME,
+    FieldKind.NAME: MAX_NAME,
+    FieldKind.TEXT: MAX_DESCRIPTION,
+    FieldKind.PORT: MAX_PORT_FIELD,
+    FieldKind.OFFSET: MAX_OFFSET_FIELD,
+}
+
+
+class BadField(ValueError):
+    """A field that breaks protocol.md's limits (length, encoding, content)."""
+
+
+def _is_control(ch: str) -> bool:
+    o = ord(ch)
+    return o < 0x20 or 0x7F <= o < 0xA0
+
+
+def check_name(text: str) -> bool:
+    """True for a valid user or file name (non-empty, no whitespace or control chars)."""
+    return bool(text) and not any(ch.isspace() or _is_control(ch) for ch in text)
+
+
+def check_text(text: str) -> bool:
+    """True for a valid description (non-empty, no control characters but tab)."""
+    return bool(text) and not any(_is_control(ch) and ch != "\t" for ch in text)
+
+
+def decode_field(raw: bytes, kind: FieldKind) -> str | int:
+    """Validate one received field and return its value; ``BadField`` if invalid.
+
+    PORT gives an int in 1..65535, OFFSET an int >= 0, the others a str.
+    """
+    if not raw or len(raw) > LIMITS[kind]:
+        raise BadField(f"{kind.value}: length {len(raw)}")
+    if kind in (FieldKind.PORT, FieldKind.OFFSET):
+        if not raw.isdigit():
+            raise BadField(f"{kind.value}: not a decimal number")
+        number = int(raw)
+        if kind is FieldKind.PORT and not 1 <= number <= 65535:
+            raise BadField(f"port out of range: {number}")
+        return number
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadField(f"{kind.value}: not UTF-8") from exc
+    if kind is FieldKind.NAME and not check_name(text):
+        raise BadField(f"name has whitespace or control characters: {text!r}")
+    if kind is FieldKind.TEXT and not check_text(text):
+        raise BadField(f"text has control characters: {text!r}")
+    if kind in (FieldKind.OP, FieldKind.DATETIME) and any(_is_control(c) for c in text):
+        raise BadField(f"{kind.value} has control characters")
+    return text
+
+
+# --- Indexer operations and result codes -----------------------------------
+
+OK = 0
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One indexer operation: its argument fields and its reply codes.
+
+    Codes that an operation does not have are ``None``. Checks run in the order
+    of the codes: user exists, then connected, then the operation's own check.
+    """
+
+    name: str
+    args: tuple[FieldKind, ...]
+    error: int  # "any other error"
+    no_user: int | None = None  # 1: user does not exist
+    not_connected: int | None = None  # 2: user not connected
+    own: int | None = None  # the operation's own check (see protocol.md)
+
+    @property
+    def fields(self) -> tuple[FieldKind, ...]:
+        """Every field of the request after OP: DATETIME, USER, then the arguments."""
+        return (FieldKind.DATETIME, FieldKind.NAME, *self.args)
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        """Every code this operation can answer."""
+        known = (OK, self.no_user, self.not_connected, self.own, self.error)
+        return tuple(sorted({c for c in known if c is not None}))
+
+
+REGISTER = OpSpec("REGISTER", (), error=2, own=1)  # own: name already registered
+UNREGISTER = OpSpec("UNREGISTER", (), error=2, no_user=1)  # connected -> error
+CONNECT = OpSpec("CONNECT", (FieldKind.PORT,), error=3, no_user=1, own=2)  # own: connected
+DISCONNECT = OpSpec("DISCONNECT", (), error=3, no_user=1, not_connected=2)
+PUBLISH = OpSpec(
+    "PUBLISH", (FieldKind.NAME, FieldKind.TEXT), error=4, no_user=1, not_connected=2, own=3
+)
+DELETE = OpSpec("DELETE", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
+LIST_USERS = OpSpec("LIST_USERS", (), error=3, no_user=1, not_connected=2)
+LIST_CONTENT = OpSpec("LIST_CONTENT", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
+
+OPS: dict[str, OpSpec] = {
+    op.name: op
+    for op in (REGISTER, UNREGISTER, CONNECT, DISCONNECT, PUBLISH, DELETE, LIST_USERS, LIST_CONTENT)
+}
+OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
+
+#: Operations whose audit record carries the file name.
+AUDIT_FILE_OPS = frozenset({"PUBLISH", "DELETE"})
+
+
+def audit_record(user: str, op: str, datetime: str, file_name: str | None = None) -> str:
+    """The logger record of one request: ``<user> <OP>[ <file name>] <DATETIME>``."""
+    if op in AUDIT_FILE_OPS and file_name is not None:
+        return f"{user} {op} {file_name} {datetime}"
+    return f"{user} {op} {datetime}"
+
+
+def encode_request(op: str, datetime: str, user: str, *args: str | int) -> bytes:
+    """A whole indexer request as a client sends it."""
+    return encode_fields(op, datetime, user, *args)
+
+
+def encode_listing(rows: Iterable[tuple[str | int, ...]]) -> bytes:
+    """The body after code 0 of LIST_USERS / LIST_CONTENT: a count, then the rows."""
+    rows = list(rows)
+    return encode_field(len(rows)) + b"".join(encode_fields(*row) for row in rows)
+
+
+# --- Peer protocol ---------------------------------------------------------
+
+GET_FILE = "GET_FILE"
+FETCH = "FETCH"
+PEER_OK = 0
+PEER_NO_FILE = 1
+PEER_ERROR = 2
+PEER_BAD_OFFSET = 3  # FETCH only

@@ -1,0 +1,274 @@
+"""Shared helpers for end-to-end tests: real child processes and real sockets.
+
+Nothing here sleeps for a fixed time: every wait is for a port, a line of
+output or a process exit, with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+REPO = Path(__file__).resolve().parent.parent
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+]
+#: Deadline for a service to start or a line to appear.
+DEADLINE = 20.0
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for child processes: this checkout first on the path, unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
+    """A port number free for both TCP and UDP."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_STREAM, host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both TCP and UDP")
+
+
+def deadline(d: Deferred, seconds: float = DEADLINE) -> Deferred:
+    """Fail ``d`` with ``defer.TimeoutError`` if it has not fired in ``seconds``."""
+    return d.addTimeout(seconds, reactor)
+
+
+@defer.inlineCallbacks
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = DEADLINE):
+    """Fire once a TCP connection to ``host:port`` succeeds; fail after ``timeout``."""
+    start = reactor.seconds()
+    while True:
+        try:
+            creator = protocol.ClientCreator(reactor, protocol.Protocol)
+            proto = yield creator.connectTCP(host, port, timeout=2)
+            proto.transport.loseConnection()
+            return None
+        except (error.ConnectError, error.TimeoutError):
+            if reactor.seconds() - start > timeout:
+                raise defer.TimeoutError(f"nothing listening on {host}:{port}") from None
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class ServiceProcess(protocol.ProcessProtocol):
+    """A child process whose stdout/stderr lines are kept and can be waited for."""
+
+    def __init__(self, name: str = "child") -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.errlines: list[str] = []
+        self._partial = {1: b"", 2: b""}
+        self._waiters: list[tuple[re.Pattern[str], Deferred]] = []
+        self.ended: Deferred = Deferred()
+        self.exit_code: int | None = None
+        self.exited = False
+
+    # ProcessProtocol
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd not in self._partial:
+            return
+        buf = self._partial[fd] + data
+        *complete, self._partial[fd] = buf.split(b"\n")
+        for raw in complete:
+            self._add_line(fd, raw.decode("utf-8", "replace").rstrip("\r"))
+
+    def _add_line(self, fd: int, line: str) -> None:
+        (self.lines if fd == 1 else self.errlines).append(line)
+        for item in list(self._waiters):
+            pattern, d = item
+            match = pattern.search(line)
+            if match:
+                self._waiters.remove(item)
+                d.callback(match)
+
+    def processEnded(self, reason) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._add_line(fd, rest.decode("utf-8", "replace"))
+        self.exited = True
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        waiters, self._waiters = self._waiters, []
+        for pattern, d in waiters:
+            d.errback(
+                RuntimeError(
+                    f"{self.name} exited before printing {pattern.pattern!r}:\n" + self.output()
+                )
+            )
+        self.ended.callback(self.exit_code)
+
+    # API
+
+    def output(self) -> str:
+        """Everything printed so far, stdout then stderr (for failure messages)."""
+        return "\n".join([*self.lines, "--- stderr ---", *self.errlines])
+
+    def wait_for_line(self, pattern: str, timeout: float = DEADLINE) -> Deferred:
+        """Fire with the first match of ``pattern`` in a stdout or stderr line."""
+        regex = re.compile(pattern)
+        for line in self.lines + self.errlines:
+            match = regex.search(line)
+            if match:
+                return defer.succeed(match)
+        if self.exited:
+            return defer.fail(RuntimeError(f"{self.name} exited:\n{self.output()}"))
+        d: Deferred = Deferred()
+        self._waiters.append((regex, d))
+
+        def timed_out(failure):
+            failure.trap(defer.TimeoutError)
+            if (regex, d) in self._waiters:
+                self._waiters.remove((regex, d))
+            raise defer.TimeoutError(
+                f"{self.name} did not print {pattern!r} in {timeout}s:\n{self.output()}"
+            )
+
+        return d.addTimeout(timeout, reactor).addErrback(timed_out)
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the child's stdin."""
+        self.transport.write(data)
+
+    def close_stdin(self) -> None:
+        self.transport.closeStdin()
+
+    def signal(self, name: str) -> None:
+        """Send a signal (``"TERM"``, ``"KILL"``, ``"INT"``) unless already gone."""
+        if not self.exited:
+            with contextlib.suppress(error.ProcessExitedAlready):
+                self.transport.signalProcess(name)
+
+    @defer.inlineCallbacks
+    def stop(self, timeout: float = 10.0):
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.exited:
+            return self.exit_code
+        self.signal("TERM")
+        try:
+            yield deadline(_chain(self.ended), timeout)
+        except defer.TimeoutError:
+            self.signal("KILL")
+            yield _chain(self.ended)
+        return self.exit_code
+
+    @defer.inlineCallbacks
+    def kill(self):
+        """SIGKILL and wait for the exit (``kill -9``)."""
+        self.signal("KILL")
+        yield _chain(self.ended)
+        return self.exit_code
+
+
+def _chain(d: Deferred) -> Deferred:
+    """A new Deferred firing with ``d``'s result without consuming it."""
+    out: Deferred = Deferred()
+
+    def relay(result):
+        out.callback(result)
+        return result
+
+    d.addBoth(relay)
+    return out
+
+
+def spawn(
+    testcase: TestCase,
+    args: Sequence[str],
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    name: str | None = None,
+    usePTY: bool = False,
+) -> ServiceProcess:
+    """Start ``args`` as a child process, stopped (SIGKILL-safe) when the test ends."""
+    proc = ServiceProcess(name or Path(args[0]).name)
+    reactor.spawnProcess(
+        proc,
+        args[0],
+        list(args),
+        env=child_env(env),
+        path=str(cwd) if cwd is not None else None,
+        usePTY=usePTY,
+    )
+    testcase.addCleanup(proc.stop)
+    return proc
+
+
+def spawn_twistd(
+    testcase: TestCase,
+    plugin: str,
+    *options: str,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """Run ``twistd -n <plugin> <options>`` in ``cwd`` (default: the test's temp dir)."""
+    if cwd is None:
+        cwd = Path(testcase.mktemp())
+        cwd.mkdir(parents=True)
+    args = [*TWISTD, "-n", "--pidfile=", plugin, *options]
+    return spawn(testcase, args, cwd=cwd, env=env, name=plugin)
+
+
+def run_command(
+    args: Sequence[str], cwd: str | Path | None = None, env: dict[str, str] | None = None
+) -> Deferred:
+    """Run a command to completion; fires with ``(stdout, stderr, exit code)``."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    return getProcessOutputAndValue(
+        args[0],
+        list(args[1:]),
+        env=child_env(env),
+        path=str(cwd) if cwd is not None else None,
+        reactor=reactor,
+    )
+
+
+def kill_on_cleanup(testcase: TestCase, proc: ServiceProcess) -> None:
+    """Make sure a process is gone at the end of the test even if it ignores SIGTERM."""
+    testcase.addCleanup(lambda: proc.kill() if not proc.exited else None)
+
+
+__all__ = [
+    "DEADLINE",
+    "REPO",
+    "TWISTD",
+    "ServiceProcess",
+    "child_env",
+    "deadline",
+    "free_port",
+    "free_tcp_udp_port",
+    "kill_on_cleanup",
+    "run_command",
+    "spawn",
+    "spawn_twistd",
+    "wait_for_port",
+]

@@ -1,0 +1,154 @@
+"""The time service's twisted.web side: the site, the request body cap and the WSDL.
+
+Spyne's own ``spyne.server.twisted`` does not import with current Twisted, so
+the SOAP calls reach Spyne through its WSGI application. The WSDL is answered
+here, on the reactor, with the service address of the host the client asked
+for (Spyne would cache the address of the first request forever).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+from twisted.internet.interfaces import IReactorThreads
+from twisted.web import http, resource, server
+from twisted.web.wsgi import WSGIResource
+
+from p2p.timews.app import make_wsgi_application
+
+#: Default cap on a request body: a get_time envelope is a few hundred bytes.
+DEFAULT_MAX_BODY = 64 * 1024
+
+#: Idle keep-alive connections are closed after this many seconds.
+IDLE_TIMEOUT = 60
+#: Placeholder service address, swapped for the asked-for URL in every WSDL answer.
+_PLACEHOLDER = "http://p2p-time.invalid/"
+#: A Host header we are willing to echo into the WSDL: a name or IPv4, or [IPv6], and a port.
+_HOST = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
+
+
+def soap_fault(code: str, message: str) -> bytes:
+    """A SOAP 1.1 fault envelope (for the answers given outside Spyne)."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<soap11env:Envelope xmlns:soap11env="http://schemas.xmlsoap.org/soap/envelope/">'
+        "<soap11env:Body><soap11env:Fault>"
+        f"<faultcode>soap11env:{escape(code)}</faultcode>"
+        f"<faultstring>{escape(message)}</faultstring>"
+        "</soap11env:Fault></soap11env:Body></soap11env:Envelope>"
+    ).encode()
+
+
+class BoundedRequest(server.Request):
+    """A request whose body may not exceed ``site.max_body`` bytes.
+
+    The check happens while the body arrives (announced length or chunk by
+    chunk), so an oversized body is never stored: the client gets a 413 SOAP
+    fault and the connection is closed.
+    """
+
+    _refused = False
+    _received = 0
+
+    def _limit(self) -> int:
+        return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return  # already answered; the connection is closing
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        """Answer 413 with a fault straight on the transport and hang up."""
+        self._refused = True
+        self.content = None
+        body = soap_fault("Client.RequestTooLong", f"request body over {self._limit()} bytes")
+        head = (
+            "HTTP/1.1 413 Request Entity Too Large\r\n"
+            "Content-Type: text/xml; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+
+
+class TimeSite(server.Site):
+    """The site of the time service: bounded requests, no traceback pages."""
+
+    requestFactory = BoundedRequest
+    displayTracebacks = False
+
+    def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY) -> None:
+        super().__init__(root, timeout=IDLE_TIMEOUT)
+        self.max_body = max_body
+
+
+def is_wsdl_query(query: bytes) -> bool:
+    """True for ``?wsdl`` (any case, with or without a value), as Spyne decides."""
+    return query.split(b"&")[0].split(b"=")[0].lower() == b"wsdl"
+
+
+def service_address(request: server.Request) -> str:
+    """The URL the client used to reach us: scheme, the Host it asked for, the path."""
+    scheme = "https" if request.isSecure() else "http"
+    raw = request.getHeader(b"host")
+    host = raw.decode("ascii", "replace") if raw is not None else ""
+    if not _HOST.match(host):
+        local = request.getHost()
+        name = getattr(local, "host", "localhost")
+        name = f"[{name}]" if ":" in name else name
+        host = f"{name}:{local.port}" if hasattr(local, "port") else name
+    path = quote(request.path.decode("latin-1"), safe="/")
+    return f"{scheme}://{host}{path}"
+
+
+class TimeResource(resource.Resource):
+    """``GET ?wsdl`` answered here; everything else goes to Spyne (SOAP or fault)."""
+
+    isLeaf = True
+
+    def __init__(self, soap: resource.IResource, wsdl_template: bytes) -> None:
+        super().__init__()
+        self._soap = soap
+        self._wsdl = wsdl_template
+
+    def render(self, request: server.Request) -> bytes | int:
+        query = request.uri.partition(b"?")[2]
+        if request.method in (b"GET", b"HEAD") and is_wsdl_query(query):
+            return self.render_wsdl(request)
+        return self._soap.render(request)
+
+    def render_wsdl(self, request: server.Request) -> bytes:
+        location = escape(service_address(request), {'"': "&quot;"}).encode("utf-8")
+        request.setResponseCode(http.OK)
+        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
+        return self._wsdl.replace(_PLACEHOLDER.encode("ascii"), location)
+
+
+def make_site(reactor: IReactorThreads, max_body: int = DEFAULT_MAX_BODY) -> TimeSite:
+    """The whole web side: Spyne's WSGI app on the reactor's thread pool, WSDL, body cap."""
+    wsgi_app = make_wsgi_application(max_content_length=max_body)
+    wsdl = wsgi_app.doc.wsdl11
+    wsdl.build_interface_document(_PLACEHOLDER)
+    template = wsdl.get_interface_document()
+    soap = WSGIResource(reactor, reactor.getThreadPool(), wsgi_app)
+    return TimeSite(TimeResource(soap, template), max_body=max_body)

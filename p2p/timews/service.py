@@ -1,0 +1,84 @@
+"""``twistd p2p-time``: the options and the service of the SOAP time service."""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from p2p import wire
+from p2p.console import say
+from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """Command line of ``twistd p2p-time``."""
+
+    synopsis = "[--listen ENDPOINT] [--max-body BYTES]"
+    longdesc = (
+        "SOAP 1.1 time service: one operation, get_time, returning the local time as "
+        "dd/mm/YYYY HH:MM:SS. The WSDL is served at /?wsdl."
+    )
+    optParameters = [
+        [
+            "listen",
+            "l",
+            f"tcp:{wire.TIME_PORT}",
+            "Endpoint to listen on (Twisted endpoint string, e.g. tcp:8000:interface=127.0.0.1).",
+        ],
+        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes.", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["max-body"] < 1024:
+            raise usage.UsageError("--max-body must be at least 1024 bytes")
+
+
+def wsdl_url(address: object) -> str:
+    """The WSDL URL a local client can use to reach a listening address."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return f"{address} (not a TCP address)"
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/?wsdl"
+
+
+class TimeWebService(StreamServerEndpointService):
+    """The listening site; says its WSDL URL once the port is open.
+
+    A port that cannot be opened fails ``startService`` at once, so ``twistd``
+    exits with the error instead of running without its service.
+    """
+
+    _raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.url = wsdl_url(port.getHost())
+        say(f"s> time service {self.url}")
+        log.info("time service listening at {url}", url=self.url)
+        return port
+
+
+def make_service(options: Options) -> IService:
+    """The time service for ``options`` (not started)."""
+    from twisted.internet import reactor
+
+    endpoint = endpoints.serverFromString(reactor, options["listen"])
+    service = TimeWebService(endpoint, make_site(reactor, max_body=options["max-body"]))
+    service.setName("time")
+    return service

@@ -1,0 +1,192 @@
+"""End-to-end tests of ``twistd p2p-time``: a real process on a free port.
+
+zeep (blocking, so in a thread) and raw HTTP (Agent, or a bare TCP socket)
+talk to it; every malformed request must get a SOAP fault and leave the
+service answering.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from io import BytesIO
+
+from lxml import etree
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from p2p import wire
+from p2p.timews.app import NAMESPACE
+from tests.support import deadline, free_port, spawn_twistd
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+GET_TIME = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    f'<e:Envelope xmlns:e="{SOAP_ENV}" xmlns:t="{NAMESPACE}">'
+    "<e:Body><t:get_time/></e:Body></e:Envelope>"
+).encode()
+NS = {"e": SOAP_ENV, "t": NAMESPACE}
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch of a ``dd/mm/YYYY HH:MM:SS`` local time."""
+    return time.mktime(datetime.strptime(text, wire.DATETIME_FORMAT).timetuple())
+
+
+class _Collect(protocol.Protocol):
+    """Everything the server sends until it closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(self.data)
+
+
+class TimeServiceTests(TestCase):
+    """A real ``twistd p2p-time`` per test."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.port = free_port()
+        self.proc = spawn_twistd(
+            self, "p2p-time", "--listen", f"tcp:{self.port}:interface=127.0.0.1"
+        )
+        match = yield self.proc.wait_for_line(r"s> time service (\S+)")
+        self.wsdl = match.group(1)
+        self.base = f"http://127.0.0.1:{self.port}/"
+        self.agent = Agent(reactor)
+
+    def post(self, body: bytes, content_type: bytes = b"text/xml; charset=utf-8"):
+        headers = Headers({b"content-type": [content_type], b"soapaction": [b'"get_time"']})
+        d = self.agent.request(
+            b"POST", self.base.encode(), headers, FileBodyProducer(BytesIO(body))
+        )
+        return deadline(d, 10)
+
+    @defer.inlineCallbacks
+    def assert_fault(self, response, code: int = 500):
+        body = yield readBody(response)
+        self.assertEqual(response.code, code, body)
+        root = etree.fromstring(body)
+        faults = root.findall("e:Body/e:Fault", NS)
+        self.assertEqual(len(faults), 1, body)
+        self.assertIn("Client", faults[0].findtext("faultcode"))
+        return faults[0]
+
+    @defer.inlineCallbacks
+    def assert_still_answers(self):
+        response = yield self.post(GET_TIME)
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200, body)
+        path = "e:Body/t:get_timeResponse/t:get_timeResult"
+        result = etree.fromstring(body).findtext(path, namespaces=NS)
+        self.assertLess(abs(parse_time(result) - time.time()), 5)
+
+    def test_printed_url(self):
+        """The service says where its WSDL is."""
+        self.assertEqual(self.wsdl, f"http://127.0.0.1:{self.port}/?wsdl")
+
+    @defer.inlineCallbacks
+    def test_zeep(self):
+        """zeep reads the WSDL and get_time answers a parsable time close to now."""
+
+        def call() -> str:
+            import zeep
+
+            client = zeep.Client(self.wsdl)
+            return client.service.get_time()
+
+        answer = yield deadline(threads.deferToThread(call), 15)
+        self.assertIsInstance(answer, str)
+        self.assertLess(abs(parse_time(answer) - time.time()), 5)
+
+    @defer.inlineCallbacks
+    def test_raw_post(self):
+        """A hand-written envelope gets a get_timeResponse with the time in the format."""
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_wsdl_address_follows_host(self):
+        """The WSDL names the service at the host the client asked for."""
+        response = yield deadline(
+            self.agent.request(
+                b"GET",
+                f"{self.base}?wsdl".encode(),
+                Headers({b"host": [b"timehost.example:8123"]}),
+            ),
+            10,
+        )
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200)
+        root = etree.fromstring(body)
+        wsdl_ns = {
+            "w": "http://schemas.xmlsoap.org/wsdl/",
+            "s": "http://schemas.xmlsoap.org/wsdl/soap/",
+        }
+        address = root.find("w:service/w:port/s:address", wsdl_ns)
+        self.assertEqual(address.get("location"), "http://timehost.example:8123/")
+        self.assertEqual(root.findall("w:portType/w:operation", wsdl_ns)[0].get("name"), "get_time")
+
+    @defer.inlineCallbacks
+    def test_not_xml(self):
+        response = yield self.post(b"this is not xml")
+        yield self.assert_fault(response)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_wrong_envelope(self):
+        response = yield self.post(b"<notsoap><Body/></notsoap>")
+        yield self.assert_fault(response)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_unknown_operation(self):
+        body = GET_TIME.replace(b"t:get_time/", b"t:get_weather/")
+        response = yield self.post(body)
+        yield self.assert_fault(response)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_get_without_wsdl(self):
+        """A plain GET is not a SOAP call: a fault with 405, not a page."""
+        response = yield deadline(self.agent.request(b"GET", self.base.encode()), 10)
+        yield self.assert_fault(response, code=405)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_huge_body(self):
+        """A body announced over the cap is refused at once with 413 and a fault."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        proto = yield connectProtocol(endpoint, _Collect())
+        proto.transport.write(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
+            b"Content-Length: 1000000000\r\n\r\n" + b"<" * 10000
+        )
+        data = yield deadline(proto.done, 10)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        fault = etree.fromstring(body).find("e:Body/e:Fault", NS)
+        self.assertIn("RequestTooLong", fault.findtext("faultcode"))
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_huge_chunked_body(self):
+        """A chunked body that grows past the cap is cut off the same way."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        proto = yield connectProtocol(endpoint, _Collect())
+        chunk = b"a" * 32768
+        proto.transport.write(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 4
+        )
+        data = yield deadline(proto.done, 10)
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:200])
+        yield self.assert_still_answers()

@@ -96,6 +96,21 @@ class FieldReader:
         return rest
 
 
+def take_field(buffer: bytes, limit: int) -> tuple[bytes | None, bytes]:
+    """Split one NUL-terminated field off the front of ``buffer``.
+
+    For a header field followed by raw bytes (the FETCH size): returns
+    ``(field, rest)``, or ``(None, buffer)`` while the NUL has not arrived.
+    ``FieldTooLong`` once more than ``limit`` bytes came without a NUL.
+    """
+    end = buffer.find(NUL, 0, limit + 1)
+    if end < 0:
+        if len(buffer) > limit:
+            raise FieldTooLong(len(buffer))
+        return None, buffer
+    return buffer[:end], buffer[end + 1 :]
+
+
 def decode_fields(data: bytes) -> list[bytes]:
     """Split a complete message into fields; a trailing unterminated part is an error."""
     fields = data.split(NUL)

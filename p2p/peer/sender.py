@@ -1,0 +1,177 @@
+"""Producers that stream a byte range of an open file into a transport.
+
+Both are pull producers (``IPullProducer``): the transport asks for more only
+when it has sent what it had, so a slow or stalled downloader holds at most
+one chunk of the file in this process.
+
+- ``SendfileProducer`` hands the kernel the work: ``os.sendfile`` from the
+  file to the connected socket, no file bytes in user space at all. It runs
+  only when the socket is writable: after a short write it calls the
+  transport's ``startWriting()``; with an empty write buffer the transport's
+  ``doWrite`` then asks the producer to ``resumeProducing()`` again as soon as
+  the socket can take more (Twisted's ``FileDescriptor`` contract for pull
+  producers). Used for plain TCP and UNIX transports only.
+- ``ChunkProducer`` reads ``CHUNK`` bytes with ``os.pread`` and writes them to
+  the transport; the fallback for any other transport (TLS, tests).
+
+Each fires ``done`` with the number of file bytes sent, or fails with the
+reason (the connection went away, the file shrank under us).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.tcp import Connection
+from zope.interface import implementer
+
+#: Bytes read per ``resumeProducing`` by ``ChunkProducer``: the memory bound per connection.
+CHUNK = 256 * 1024
+#: Bytes ``SendfileProducer`` hands to the kernel per turn before yielding to other connections.
+SENDFILE_TURN = 4 * 1024 * 1024
+
+
+class FileShrank(Exception):
+    """The file ended before the size announced to the downloader."""
+
+
+class TransferStopped(Exception):
+    """The transport stopped the producer (the connection was lost)."""
+
+
+class _RangeProducer:
+    """Common state: the file, the range ``[offset, end)``, the header, the outcome."""
+
+    def __init__(
+        self,
+        transport: interfaces.ITransport,
+        fd: int,
+        offset: int,
+        end: int,
+        header: bytes = b"",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.fd = fd
+        self.offset = offset
+        self.end = end
+        self.header = header
+        self.sent = 0
+        self.on_progress = on_progress
+        self.done: Deferred[int] = Deferred()
+        self._finished = False
+
+    def start(self) -> Deferred[int]:
+        """Register with the transport, which immediately asks for the first bytes."""
+        self.transport.registerProducer(self, False)
+        return self.done
+
+    def _advance(self, count: int) -> None:
+        self.offset += count
+        self.sent += count
+        if self.on_progress is not None and count:
+            self.on_progress(count)
+
+    def _finish(self, failure: BaseException | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if failure is None:
+            self.done.callback(self.sent)
+        else:
+            self.done.errback(failure)
+
+    def stopProducing(self) -> None:
+        self._finish(TransferStopped())
+
+
+@implementer(interfaces.IPullProducer)
+class ChunkProducer(_RangeProducer):
+    """Read a chunk, write it, wait for the transport to want more."""
+
+    def resumeProducing(self) -> None:
+        if self._finished:
+            return
+        if self.header:
+            header, self.header = self.header, b""
+            self.transport.write(header)
+        if self.offset >= self.end:
+            self._finish()
+            return
+        try:
+            data = os.pread(self.fd, min(CHUNK, self.end - self.offset), self.offset)
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if not data:
+            self._finish(FileShrank(self.offset))
+            return
+        self.transport.write(data)
+        self._advance(len(data))
+        if self.offset >= self.end:
+            self._finish()
+
+
+@implementer(interfaces.IPullProducer)
+class SendfileProducer(_RangeProducer):
+    """``os.sendfile`` from the file into the socket whenever the socket is writable."""
+
+    def __init__(self, transport: Connection, *args, **kwargs) -> None:
+        super().__init__(transport, *args, **kwargs)
+        self._socket: socket.socket = transport.getHandle()
+
+    def resumeProducing(self) -> None:
+        if self._finished:
+            return
+        try:
+            self._send_header()
+            budget = SENDFILE_TURN
+            while not self.header and self.offset < self.end and budget > 0:
+                count = os.sendfile(
+                    self._socket.fileno(), self.fd, self.offset, min(self.end - self.offset, budget)
+                )
+                if count == 0:
+                    self._finish(FileShrank(self.offset))
+                    return
+                self._advance(count)
+                budget -= count
+        except (BlockingIOError, InterruptedError):
+            pass  # the socket is full: wait until it is writable again
+        except OSError as exc:
+            self._finish(exc)  # EPIPE, ECONNRESET, an I/O error reading the file
+            return
+        if not self.header and self.offset >= self.end:
+            self._finish()
+            return
+        # Ask the reactor to tell the transport when the socket is writable; its
+        # doWrite finds its own buffer empty and calls resumeProducing again.
+        self.transport.startWriting()
+
+    def _send_header(self) -> None:
+        while self.header:
+            count = self._socket.send(self.header)
+            self.header = self.header[count:]
+
+
+def make_producer(
+    transport: interfaces.ITransport,
+    fd: int,
+    offset: int,
+    end: int,
+    header: bytes = b"",
+    on_progress: Callable[[int], None] | None = None,
+    use_sendfile: bool = True,
+) -> _RangeProducer:
+    """The fastest producer this transport allows (sendfile on a plain socket)."""
+    plain_socket = (
+        use_sendfile
+        and hasattr(os, "sendfile")
+        and isinstance(transport, Connection)
+        and not getattr(transport, "TLS", False)
+    )
+    kind = SendfileProducer if plain_socket else ChunkProducer
+    return kind(transport, fd, offset, end, header, on_progress)

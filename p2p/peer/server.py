@@ -1,0 +1,260 @@
+"""The peer's file server: classic ``GET_FILE`` and the ``FETCH`` extension.
+
+protocol.md section 2. One request per connection:
+
+- ``GET_FILE\\0<name>\\0``: code 0 then the raw bytes until close; 1 no such
+  file (or not shared); 2 any other error.
+- ``FETCH\\0<name>\\0<offset>\\0``: code 0, the total size as a decimal string
+  and NUL, bytes ``[offset, size)``, close; 1; 2; 3 bad offset.
+- any other operation: closed without a reply byte (what a classic peer sees
+  when it is asked for something it does not know).
+
+A requester that stays silent mid-request is dropped after ``request_timeout``;
+a transfer that makes no progress for ``idle_timeout`` (a stalled downloader)
+is dropped too. The file is streamed by a pull producer (``sender.py``), so a
+slow downloader never makes this process hold more than one chunk of the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.peer.sender import make_producer
+from p2p.peer.share import NotShared, open_shared
+
+#: Seconds a transfer may go without the downloader taking a byte.
+DEFAULT_IDLE_TIMEOUT = 120.0
+
+#: Fields of each request after the operation.
+_ARGUMENTS = {wire.GET_FILE.encode(): 1, wire.FETCH.encode(): 2}
+
+
+class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
+    """Serves one GET_FILE or FETCH request, then closes."""
+
+    log = Logger()
+
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+        self.fields: list[bytes] = []
+        self.reader = wire.FieldReader(wire.MAX_NAME)
+        self.producer = None
+        self.answered = False
+
+    # --- connection life ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.server._connections.add(self)
+        self.setTimeout(self.server.request_timeout)
+
+    def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
+        self.server._connections.discard(self)
+        waiters, self.server._lost_waiters = self.server._lost_waiters, []
+        for waiter in waiters:
+            waiter()
+
+    def timeoutConnection(self) -> None:
+        self._note("timed out")
+        self.transport.abortConnection()
+
+    def _note(self, fmt: str, **fields) -> None:
+        """Log one event of this connection, prefixed with the requester's address."""
+        peer = self.transport.getPeer()
+        where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.log.info("peer {peer}: " + fmt, peer=where, **fields)
+
+    # --- request -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered:
+            return  # bytes after a complete request are ignored
+        self.resetTimeout()
+        try:
+            self.fields.extend(self.reader.feed(data))
+        except wire.FieldTooLong:
+            self._malformed()
+            return
+        if not self.fields:
+            return
+        op = self.fields[0]
+        if op not in _ARGUMENTS:
+            self.answered = True
+            self.transport.loseConnection()  # unknown operation: no reply byte
+            return
+        if len(self.fields) > _ARGUMENTS[op]:
+            self.answered = True
+            self._serve(op.decode(), self.fields[1:])
+
+    def _malformed(self) -> None:
+        """A field overran its limit: no reply for a bad operation, else code 2."""
+        self.answered = True
+        if self.fields and self.fields[0] in _ARGUMENTS:
+            self._reply(wire.PEER_ERROR)
+        else:
+            self.transport.loseConnection()
+
+    def _reply(self, code: int) -> None:
+        self.setTimeout(None)
+        self.transport.write(wire.encode_code(code))
+        self.transport.loseConnection()
+
+    def _serve(self, op: str, args: list[bytes]) -> None:
+        self.setTimeout(None)
+        try:
+            name = wire.decode_field(args[0], wire.FieldKind.NAME)
+        except wire.BadField:
+            self._note("{op} malformed name", op=op)
+            self._reply(wire.PEER_ERROR)
+            return
+        try:
+            published = self.server.is_published(name)
+        except Exception:
+            self.log.failure("is_published({name!r}) raised", name=name)
+            self._reply(wire.PEER_ERROR)
+            return
+        if not published:
+            self._note("{op} {name!r} not published", op=op, name=name)
+            self._reply(wire.PEER_NO_FILE)
+            return
+        try:
+            fd, size = open_shared(self.server.share_dir, name)
+        except NotShared:
+            self._note("{op} {name!r} not shared", op=op, name=name)
+            self._reply(wire.PEER_NO_FILE)
+            return
+        except OSError as exc:
+            self._note("{op} {name!r}: {exc}", op=op, name=name, exc=exc)
+            self._reply(wire.PEER_ERROR)
+            return
+        header = wire.encode_code(wire.PEER_OK)
+        offset = 0
+        if op == wire.FETCH:
+            try:
+                offset = wire.decode_field(args[1], wire.FieldKind.OFFSET)
+            except wire.BadField:
+                offset = -1
+            if not 0 <= offset <= size:
+                os.close(fd)
+                self._reply(wire.PEER_BAD_OFFSET)
+                return
+            header += wire.encode_field(size)
+        self._send(fd, offset, size, header, name)
+
+    # --- transfer ----------------------------------------------------------
+
+    def _send(self, fd: int, offset: int, size: int, header: bytes, name: str) -> None:
+        self.setTimeout(self.server.idle_timeout)
+        self.producer = make_producer(
+            self.transport,
+            fd,
+            offset,
+            size,
+            header,
+            on_progress=lambda _count: self.resetTimeout(),
+            use_sendfile=self.server.use_sendfile,
+        )
+
+        def finished(result):
+            os.close(fd)
+            self.setTimeout(None)
+            self.transport.unregisterProducer()
+            if isinstance(result, Failure):
+                self._note(
+                    "{name!r} cut: {why}",
+                    name=name,
+                    why=result.value,
+                )
+                self.transport.abortConnection()
+            else:
+                self._note("sent {name!r} ({n} bytes)", name=name, n=result)
+                self.transport.loseConnection()
+
+        self.producer.start().addBoth(finished)
+
+
+class _Factory(protocol.Factory):
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+
+    def buildProtocol(self, addr) -> PeerRequestProtocol | None:
+        if len(self.server._connections) >= self.server.max_connections:
+            return None  # over the cap: the connection is closed at once
+        return PeerRequestProtocol(self.server)
+
+
+class PeerServer:
+    """Serves the published files of one user from ``share_dir`` to other peers."""
+
+    def __init__(
+        self,
+        share_dir: Path,
+        is_published: Callable[[str], bool],
+        reactor=None,
+        *,
+        request_timeout: float = wire.DEFAULT_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
+        use_sendfile: bool = True,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.share_dir = Path(share_dir)
+        self.is_published = is_published
+        self.reactor = reactor
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.use_sendfile = use_sendfile
+        self.factory = _Factory(self)
+        self._port = None
+        self._connections: set[PeerRequestProtocol] = set()
+        self._lost_waiters: list[Callable[[], None]] = []
+
+    @property
+    def connections(self) -> frozenset[PeerRequestProtocol]:
+        """The connections open right now (for tests and diagnostics)."""
+        return frozenset(self._connections)
+
+    def listen(self, endpoint: str) -> Deferred[int]:
+        """Listen on a server endpoint string (``tcp:0:interface=0.0.0.0``); fires with the port."""
+        server = endpoints.serverFromString(self.reactor, endpoint)
+
+        def listening(port):
+            self._port = port
+            return getattr(port.getHost(), "port", 0)
+
+        return server.listen(self.factory).addCallback(listening)
+
+    def stop(self) -> Deferred[None]:
+        """Stop listening and drop every open transfer; fires when all are closed."""
+        port, self._port = self._port, None
+        stopped = (
+            defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        )
+        for conn in list(self._connections):
+            conn.transport.abortConnection()
+        return stopped.addCallback(lambda _: self._all_closed())
+
+    def _all_closed(self) -> Deferred[None]:
+        if not self._connections:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+
+        def check():
+            if self._connections:
+                self._lost_waiters.append(check)
+            elif not d.called:
+                d.callback(None)
+
+        self._lost_waiters.append(check)
+        return d

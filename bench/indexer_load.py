@@ -1,0 +1,158 @@
+"""Load benchmark of the indexer: N client processes running user life cycles.
+
+Each client process runs, for T seconds, full life cycles of users with unique
+names: REGISTER, CONNECT, PUBLISH x3, LIST_CONTENT, LIST_USERS, DELETE x3,
+DISCONNECT, UNREGISTER -- one TCP connection per request, as the protocol says,
+with plain blocking sockets. Prints requests per second and the number of
+unexpected reply codes (which must be 0).
+
+    python bench/indexer_load.py --spawn --clients 8 --seconds 10
+    python bench/indexer_load.py --host 127.0.0.1 --port 9090
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from p2p import wire  # noqa: E402
+
+DATETIME = "01/01/2026 00:00:00"
+
+
+def request(address: tuple[str, int], data: bytes) -> bytes:
+    """One request on its own connection; the whole reply (up to the server's close)."""
+    with socket.create_connection(address) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def client(index: int, address: tuple[str, int], seconds: float, start: float, out) -> None:
+    """Run life cycles until the deadline; report (requests, unexpected codes)."""
+    enc = wire.encode_request
+    port = 20000 + index
+    done = unexpected = 0
+    n = 0
+    while time.time() < start:
+        time.sleep(0.001)
+    end = start + seconds
+    first_unexpected = None
+    while time.time() < end:
+        user = f"b{os.getpid()}x{n}"
+        n += 1
+        files = [f"file{i}.txt" for i in range(3)]
+        steps = [(enc("REGISTER", DATETIME, user), 0), (enc("CONNECT", DATETIME, user, port), 0)]
+        steps += [(enc("PUBLISH", DATETIME, user, f, f"the file {f}"), 0) for f in files]
+        steps += [
+            (enc("LIST_CONTENT", DATETIME, user, user), 0),
+            (enc("LIST_USERS", DATETIME, user), 0),
+        ]
+        steps += [(enc("DELETE", DATETIME, user, f), 0) for f in files]
+        steps += [(enc("DISCONNECT", DATETIME, user), 0), (enc("UNREGISTER", DATETIME, user), 0)]
+        for data, expected in steps:
+            reply = request(address, data)
+            done += 1
+            if not reply or reply[0] != expected:
+                unexpected += 1
+                if first_unexpected is None:
+                    first_unexpected = (data, reply[:20])
+    out.put((done, unexpected, first_unexpected))
+
+
+def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
+    """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port."""
+    args = [
+        sys.executable,
+        "-c",
+        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "--logfile=twistd.log",
+        "p2p-indexer",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--db",
+        os.path.join(workdir, "bench.db"),
+        "--sync",
+        sync,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        match = re.search(r"s> init server \S+:(\d+)", line)
+        if match:
+            break
+    else:
+        raise RuntimeError("the indexer did not start")
+    # Drain its operator lines so it never blocks on a full pipe.
+    drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+    proc.stdout.close()
+    proc._drain = drain  # type: ignore[attr-defined]
+    return proc, int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=wire.INDEXER_PORT)
+    parser.add_argument("--spawn", action="store_true", help="start a twistd p2p-indexer")
+    parser.add_argument("--sync", default="normal", help="--sync of the spawned indexer")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    server = None
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.spawn:
+            server, args.port = spawn_indexer(workdir, args.sync)
+        try:
+            out: multiprocessing.Queue = multiprocessing.Queue()
+            start = time.time() + 0.5
+            procs = [
+                multiprocessing.Process(
+                    target=client, args=(i, (args.host, args.port), args.seconds, start, out)
+                )
+                for i in range(args.clients)
+            ]
+            for p in procs:
+                p.start()
+            results = [out.get() for _ in procs]
+            for p in procs:
+                p.join()
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+                server._drain.wait()
+    total = sum(r[0] for r in results)
+    unexpected = sum(r[1] for r in results)
+    print(
+        f"clients={args.clients} seconds={args.seconds:g} requests={total} "
+        f"requests/s={total / args.seconds:.0f} unexpected={unexpected}"
+    )
+    for r in results:
+        if r[2] is not None:
+            print(f"first unexpected: request={r[2][0]!r} reply={r[2][1]!r}")
+            break
+    return 1 if unexpected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

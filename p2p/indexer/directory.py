@@ -1,0 +1,151 @@
+"""The indexer's directory: users, their addresses and published files, in memory.
+
+Each operation checks in the order of its codes (user exists, then connected,
+then its own check), changes memory and writes the same change through to the
+store, and returns the reply code (plus the listing after 0 for the two LIST
+operations). Every lookup is a dict access, so an operation costs the same with
+ten users or a hundred thousand; only the listings grow with what they list.
+"""
+
+from __future__ import annotations
+
+from p2p import wire
+from p2p.indexer.store import Store, UserRow
+
+Address = tuple[str, int]
+
+
+class Directory:
+    """Users (connected or not) with the files each one published."""
+
+    def __init__(self, store: Store, audit: bool = False) -> None:
+        self.store = store
+        #: Write one audit record per request into the store's outbox.
+        self.audit = audit
+        self.users: dict[str, UserRow] = {}
+        #: Connected users and their addresses, in connection order (LIST_USERS).
+        self.connected: dict[str, Address] = {}
+        self._users_listing: bytes | None = None
+        self._handlers = {
+            wire.REGISTER.name: self._register,
+            wire.UNREGISTER.name: self._unregister,
+            wire.CONNECT.name: self._connect,
+            wire.DISCONNECT.name: self._disconnect,
+            wire.PUBLISH.name: self._publish,
+            wire.DELETE.name: self._delete,
+            wire.LIST_USERS.name: self._list_users,
+            wire.LIST_CONTENT.name: self._list_content,
+        }
+
+    def load(self) -> None:
+        """Replace memory with what the store holds (at start, or after a failed commit)."""
+        self.users = self.store.load()
+        self.connected = {n: u.address for n, u in self.users.items() if u.address is not None}
+        self._users_listing = None
+
+    def handle(
+        self, op: wire.OpSpec, datetime: str, user: str, args: list, address: Address | None = None
+    ) -> tuple[int, bytes]:
+        """Apply one well-formed request; return its code and the bytes after it.
+
+        ``args`` are the decoded arguments; ``address`` is what CONNECT records.
+        """
+        code, body = self._handlers[op.name](user, args, address)
+        if self.audit:
+            file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
+            self.store.add_outbox(wire.audit_record(user, op.name, datetime, file_name))
+        return code, body
+
+    # --- Operations: each returns (code, body) ---------------------------------
+
+    def _register(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        if user in self.users:
+            return wire.REGISTER.own, b""
+        self.users[user] = UserRow()
+        self.store.add_user(user)
+        return wire.OK, b""
+
+    def _unregister(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.UNREGISTER.no_user, b""
+        if row.address is not None:
+            return wire.UNREGISTER.error, b""
+        del self.users[user]
+        self.store.remove_user(user)
+        return wire.OK, b""
+
+    def _connect(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.CONNECT.no_user, b""
+        if row.address is not None:
+            return wire.CONNECT.own, b""
+        if address is None:
+            return wire.CONNECT.error, b""
+        row.address = address
+        self.connected[user] = address
+        self._users_listing = None
+        self.store.set_address(user, address)
+        return wire.OK, b""
+
+    def _disconnect(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.DISCONNECT.no_user, b""
+        if row.address is None:
+            return wire.DISCONNECT.not_connected, b""
+        row.address = None
+        del self.connected[user]
+        self._users_listing = None
+        self.store.set_address(user, None)
+        return wire.OK, b""
+
+    def _publish(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.PUBLISH.no_user, b""
+        if row.address is None:
+            return wire.PUBLISH.not_connected, b""
+        name, description = args
+        if name in row.files:
+            return wire.PUBLISH.own, b""
+        row.files[name] = description
+        self.store.add_file(user, name, description)
+        return wire.OK, b""
+
+    def _delete(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.DELETE.no_user, b""
+        if row.address is None:
+            return wire.DELETE.not_connected, b""
+        name = args[0]
+        if name not in row.files:
+            return wire.DELETE.own, b""
+        del row.files[name]
+        self.store.remove_file(user, name)
+        return wire.OK, b""
+
+    def _list_users(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.LIST_USERS.no_user, b""
+        if row.address is None:
+            return wire.LIST_USERS.not_connected, b""
+        if self._users_listing is None:
+            self._users_listing = wire.encode_listing(
+                (name, ip, port) for name, (ip, port) in self.connected.items()
+            )
+        return wire.OK, self._users_listing
+
+    def _list_content(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
+        row = self.users.get(user)
+        if row is None:
+            return wire.LIST_CONTENT.no_user, b""
+        if row.address is None:
+            return wire.LIST_CONTENT.not_connected, b""
+        owner = self.users.get(args[0])
+        if owner is None:
+            return wire.LIST_CONTENT.own, b""
+        return wire.OK, wire.encode_listing(owner.files.items())

@@ -1,0 +1,233 @@
+"""The indexer's wire side: one request per TCP connection (protocol.md section 1).
+
+:class:`IndexerProtocol` reads ``OP``, ``DATETIME``, ``USER`` and the
+operation's arguments as NUL-terminated fields, checking each against its limit
+as soon as it arrives: an oversized, empty or non-UTF-8 field gets the
+operation's "any other error" code at once and the connection is closed; an
+unknown ``OP`` is closed without a reply byte. A complete request goes to the
+:class:`IndexerFactory`, which applies it to the directory and queues its reply.
+
+Group commit: the factory collects the replies of one reactor turn, commits
+their changes in one SQLite transaction, and only then writes the reply bytes,
+so every acknowledged change is durable. The operator lines of the turn are
+written in one go as well.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from p2p import wire
+from p2p.console import say
+from p2p.indexer.address import AddressPolicy
+from p2p.indexer.directory import Directory
+from p2p.indexer.store import Store
+
+_K = wire.FieldKind
+_CODES = [bytes((code,)) for code in range(256)]
+
+# Fast acceptance of the common, plain-ASCII fields. Each pattern accepts only
+# a subset of what ``wire.decode_field`` accepts for that kind; anything else
+# takes the full check there.
+_FAST = {
+    _K.NAME: re.compile(b"[!-~]{1,%d}" % wire.LIMITS[_K.NAME]).fullmatch,
+    _K.TEXT: re.compile(b"[\t -~]{1,%d}" % wire.LIMITS[_K.TEXT]).fullmatch,
+    _K.DATETIME: re.compile(b"[ -~]{1,%d}" % wire.LIMITS[_K.DATETIME]).fullmatch,
+}
+
+
+def decode(raw: bytes, kind: wire.FieldKind) -> str | int:
+    """``wire.decode_field`` with a fast path for plain ASCII; ``BadField`` if invalid."""
+    fast = _FAST.get(kind)
+    if fast is not None and fast(raw) is not None:
+        return raw.decode("ascii")
+    return wire.decode_field(raw, kind)
+
+
+class IndexerProtocol(Protocol, TimeoutMixin):
+    """Reads one request, hands it to the factory, and writes the reply it is given."""
+
+    def __init__(self, factory: IndexerFactory) -> None:
+        self.factory = factory
+        self._reader = wire.FieldReader(wire.MAX_FIELD)
+        self._tail = 0  # bytes of the field not yet terminated
+        self._limit = wire.MAX_OP  # limit of that field
+        self._op: wire.OpSpec | None = None
+        self._kinds: tuple[wire.FieldKind, ...] = ()
+        self._values: list = []
+        self._done = False  # the request is complete or refused: read nothing more
+
+    # --- Connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.factory.timeout)
+
+    def connectionLost(self, reason=None) -> None:
+        self._done = True
+        self.setTimeout(None)
+        self.factory.connection_closed()
+
+    def timeoutConnection(self) -> None:
+        """Silent for too long (mid-request, or not reading its reply): cut it."""
+        self._done = True
+        self.transport.abortConnection()
+
+    # --- Reading -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            fields = self._reader.feed(data)
+        except wire.FieldTooLong:
+            self._refuse()
+            return
+        for raw in fields:
+            if self._take(raw):
+                return
+        nul = data.rfind(b"\0")
+        self._tail = len(data) - nul - 1 if nul >= 0 else self._tail + len(data)
+        if self._tail > self._limit:
+            self._refuse()
+
+    def _take(self, raw: bytes) -> bool:
+        """Accept one complete field; True once the request is finished either way."""
+        op = self._op
+        if op is None:
+            op = wire.OPS_BY_BYTES.get(raw)
+            if op is None:
+                self._refuse()
+                return True
+            self._op = op
+            self._kinds = op.fields
+            self._limit = wire.LIMITS[self._kinds[0]]
+            return False
+        values = self._values
+        kind = self._kinds[len(values)]
+        try:
+            values.append(decode(raw, kind))
+        except wire.BadField:
+            self._refuse()
+            return True
+        count = len(values)
+        if count == 2:  # DATETIME and USER are in: the operator line
+            self.factory.note(f"s> {op.name} FROM {values[1]}")
+        if count == len(self._kinds):
+            self._done = True
+            self.factory.submit(self, op, values)
+            return True
+        self._limit = wire.LIMITS[self._kinds[count]]
+        return False
+
+    def _refuse(self) -> None:
+        """Bad input: the operation's error code (none for an unknown OP), then close."""
+        self._done = True
+        if self._op is not None:
+            self.transport.write(_CODES[self._op.error])
+        self.transport.loseConnection()
+
+    # --- Replying ------------------------------------------------------------
+
+    def reply(self, data: bytes) -> None:
+        """Send the reply (code and listing) and close; the timeout still guards the write."""
+        transport = self.transport
+        if transport is not None and transport.connected:
+            transport.write(data)
+            transport.loseConnection()
+
+    @property
+    def op(self) -> wire.OpSpec | None:
+        return self._op
+
+
+class IndexerFactory(ServerFactory):
+    """Shared state of all connections: the directory, the cap, the group commit."""
+
+    noisy = False
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: Directory,
+        reactor: IReactorTime,
+        timeout: float = wire.DEFAULT_TIMEOUT,
+        max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
+        policy: AddressPolicy | None = None,
+    ) -> None:
+        self.directory = directory
+        self.store: Store = directory.store
+        self.reactor = reactor
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.policy = policy or AddressPolicy("127.0.0.1")
+        self.open_connections = 0
+        self.refused_connections = 0
+        self._replies: list[tuple[IndexerProtocol, bytes]] = []
+        self._lines: list[str] = []
+        self._flush_call = None
+
+    # --- Connections ------------------------------------------------------------
+
+    def buildProtocol(self, addr) -> IndexerProtocol | None:
+        """A protocol, or None (the port closes the socket at once) beyond the cap."""
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            return None
+        self.open_connections += 1
+        return IndexerProtocol(self)
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+
+    # --- Requests -----------------------------------------------------------------
+
+    def note(self, line: str) -> None:
+        """Queue an operator line for the end of this reactor turn."""
+        self._lines.append(line)
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def submit(self, proto: IndexerProtocol, op: wire.OpSpec, values: list) -> None:
+        """Apply a complete, valid request; its reply goes out after the group commit."""
+        datetime, user, *args = values
+        address = None
+        if op is wire.CONNECT:
+            address = (self.policy.record_ip(proto.transport.getPeer().host), args[0])
+        try:
+            code, body = self.directory.handle(op, datetime, user, args, address)
+        except sqlite3.Error:
+            self.log.failure("store write failed; answering with the error code")
+            self._recover()
+            code, body = op.error, b""
+        self._replies.append((proto, _CODES[code] + body if body else _CODES[code]))
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Print this turn's lines, commit its changes, then send its replies."""
+        self._flush_call = None
+        lines, self._lines = self._lines, []
+        replies, self._replies = self._replies, []
+        if lines:
+            say("\n".join(lines))
+        if self.store.in_transaction:
+            try:
+                self.store.commit()
+            except sqlite3.Error:
+                self.log.failure("commit failed; the turn's requests get their error code")
+                self._recover()
+                replies = [(p, _CODES[p.op.error]) for p, _ in replies]
+        for proto, data in replies:
+            proto.reply(data)
+
+    def _recover(self) -> None:
+        """Drop the open transaction and make memory match the store again."""
+        self.store.rollback()
+        self.directory.load()
+        self._replies = [(p, _CODES[p.op.error]) for p, _ in self._replies]

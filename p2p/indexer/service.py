@@ -1,0 +1,190 @@
+"""``twistd p2p-indexer``: options and the service tree.
+
+:func:`make_service` returns a MultiService holding the listening indexer and,
+when a logger is configured, the relay that delivers the audit outbox to it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import reactor as default_reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from p2p import wire
+from p2p.console import say
+from p2p.indexer.address import AddressPolicy, primary_address
+from p2p.indexer.directory import Directory
+from p2p.indexer.protocol import IndexerFactory
+from p2p.indexer.store import SYNC_MODES, Store
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be > 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def _program(value: str) -> int:
+    number = int(value, 0)
+    if not wire.LOGGER_PROGRAM_MIN <= number <= wire.LOGGER_PROGRAM_MAX:
+        raise ValueError(f"must be in {wire.LOGGER_PROGRAM_MIN:#x}-{wire.LOGGER_PROGRAM_MAX:#x}")
+    return number
+
+
+class Options(usage.Options):
+    """Command line of ``twistd p2p-indexer``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "The p2p indexer: one request per TCP connection, directory in memory, "
+        "every change committed to SQLite before its reply byte."
+    )
+    optParameters = [
+        ["listen", "l", f"tcp:{wire.INDEXER_PORT}", "Server endpoint to listen on."],
+        ["db", None, "p2p-indexer.db", "SQLite database file (':memory:' keeps nothing)."],
+        [
+            "timeout",
+            None,
+            wire.DEFAULT_TIMEOUT,
+            "Seconds a client has to send its whole request (and read the reply).",
+            _positive_float,
+        ],
+        [
+            "max-connections",
+            None,
+            wire.DEFAULT_MAX_CONNECTIONS,
+            "Open connections beyond which new ones are closed at once.",
+            _positive_int,
+        ],
+        [
+            "sync",
+            None,
+            "normal",
+            "SQLite synchronous mode: normal (survives a process kill) "
+            "or full (also survives a power loss; slower).",
+        ],
+        ["logger", None, None, "Client endpoint of the audit logger (tcp:host=H:port=P)."],
+        [
+            "logger-host",
+            None,
+            None,
+            "Host whose portmapper locates the audit logger (env LOGGER_HOST).",
+        ],
+        [
+            "logger-program",
+            None,
+            wire.LOGGER_PROGRAM,
+            "ONC-RPC program number of the audit logger.",
+            _program,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["sync"] not in SYNC_MODES:
+            raise usage.UsageError(f"--sync must be one of {', '.join(SYNC_MODES)}")
+        if not self["logger-host"]:
+            self["logger-host"] = os.environ.get("LOGGER_HOST") or None
+
+    @property
+    def audit(self) -> bool:
+        """True when a logger is configured, so requests are audited."""
+        return bool(self["logger"] or self["logger-host"])
+
+
+class IndexerService(Service):
+    """Opens the store, loads the directory, listens; commits and closes on stop."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        listen: str,
+        store: Store,
+        directory: Directory,
+        timeout: float,
+        max_connections: int,
+        reactor=None,
+    ) -> None:
+        self.listen = listen
+        self.store = store
+        self.directory = directory
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.reactor = reactor if reactor is not None else default_reactor
+        self.factory: IndexerFactory | None = None
+        self.port = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.open()
+        self.directory.load()
+        self.factory = IndexerFactory(
+            self.directory, self.reactor, self.timeout, self.max_connections
+        )
+        endpoint = serverFromString(self.reactor, self.listen)
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:  # a UNIX socket
+            say(f"s> init server {getattr(address, 'name', address)}")
+            return
+        self.factory.policy = AddressPolicy(host)
+        # Bound to every interface: show the address other hosts would use.
+        shown = primary_address() if host in ("0.0.0.0", "::", "") else host
+        say(f"s> init server {shown}:{address.port}")
+
+    def _failed(self, failure) -> None:
+        self.log.failure("cannot listen on {listen}", failure, listen=self.listen)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        d = self.port.stopListening() if self.port is not None else None
+        if self.factory is not None:
+            self.factory.flush()
+        self.store.close()
+        return d
+
+
+def make_service(options: Options, reactor=None) -> IService:
+    """The indexer (and the audit relay when a logger is configured) as one service."""
+    reactor = reactor if reactor is not None else default_reactor
+    store = Store(options["db"], sync=options["sync"])
+    directory = Directory(store, audit=options.audit)
+    top = MultiService()
+    IndexerService(
+        options["listen"],
+        store,
+        directory,
+        options["timeout"],
+        options["max-connections"],
+        reactor,
+    ).setServiceParent(top)
+    if options.audit:
+        from p2p.logger.relay import make_relay
+
+        make_relay(
+            store,
+            endpoint=options["logger"],
+            host=options["logger-host"],
+            program=options["logger-program"],
+            reactor=reactor,
+        ).setServiceParent(top)
+    return top

@@ -1,0 +1,234 @@
+"""The indexer's SQLite store: write-through persistence and the audit outbox.
+
+The directory answers from memory; this store only records its changes so that
+every acknowledged change survives ``kill -9``. Changes of one reactor turn go
+into one transaction (group commit): the protocol calls the change methods as it
+handles requests, then :meth:`Store.commit` once before sending the replies.
+
+Every table is keyed so each change is one indexed statement, whatever the
+number of users. The outbox holds audit records written in the same
+transaction as the request they describe; the logger relay reads and deletes
+them through :meth:`Store.outbox_pending` and :meth:`Store.outbox_delete_through`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+#: The database that keeps nothing (tests, throw-away runs).
+MEMORY = ":memory:"
+#: ``--sync`` choices and the PRAGMA synchronous each one sets.
+SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    ip TEXT,
+    port INTEGER
+);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    UNIQUE (user, name)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    record TEXT NOT NULL
+);
+"""
+
+
+@dataclass(slots=True)
+class UserRow:
+    """One user as loaded: the address when connected, the published files in order."""
+
+    address: tuple[str, int] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class Store:
+    """SQLite persistence of the directory, with group commit and the audit outbox.
+
+    Not thread-safe: every call happens on the reactor thread.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str = MEMORY, sync: str = "normal") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {sorted(SYNC_MODES)}, not {sync!r}")
+        self.path = path
+        self.sync = sync
+        self._db: sqlite3.Connection | None = None
+        self._in_transaction = False
+        self._outbox_added = False
+        #: Highest outbox seq that is committed (the relay never sees uncommitted rows).
+        self._committed_seq = 0
+        self._last_seq = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._sender_id = ""
+
+    # --- Life cycle --------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating if needed) the database; idempotent."""
+        if self._db is not None:
+            return
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path != MEMORY:
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={SYNC_MODES[self.sync]}")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key = 'sender_id'").fetchone()
+        if row is None:
+            self._sender_id = uuid.uuid4().hex
+            db.execute("INSERT INTO meta (key, value) VALUES ('sender_id', ?)", (self._sender_id,))
+        else:
+            self._sender_id = row[0]
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._committed_seq = self._last_seq = row[0] if row else 0
+        self._db = db
+
+    def close(self) -> None:
+        """Commit what is pending and close the database."""
+        if self._db is None:
+            return
+        if self._in_transaction:
+            self.commit()
+        self._db.close()
+        self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.open()
+        assert self._db is not None
+        return self._db
+
+    def load(self) -> dict[str, UserRow]:
+        """Every user with address and files, as the directory keeps them in memory."""
+        users: dict[str, UserRow] = {}
+        for name, ip, port in self.db.execute("SELECT name, ip, port FROM users ORDER BY rowid"):
+            users[name] = UserRow(address=(ip, port) if ip is not None else None)
+        for user, name, description in self.db.execute(
+            "SELECT user, name, description FROM files ORDER BY id"
+        ):
+            users[user].files[name] = description
+        return users
+
+    # --- Changes (inside the current group transaction) -----------------------
+
+    def _begin(self) -> sqlite3.Connection:
+        db = self._db if self._db is not None else self.db
+        if not self._in_transaction:
+            db.execute("BEGIN")
+            self._in_transaction = True
+        return db
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while changes wait for :meth:`commit`."""
+        return self._in_transaction
+
+    def add_user(self, name: str) -> None:
+        self._begin().execute("INSERT INTO users (name) VALUES (?)", (name,))
+
+    def remove_user(self, name: str) -> None:
+        db = self._begin()
+        db.execute("DELETE FROM files WHERE user = ?", (name,))
+        db.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    def set_address(self, name: str, address: tuple[str, int] | None) -> None:
+        ip, port = address if address is not None else (None, None)
+        self._begin().execute("UPDATE users SET ip = ?, port = ? WHERE name = ?", (ip, port, name))
+
+    def add_file(self, user: str, name: str, description: str) -> None:
+        self._begin().execute(
+            "INSERT INTO files (user, name, description) VALUES (?, ?, ?)",
+            (user, name, description),
+        )
+
+    def remove_file(self, user: str, name: str) -> None:
+        self._begin().execute("DELETE FROM files WHERE user = ? AND name = ?", (user, name))
+
+    def add_outbox(self, record: str) -> None:
+        """Queue one audit record in the current transaction."""
+        cursor = self._begin().execute("INSERT INTO outbox (record) VALUES (?)", (record,))
+        self._last_seq = cursor.lastrowid
+        self._outbox_added = True
+
+    def commit(self) -> None:
+        """Make the pending changes durable, then tell outbox listeners about new rows.
+
+        On failure the transaction is rolled back and the exception propagates:
+        the caller must reload its memory from :meth:`load`.
+        """
+        if not self._in_transaction:
+            return
+        self._in_transaction = False
+        added, self._outbox_added = self._outbox_added, False
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            self._last_seq = self._committed_seq
+            self.rollback()
+            raise
+        if added:
+            self._committed_seq = self._last_seq
+            for listener in list(self._listeners):
+                try:
+                    listener()
+                except Exception:
+                    self.log.failure("outbox listener failed")
+
+    def rollback(self) -> None:
+        """Drop the pending changes (after a failure)."""
+        self._in_transaction = False
+        self._outbox_added = False
+        self._last_seq = self._committed_seq
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    # --- Outbox API of the logger relay ----------------------------------------
+
+    @property
+    def sender_id(self) -> str:
+        """A stable random id of this database, so the logger can deduplicate per sender."""
+        if self._db is None:
+            self.open()
+        return self._sender_id
+
+    def outbox_pending(self, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """Committed outbox rows with ``seq > after_seq``, ascending, at most ``limit``."""
+        return self.db.execute(
+            "SELECT seq, record FROM outbox WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (after_seq, self._committed_seq, limit),
+        ).fetchall()
+
+    def outbox_delete_through(self, seq: int) -> None:
+        """Delete every outbox row with ``seq`` at most ``seq``.
+
+        Outside a group transaction the delete commits at once; inside one it
+        commits with that transaction, before this reactor turn ends.
+        """
+        self.db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+
+    def add_outbox_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the reactor thread after each commit that added outbox rows."""
+        self._listeners.append(callback)
+
+    def outbox_count(self) -> int:
+        """How many outbox rows exist (tests and diagnostics)."""
+        return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def iter_users(self) -> Iterator[tuple[str, str | None, int | None]]:
+        """Raw user rows (tests and diagnostics)."""
+        yield from self.db.execute("SELECT name, ip, port FROM users ORDER BY rowid")

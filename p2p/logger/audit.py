@@ -1,0 +1,167 @@
+"""The audit file and the logger's memory of what each sender already stored.
+
+``AuditLog.store`` appends one record line to the audit file with a single
+``write`` to the OS (no user-space buffer), so once it returns the line
+survives ``kill -9`` of the logger; the reply is sent only after that.
+
+Exactly-once for the indexer's relay: a relay call names its sender and the
+record's outbox sequence number (see ``relay``). The logger keeps, in a journal
+beside the audit file (``<audit file>.state``), the last sequence number stored
+per sender. For every sequenced record it first appends a journal line
+``{"s": sender, "q": seq, "o": audit offset, "r": record}`` and then the audit
+line. On start the journal is replayed: if the last entry's audit line is
+missing (killed between the two writes) it is written then (redo), so a
+record is either stored and remembered, or neither. A record whose sequence
+number is not above the sender's last one is acknowledged without storing it.
+The journal is compacted (one line per sender, written aside and renamed) at
+start and whenever it grows past ``compact_at`` bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from p2p.console import say
+
+log = Logger()
+
+
+class AuditLog:
+    """Append-only audit file plus the per-sender sequence journal."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        state_path: str | os.PathLike | None = None,
+        echo: bool = True,
+        compact_at: int = 1 << 20,
+    ) -> None:
+        self.path = Path(path)
+        self.state_path = (
+            Path(state_path) if state_path else self.path.with_name(self.path.name + ".state")
+        )
+        self.echo = echo
+        self.compact_at = compact_at
+        self.last_seq: dict[str, int] = {}
+        self._audit_fd: int | None = None
+        self._state_fd: int | None = None
+        self._state_size = 0
+        self.stored = 0  # records written since open (for tests and figures)
+
+    # -- life cycle
+
+    def open(self) -> None:
+        """Open the files, replay the journal (redoing a half-stored record), compact."""
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._audit_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._replay()
+        self._compact()
+
+    def close(self) -> None:
+        for name in ("_audit_fd", "_state_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+
+    # -- storing
+
+    def store(self, record: str, sender: str | None = None, seq: int | None = None) -> bool:
+        """Store one record; False when ``sender`` already stored ``seq`` (not stored again).
+
+        Raises ``OSError`` when the files cannot be written (the caller answers -1).
+        """
+        assert self._audit_fd is not None, "AuditLog.store before open()"
+        line = (record + "\n").encode("utf-8")
+        if sender is not None and seq is not None:
+            if seq <= self.last_seq.get(sender, -1):
+                return False
+            offset = os.fstat(self._audit_fd).st_size
+            entry = {"s": sender, "q": seq, "o": offset, "r": record}
+            self._journal(entry)
+            self.last_seq[sender] = seq
+        self._write_all(self._audit_fd, line)
+        self.stored += 1
+        if self.echo:
+            say(record)
+        if self._state_size > self.compact_at:
+            self._compact()
+        return True
+
+    def fsync(self) -> None:
+        """Force both files to stable storage (for --fsync)."""
+        for fd in (self._audit_fd, self._state_fd):
+            if fd is not None:
+                os.fsync(fd)
+
+    # -- internals
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def _journal(self, entry: dict) -> None:
+        data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+        assert self._state_fd is not None
+        self._write_all(self._state_fd, data)
+        self._state_size += len(data)
+
+    def _replay(self) -> None:
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return
+        last_entry = None
+        for line in raw.split(b"\n"):
+            try:
+                entry = json.loads(line)
+                sender, seq = str(entry["s"]), int(entry["q"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line: that record was never stored
+            self.last_seq[sender] = max(seq, self.last_seq.get(sender, -1))
+            last_entry = entry
+        if last_entry is not None and "o" in last_entry:
+            self._redo(last_entry)
+
+    def _redo(self, entry: dict) -> None:
+        """Finish a record whose journal line was written but maybe not its audit line."""
+        line = (str(entry["r"]) + "\n").encode("utf-8")
+        offset = int(entry["o"])
+        assert self._audit_fd is not None
+        size = os.fstat(self._audit_fd).st_size
+        if size >= offset + len(line):
+            return  # stored completely
+        if size < offset:
+            log.warn("audit file shorter than the journal says; not redoing {seq}", seq=entry["q"])
+            return
+        os.ftruncate(self._audit_fd, offset)  # drop a torn partial line
+        self._write_all(self._audit_fd, line)
+        log.info("redid record {seq} of {sender}", seq=entry["q"], sender=entry["s"])
+        if self.echo:
+            say(str(entry["r"]))
+
+    def _compact(self) -> None:
+        data = "".join(
+            json.dumps({"s": s, "q": q}, separators=(",", ":")) + "\n"
+            for s, q in sorted(self.last_seq.items())
+        ).encode("utf-8")
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        if self._state_fd is not None:
+            os.close(self._state_fd)
+        self._state_fd = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._state_size = len(data)

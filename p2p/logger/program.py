@@ -1,0 +1,106 @@
+"""The P2P_LOGGER program of ``logger.x``: NULL and ``int LOG(string message<>)``.
+
+LOG answers 0 once the record is in the audit file (or was already stored for
+this relay sender and sequence number), -1 when it cannot be stored (the files
+cannot be written, or the message is not one line of UTF-8 text), and
+GARBAGE_ARGS when the arguments do not decode or the message is longer than
+``max_message`` bytes (then nothing is stored).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from p2p import wire
+from p2p.logger import rpc
+from p2p.logger.audit import AuditLog
+from p2p.logger.server import GarbageArgs, Program, null_procedure
+
+log = Logger()
+
+#: Default longest message LOG accepts (an indexer record is under 1 KiB).
+DEFAULT_MAX_MESSAGE = 4096
+LOG_OK = 0
+LOG_ERROR = -1
+
+#: AUTH_SYS machinename of a relay call: ``p2p-outbox:<sender id>:<outbox seq>``.
+RELAY_PREFIX = "p2p-outbox:"
+
+
+def relay_machinename(sender: str, seq: int) -> str:
+    """The credential name a relay call carries (see ``relay``)."""
+    return f"{RELAY_PREFIX}{sender}:{seq}"
+
+
+def parse_relay_machinename(name: str) -> tuple[str, int] | None:
+    """``(sender, seq)`` of a relay credential, or None for any other client."""
+    if not name.startswith(RELAY_PREFIX):
+        return None
+    sender, sep, seq = name[len(RELAY_PREFIX) :].rpartition(":")
+    if not sep or not sender or not seq.isdigit():
+        return None
+    return sender, int(seq)
+
+
+def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:
+    if call.cred.flavor != rpc.AUTH_SYS:
+        return None
+    return parse_relay_machinename(rpc.AuthSys.decode(call.cred.body).machinename)
+
+
+def valid_record(text: str) -> bool:
+    """One non-empty line without control characters (tab allowed)."""
+    return bool(text) and wire.check_text(text)
+
+
+class LoggerProgram:
+    """LOG's behaviour over an ``AuditLog``; ``program()`` gives the RPC ``Program``."""
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        number: int = wire.LOGGER_PROGRAM,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        durable=None,
+    ) -> None:
+        self.audit = audit
+        self.number = number
+        self.max_message = max_message
+        #: Optional callable returning a Deferred that fires once writes are on disk.
+        self.durable = durable
+
+    def program(self) -> Program:
+        return Program(
+            self.number,
+            {
+                wire.LOGGER_VERSION: {
+                    wire.LOGGER_PROC_NULL: null_procedure,
+                    wire.LOGGER_PROC_LOG: self.log,
+                }
+            },
+        )
+
+    def log(self, call: rpc.Call, args: bytes, peer: object) -> bytes | defer.Deferred:
+        try:
+            raw = rpc.unpack_string(args, self.max_message)
+        except rpc.MessageError as exc:
+            raise GarbageArgs(str(exc)) from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return rpc.pack_int(LOG_ERROR)
+        if not valid_record(text):
+            return rpc.pack_int(LOG_ERROR)
+        identity = _relay_identity(call)
+        try:
+            if identity is None:
+                self.audit.store(text)
+            else:
+                self.audit.store(text, *identity)
+        except OSError as exc:
+            log.error("cannot store audit record: {exc}", exc=exc)
+            return rpc.pack_int(LOG_ERROR)
+        if self.durable is not None:
+            return self.durable().addCallback(lambda _: rpc.pack_int(LOG_OK))
+        return rpc.pack_int(LOG_OK)

@@ -1,0 +1,238 @@
+"""ONC-RPC server on Twisted: dispatch, TCP with record marking, UDP with a reply cache.
+
+``Dispatcher`` turns one call message into one reply message (or None when the
+message cannot be answered at all), checking in the order of RFC 5531 and the
+classic svc code: RPC version, credentials, program, version, procedure; the
+procedure itself answers GARBAGE_ARGS for arguments it cannot decode and any
+unexpected exception becomes SYSTEM_ERR. The transports only move bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, interfaces, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2p.logger import rpc
+from p2p.logger.record import Oversized, RecordReader, encode_record
+
+log = Logger()
+
+
+class GarbageArgs(Exception):
+    """Raised by a procedure whose arguments do not decode."""
+
+
+#: A procedure: (call header, raw argument bytes, peer) -> result bytes or a Deferred of them.
+Procedure = Callable[[rpc.Call, bytes, object], "bytes | defer.Deferred[bytes]"]
+
+
+def null_procedure(call: rpc.Call, args: bytes, peer: object) -> bytes:
+    """Procedure 0: no arguments, no results."""
+    if args:
+        raise GarbageArgs("NULL takes no arguments")
+    return b""
+
+
+@dataclass
+class Program:
+    """One RPC program: its number and, per version, its procedures."""
+
+    number: int
+    versions: dict[int, dict[int, Procedure]] = field(default_factory=dict)
+
+    @property
+    def low(self) -> int:
+        return min(self.versions)
+
+    @property
+    def high(self) -> int:
+        return max(self.versions)
+
+
+class Dispatcher:
+    """Answers call messages for a set of programs."""
+
+    def __init__(self, programs: list[Program]) -> None:
+        self.programs = {p.number: p for p in programs}
+
+    def handle(self, data: bytes | Oversized, peer: object = None) -> defer.Deferred:
+        """Fire with the encoded reply, or None when no reply can be made."""
+        try:
+            result = self._handle(data, peer)
+        except Exception:
+            log.failure("RPC dispatch failed")
+            xid = rpc.peek_xid(data.prefix if isinstance(data, Oversized) else data)
+            result = None if xid is None else rpc.accept_error(xid, rpc.SYSTEM_ERR)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(_encode)
+        return defer.succeed(_encode(result))
+
+    def _handle(self, data: bytes | Oversized, peer: object):
+        oversized = isinstance(data, Oversized)
+        raw = data.prefix if oversized else data
+        try:
+            call, args = rpc.decode_call(raw)
+        except rpc.MessageError as exc:
+            log.debug("dropping undecodable message: {exc}", exc=exc)
+            return None
+        if call.rpcvers != rpc.RPC_VERSION:
+            return rpc.rpc_mismatch(call.xid)
+        auth = rpc.check_auth(call)
+        if auth != rpc.AUTH_OK:
+            return rpc.auth_error(call.xid, auth)
+        program = self.programs.get(call.prog)
+        if program is None:
+            return rpc.accept_error(call.xid, rpc.PROG_UNAVAIL)
+        procedures = program.versions.get(call.vers)
+        if procedures is None:
+            return rpc.accept_error(call.xid, rpc.PROG_MISMATCH, program.low, program.high)
+        procedure = procedures.get(call.proc)
+        if procedure is None:
+            return rpc.accept_error(call.xid, rpc.PROC_UNAVAIL)
+        if oversized:
+            return rpc.accept_error(call.xid, rpc.GARBAGE_ARGS)
+        try:
+            result = procedure(call, args, peer)
+        except GarbageArgs as exc:
+            log.debug("garbage arguments: {exc}", exc=exc)
+            return rpc.accept_error(call.xid, rpc.GARBAGE_ARGS)
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(
+                lambda body: rpc.success(call.xid, body),
+                lambda failure: _failed(call, failure),
+            )
+        return rpc.success(call.xid, result)
+
+
+def _failed(call: rpc.Call, failure: Failure) -> rpc.Reply:
+    if failure.check(GarbageArgs):
+        return rpc.accept_error(call.xid, rpc.GARBAGE_ARGS)
+    log.failure("procedure {proc} failed", failure, proc=call.proc)
+    return rpc.accept_error(call.xid, rpc.SYSTEM_ERR)
+
+
+def _encode(reply: rpc.Reply | None) -> bytes | None:
+    return None if reply is None else rpc.encode_reply(reply)
+
+
+# --- TCP ----------------------------------------------------------------------
+
+
+@implementer(interfaces.IPushProducer)
+class RpcStreamProtocol(protocol.Protocol):
+    """One TCP connection: record-marked calls in, record-marked replies out.
+
+    Replies are written as they are ready. When the client stops reading
+    replies, the transport's buffer fills, Twisted pauses this producer and we
+    stop reading calls, so a client cannot make the server buffer without bound.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
+        self.dispatcher = dispatcher
+        self.reader = RecordReader(max_record, keep=rpc.MAX_CALL_HEADER)
+        self.connected_ = False
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        for record in self.reader.feed(data):
+            if isinstance(record, Oversized):
+                log.info("oversized record of {size} bytes", size=record.size)
+            self.dispatcher.handle(record, self.transport.getPeer()).addCallback(self._reply)
+
+    def _reply(self, reply: bytes | None) -> None:
+        if reply is not None and self.connected_:
+            self.transport.write(encode_record(reply))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.connected_ = False
+
+    # IPushProducer: the transport tells us when its write buffer is full.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.loseConnection()
+
+
+class RpcStreamFactory(protocol.Factory):
+    def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
+        self.dispatcher = dispatcher
+        self.max_record = max_record
+
+    def buildProtocol(self, addr) -> RpcStreamProtocol:
+        return RpcStreamProtocol(self.dispatcher, self.max_record)
+
+
+# --- UDP ----------------------------------------------------------------------
+
+
+class ReplyCache:
+    """Recent replies by (client address, XID), so a retransmission is answered again.
+
+    The call bytes are kept with the reply: the same XID with a different call
+    is a new call. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[object, int], tuple[bytes, bytes | None]] = OrderedDict()
+
+    def get(self, key: tuple[object, int], call: bytes) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != call:
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def __contains__(self, key: tuple[object, int]) -> bool:
+        return key in self._entries
+
+    def put(self, key: tuple[object, int], call: bytes, reply: bytes | None) -> None:
+        self._entries[key] = (call, reply)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class RpcDatagramProtocol(protocol.DatagramProtocol):
+    """UDP: one call per datagram, one reply per datagram, with a reply cache."""
+
+    def __init__(self, dispatcher: Dispatcher, cache_size: int = 4096) -> None:
+        self.dispatcher = dispatcher
+        self.cache = ReplyCache(cache_size)
+        self._in_progress: set[tuple[object, int]] = set()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        xid = rpc.peek_xid(data)
+        if xid is None:
+            return
+        key = (addr, xid)
+        if key in self._in_progress:
+            return  # the original is still being handled; its reply will answer both
+        cached = self.cache.get(key, data)
+        if cached is not None:
+            self.transport.write(cached, addr)
+            return
+        self._in_progress.add(key)
+
+        def done(reply: bytes | None) -> None:
+            self._in_progress.discard(key)
+            if reply is None:
+                return
+            self.cache.put(key, data, reply)
+            if self.transport is not None:
+                self.transport.write(reply, addr)
+
+        self.dispatcher.handle(data, addr).addCallback(done)

@@ -1,0 +1,266 @@
+"""``twistd p2p-logger``: the audit logger serving LOG on TCP and UDP.
+
+Options and ``make_service`` follow the service contract of the rules, so the
+all-in-one stack can compose this service. At start the service opens the
+audit file, listens on every ``--listen`` address, prints where it listens and
+registers its ports with the local portmapper (unless ``--no-rpcbind``); at
+stop it unregisters, stops listening and closes the files.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.console import say
+from p2p.logger import portmap, rpc
+from p2p.logger.audit import AuditLog
+from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
+from p2p.logger.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
+
+log = Logger()
+
+DEFAULT_LISTEN = (f"tcp:{wire.LOGGER_PORT}", f"udp:{wire.LOGGER_PORT}")
+
+
+def parse_program(text: str) -> int:
+    """A program number in decimal or 0x hex, inside the user-defined range."""
+    try:
+        number = int(text, 0)
+    except ValueError:
+        raise usage.UsageError(f"--program: not a number: {text!r}") from None
+    if not wire.LOGGER_PROGRAM_MIN <= number <= wire.LOGGER_PROGRAM_MAX:
+        raise usage.UsageError(
+            f"--program must be in {wire.LOGGER_PROGRAM_MIN:#x}-{wire.LOGGER_PROGRAM_MAX:#x}"
+        )
+    return number
+
+
+def parse_udp(spec: str) -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDR]`` -> (port, interface)."""
+    parts = spec.split(":")
+    try:
+        port = int(parts[1])
+    except (IndexError, ValueError):
+        raise usage.UsageError(f"bad UDP address {spec!r}: udp:PORT[:interface=ADDR]") from None
+    interface = ""
+    for part in parts[2:]:
+        key, sep, value = part.partition("=")
+        if key != "interface" or not sep:
+            raise usage.UsageError(f"bad UDP option {part!r} in {spec!r}")
+        interface = value
+    if not 0 <= port <= 65535:
+        raise usage.UsageError(f"bad UDP port in {spec!r}")
+    return port, interface
+
+
+class Options(usage.Options):
+    """Command line of ``twistd p2p-logger``."""
+
+    synopsis = "[--listen ENDPOINT]... [--program N] [--audit-file PATH] [options]"
+    longdesc = (
+        "The p2p audit logger: ONC-RPC program P2P_LOGGER (logger.x) on TCP and UDP. "
+        "Each LOG record is printed and appended to the audit file before the reply."
+    )
+    optFlags = [
+        ["no-rpcbind", None, "Do not register with the local portmapper/rpcbind."],
+        [
+            "fsync",
+            None,
+            "fsync the audit file before each reply (grouped); slower, survives power loss.",
+        ],
+    ]
+    optParameters = [
+        [
+            "program",
+            None,
+            f"{wire.LOGGER_PROGRAM:#x}",
+            "RPC program number (0x20000000-0x3FFFFFFF).",
+            parse_program,
+        ],
+        ["audit-file", None, "p2p-audit.log", "File the records are appended to."],
+        ["state-file", None, None, "Relay sequence journal (default: AUDIT-FILE.state)."],
+        [
+            "max-message",
+            None,
+            DEFAULT_MAX_MESSAGE,
+            "Longest LOG message in bytes; longer is GARBAGE_ARGS.",
+            int,
+        ],
+        ["rpcbind-host", None, "127.0.0.1", "Where the portmapper to register with runs."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, spec: str) -> None:
+        """Listen here (repeatable): tcp:... (any stream endpoint) or udp:PORT[:interface=ADDR]."""
+        if spec.startswith("udp:"):
+            parse_udp(spec)
+        self["listen"].append(spec)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if isinstance(self["program"], str):
+            self["program"] = parse_program(self["program"])
+        if not self["listen"]:
+            self["listen"] = list(DEFAULT_LISTEN)
+        if self["max-message"] < 1:
+            raise usage.UsageError("--max-message must be positive")
+
+
+def _describe(kind: str, address) -> str:
+    if isinstance(address, IPv4Address | IPv6Address):
+        return f"{kind} {address.host}:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return f"{kind} unix:{name.decode() if isinstance(name, bytes) else name}"
+    return f"{kind} {address}"
+
+
+class FsyncGroup:
+    """One fsync (in a thread) for all the records stored in the same reactor turn."""
+
+    def __init__(self, reactor, sync) -> None:
+        self.reactor = reactor
+        self.sync = sync
+        self._waiters: list[defer.Deferred] = []
+
+    def __call__(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        if len(self._waiters) == 1:
+            self.reactor.callLater(0, self._run)
+        return d
+
+    def _run(self) -> None:
+        waiters, self._waiters = self._waiters, []
+
+        def fire(result):
+            for d in waiters:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        threads.deferToThread(self.sync).addBoth(fire)
+
+
+class LoggerService(service.Service):
+    """Listeners, audit file and portmapper registration of one logger."""
+
+    def __init__(self, options: Options, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.options = options
+        self.program_number: int = options["program"]
+        self.audit = AuditLog(options["audit-file"], options["state-file"])
+        self.logger = LoggerProgram(self.audit, self.program_number, options["max-message"])
+        if options["fsync"]:
+            self.logger.durable = FsyncGroup(reactor, self.audit.fsync)
+        self.dispatcher = Dispatcher([self.logger.program()])
+        # record: the largest message plus the longest call header and the length word
+        self.max_record = options["max-message"] + rpc.MAX_CALL_HEADER + 8
+        self.ports: list[tuple[str, object]] = []  # ("tcp"|"udp", listening port)
+        self.registered = False
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.audit.open()
+        waits = []
+        for spec in self.options["listen"]:
+            if spec.startswith("udp:"):
+                port, interface = parse_udp(spec)
+                proto = RpcDatagramProtocol(self.dispatcher)
+                self.ports.append(("udp", self.reactor.listenUDP(port, proto, interface=interface)))
+            else:
+                endpoint = serverFromString(self.reactor, spec)
+                d = endpoint.listen(RpcStreamFactory(self.dispatcher, self.max_record))
+                results: list = []
+                d.addBoth(results.append)
+                if results and isinstance(results[0], Failure):
+                    results[0].raiseException()  # twistd reports it and exits
+                if results:
+                    self.ports.append(("tcp", results[0]))
+                else:
+                    waits.append(d.addCallback(lambda p: self.ports.append(("tcp", p))))
+        defer.gatherResults(waits, consumeErrors=True).addCallback(self._listening)
+
+    def _listening(self, _=None) -> defer.Deferred:
+        where = " ".join(_describe(kind, port.getHost()) for kind, port in self.ports)
+        say(f"s> logger program {self.program_number:#x} version {wire.LOGGER_VERSION} {where}")
+        d = defer.succeed(None) if self.options["no-rpcbind"] else self._register()
+        return d.addBoth(lambda _: self.ready.callback(self))
+
+    @defer.inlineCallbacks
+    def _register(self):
+        host = self.options["rpcbind-host"]
+        vers = wire.LOGGER_VERSION
+        try:
+            yield portmap.pmap_unset(self.reactor, host, self.program_number, vers)
+        except Exception as exc:
+            say(f"s> rpcbind not available on {host} ({_reason(exc)}): not registered")
+            return
+        done = []
+        for kind, port in self.ports:
+            address = port.getHost()
+            if not isinstance(address, IPv4Address):
+                continue
+            prot = portmap.IPPROTO_TCP if kind == "tcp" else portmap.IPPROTO_UDP
+            try:
+                ok = yield portmap.pmap_set(
+                    self.reactor, host, self.program_number, vers, prot, address.port
+                )
+            except Exception as exc:
+                ok, why = False, _reason(exc)
+            else:
+                why = "refused (already registered?)"
+            if ok:
+                self.registered = True
+                done.append(f"{kind} {address.port}")
+            else:
+                say(f"s> rpcbind did not register {kind} {address.port}: {why}")
+        if done:
+            say(
+                f"s> rpcbind registered program {self.program_number:#x} version {vers} "
+                + " ".join(done)
+            )
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self.registered:
+            self.registered = False
+            try:
+                yield portmap.pmap_unset(
+                    self.reactor,
+                    self.options["rpcbind-host"],
+                    self.program_number,
+                    wire.LOGGER_VERSION,
+                )
+                say(f"s> rpcbind unregistered program {self.program_number:#x}")
+            except Exception as exc:
+                log.warn("could not unregister: {exc}", exc=exc)
+        ports, self.ports = self.ports, []
+        for _kind, port in ports:
+            yield port.stopListening()
+        self.audit.close()
+
+
+def _reason(exc: BaseException) -> str:
+    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def make_service(options: Options) -> service.IService:
+    """The logger as a twistd service."""
+    return LoggerService(options)

@@ -1,0 +1,260 @@
+"""How lines reach the shell and how its output leaves.
+
+Two input front ends over ``twisted.internet.stdio.StandardIO``:
+
+- :class:`PipeInput`, a ``LineReceiver``, when standard input is not a terminal:
+  plain lines, so scripts can drive the shell; end of input quits.
+- :class:`TerminalInput`, a ``twisted.conch.recvline.HistoricRecvLine`` behind an
+  ``insults.ServerProtocol`` with the terminal in raw mode (twisted.conch.stdio's
+  approach): the line can be edited and history recalled with the arrow keys;
+  Ctrl-C and Ctrl-D (on an empty line) quit. :func:`raw_terminal` restores the
+  terminal at exit.
+
+Output is written synchronously, in order, with :class:`StdioOutput`: result lines
+on fd 1, notes for humans on fd 2 (the raw terminal keeps output processing on, so
+``\\n`` still starts a new line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import sys
+from collections.abc import Callable, Iterator
+
+from twisted.conch import recvline
+from twisted.conch.insults import insults
+from twisted.internet import interfaces, protocol, stdio
+from twisted.protocols import basic
+from zope.interface import implementer
+
+PROMPT = "c> "
+#: Longest input line accepted (a description is at most 256 bytes; leave room).
+MAX_LINE = 64 * 1024
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte to ``fd``, waiting if it is non-blocking and full.
+
+    The terminal's file description is shared by stdin (which StandardIO makes
+    non-blocking) and stdout/stderr, so a plain write may raise EAGAIN.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        except (BrokenPipeError, OSError):
+            return  # the reader went away: nothing more can be shown
+        view = view[written:]
+
+
+class StdioOutput:
+    """The shell's output: result lines to stdout, notes to stderr, progress to stdout.
+
+    Also a minimal text stream (``write``/``flush``) so a progress bar can draw on
+    stdout; progress is offered only when stdout is a terminal.
+    """
+
+    def __init__(self, stdout: int = 1, stderr: int = 2) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self.show_progress = os.isatty(stdout)
+
+    def _encode(self, text: str) -> bytes:
+        return text.encode("utf-8", "surrogateescape")
+
+    def line(self, text: str) -> None:
+        write_all(self.stdout, self._encode(text + "\n"))
+
+    def note(self, text: str) -> None:
+        write_all(self.stderr, self._encode(text + "\n"))
+
+    def progress_stream(self) -> StdioOutput | None:
+        return self if self.show_progress else None
+
+    # text-stream interface for the progress bar
+    def write(self, text: str) -> int:
+        write_all(self.stdout, self._encode(text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def decode_line(raw: bytes) -> str:
+    """Input bytes as text; invalid UTF-8 survives as surrogates and is refused later."""
+    return raw.rstrip(b"\r").decode("utf-8", "surrogateescape")
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class PipeInput(basic.LineReceiver):
+    """Plain lines from a pipe or a file; end of input ends the shell."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, submit: Callable[[str], None], end: Callable[[], None], note) -> None:
+        self.submit = submit
+        self.end = end
+        self.note = note
+        self._ended = False
+
+    def lineReceived(self, line: bytes) -> None:
+        self.submit(decode_line(line))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.note(f"input line longer than {self.MAX_LENGTH} bytes ignored")
+
+    def readConnectionLost(self) -> None:
+        if self._buffer:
+            rest, self._buffer = self._buffer, b""
+            self.lineReceived(rest)
+        self._finish()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object = protocol.connectionDone) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.end()
+
+
+class ShellTerminal(recvline.HistoricRecvLine):
+    """An editable, history-keeping prompt feeding the shell."""
+
+    ps = (PROMPT.encode(), PROMPT.encode())
+
+    def __init__(self, submit: Callable[[str], None], interrupt: Callable[[], None]) -> None:
+        self.submit = submit
+        self.interrupt = interrupt
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.keyHandlers[b"\x03"] = self.handle_INTERRUPT  # Ctrl-C (no SIGINT in raw mode)
+        self.keyHandlers[b"\x04"] = self.handle_EOF  # Ctrl-D
+        self.keyHandlers[b"\x15"] = self.handle_KILL_LINE  # Ctrl-U
+
+    def initializeScreen(self) -> None:
+        # RecvLine resets (clears) the whole screen; a shell must not.
+        self.setInsertMode()
+
+    def keystrokeReceived(self, keyID, modifier) -> None:
+        if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:
+            self.characterReceived(keyID, False)  # UTF-8 bytes of non-ASCII text
+        else:
+            super().keystrokeReceived(keyID, modifier)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.submit(decode_line(line))
+
+    def show_prompt(self) -> None:
+        """Draw the prompt and whatever has been typed so far."""
+        self.drawInputLine()
+        back = len(self.lineBuffer) - self.lineBufferIndex
+        if back:
+            self.terminal.cursorBackward(back)
+
+    def handle_INTERRUPT(self) -> None:
+        self.terminal.write(b"^C\n")
+        self.interrupt()
+
+    def handle_EOF(self) -> None:
+        if not self.lineBuffer:
+            self.terminal.write(b"\n")
+            self.interrupt()
+
+    def handle_KILL_LINE(self) -> None:
+        self.handle_HOME()
+        self.terminal.eraseToLineEnd()
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+
+
+class _TerminalWriter:
+    """The ``insults.ServerProtocol``'s transport: synchronous writes to stdout."""
+
+    disconnecting = False
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        write_all(self.fd, data)
+
+    def writeSequence(self, seq) -> None:
+        self.write(b"".join(seq))
+
+    def loseConnection(self) -> None:
+        pass
+
+    def getPeer(self) -> stdio.PipeAddress:
+        return stdio.PipeAddress()
+
+    getHost = getPeer
+
+
+@implementer(interfaces.IHalfCloseableProtocol)
+class _KeyRelay(protocol.Protocol):
+    """Keys from stdin to the terminal protocol; end of input counts as Ctrl-D."""
+
+    def __init__(self, server: insults.ServerProtocol, end: Callable[[], None]) -> None:
+        self.server = server
+        self.end = end
+
+    def dataReceived(self, data: bytes) -> None:
+        self.server.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        self.end()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def _null_stdout() -> int:
+    """A write fd for StandardIO's unused writer (output bypasses it, see StdioOutput)."""
+    return os.open(os.devnull, os.O_WRONLY)
+
+
+def attach_pipe(reactor, submit, end, note) -> PipeInput:
+    """Read plain lines from stdin."""
+    proto = PipeInput(submit, end, note)
+    stdio.StandardIO(proto, stdin=0, stdout=_null_stdout(), reactor=reactor)
+    return proto
+
+
+def attach_terminal(reactor, submit, interrupt) -> ShellTerminal:
+    """Read keys from the (raw) terminal on stdin into an editable prompt."""
+    server = insults.ServerProtocol(ShellTerminal, submit, interrupt)
+    server.makeConnection(_TerminalWriter(1))
+    stdio.StandardIO(_KeyRelay(server, interrupt), stdin=0, stdout=_null_stdout(), reactor=reactor)
+    return server.terminalProtocol
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int = 0) -> Iterator[None]:
+    """Put the terminal in raw mode; restore its settings (and blocking mode) at exit."""
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    # Keep output processing: "\n" still ends a line on screen, even in a traceback.
+    mode = termios.tcgetattr(fd)
+    mode[tty.OFLAG] |= termios.OPOST | termios.ONLCR
+    termios.tcsetattr(fd, termios.TCSADRAIN, mode)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        os.set_blocking(fd, True)
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()

@@ -51,13 +51,15 @@ class _Collect(protocol.Protocol):
 
 
 class TimeServiceTests(TestCase):
-    """A real ``twistd p2p-time`` per test."""
+    """A real ``twistd p2p-time`` per test (Spyne run on the reactor)."""
+
+    options: tuple[str, ...] = ()
 
     @defer.inlineCallbacks
     def setUp(self):
         self.port = free_port()
         self.proc = spawn_twistd(
-            self, "p2p-time", "--listen", f"tcp:{self.port}:interface=127.0.0.1"
+            self, "p2p-time", "--listen", f"tcp:{self.port}:interface=127.0.0.1", *self.options
         )
         match = yield self.proc.wait_for_line(r"s> time service (\S+)")
         self.wsdl = match.group(1)
@@ -190,3 +192,9 @@ class TimeServiceTests(TestCase):
         data = yield deadline(proto.done, 10)
         self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:200])
         yield self.assert_still_answers()
+
+
+class ThreadedTimeServiceTests(TimeServiceTests):
+    """The same with ``--threads``: Spyne in the thread pool via WSGIResource."""
+
+    options = ("--threads",)

@@ -1,7 +1,9 @@
 """The time service's twisted.web side: the site, the request body cap and the WSDL.
 
 Spyne's own ``spyne.server.twisted`` does not import with current Twisted, so
-the SOAP calls reach Spyne through its WSGI application. The WSDL is answered
+the SOAP calls reach Spyne through its WSGI application: on the reactor by
+default (:mod:`p2p.timews.inline`), or in the reactor's thread pool through
+``twisted.web.wsgi.WSGIResource`` with ``--threads``. The WSDL is answered
 here, on the reactor, with the service address of the host the client asked
 for (Spyne would cache the address of the first request forever).
 """
@@ -17,6 +19,8 @@ from twisted.web import http, resource, server
 from twisted.web.wsgi import WSGIResource
 
 from p2p.timews.app import make_wsgi_application
+from p2p.timews.fault import soap_fault
+from p2p.timews.inline import InlineWSGIResource
 
 #: Default cap on a request body: a get_time envelope is a few hundred bytes.
 DEFAULT_MAX_BODY = 64 * 1024
@@ -27,18 +31,6 @@ IDLE_TIMEOUT = 60
 _PLACEHOLDER = "http://p2p-time.invalid/"
 #: A Host header we are willing to echo into the WSDL: a name or IPv4, or [IPv6], and a port.
 _HOST = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
-
-
-def soap_fault(code: str, message: str) -> bytes:
-    """A SOAP 1.1 fault envelope (for the answers given outside Spyne)."""
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        '<soap11env:Envelope xmlns:soap11env="http://schemas.xmlsoap.org/soap/envelope/">'
-        "<soap11env:Body><soap11env:Fault>"
-        f"<faultcode>soap11env:{escape(code)}</faultcode>"
-        f"<faultstring>{escape(message)}</faultstring>"
-        "</soap11env:Fault></soap11env:Body></soap11env:Envelope>"
-    ).encode()
 
 
 class BoundedRequest(server.Request):
@@ -144,11 +136,20 @@ class TimeResource(resource.Resource):
         return self._wsdl.replace(_PLACEHOLDER.encode("ascii"), location)
 
 
-def make_site(reactor: IReactorThreads, max_body: int = DEFAULT_MAX_BODY) -> TimeSite:
-    """The whole web side: Spyne's WSGI app on the reactor's thread pool, WSDL, body cap."""
+def make_site(
+    reactor: IReactorThreads, max_body: int = DEFAULT_MAX_BODY, threads: bool = False
+) -> TimeSite:
+    """The whole web side: Spyne's WSGI app, the WSDL, the body cap.
+
+    Spyne runs on the reactor (``InlineWSGIResource``) unless ``threads``, then
+    in the reactor's thread pool through ``twisted.web.wsgi.WSGIResource``.
+    """
     wsgi_app = make_wsgi_application(max_content_length=max_body)
     wsdl = wsgi_app.doc.wsdl11
     wsdl.build_interface_document(_PLACEHOLDER)
     template = wsdl.get_interface_document()
-    soap = WSGIResource(reactor, reactor.getThreadPool(), wsgi_app)
+    if threads:
+        soap = WSGIResource(reactor, reactor.getThreadPool(), wsgi_app)
+    else:
+        soap = InlineWSGIResource(wsgi_app)
     return TimeSite(TimeResource(soap, template), max_body=max_body)

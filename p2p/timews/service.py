@@ -19,11 +19,19 @@ log = Logger()
 class Options(usage.Options):
     """Command line of ``twistd p2p-time``."""
 
-    synopsis = "[--listen ENDPOINT] [--max-body BYTES]"
+    synopsis = "[--listen ENDPOINT] [--max-body BYTES] [--threads]"
     longdesc = (
         "SOAP 1.1 time service: one operation, get_time, returning the local time as "
         "dd/mm/YYYY HH:MM:SS. The WSDL is served at /?wsdl."
     )
+    optFlags = [
+        [
+            "threads",
+            None,
+            "Run Spyne in the reactor's thread pool (twisted.web.wsgi) instead of on the "
+            "reactor; slower for get_time, kept for comparison.",
+        ],
+    ]
     optParameters = [
         [
             "listen",
@@ -79,6 +87,7 @@ def make_service(options: Options) -> IService:
     from twisted.internet import reactor
 
     endpoint = endpoints.serverFromString(reactor, options["listen"])
-    service = TimeWebService(endpoint, make_site(reactor, max_body=options["max-body"]))
+    site = make_site(reactor, max_body=options["max-body"], threads=bool(options["threads"]))
+    service = TimeWebService(endpoint, site)
     service.setName("time")
     return service

@@ -55,6 +55,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
 
     def __init__(self, factory: IndexerFactory) -> None:
         self.factory = factory
+        self.callLater = factory.reactor.callLater  # TimeoutMixin's clock
         self._reader = wire.FieldReader(wire.MAX_FIELD)
         self._tail = 0  # bytes of the field not yet terminated
         self._limit = wire.MAX_OP  # limit of that field

@@ -316,7 +316,7 @@ class BadInput(Fixture):
     def test_connection_cap(self) -> None:
         h = Harness(self, max_connections=2)
         p1, _ = h.connect()
-        p2, _ = h.connect()
+        _p2, _ = h.connect()
         self.assertEqual(h.connect(), (None, None))
         self.assertEqual(h.factory.open_connections, 2)
         p1.connectionLost(None)
@@ -328,7 +328,7 @@ class BadInput(Fixture):
 
     def test_half_request_then_close_stores_nothing(self) -> None:
         before = self.h.factory.open_connections
-        proto, transport = self.h.connect()
+        proto, _transport = self.h.connect()
         proto.dataReceived(wire.encode_fields("REGISTER", DT, "ivy")[:-1])
         self.assertEqual(self.h.factory.open_connections, before + 1)
         proto.connectionLost(None)

@@ -1,0 +1,471 @@
+"""The shell's behaviour with a fake indexer, a fake peer server and a fake downloader.
+
+Every output line of protocol.md section 5, the "no connected user" rule, the
+plain FAIL line for an unreachable indexer, local refusal of arguments the
+protocol cannot carry, and the peer server's lifecycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+
+from p2p import wire
+from p2p.client.indexer_client import IndexerError, ReplyCut
+from p2p.client.shell import Shell
+
+
+class FakeOutput:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.notes: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def progress_stream(self):
+        return None
+
+
+class FakeIndexer:
+    """Answers from a script: op -> (code, rows), an exception, or a Deferred."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple] = []
+        self.replies: dict[str, object] = {}
+
+    def request(self, op: str, user: str, *args):
+        self.requests.append((op, user, *args))
+        reply = self.replies.get(op, (wire.OK, [] if op.startswith("LIST") else None))
+        if isinstance(reply, Deferred):
+            return reply
+        if isinstance(reply, Exception):
+            return defer.fail(reply)
+        return defer.succeed(reply)
+
+    def ops(self) -> list[str]:
+        return [r[0] for r in self.requests]
+
+
+class FakeServer:
+    instances: list[FakeServer]
+
+    def __init__(self, share_dir, is_published, reactor=None) -> None:
+        self.share_dir = share_dir
+        self.is_published = is_published
+        self.listening = False
+        self.stopped = False
+        self.fail_listen = False
+
+    def listen(self, endpoint: str):
+        if self.fail_listen:
+            return defer.fail(OSError("address in use"))
+        self.listening = True
+        self.endpoint = endpoint
+        return defer.succeed(4242)
+
+    def stop(self):
+        self.listening = False
+        self.stopped = True
+        return defer.succeed(None)
+
+
+class NoSuchFile(Exception):
+    pass
+
+
+class ShellTestCase(TestCase):
+    def setUp(self) -> None:
+        self.output = FakeOutput()
+        self.indexer = FakeIndexer()
+        self.servers: list[FakeServer] = []
+        self.downloads: list[tuple] = []
+        self.download_result: object = 7
+        self.share = Path(self.mktemp())
+        self.share.mkdir()
+        self.reactor = MemoryReactorClock()
+
+        def server_factory(share_dir, is_published, reactor=None):
+            server = FakeServer(share_dir, is_published, reactor)
+            self.servers.append(server)
+            return server
+
+        def download(host, port, name, destination, progress=None, reactor=None, timeout=None):
+            self.downloads.append((host, port, name, destination))
+            if isinstance(self.download_result, Exception):
+                return defer.fail(self.download_result)
+            if isinstance(self.download_result, Deferred):
+                return self.download_result
+            return defer.succeed(self.download_result)
+
+        self.shell = Shell(
+            self.indexer,
+            self.output,
+            self.share,
+            peer_listen="tcp:0",
+            reactor=self.reactor,
+            server_factory=server_factory,
+            download=download,
+            no_such_file=NoSuchFile,
+        )
+
+    def send(self, *lines: str) -> list[str]:
+        """Submit lines; return the result lines they printed."""
+        before = len(self.output.lines)
+        for line in lines:
+            self.shell.submit(line)
+        return self.output.lines[before:]
+
+    def connect(self, user: str = "alice") -> None:
+        self.assertEqual(self.send(f"CONNECT {user}"), ["c> CONNECT OK"])
+        self.indexer.requests.clear()
+
+
+class SimpleCommandTests(ShellTestCase):
+    def check_codes(self, command: str, op: str, expected: dict[int, str], fail: str) -> None:
+        for code, line in expected.items():
+            self.indexer.replies[op] = (code, [] if code == wire.OK else None)
+            self.assertEqual(self.send(command), [line], (command, code))
+        self.indexer.replies[op] = (99, None)
+        self.assertEqual(self.send(command), [fail])
+        self.indexer.replies[op] = IndexerError("refused")
+        self.assertEqual(self.send(command), [fail])
+        self.indexer.replies[op] = ReplyCut("cut")
+        self.assertEqual(self.send(command), [fail])
+
+    def test_register(self) -> None:
+        self.check_codes(
+            "REGISTER alice",
+            "REGISTER",
+            {0: "c> REGISTER OK", 1: "c> USERNAME IN USE", 2: "c> REGISTER FAIL"},
+            "c> REGISTER FAIL",
+        )
+        self.assertEqual(self.indexer.requests[0], ("REGISTER", "alice"))
+
+    def test_unregister(self) -> None:
+        self.check_codes(
+            "unregister alice",
+            "UNREGISTER",
+            {0: "c> UNREGISTER OK", 1: "c> USER DOES NOT EXIST", 2: "c> UNREGISTER FAIL"},
+            "c> UNREGISTER FAIL",
+        )
+
+    def test_publish(self) -> None:
+        self.connect()
+        self.check_codes(
+            "PUBLISH f.txt a description",
+            "PUBLISH",
+            {
+                0: "c> PUBLISH OK",
+                1: "c> PUBLISH FAIL, USER DOES NOT EXIST",
+                2: "c> PUBLISH FAIL, USER NOT CONNECTED",
+                3: "c> PUBLISH FAIL, CONTENT ALREADY PUBLISHED",
+                4: "c> PUBLISH FAIL",
+            },
+            "c> PUBLISH FAIL",
+        )
+        self.assertEqual(self.indexer.requests[0], ("PUBLISH", "alice", "f.txt", "a description"))
+
+    def test_delete(self) -> None:
+        self.connect()
+        self.check_codes(
+            "DELETE f.txt",
+            "DELETE",
+            {
+                0: "c> DELETE OK",
+                1: "c> DELETE FAIL, USER DOES NOT EXIST",
+                2: "c> DELETE FAIL, USER NOT CONNECTED",
+                3: "c> DELETE FAIL, CONTENT NOT PUBLISHED",
+                4: "c> DELETE FAIL",
+            },
+            "c> DELETE FAIL",
+        )
+
+    def test_list_users_failures(self) -> None:
+        self.connect()
+        self.check_codes(
+            "LIST_USERS",
+            "LIST_USERS",
+            {
+                0: "c> LIST_USERS OK",
+                1: "c> LIST_USERS FAIL, USER DOES NOT EXIST",
+                2: "c> LIST_USERS FAIL, USER NOT CONNECTED",
+                3: "c> LIST_USERS FAIL",
+            },
+            "c> LIST_USERS FAIL",
+        )
+
+    def test_list_content_failures(self) -> None:
+        self.connect()
+        self.check_codes(
+            "LIST_CONTENT bob",
+            "LIST_CONTENT",
+            {
+                0: "c> LIST_CONTENT OK",
+                1: "c> LIST_CONTENT FAIL, USER DOES NOT EXIST",
+                2: "c> LIST_CONTENT FAIL, USER NOT CONNECTED",
+                3: "c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST",
+                4: "c> LIST_CONTENT FAIL",
+            },
+            "c> LIST_CONTENT FAIL",
+        )
+        self.assertEqual(self.indexer.requests[0], ("LIST_CONTENT", "alice", "bob"))
+
+    def test_listings_are_tab_indented(self) -> None:
+        self.connect()
+        users = [("alice", "10.0.0.1", "4242"), ("bob", "::1", "7")]
+        self.indexer.replies["LIST_USERS"] = (0, users)
+        self.assertEqual(
+            self.send("LIST_USERS"),
+            ["c> LIST_USERS OK", "\talice 10.0.0.1 4242", "\tbob ::1 7"],
+        )
+        self.indexer.replies["LIST_CONTENT"] = (0, [("a.txt", "first file"), ("b", "x")])
+        self.assertEqual(
+            self.send("LIST_CONTENT bob"),
+            ["c> LIST_CONTENT OK", '\ta.txt "first file"', '\tb "x"'],
+        )
+
+    def test_syntax_error_and_unknown_command_ask_nothing(self) -> None:
+        self.assertEqual(self.send("REGISTER"), ["Syntax error. Usage: REGISTER <user>"])
+        self.assertEqual(len(self.send("NOPE")), 1)
+        self.assertEqual(self.send(""), [])
+        self.assertEqual(self.indexer.requests, [])
+
+    def test_help(self) -> None:
+        lines = self.send("help")
+        self.assertTrue(any(line.startswith("GET_FILE <user>") for line in lines))
+        self.assertEqual(self.indexer.requests, [])
+
+
+class NotConnectedTests(ShellTestCase):
+    def test_commands_needing_a_user_do_not_ask_the_indexer(self) -> None:
+        cases = {
+            "PUBLISH f.txt text": "c> PUBLISH FAIL, USER NOT CONNECTED",
+            "DELETE f.txt": "c> DELETE FAIL, USER NOT CONNECTED",
+            "LIST_USERS": "c> LIST_USERS FAIL, USER NOT CONNECTED",
+            "LIST_CONTENT bob": "c> LIST_CONTENT FAIL, USER NOT CONNECTED",
+            "DISCONNECT alice": "c> DISCONNECT FAIL / USER NOT CONNECTED",
+            "GET_FILE bob a b": "c> GET_FILE FAIL",
+        }
+        for command, line in cases.items():
+            self.assertEqual(self.send(command), [line], command)
+        self.assertEqual(self.indexer.requests, [])
+        self.assertEqual(len(self.output.notes), len(cases))  # each says why on stderr
+
+
+class BadArgumentTests(ShellTestCase):
+    def test_arguments_the_protocol_cannot_carry(self) -> None:
+        long_name = "x" * (wire.MAX_NAME + 1)
+        self.assertEqual(self.send(f"REGISTER {long_name}"), ["c> REGISTER FAIL"])
+        self.assertEqual(self.send("REGISTER bell\x07"), ["c> REGISTER FAIL"])
+        self.assertEqual(self.send(f"CONNECT {long_name}"), ["c> CONNECT FAIL"])
+        self.assertEqual(self.servers, [])
+        self.connect()
+        self.assertEqual(self.send(f"PUBLISH {long_name} d"), ["c> PUBLISH FAIL"])
+        self.assertEqual(self.send(f"PUBLISH f {'d' * 300}"), ["c> PUBLISH FAIL"])
+        self.assertEqual(self.send(f"DELETE {long_name}"), ["c> DELETE FAIL"])
+        self.assertEqual(self.send(f"LIST_CONTENT {long_name}"), ["c> LIST_CONTENT FAIL"])
+        self.assertEqual(self.send(f"GET_FILE bob {long_name} x"), ["c> GET_FILE FAIL"])
+        self.assertEqual(self.indexer.requests, [])
+        self.assertEqual(len(self.output.notes), 9)
+
+
+class ConnectTests(ShellTestCase):
+    def test_connect_starts_the_server_first_and_sends_its_port(self) -> None:
+        self.indexer.replies["LIST_CONTENT"] = (0, [("old.txt", "from before")])
+        self.assertEqual(self.send("connect alice"), ["c> CONNECT OK"])
+        [server] = self.servers
+        self.assertTrue(server.listening)
+        self.assertEqual(server.endpoint, "tcp:0")
+        self.assertEqual(
+            self.indexer.requests,
+            [("CONNECT", "alice", 4242), ("LIST_CONTENT", "alice", "alice")],
+        )
+        self.assertEqual(self.shell.user, "alice")
+        self.assertTrue(server.is_published("old.txt"))
+        self.assertFalse(server.is_published("other.txt"))
+
+    def test_failed_connect_stops_the_server(self) -> None:
+        for code, line in (
+            (1, "c> CONNECT FAIL, USER DOES NOT EXIST"),
+            (2, "c> USER ALREADY CONNECTED"),
+            (3, "c> CONNECT FAIL"),
+        ):
+            self.indexer.replies["CONNECT"] = (code, None)
+            self.assertEqual(self.send("CONNECT alice"), [line])
+            self.assertTrue(self.servers[-1].stopped)
+            self.assertIsNone(self.shell.user)
+        self.indexer.replies["CONNECT"] = IndexerError("down")
+        self.assertEqual(self.send("CONNECT alice"), ["c> CONNECT FAIL"])
+        self.assertTrue(self.servers[-1].stopped)
+
+    def test_server_that_cannot_listen(self) -> None:
+        def factory(share_dir, is_published, reactor=None):
+            server = FakeServer(share_dir, is_published)
+            server.fail_listen = True
+            return server
+
+        self.shell.server_factory = factory
+        self.assertEqual(self.send("CONNECT alice"), ["c> CONNECT FAIL"])
+        self.assertEqual(self.indexer.requests, [])
+
+    def test_one_connected_user_per_shell(self) -> None:
+        self.connect("alice")
+        self.assertEqual(self.send("CONNECT alice"), ["c> USER ALREADY CONNECTED"])
+        self.assertEqual(self.send("CONNECT bob"), ["c> CONNECT FAIL"])
+        self.assertEqual(self.indexer.requests, [])
+        self.assertEqual(len(self.servers), 1)
+
+    def test_publish_and_delete_update_what_is_served(self) -> None:
+        self.connect()
+        server = self.servers[0]
+        self.send("PUBLISH f.txt text")
+        self.assertTrue(server.is_published("f.txt"))
+        self.send("DELETE f.txt")
+        self.assertFalse(server.is_published("f.txt"))
+
+    def test_publish_outside_the_share_directory_warns(self) -> None:
+        self.connect()
+        (self.share / "here.txt").write_bytes(b"x")
+        self.assertEqual(self.send("PUBLISH here.txt ok"), ["c> PUBLISH OK"])
+        self.assertIn("serving", self.output.notes[-1])  # no warning for a shared file
+        self.assertEqual(self.send("PUBLISH ../up.txt out"), ["c> PUBLISH OK"])
+        self.assertIn("not inside the share directory", self.output.notes[-1])
+        self.assertEqual(self.send("PUBLISH /etc/passwd abs"), ["c> PUBLISH OK"])
+        self.assertIn("not inside the share directory", self.output.notes[-1])
+        self.assertEqual(self.send("PUBLISH missing.txt later"), ["c> PUBLISH OK"])
+        self.assertIn("no file missing.txt", self.output.notes[-1])
+        self.assertEqual(self.indexer.ops().count("PUBLISH"), 4)
+
+    def test_disconnect_stops_the_server(self) -> None:
+        self.connect()
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT OK"])
+        self.assertTrue(self.servers[0].stopped)
+        self.assertIsNone(self.shell.user)
+        self.assertFalse(self.servers[0].is_published("anything"))
+
+    def test_disconnect_failures(self) -> None:
+        for code, line, still in (
+            (3, "c> DISCONNECT FAIL", True),
+            (1, "c> DISCONNECT FAIL / USER DOES NOT EXIST", False),
+        ):
+            self.connect()
+            self.indexer.replies["DISCONNECT"] = (code, None)
+            self.assertEqual(self.send("DISCONNECT alice"), [line])
+            self.assertEqual(self.shell.user is not None, still)
+            if still:
+                self.indexer.replies["DISCONNECT"] = (0, None)
+                self.send("DISCONNECT alice")
+        self.connect()
+        self.indexer.replies["DISCONNECT"] = (2, None)
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL / USER NOT CONNECTED"])
+        self.indexer.replies["DISCONNECT"] = IndexerError("down")
+        self.connect()
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL"])
+        self.assertEqual(self.shell.user, "alice")
+
+
+class GetFileTests(ShellTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.connect()
+        self.indexer.replies["LIST_USERS"] = (
+            0,
+            [("bobby", "10.0.0.9", "1"), ("bob", "10.0.0.2", "5555")],
+        )
+
+    def test_ok(self) -> None:
+        self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
+        self.assertEqual(self.downloads, [("10.0.0.2", 5555, "r.bin", Path("l.bin"))])
+        self.assertEqual(self.indexer.requests, [("LIST_USERS", "alice")])
+
+    def test_no_such_file(self) -> None:
+        self.download_result = NoSuchFile()
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL / FILE NOT EXIST"])
+
+    def test_download_failure(self) -> None:
+        self.download_result = OSError("connection refused")
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        self.assertIn("connection refused", self.output.notes[-1])
+
+    def test_owner_not_connected_or_listing_refused(self) -> None:
+        self.assertEqual(self.send("GET_FILE bo r l"), ["c> GET_FILE FAIL"])
+        self.indexer.replies["LIST_USERS"] = (2, None)
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        self.indexer.replies["LIST_USERS"] = IndexerError("down")
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        self.assertEqual(self.downloads, [])
+
+    def test_commands_wait_for_a_running_download(self) -> None:
+        pending: Deferred = Deferred()
+        self.download_result = pending
+        self.assertEqual(self.send("GET_FILE bob r l", "LIST_USERS"), [])
+        self.assertTrue(self.shell.busy)
+        pending.callback(3)
+        self.assertEqual(self.output.lines[-4:-3], ["c> GET_FILE OK"])
+        self.assertEqual(self.output.lines[-3], "c> LIST_USERS OK")
+
+    def test_quit_cancels_a_running_download_and_disconnects(self) -> None:
+        cancelled = []
+        pending: Deferred = Deferred(lambda d: cancelled.append(True))
+        self.download_result = pending
+        self.send("GET_FILE bob r l")
+        d = self.shell.shutdown()
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(self.output.lines[-1], "c> GET_FILE FAIL")
+        self.assertTrue(d.called)
+        self.assertIn(("DISCONNECT", "alice"), self.indexer.requests)
+
+
+class EndingTests(ShellTestCase):
+    def test_quit_disconnects_first_and_ends(self) -> None:
+        self.connect()
+        self.assertEqual(self.send("QUIT", "REGISTER later"), [])
+        self.assertEqual(self.indexer.requests, [("DISCONNECT", "alice")])
+        self.assertTrue(self.servers[0].stopped)
+        self.assertTrue(self.shell.ended.called)
+
+    def test_quit_without_a_user_asks_nothing(self) -> None:
+        self.send("quit")
+        self.assertEqual(self.indexer.requests, [])
+        self.assertTrue(self.shell.ended.called)
+
+    def test_end_of_input_runs_queued_lines_then_quits(self) -> None:
+        slow: Deferred = Deferred()
+        self.indexer.replies["REGISTER"] = slow
+        self.send("REGISTER alice", "CONNECT alice")
+        self.shell.end_of_input()
+        self.assertFalse(self.shell.ended.called)
+        slow.callback((0, None))
+        self.assertEqual(self.output.lines, ["c> REGISTER OK", "c> CONNECT OK"])
+        self.assertEqual(self.indexer.ops()[-1], "DISCONNECT")
+        self.assertTrue(self.shell.ended.called)
+
+    def test_shutdown_is_idempotent_and_survives_a_dead_indexer(self) -> None:
+        self.connect()
+        self.indexer.replies["DISCONNECT"] = IndexerError("down")
+        first = self.shell.shutdown()
+        second = self.shell.shutdown()
+        self.assertTrue(first.called and second.called)
+        self.assertEqual(self.indexer.ops(), ["DISCONNECT"])
+        self.assertTrue(self.servers[0].stopped)
+        self.assertIn("could not disconnect alice", self.output.notes[-1])
+
+    def test_prompt_is_redrawn_when_idle(self) -> None:
+        prompts = []
+        self.shell.on_idle = lambda: prompts.append(True)
+        self.send("HELP")
+        self.assertEqual(len(prompts), 1)
+        slow: Deferred = Deferred()
+        self.indexer.replies["REGISTER"] = slow
+        self.send("REGISTER a", "REGISTER b")
+        self.assertEqual(len(prompts), 1)
+        slow.callback((0, None))
+        self.assertEqual(len(prompts), 2)

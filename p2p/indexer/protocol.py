@@ -56,9 +56,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     def __init__(self, factory: IndexerFactory) -> None:
         self.factory = factory
         self.callLater = factory.reactor.callLater  # TimeoutMixin's clock
-        self._reader = wire.FieldReader(wire.MAX_FIELD)
-        self._tail = 0  # bytes of the field not yet terminated
-        self._limit = wire.MAX_OP  # limit of that field
+        self._buffer = b""  # the start of a field whose NUL has not arrived
+        self._limit = wire.MAX_OP  # the limit of that field
         self._op: wire.OpSpec | None = None
         self._kinds: tuple[wire.FieldKind, ...] = ()
         self._values: list = []
@@ -82,20 +81,30 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     # --- Reading -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Split off NUL-terminated fields, each checked against its own limit.
+
+        ``find`` never looks further than the current field's limit, so a huge
+        chunk without NUL costs no more than a short one, and the kept tail is
+        never longer than the longest field.
+        """
         if self._done:
             return
-        try:
-            fields = self._reader.feed(data)
-        except wire.FieldTooLong:
-            self._refuse()
-            return
-        for raw in fields:
-            if self._take(raw):
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        start = 0
+        find = data.find
+        while True:
+            end = find(b"\0", start, start + self._limit + 1)
+            if end < 0:
+                if len(data) - start > self._limit:
+                    self._refuse()
+                else:
+                    self._buffer = data[start:]
                 return
-        nul = data.rfind(b"\0")
-        self._tail = len(data) - nul - 1 if nul >= 0 else self._tail + len(data)
-        if self._tail > self._limit:
-            self._refuse()
+            if self._take(data[start:end]):
+                return
+            start = end + 1
 
     def _take(self, raw: bytes) -> bool:
         """Accept one complete field; True once the request is finished either way."""

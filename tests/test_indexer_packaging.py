@@ -1,0 +1,52 @@
+"""A plain (non-editable) install ships the ``p2p-indexer`` twistd plugin."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.support import REPO, deadline, run_command
+
+PLUGIN = "twisted/plugins/p2p_indexer.py"
+
+
+class Wheel(TestCase):
+    @defer.inlineCallbacks
+    def test_wheel_contains_plugin(self):
+        # Build from a copy so the checkout's own egg-info and build/ are left alone.
+        src = Path(self.mktemp()).resolve() / "src"
+        src.mkdir(parents=True)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, src / name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
+        shutil.copytree(REPO / "p2p", src / "p2p", ignore=ignore)
+        shutil.copytree(REPO / "twisted", src / "twisted", ignore=ignore)
+        out = src.parent / "wheels"
+        argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+        argv += ["--no-index", "-q", str(src), "-w", str(out)]
+        _, stderr, code = yield deadline(run_command(argv, cwd=src.parent), 120)
+        if code == 0:
+            [wheel] = out.glob("p2p-*.whl")
+            names = set(zipfile.ZipFile(wheel).namelist())
+        elif b"invalid command 'bdist_wheel'" in stderr:
+            # No ``wheel`` package in this venv (pip's isolated builds bring their own):
+            # build_py lays out exactly the files a wheel would ship.
+            lib = src.parent / "lib"
+            setup = "from setuptools import setup; setup()"
+            argv = [sys.executable, "-c", setup, "-q", "build_py", "-d", str(lib)]
+            _, stderr, code = yield deadline(run_command(argv, cwd=src), 120)
+            self.assertEqual(code, 0, stderr.decode(errors="replace"))
+            names = {p.relative_to(lib).as_posix() for p in lib.rglob("*.py")}
+        else:
+            self.fail(stderr.decode(errors="replace"))
+        self.assertIn(PLUGIN, names)
+        self.assertIn("p2p/indexer/service.py", names)
+        self.assertIn("p2p/wire.py", names)
+        # twisted/plugins is a namespace: shipping an __init__.py would hide Twisted's own
+        self.assertNotIn("twisted/plugins/__init__.py", names)
+        self.assertNotIn("twisted/__init__.py", names)

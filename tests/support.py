@@ -90,6 +90,7 @@ class ServiceProcess(protocol.ProcessProtocol):
         self._waiters: list[tuple[re.Pattern[str], Deferred]] = []
         self.ended: Deferred = Deferred()
         self.exit_code: int | None = None
+        self.exit_signal: int | None = None  # the signal that ended it, if one did
         self.exited = False
 
     # ProcessProtocol
@@ -117,6 +118,7 @@ class ServiceProcess(protocol.ProcessProtocol):
                 self._add_line(fd, rest.decode("utf-8", "replace"))
         self.exited = True
         self.exit_code = getattr(reason.value, "exitCode", None)
+        self.exit_signal = getattr(reason.value, "signal", None)
         waiters, self._waiters = self._waiters, []
         for pattern, d in waiters:
             d.errback(

@@ -1,0 +1,270 @@
+"""``twistd p2p-stack``: the indexer, the audit logger and the time service in one process.
+
+The stack's command line is built from the three services' own ``Options``
+classes: every option of every part is available, under its own name, or
+prefixed with the part's name (``--indexer-listen``, ``--logger-listen``,
+``--time-listen``) when two parts share it. An option added to a part shows up
+here by itself. The arguments given for a part are parsed by that part's
+``Options``, so its defaults, coercions and checks apply unchanged.
+
+Unless told otherwise (``--logger`` or ``--logger-host``), the indexer sends
+its audit records to the stack's own logger, at its first TCP port on
+127.0.0.1, with the logger's program number.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.application.service import IService, MultiService
+from twisted.python import reflect, usage
+
+from p2p.console import say
+from p2p.indexer import service as indexer_service
+from p2p.logger import service as logger_service
+from p2p.timews import service as time_service
+
+#: The parts, in start order: the logger first so the indexer's relay finds it.
+PARTS: dict[str, type] = {
+    "logger": logger_service,
+    "indexer": indexer_service,
+    "time": time_service,
+}
+
+
+@dataclass(frozen=True)
+class PartOption:
+    """One long option of one part's ``Options``."""
+
+    part: str
+    name: str  # as the part spells it, e.g. "max-connections"
+    takes_value: bool
+    doc: str
+
+
+def part_options(part: str, options_class: type[usage.Options]) -> list[PartOption]:
+    """The long options of ``options_class`` (parameters, flags and opt_ handlers).
+
+    Gathered the way ``usage.Options`` gathers them; one-letter aliases and
+    the base class's ``--help``/``--version`` are left out.
+    """
+    found: dict[str, PartOption] = {}
+    parameters: list = []
+    reflect.accumulateClassList(options_class, "optParameters", parameters)
+    for name, _short, default, doc, *_coerce in parameters:
+        shown = f"{doc} [default: {default}]" if default is not None else doc
+        found[name] = PartOption(part, name, True, shown)
+    flags: list = []
+    reflect.accumulateClassList(options_class, "optFlags", flags)
+    for name, _short, doc in flags:
+        found[name] = PartOption(part, name, False, doc)
+    handlers: dict = {}
+    reflect.addMethodNamesToDict(options_class, handlers, "opt_")
+    base: dict = {}
+    reflect.addMethodNamesToDict(usage.Options, base, "opt_")
+    by_function: dict = {}
+    for attr in handlers:
+        if attr in base or len(attr) == 1:
+            continue
+        function = getattr(options_class, "opt_" + attr)
+        by_function.setdefault(function, []).append(attr)
+    for function, attrs in by_function.items():
+        name = max(attrs, key=len).replace("_", "-")  # the longest alias, as usage does
+        takes_value = len(inspect.signature(function).parameters) == 2
+        doc = inspect.getdoc(function) or ""
+        found[name] = PartOption(part, name, takes_value, doc)
+    return list(found.values())
+
+
+def stack_names(options: list[PartOption]) -> dict[str, PartOption]:
+    """The stack's name of every option: its own, or ``part-name`` when shared."""
+    count: dict[str, int] = {}
+    for option in options:
+        count[option.name] = count.get(option.name, 0) + 1
+    names: dict[str, PartOption] = {}
+    for option in options:
+        name = option.name if count[option.name] == 1 else f"{option.part}-{option.name}"
+        if name in names:
+            raise RuntimeError(f"stack option --{name} would mean two options")
+        names[name] = option
+    return names
+
+
+def _handler(option: PartOption):
+    """An ``opt_`` method recording the option for its part's own parser."""
+    if option.takes_value:
+
+        def handle(self, value: str) -> None:
+            self.argv[option.part].append(f"--{option.name}={value}")
+
+    else:
+
+        def handle(self) -> None:
+            self.argv[option.part].append(f"--{option.name}")
+
+    handle.__doc__ = f"{option.doc} ({option.part})"
+    return handle
+
+
+class _StackOptionsBase(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "The indexer, the audit logger and the SOAP time service in one process. "
+        "Options two services share are prefixed with the service's name."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.argv: dict[str, list[str]] = {part: [] for part in PARTS}
+        self.parts: dict[str, usage.Options] = {}
+
+    def postOptions(self) -> None:
+        for part, module in PARTS.items():
+            sub = module.Options()
+            try:
+                sub.parseOptions(self.argv[part])
+            except usage.UsageError as exc:
+                raise usage.UsageError(f"{part}: {exc}") from None
+            self.parts[part] = sub
+        self._point_indexer_at_own_logger()
+
+    def _given(self, part: str, name: str) -> bool:
+        prefix = f"--{name}="
+        return any(arg == f"--{name}" or arg.startswith(prefix) for arg in self.argv[part])
+
+    def _point_indexer_at_own_logger(self) -> None:
+        indexer, logger = self.parts["indexer"], self.parts["logger"]
+        if self._given("indexer", "logger") or self._given("indexer", "logger-host"):
+            return
+        streams = [spec for spec in logger["listen"] if not spec.startswith("udp:")]
+        if not streams:
+            raise usage.UsageError("the logger has no TCP listen address: give --logger")
+        target = connect_to(streams[0])
+        if target is None:
+            raise usage.UsageError(
+                f"cannot tell the indexer where the logger listens ({streams[0]}): give --logger"
+            )
+        indexer["logger"] = target.endpoint
+        indexer["logger-host"] = None
+        if not self._given("indexer", "logger-program"):
+            indexer["logger-program"] = logger["program"]
+
+
+def _build_options_class() -> type[usage.Options]:
+    options: list[PartOption] = []
+    for part, module in PARTS.items():
+        options += part_options(part, module.Options)
+    namespace = {
+        "opt_" + name.replace("-", "_"): _handler(option)
+        for name, option in stack_names(options).items()
+    }
+    namespace["__doc__"] = "Command line of ``twistd p2p-stack`` (built from the parts)."
+    return type("Options", (_StackOptionsBase,), namespace)
+
+
+Options = _build_options_class()
+
+
+# --- Where a client reaches a listening address ------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """How a local client reaches a server endpoint: host and port, and as an endpoint."""
+
+    host: str
+    port: int
+    endpoint: str
+
+
+def _split(description: str) -> list[str]:
+    """Split an endpoint description on ``:``, honouring ``\\:`` escapes."""
+    parts, current, chars = [], "", iter(description)
+    for ch in chars:
+        if ch == "\\":
+            current += next(chars, "")
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def connect_to(description: str) -> Target | None:
+    """Where a client on this host reaches a ``tcp:``/``tcp6:`` server endpoint.
+
+    The wildcard interface becomes loopback. ``None`` for other kinds and for
+    port 0 (only known once listening).
+    """
+    kind, *rest = _split(description)
+    if kind not in ("tcp", "tcp6"):
+        return None
+    positional = [p for p in rest if "=" not in p]
+    keywords = dict(p.split("=", 1) for p in rest if "=" in p)
+    port_text = keywords.get("port", positional[0] if positional else "")
+    if not port_text.isdigit() or int(port_text) == 0:
+        return None
+    interface = keywords.get("interface", positional[2] if len(positional) > 2 else "")
+    if kind == "tcp":
+        host = interface if interface not in ("", "0.0.0.0") else "127.0.0.1"
+        return Target(host, int(port_text), f"tcp:host={host}:port={port_text}")
+    host = interface if interface not in ("", "::") else "::1"
+    escaped = host.replace(":", "\\:")
+    return Target(host, int(port_text), f"tcp6:host={escaped}:port={port_text}")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def client_command(options: usage.Options) -> str:
+    """The command that starts a client against this stack."""
+    indexer = connect_to(options.parts["indexer"]["listen"])
+    time = connect_to(options.parts["time"]["listen"])
+    client = Path(sys.executable).with_name("p2p-client")
+    try:
+        shown = str(client.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(client)
+    words = [shown]
+    if indexer is not None:
+        words += ["-s", indexer.host, "-p", str(indexer.port)]
+    if time is not None:
+        words += ["--wsdl", f"http://{_url_host(time.host)}:{time.port}/?wsdl"]
+    return " ".join(words)
+
+
+class StackService(MultiService):
+    """The three services; says how to start a client once they are up."""
+
+    def __init__(self, options: usage.Options) -> None:
+        super().__init__()
+        self.options = options
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        # Once the reactor runs: every part has printed its address by then, and
+        # twistd's signal handlers are installed, so Ctrl-C is a clean stop.
+        reactor.callWhenRunning(self._announce)
+
+    def _announce(self) -> None:
+        say(f"s> client: {client_command(self.options)}")
+        say("s> ready; Ctrl-C stops the stack")
+
+
+def make_service(options: usage.Options) -> IService:
+    """The stack: one MultiService holding the logger, the indexer and the time service."""
+    stack = StackService(options)
+    for part, module in PARTS.items():
+        child = module.make_service(options.parts[part])
+        if not child.name:
+            child.setName(part)
+        child.setServiceParent(stack)
+    return stack

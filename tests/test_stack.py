@@ -1,0 +1,212 @@
+"""Tests of ``twistd p2p-stack``: its composed options, and the whole stack as a real process."""
+
+from __future__ import annotations
+
+import signal
+from io import BytesIO
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from p2p import stack, wire
+from tests.support import deadline, free_port, free_tcp_udp_port, spawn_twistd
+
+GET_TIME = (
+    b'<?xml version="1.0"?><e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"'
+    b' xmlns:t="urn:p2p:time"><e:Body><t:get_time/></e:Body></e:Envelope>'
+)
+
+
+def parse(*argv: str) -> usage.Options:
+    options = stack.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(TestCase):
+    """The stack's command line is the three parts' command lines."""
+
+    def test_every_part_option_is_there(self):
+        """Each option of each part has a stack spelling; shared ones are prefixed."""
+        names = stack.stack_names(
+            [o for part, m in stack.PARTS.items() for o in stack.part_options(part, m.Options)]
+        )
+        for part, module in stack.PARTS.items():
+            for option in stack.part_options(part, module.Options):
+                self.assertIn(option, names.values())
+        for part in ("indexer", "logger", "time"):
+            self.assertEqual(names[f"{part}-listen"].part, part)
+        self.assertNotIn("listen", names)
+        self.assertEqual(names["db"].part, "indexer")
+        self.assertEqual(names["audit-file"].part, "logger")
+        self.assertEqual(names["max-body"].part, "time")
+        self.assertFalse(names["threads"].takes_value)
+
+    def test_defaults(self):
+        options = parse()
+        self.assertEqual(options.parts["indexer"]["listen"], f"tcp:{wire.INDEXER_PORT}")
+        self.assertEqual(options.parts["time"]["listen"], f"tcp:{wire.TIME_PORT}")
+        self.assertEqual(
+            options.parts["indexer"]["logger"], f"tcp:host=127.0.0.1:port={wire.LOGGER_PORT}"
+        )
+        self.assertEqual(options.parts["indexer"]["logger-program"], wire.LOGGER_PROGRAM)
+
+    def test_options_reach_their_part(self):
+        options = parse(
+            "--indexer-listen=tcp:7001",
+            "--logger-listen",
+            "tcp:7002:interface=127.0.0.1",
+            "--logger-listen=udp:7002",
+            "--time-listen=tcp:7003",
+            "--db=x.db",
+            "--program=0x20000999",
+            "--threads",
+        )
+        self.assertEqual(options.parts["indexer"]["listen"], "tcp:7001")
+        self.assertEqual(options.parts["indexer"]["db"], "x.db")
+        self.assertEqual(
+            options.parts["logger"]["listen"], ["tcp:7002:interface=127.0.0.1", "udp:7002"]
+        )
+        self.assertTrue(options.parts["time"]["threads"])
+        # the indexer follows the stack's own logger: its address and its program
+        self.assertEqual(options.parts["indexer"]["logger"], "tcp:host=127.0.0.1:port=7002")
+        self.assertEqual(options.parts["indexer"]["logger-program"], 0x20000999)
+
+    def test_explicit_logger_wins(self):
+        options = parse("--logger=tcp:host=10.1.1.1:port=99")
+        self.assertEqual(options.parts["indexer"]["logger"], "tcp:host=10.1.1.1:port=99")
+        options = parse("--logger-host=loghost")
+        self.assertIsNone(options.parts["indexer"]["logger"])
+        self.assertEqual(options.parts["indexer"]["logger-host"], "loghost")
+
+    def test_part_errors_name_the_part(self):
+        exc = self.assertRaises(usage.UsageError, parse, "--max-body=1")
+        self.assertTrue(str(exc).startswith("time: "), str(exc))
+        self.assertRaises(usage.UsageError, parse, "--listen=tcp:1")
+
+    def test_logger_on_port_zero_needs_explicit_logger(self):
+        self.assertRaises(usage.UsageError, parse, "--logger-listen=tcp:0")
+        parse("--logger-listen=tcp:0", "--logger=tcp:host=h:port=1")
+
+    def test_connect_to(self):
+        connect = stack.connect_to
+        self.assertEqual(connect("tcp:9090").endpoint, "tcp:host=127.0.0.1:port=9090")
+        self.assertEqual(connect("tcp:port=1:interface=10.0.0.2").host, "10.0.0.2")
+        self.assertEqual(connect("tcp:5:interface=10.0.0.3").endpoint, "tcp:host=10.0.0.3:port=5")
+        self.assertEqual(connect("tcp6:7").endpoint, "tcp6:host=\\:\\:1:port=7")
+        self.assertIsNone(connect("tcp:0"))
+        self.assertIsNone(connect("unix:/tmp/x"))
+
+    def test_client_command(self):
+        command = stack.client_command(parse("--indexer-listen=tcp:1", "--time-listen=tcp:2"))
+        self.assertTrue(
+            command.endswith("p2p-client -s 127.0.0.1 -p 1 --wsdl http://127.0.0.1:2/?wsdl")
+        )
+
+
+class _Reply(protocol.Protocol):
+    """Collects an indexer reply until the indexer closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(self.data)
+
+
+@defer.inlineCallbacks
+def wait_for_text(path: Path, text: str, timeout: float = 20.0):
+    """Poll ``path`` until it contains ``text``, in short steps, up to ``timeout``."""
+    start = reactor.seconds()
+    while True:
+        if path.exists() and text in path.read_text("utf-8", "replace"):
+            return
+        if reactor.seconds() - start > timeout:
+            seen = path.read_text("utf-8", "replace") if path.exists() else "(no file)"
+            raise defer.TimeoutError(f"{text!r} not in {path} after {timeout}s: {seen!r}")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class StackProcessTests(TestCase):
+    """``twistd p2p-stack`` as a real process on free ports."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.indexer, self.logger, self.time = free_port(), free_tcp_udp_port(), free_port()
+        self.audit = self.dir / "audit.log"
+        self.proc = spawn_twistd(
+            self,
+            "p2p-stack",
+            f"--indexer-listen=tcp:{self.indexer}:interface=127.0.0.1",
+            f"--logger-listen=tcp:{self.logger}:interface=127.0.0.1",
+            f"--logger-listen=udp:{self.logger}:interface=127.0.0.1",
+            f"--time-listen=tcp:{self.time}:interface=127.0.0.1",
+            "--no-rpcbind",
+            f"--audit-file={self.audit}",
+            f"--db={self.dir / 'indexer.db'}",
+            cwd=self.dir,
+        )
+        match = yield self.proc.wait_for_line(r"s> client: (.+)$")
+        self.client_command = match.group(1)
+        yield self.proc.wait_for_line(r"s> ready")
+
+    def test_announces_everything(self):
+        """Indexer, logger, WSDL and the client command are printed."""
+        self.assertTrue(
+            self.client_command.endswith(
+                f"p2p-client -s 127.0.0.1 -p {self.indexer} "
+                f"--wsdl http://127.0.0.1:{self.time}/?wsdl"
+            ),
+            self.client_command,
+        )
+        out = "\n".join(self.proc.lines)
+        self.assertIn(f"s> time service http://127.0.0.1:{self.time}/?wsdl", out)
+        self.assertIn(f"s> init server 127.0.0.1:{self.indexer}", out)
+        self.assertRegex(out, rf"s> logger program 0x20000155 .*tcp 127.0.0.1:{self.logger}")
+
+    @defer.inlineCallbacks
+    def test_indexer_request_is_audited(self):
+        """A raw REGISTER is answered 0 and its record reaches the audit file."""
+        when = wire.format_datetime()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.indexer)
+        reply = yield connectProtocol(endpoint, _Reply())
+        reply.transport.write(wire.encode_request("REGISTER", when, "alice"))
+        data = yield deadline(reply.done, 10)
+        self.assertEqual(data, wire.encode_code(wire.OK))
+        yield wait_for_text(self.audit, wire.audit_record("alice", "REGISTER", when) + "\n")
+
+    @defer.inlineCallbacks
+    def test_time_service_answers(self):
+        agent = Agent(reactor)
+        response = yield deadline(
+            agent.request(
+                b"POST",
+                f"http://127.0.0.1:{self.time}/".encode(),
+                Headers({b"content-type": [b"text/xml"]}),
+                FileBodyProducer(BytesIO(GET_TIME)),
+            ),
+            10,
+        )
+        body = yield readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"get_timeResult", body)
+
+    @defer.inlineCallbacks
+    def test_ctrl_c_stops_cleanly(self):
+        """SIGINT (Ctrl-C) stops every service; twistd then ends by the same signal."""
+        self.proc.signal("INT")
+        yield deadline(self.proc.ended, 15)
+        self.assertEqual(self.proc.exit_signal, signal.SIGINT, self.proc.output())
+        self.assertFalse([line for line in self.proc.errlines if "Traceback" in line])
+        self.assertIn("Server Shut Down.", "\n".join(self.proc.lines + self.proc.errlines))

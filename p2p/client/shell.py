@@ -95,6 +95,12 @@ OUTCOMES: dict[str, tuple[dict[int, str], str]] = {
     ),
 }
 
+#: Extra words for a human when an operation gets its "any other error" code.
+HINTS = {
+    "UNREGISTER": "; a connected user cannot be unregistered, DISCONNECT it first",
+    "CONNECT": "; the port sent may be unacceptable",
+}
+
 GET_FILE_OK = "c> GET_FILE OK"
 GET_FILE_NO_FILE = "c> GET_FILE FAIL / FILE NOT EXIST"
 GET_FILE_FAIL = "c> GET_FILE FAIL"
@@ -262,7 +268,8 @@ class Shell:
         line = table.get(code, fail)
         self.output.line(line)
         if code not in table:
-            self.output.note(f"{op}: the indexer refused the request (code {code})")
+            hint = HINTS.get(op, "")
+            self.output.note(f"{op}: the indexer refused the request (code {code}){hint}")
         return code, rows
 
     def _bad_names(self, op: str, *names: str) -> bool:

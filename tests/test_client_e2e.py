@@ -1,0 +1,299 @@
+"""The shell as a real process, driven through a pipe, against a real indexer.
+
+Every command and every output line of protocol.md section 5, each failure code
+included; the time service up and down; every way of ending disconnects first.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from p2p import wire
+from p2p.client.indexer_client import IndexerClient
+from tests.support import DEADLINE, deadline, free_port, spawn, spawn_twistd, wait_for_port
+
+
+@defer.inlineCallbacks
+def wait_until(condition, timeout: float = DEADLINE, what: str = "condition"):
+    """Poll ``condition`` every 10 ms until true; fail after ``timeout`` seconds."""
+    start = reactor.seconds()
+    while not condition():
+        if reactor.seconds() - start > timeout:
+            raise defer.TimeoutError(f"{what} not met in {timeout}s")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+class ShellProcess:
+    """One ``python -m p2p.client`` child whose stdin is a pipe."""
+
+    def __init__(self, testcase: TestCase, name: str, indexer_port: int, wsdl: str, cwd=None):
+        self.testcase = testcase
+        self.cwd = Path(cwd or testcase.mktemp()).resolve()
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.share = self.cwd
+        argv = [
+            sys.executable,
+            "-m",
+            "p2p.client",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            str(indexer_port),
+            "--wsdl",
+            wsdl,
+            "--share-dir",
+            str(self.share),
+            "--peer-listen",
+            "tcp:0:interface=127.0.0.1",
+        ]
+        self.proc = spawn(testcase, argv, cwd=self.cwd, name=name)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.proc.lines
+
+    @defer.inlineCallbacks
+    def run(self, command: str, count: int = 1, timeout: float = DEADLINE):
+        """Send one command; fire with the ``count`` lines it prints."""
+        before = len(self.proc.lines)
+        self.proc.write(command.encode("utf-8") + b"\n")
+        try:
+            yield wait_until(
+                lambda: len(self.proc.lines) >= before + count or self.proc.exited,
+                timeout,
+                f"{count} lines after {command!r}",
+            )
+        except defer.TimeoutError as exc:
+            raise defer.TimeoutError(f"{exc}\n{self.proc.output()}") from None
+        return self.proc.lines[before : before + count]
+
+    @defer.inlineCallbacks
+    def check(self, command: str, *expected: str):
+        """Run ``command`` and assert the exact lines it prints."""
+        got = yield self.run(command, len(expected))
+        self.testcase.assertEqual(got, list(expected), f"{command}\n{self.proc.output()}")
+
+    @defer.inlineCallbacks
+    def quit(self):
+        self.proc.write(b"QUIT\n")
+        code = yield deadline(self.proc.ended)
+        return code
+
+
+class Stack:
+    """A real indexer and, optionally, a real time service, for one test."""
+
+    def __init__(self, testcase: TestCase) -> None:
+        self.testcase = testcase
+        self.port = free_port()
+        self.indexer = None
+        self.time_port = free_port()
+        self.time = None
+
+    @property
+    def wsdl(self) -> str:
+        return f"http://127.0.0.1:{self.time_port}/?wsdl"
+
+    @defer.inlineCallbacks
+    def start_indexer(self):
+        self.indexer = spawn_twistd(
+            self.testcase,
+            "p2p-indexer",
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--db",
+            ":memory:",
+        )
+        yield self.indexer.wait_for_line(r"s> init server")
+        yield wait_for_port(self.port)
+
+    @defer.inlineCallbacks
+    def start_time(self):
+        self.time = spawn_twistd(
+            self.testcase, "p2p-time", "--listen", f"tcp:{self.time_port}:interface=127.0.0.1"
+        )
+        yield wait_for_port(self.time_port)
+
+    def shell(self, name: str, cwd=None) -> ShellProcess:
+        return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd)
+
+    def raw(self, op: str, user: str, *args):
+        """A request straight to the indexer, as another program would send it."""
+        client = IndexerClient(
+            "127.0.0.1", self.port, lambda: defer.succeed(wire.format_datetime()), timeout=5
+        )
+        return deadline(client.request(op, user, *args))
+
+
+class CommandLineTests(TestCase):
+    """Every line of protocol.md section 5 from real processes."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.stack = Stack(self)
+        yield defer.gatherResults([self.stack.start_indexer(), self.stack.start_time()])
+
+    @defer.inlineCallbacks
+    def test_every_command_and_line(self):
+        a = self.stack.shell("alice")
+        b = self.stack.shell("bob")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("REGISTER alice", "c> USERNAME IN USE")
+        yield a.check("register bob", "c> REGISTER OK")
+        yield a.check("REGISTER", "Syntax error. Usage: REGISTER <user>")
+        yield a.check("PUBLISH f.txt x", "c> PUBLISH FAIL, USER NOT CONNECTED")
+        yield a.check("DELETE f.txt", "c> DELETE FAIL, USER NOT CONNECTED")
+        yield a.check("LIST_USERS", "c> LIST_USERS FAIL, USER NOT CONNECTED")
+        yield a.check("LIST_CONTENT bob", "c> LIST_CONTENT FAIL, USER NOT CONNECTED")
+        yield a.check("DISCONNECT alice", "c> DISCONNECT FAIL / USER NOT CONNECTED")
+        yield a.check("GET_FILE bob x y", "c> GET_FILE FAIL")
+        yield a.check("CONNECT nobody", "c> CONNECT FAIL, USER DOES NOT EXIST")
+        yield a.check("UNREGISTER nobody", "c> USER DOES NOT EXIST")
+        yield a.check("Connect alice", "c> CONNECT OK")
+        yield a.check("CONNECT alice", "c> USER ALREADY CONNECTED")
+        yield b.check("CONNECT alice", "c> USER ALREADY CONNECTED")  # the indexer's code 2
+        yield a.check("UNREGISTER alice", "c> UNREGISTER FAIL")  # connected: refused
+        yield a.check("PUBLISH f.txt first  file", "c> PUBLISH OK")
+        yield a.check("PUBLISH f.txt again", "c> PUBLISH FAIL, CONTENT ALREADY PUBLISHED")
+        yield a.check("DELETE g.txt", "c> DELETE FAIL, CONTENT NOT PUBLISHED")
+        yield a.check("LIST_CONTENT nobody", "c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST")
+        yield a.check("list_content alice", "c> LIST_CONTENT OK", '\tf.txt "first  file"')
+        yield b.check("CONNECT bob", "c> CONNECT OK")
+        yield b.check("LIST_CONTENT bob", "c> LIST_CONTENT OK")
+        listing = yield a.run("LIST_USERS", 3)
+        self.assertEqual(listing[0], "c> LIST_USERS OK")
+        self.assertEqual(
+            sorted(line.split(" ")[:2] for line in listing[1:]),
+            [["\talice", "127.0.0.1"], ["\tbob", "127.0.0.1"]],
+        )
+        for line in listing[1:]:
+            self.assertTrue(0 < int(line.split(" ")[2]) < 65536)
+
+        # The indexer forgets alice's connection behind the shell's back: its code 2.
+        code, _ = yield self.stack.raw("DISCONNECT", "alice")
+        self.assertEqual(code, wire.OK)
+        yield a.check("PUBLISH h.txt x", "c> PUBLISH FAIL, USER NOT CONNECTED")
+        yield a.check("DELETE f.txt", "c> DELETE FAIL, USER NOT CONNECTED")
+        yield a.check("LIST_USERS", "c> LIST_USERS FAIL, USER NOT CONNECTED")
+        yield a.check("LIST_CONTENT bob", "c> LIST_CONTENT FAIL, USER NOT CONNECTED")
+        yield a.check("DISCONNECT alice", "c> DISCONNECT FAIL / USER NOT CONNECTED")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        yield a.check("DELETE f.txt", "c> DELETE OK")
+        yield a.check("DISCONNECT alice", "c> DISCONNECT OK")
+        yield a.check("UNREGISTER alice", "c> UNREGISTER OK")
+        yield a.check(
+            "FROBNICATE", "Unknown command: FROBNICATE (type HELP for the list of commands)"
+        )
+        code = yield a.quit()
+        self.assertEqual(code, 0)
+        self.assertEqual(len(a.lines), 34, a.proc.output())  # nothing else on stdout
+        yield b.check("DISCONNECT bob", "c> DISCONNECT OK")
+
+    @defer.inlineCallbacks
+    def test_user_gone_and_indexer_down(self):
+        a = self.stack.shell("alice")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        # A new indexer (nothing kept) on the same port: alice no longer exists there.
+        yield self.stack.indexer.stop()
+        yield self.stack.start_indexer()
+        yield a.check("PUBLISH f x", "c> PUBLISH FAIL, USER DOES NOT EXIST")
+        yield a.check("DELETE f", "c> DELETE FAIL, USER DOES NOT EXIST")
+        yield a.check("LIST_USERS", "c> LIST_USERS FAIL, USER DOES NOT EXIST")
+        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT FAIL, USER DOES NOT EXIST")
+        yield a.check("DISCONNECT alice", "c> DISCONNECT FAIL / USER DOES NOT EXIST")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        # No indexer at all: every command's plain FAIL line.
+        yield self.stack.indexer.stop()
+        yield a.check("PUBLISH f x", "c> PUBLISH FAIL")
+        yield a.check("DELETE f", "c> DELETE FAIL")
+        yield a.check("LIST_USERS", "c> LIST_USERS FAIL")
+        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT FAIL")
+        yield a.check("GET_FILE alice f g", "c> GET_FILE FAIL")
+        yield a.check("DISCONNECT alice", "c> DISCONNECT FAIL")
+        yield a.check("REGISTER carol", "c> REGISTER FAIL")
+        yield a.check("UNREGISTER carol", "c> UNREGISTER FAIL")
+        b = self.stack.shell("bob")
+        yield b.check("CONNECT bob", "c> CONNECT FAIL")
+        code = yield a.quit()
+        self.assertEqual(code, 0)
+        self.assertTrue(any("could not disconnect alice" in line for line in a.proc.errlines))
+        self.assertFalse(any("Traceback" in line for line in a.proc.errlines), a.proc.output())
+
+    @defer.inlineCallbacks
+    def test_arguments_the_protocol_cannot_carry(self):
+        a = self.stack.shell("alice")
+        long_name = "n" * (wire.MAX_NAME + 1)
+        yield a.check(f"REGISTER {long_name}", "c> REGISTER FAIL")
+        yield a.check("REGISTER " + "é" * 128, "c> REGISTER OK")  # 256 bytes: the limit
+        yield a.check("CONNECT " + "é" * 128, "c> CONNECT OK")
+        yield a.check(f"PUBLISH f {'d' * (wire.MAX_DESCRIPTION + 1)}", "c> PUBLISH FAIL")
+        yield a.check(f"LIST_CONTENT {long_name}", "c> LIST_CONTENT FAIL")
+        self.assertEqual(sum("cannot be sent" in line for line in a.proc.errlines), 3)
+
+    @defer.inlineCallbacks
+    def test_end_of_input_disconnects(self):
+        a = self.stack.shell("alice")
+        b = self.stack.shell("bob")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("REGISTER bob", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        yield b.check("CONNECT bob", "c> CONNECT OK")
+        a.proc.close_stdin()
+        code = yield deadline(a.proc.ended)
+        self.assertEqual(code, 0)
+        yield b.check("LIST_USERS", "c> LIST_USERS OK", f"\tbob 127.0.0.1 {b_port(b)}")
+
+    @defer.inlineCallbacks
+    def test_signals_disconnect(self):
+        b = self.stack.shell("bob")
+        yield b.check("REGISTER bob", "c> REGISTER OK")
+        yield b.check("CONNECT bob", "c> CONNECT OK")
+        for signal_name, user in (("TERM", "alice"), ("INT", "carol")):
+            shell = self.stack.shell(user)
+            yield shell.check(f"REGISTER {user}", "c> REGISTER OK")
+            yield shell.check(f"CONNECT {user}", "c> CONNECT OK")
+            listing = yield b.run("LIST_USERS", 3)
+            self.assertIn(user, "".join(listing))
+            shell.proc.signal(signal_name)
+            yield deadline(shell.proc.ended)
+            self.assertTrue(any(f"disconnected {user}" in x for x in shell.proc.errlines))
+            yield b.check("LIST_USERS", "c> LIST_USERS OK", f"\tbob 127.0.0.1 {b_port(b)}")
+
+    @defer.inlineCallbacks
+    def test_help_and_comments(self):
+        a = self.stack.shell("alice")
+        lines = yield a.run("HELP", 11)
+        self.assertEqual([line.split()[0] for line in lines][:2], ["REGISTER", "UNREGISTER"])
+        yield a.run("# a comment line, ignored", 0)
+        yield a.check("register alice", "c> REGISTER OK")
+        self.assertEqual(len(a.lines), 12)
+
+
+def b_port(shell: ShellProcess) -> int:
+    """The peer port a shell announced (from its stderr note)."""
+    for line in shell.proc.errlines:
+        if line.startswith("serving ") and " on port " in line:
+            return int(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no peer port in\n{shell.proc.output()}")
+
+
+class TimeServiceDownTests(TestCase):
+    @defer.inlineCallbacks
+    def test_commands_work_and_stderr_says_so_once(self):
+        stack = Stack(self)  # the time service is never started
+        yield stack.start_indexer()
+        a = stack.shell("alice")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        yield a.check("PUBLISH f.txt text", "c> PUBLISH OK")
+        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tf.txt "text"')
+        yield a.check("DISCONNECT alice", "c> DISCONNECT OK")
+        warnings = [line for line in a.proc.errlines if "time service" in line]
+        self.assertEqual(len(warnings), 1, a.proc.output())
+        self.assertIn(stack.wsdl, warnings[0])

@@ -1,0 +1,158 @@
+"""End-to-end: ``twistd p2p-indexer --logger ...`` under load while the logger is
+killed (SIGKILL), stopped and restarted. Afterwards the audit file holds exactly
+one line per request, each user's records in request order."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial import unittest
+
+from p2p import wire
+from tests.support import free_port, spawn_twistd, wait_for_port
+
+PROGRAM = 0x2ABC0001
+DATETIME = "25/11/2026 12:00:00"
+
+
+class _OneRequest(protocol.Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.transport.loseConnection()  # the reply code is all we need
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(self.data[:1])
+
+
+@defer.inlineCallbacks
+def indexer_request(port: int, op: str, user: str, *args: str | int):
+    """One classic request; fires with its reply code."""
+    creator = protocol.ClientCreator(
+        reactor, _OneRequest, wire.encode_request(op, DATETIME, user, *args)
+    )
+    proto = yield creator.connectTCP("127.0.0.1", port, timeout=5)
+    code = yield proto.done.addTimeout(10, reactor)
+    return code[0] if code else None
+
+
+@defer.inlineCallbacks
+def user_session(port: int, user: str):
+    """REGISTER, CONNECT, PUBLISH: three requests, three audit records; each must answer 0."""
+    codes = []
+    codes.append((yield indexer_request(port, "REGISTER", user)))
+    codes.append((yield indexer_request(port, "CONNECT", user, 5000)))
+    codes.append((yield indexer_request(port, "PUBLISH", user, f"{user}.txt", "some file")))
+    return codes
+
+
+def expected_records(user: str) -> list[str]:
+    return [
+        wire.audit_record(user, "REGISTER", DATETIME),
+        wire.audit_record(user, "CONNECT", DATETIME),
+        wire.audit_record(user, "PUBLISH", DATETIME, f"{user}.txt"),
+    ]
+
+
+def load(port: int, users: list[str], parallel: int = 4) -> defer.Deferred:
+    """Sessions of ``users``, ``parallel`` at a time; fires with every reply code."""
+    work = iter(users)
+    codes: list[int] = []
+
+    @defer.inlineCallbacks
+    def worker():
+        for user in work:
+            codes.extend((yield user_session(port, user)))
+
+    return defer.gatherResults([worker() for _ in range(parallel)]).addCallback(lambda _: codes)
+
+
+class IndexerToLoggerTests(unittest.TestCase):
+    def start_logger(self):
+        proc = spawn_twistd(
+            self,
+            "p2p-logger",
+            "--listen",
+            f"tcp:{self.logger_port}:interface=127.0.0.1",
+            "--program",
+            hex(PROGRAM),
+            "--no-rpcbind",
+            cwd=self.logger_dir,
+        )
+        return proc.wait_for_line(r"s> logger program").addCallback(lambda _: proc)
+
+    def audit(self) -> list[str]:
+        path = self.logger_dir / "p2p-audit.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    @defer.inlineCallbacks
+    def wait_audit(self, count: int, timeout: float = 60.0):
+        start = reactor.seconds()
+        while len(self.audit()) < count:
+            if reactor.seconds() - start > timeout:
+                raise defer.TimeoutError(f"{len(self.audit())} of {count} audit lines")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_logger_killed_and_restarted_under_load(self):
+        self.logger_dir = Path(self.mktemp())
+        self.logger_dir.mkdir(parents=True)
+        self.logger_port = free_port()
+        indexer_port = free_port()
+        logger = yield self.start_logger()
+        indexer_dir = Path(self.mktemp())
+        indexer_dir.mkdir(parents=True)
+        indexer = spawn_twistd(
+            self,
+            "p2p-indexer",
+            "--listen",
+            f"tcp:{indexer_port}:interface=127.0.0.1",
+            "--db",
+            "indexer.db",
+            "--logger",
+            f"tcp:host=127.0.0.1:port={self.logger_port}",
+            "--logger-program",
+            hex(PROGRAM),
+            cwd=indexer_dir,
+        )
+        yield indexer.wait_for_line(r"s> init server")
+        yield wait_for_port(indexer_port)
+
+        users = [f"user{i:03d}" for i in range(90)]
+        codes = []
+        # Phase 1: logger up, under load; killed (SIGKILL) in the middle of it.
+        running = load(indexer_port, users[:30])
+        yield self.wait_audit(10)
+        yield logger.kill()
+        codes += yield running
+        # Phase 2: logger down. Replies must not wait for it.
+        started = reactor.seconds()
+        codes += yield load(indexer_port, users[30:60])
+        self.assertLess(reactor.seconds() - started, 20)
+        self.assertLess(len(self.audit()), 3 * 60)  # the records wait in the outbox
+        # Phase 3: logger back; stopped cleanly and started again under load.
+        logger = yield self.start_logger()
+        running = load(indexer_port, users[60:])
+        yield self.wait_audit(len(self.audit()) + 5)
+        yield logger.stop()
+        logger = yield self.start_logger()
+        codes += yield running
+
+        self.assertEqual(codes, [0] * (3 * len(users)))
+        expected = [r for user in users for r in expected_records(user)]
+        yield self.wait_audit(len(expected))
+        lines = self.audit()
+        self.assertEqual(Counter(lines), Counter(expected), "each request exactly once")
+        self.assertEqual(len(lines), len(expected))
+        for user in users:  # each user's records in request (= outbox) order
+            mine = [line for line in lines if line.startswith(user + " ")]
+            self.assertEqual(mine, expected_records(user))

@@ -16,6 +16,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -32,16 +33,19 @@ DATETIME = "01/01/2026 00:00:00"
 
 
 def request(address: tuple[str, int], data: bytes) -> bytes:
-    """One request on its own connection; the whole reply (up to the server's close)."""
-    with socket.create_connection(address) as s:
+    """One request on its own connection; the whole reply (up to the server's close).
+
+    A numeric address and a bare ``connect`` (no name resolution), so the
+    clients spend their CPU on the protocol, not on getaddrinfo.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.connect(address)
         s.sendall(data)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+        reply = s.recv(65536)
+        if reply:
+            while chunk := s.recv(65536):
+                reply += chunk
+    return reply
 
 
 def client(index: int, address: tuple[str, int], seconds: float, start: float, out) -> None:
@@ -108,6 +112,15 @@ def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
     return proc, int(match.group(1))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), or NaN."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -131,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for i in range(args.clients)
             ]
+            server_cpu = cpu_seconds(server.pid) if server is not None else float("nan")
             for p in procs:
                 p.start()
             results = [out.get() for _ in procs]
             for p in procs:
                 p.join()
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client_cpu = usage.ru_utime + usage.ru_stime
+            if server is not None:
+                server_cpu = cpu_seconds(server.pid) - server_cpu
         finally:
             if server is not None:
                 server.terminate()
@@ -147,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         f"clients={args.clients} seconds={args.seconds:g} requests={total} "
         f"requests/s={total / args.seconds:.0f} unexpected={unexpected}"
     )
+    if total:
+        print(
+            f"CPU per request: server {server_cpu / total * 1e6:.0f} us, "
+            f"clients {client_cpu / total * 1e6:.0f} us (user+system)"
+        )
     for r in results:
         if r[2] is not None:
             print(f"first unexpected: request={r[2][0]!r} reply={r[2][1]!r}")

@@ -258,3 +258,20 @@ class RpcbindTests(unittest.TestCase):
             )
             self.assertNotEqual(code, 0)
             self.assertIn("low version = 1, high version = 1", (out + err).decode())
+
+    @defer.inlineCallbacks
+    def test_relay_finds_logger_through_rpcbind(self):
+        """``make_relay(host=...)`` asks rpcbind (PMAPPROC_GETPORT) for the logger's TCP port."""
+        from p2p.logger.relay import make_relay
+        from tests.test_logger_relay import FakeStore, records
+
+        program = unique_program()
+        proc, _, _ports, audit = yield start_logger(self, program=program)
+        yield proc.wait_for_line(r"s> rpcbind registered program")
+        store = FakeStore()
+        store.add(*records(0, 20))
+        relay = make_relay(store, None, "127.0.0.1", program, reactor)
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        yield store.wait_empty()
+        self.assertEqual(audit.read_text().splitlines(), records(0, 20))

@@ -181,17 +181,18 @@ class RpcStreamFactory(protocol.Factory):
 class ReplyCache:
     """Recent replies by (client address, XID), so a retransmission is answered again.
 
-    The call bytes are kept with the reply: the same XID with a different call
-    is a new call. Bounded: the oldest entries go first.
+    A hash of the call is kept with the reply: the same XID with a different
+    call is a new call. Bounded: the oldest entries go first, and an entry is
+    small (a hash and a reply of a few dozen bytes).
     """
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple[object, int], tuple[bytes, bytes | None]] = OrderedDict()
+        self._entries: OrderedDict[tuple[object, int], tuple[int, bytes]] = OrderedDict()
 
     def get(self, key: tuple[object, int], call: bytes) -> bytes | None:
         entry = self._entries.get(key)
-        if entry is None or entry[0] != call:
+        if entry is None or entry[0] != hash(call):
             return None
         self._entries.move_to_end(key)
         return entry[1]
@@ -199,8 +200,8 @@ class ReplyCache:
     def __contains__(self, key: tuple[object, int]) -> bool:
         return key in self._entries
 
-    def put(self, key: tuple[object, int], call: bytes, reply: bytes | None) -> None:
-        self._entries[key] = (call, reply)
+    def put(self, key: tuple[object, int], call: bytes, reply: bytes) -> None:
+        self._entries[key] = (hash(call), reply)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)

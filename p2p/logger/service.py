@@ -182,7 +182,9 @@ class LoggerService(service.Service):
             if spec.startswith("udp:"):
                 port, interface = parse_udp(spec)
                 proto = RpcDatagramProtocol(self.dispatcher)
-                self.ports.append(("udp", self.reactor.listenUDP(port, proto, interface=interface)))
+                listening = self.reactor.listenUDP(port, proto, interface=interface)
+                listening.maxPacketSize = 65536  # any datagram up to the UDP maximum, whole
+                self.ports.append(("udp", listening))
             else:
                 endpoint = serverFromString(self.reactor, spec)
                 d = endpoint.listen(RpcStreamFactory(self.dispatcher, self.max_record))

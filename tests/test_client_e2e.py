@@ -30,11 +30,13 @@ def wait_until(condition, timeout: float = DEADLINE, what: str = "condition"):
 class ShellProcess:
     """One ``python -m p2p.client`` child whose stdin is a pipe."""
 
-    def __init__(self, testcase: TestCase, name: str, indexer_port: int, wsdl: str, cwd=None):
+    def __init__(
+        self, testcase: TestCase, name: str, indexer_port: int, wsdl: str, cwd=None, share=None
+    ):
         self.testcase = testcase
         self.cwd = Path(cwd or testcase.mktemp()).resolve()
         self.cwd.mkdir(parents=True, exist_ok=True)
-        self.share = self.cwd
+        self.share = Path(share).resolve() if share else self.cwd
         argv = [
             sys.executable,
             "-m",
@@ -118,8 +120,8 @@ class Stack:
         )
         yield wait_for_port(self.time_port)
 
-    def shell(self, name: str, cwd=None) -> ShellProcess:
-        return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd)
+    def shell(self, name: str, cwd=None, share=None) -> ShellProcess:
+        return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd, share)
 
     def raw(self, op: str, user: str, *args):
         """A request straight to the indexer, as another program would send it."""

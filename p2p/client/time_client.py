@@ -98,7 +98,7 @@ class TimeClient:
             self._warned = True
             self.warn(
                 f"time service at {self.wsdl} cannot be reached "
-                f"({failure.type.__name__}: {failure.getErrorMessage()[:200]}); "
+                f"({failure.type.__name__}: {failure.getErrorMessage()[:120]}); "
                 "stamping requests with the local clock"
             )
         self._down_until = self.reactor.seconds() + self.retry_after

@@ -101,7 +101,10 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, spec: str) -> None:
-        """Listen here (repeatable): tcp:... (any stream endpoint) or udp:PORT[:interface=ADDR]."""
+        """Listen here (repeatable): tcp:... (any stream endpoint) or udp:PORT[:interface=ADDR].
+
+        Default: tcp:9091 and udp:9091.
+        """
         if spec.startswith("udp:"):
             parse_udp(spec)
         self["listen"].append(spec)

@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
+# The terminal shows the services' own lines (addresses, client command, records);
+# twistd's log goes to p2p-stack.log. Ctrl-C stops the stack cleanly.
 run: $(STAMP)
-	$(BIN)/twistd -n --pidfile= p2p-stack $(ARGS)
+	@echo "p2p-stack: twistd log in p2p-stack.log; options: make run ARGS='--help'"
+	$(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/trial $(or $(TESTS),tests)

@@ -14,12 +14,14 @@ its audit records to the stack's own logger, at its first TCP port on
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.application.service import IService, MultiService
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import reflect, usage
 
 from p2p.console import say
@@ -240,21 +242,60 @@ def client_command(options: usage.Options) -> str:
 
 
 class StackService(MultiService):
-    """The three services; says how to start a client once they are up."""
+    """The three services; says how to start a client once they are all up.
+
+    A part that cannot start (an exception, or a critical event it logs while
+    starting, such as a port already in use) is said on the terminal, since
+    twistd's log may go to a file, and the stack stops instead of running
+    without it.
+    """
 
     def __init__(self, options: usage.Options) -> None:
         super().__init__()
         self.options = options
+        self.startup_failures: list[str] = []
+
+    def _observe(self, event: dict) -> None:
+        if event.get("log_level") is LogLevel.critical:
+            failure = event.get("log_failure")
+            text = formatEvent(event)
+            if failure is not None:
+                text = f"{text}: {failure.getErrorMessage()}"
+            self.startup_failures.append(text)
+
+    def privilegedStartService(self) -> None:
+        globalLogPublisher.addObserver(self._observe)
+        try:
+            super().privilegedStartService()
+        except Exception as exc:
+            self._cannot_start(str(exc))
+            raise
 
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except Exception as exc:
+            self._cannot_start(str(exc))
+            raise
         from twisted.internet import reactor
 
         # Once the reactor runs: every part has printed its address by then, and
         # twistd's signal handlers are installed, so Ctrl-C is a clean stop.
-        reactor.callWhenRunning(self._announce)
+        reactor.callWhenRunning(self._announce, reactor)
 
-    def _announce(self) -> None:
+    def _cannot_start(self, why: str) -> None:
+        with contextlib.suppress(ValueError):
+            globalLogPublisher.removeObserver(self._observe)
+        say(f"s> cannot start the stack: {why}")
+
+    def _announce(self, reactor) -> None:
+        with contextlib.suppress(ValueError):
+            globalLogPublisher.removeObserver(self._observe)
+        if self.startup_failures:
+            for failure in self.startup_failures:
+                say(f"s> cannot start the stack: {failure}")
+            reactor.stop()
+            return
         say(f"s> client: {client_command(self.options)}")
         say("s> ready; Ctrl-C stops the stack")
 

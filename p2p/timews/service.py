@@ -5,9 +5,10 @@ from __future__ import annotations
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from p2p import wire
 from p2p.console import say
@@ -71,8 +72,17 @@ class TimeWebService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
+    def __init__(self, endpoint: IStreamServerEndpoint, site: Site, description: str) -> None:
+        super().__init__(endpoint, site)
+        self.description = description
+        self.url: str | None = None
+
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as exc:
+            say(f"s> time service cannot listen on {self.description}: {exc}")
+            raise
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
@@ -88,6 +98,6 @@ def make_service(options: Options) -> IService:
 
     endpoint = endpoints.serverFromString(reactor, options["listen"])
     site = make_site(reactor, max_body=options["max-body"], threads=bool(options["threads"]))
-    service = TimeWebService(endpoint, site)
+    service = TimeWebService(endpoint, site, options["listen"])
     service.setName("time")
     return service

@@ -285,6 +285,41 @@ def b_port(shell: ShellProcess) -> int:
     raise AssertionError(f"no peer port in\n{shell.proc.output()}")
 
 
+class TerminalTests(TestCase):
+    """In a terminal (a pty here) the line can be edited and history recalled."""
+
+    @defer.inlineCallbacks
+    def test_editing_history_and_ctrl_c(self):
+        stack = Stack(self)
+        yield stack.start_indexer()
+        cwd = Path(self.mktemp())
+        cwd.mkdir()
+        argv = [sys.executable, "-m", "p2p.client", "-s", "127.0.0.1", "-p", str(stack.port)]
+        argv += ["--wsdl", stack.wsdl, "--peer-listen", "tcp:0:interface=127.0.0.1"]
+        proc = spawn(self, argv, cwd=cwd, name="tty-shell", usePTY=True)
+
+        def count(text: str) -> int:
+            return sum(line.endswith(text) for line in proc.lines)
+
+        @defer.inlineCallbacks
+        def type_keys(keys: bytes, result: str, times: int = 1):
+            proc.write(keys)
+            yield wait_until(lambda: count(result) >= times, what=result)
+
+        yield type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield type_keys(b"\x1b[A\r", "c> USERNAME IN USE")  # up arrow: the same line again
+        # "REGISTR bob", five keys left, insert the missing E.
+        yield type_keys(b"REGISTR bob" + b"\x1b[D" * 5 + b"E\r", "c> REGISTER OK", 2)
+        yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        proc.write(b"\x03")  # Ctrl-C: disconnect, then leave
+        code = yield deadline(proc.ended)
+        self.assertEqual(code, 0, proc.output())
+        self.assertTrue(any("disconnected alice" in line for line in proc.lines), proc.output())
+        self.assertFalse(any("Traceback" in line for line in proc.lines), proc.output())
+        code, _ = yield stack.raw("DISCONNECT", "alice")
+        self.assertEqual(code, wire.DISCONNECT.not_connected)
+
+
 class TimeServiceDownTests(TestCase):
     @defer.inlineCallbacks
     def test_commands_work_and_stderr_says_so_once(self):

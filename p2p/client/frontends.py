@@ -246,7 +246,7 @@ def raw_terminal(fd: int = 0) -> Iterator[None]:
     import tty
 
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # keep what was typed ahead (TCSAFLUSH would drop it)
     # Keep output processing: "\n" still ends a line on screen, even in a traceback.
     mode = termios.tcgetattr(fd)
     mode[tty.OFLAG] |= termios.OPOST | termios.ONLCR

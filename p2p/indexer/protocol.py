@@ -74,6 +74,13 @@ class IndexerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.factory.timeout)
+        transport = self.transport
+        if isinstance(transport, tcp.Server):
+            # A client sends its request right after connecting, so under load
+            # it is usually here already: read it now instead of one poll later.
+            # Nothing there (EAGAIN) costs one recv; an EOF or error stays
+            # readable (level-triggered) and is handled by the reactor as usual.
+            transport.doRead()
 
     def connectionLost(self, reason=None) -> None:
         self._done = True

@@ -34,6 +34,13 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options["listen"], ["tcp:0", "udp:7000:interface=127.0.0.1"])
         self.assertEqual(options["program"], 0x3FFFFFFF)
 
+    def test_udp_specs(self):
+        from p2p.logger.service import parse_udp
+
+        self.assertEqual(parse_udp("udp:9091"), (9091, ""))
+        self.assertEqual(parse_udp("udp:0:interface=127.0.0.1"), (0, "127.0.0.1"))
+        self.assertEqual(parse_udp("udp:53:interface=::1"), (53, "::1"))
+
     def test_bad_values(self):
         for argv in (
             ["--program", "0x1fffffff"],
@@ -41,6 +48,8 @@ class OptionsTests(unittest.TestCase):
             ["--program", "many"],
             ["--listen", "udp:x"],
             ["--listen", "udp:9:iface=1.2.3.4"],
+            ["--listen", "udp:70000"],
+            ["--listen", "udp:9:interface="],
             ["--max-message", "0"],
         ):
             self.assertRaises(usage.UsageError, parse, *argv)

@@ -43,21 +43,17 @@ def parse_program(text: str) -> int:
 
 
 def parse_udp(spec: str) -> tuple[int, str]:
-    """``udp:PORT[:interface=ADDR]`` -> (port, interface)."""
-    parts = spec.split(":")
-    try:
-        port = int(parts[1])
-    except (IndexError, ValueError):
-        raise usage.UsageError(f"bad UDP address {spec!r}: udp:PORT[:interface=ADDR]") from None
+    """``udp:PORT[:interface=ADDR]`` -> (port, interface); ADDR may be IPv6 (``::1``)."""
+    port_text, sep, rest = spec[len("udp:") :].partition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise usage.UsageError(f"bad UDP address {spec!r}: udp:PORT[:interface=ADDR]")
     interface = ""
-    for part in parts[2:]:
-        key, sep, value = part.partition("=")
-        if key != "interface" or not sep:
-            raise usage.UsageError(f"bad UDP option {part!r} in {spec!r}")
+    if sep:
+        key, eq, value = rest.partition("=")
+        if key != "interface" or not eq or not value:
+            raise usage.UsageError(f"bad UDP option {rest!r} in {spec!r}")
         interface = value
-    if not 0 <= port <= 65535:
-        raise usage.UsageError(f"bad UDP port in {spec!r}")
-    return port, interface
+    return int(port_text), interface
 
 
 class Options(usage.Options):
@@ -121,8 +117,10 @@ class Options(usage.Options):
 
 
 def _describe(kind: str, address) -> str:
-    if isinstance(address, IPv4Address | IPv6Address):
+    if isinstance(address, IPv4Address):
         return f"{kind} {address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"{kind} [{address.host}]:{address.port}"
     if isinstance(address, UNIXAddress):
         name = address.name
         return f"{kind} unix:{name.decode() if isinstance(name, bytes) else name}"

@@ -65,6 +65,13 @@ class Options(usage.Options):
         ["verbose", "v", "Log internal events to stderr."],
     ]
 
+    def opt_version(self) -> None:
+        """Display the p2p version and exit."""
+        from importlib.metadata import version
+
+        print(f"p2p-client {version('p2p')}")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not 0 < self["port"] < 65536:
             raise usage.UsageError(f"not a TCP port: {self['port']}")

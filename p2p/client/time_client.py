@@ -12,6 +12,7 @@ dead service does not slow every command down.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 
@@ -97,9 +98,17 @@ class TimeClient:
         if not self._warned:
             self._warned = True
             self.warn(
-                f"time service at {self.wsdl} cannot be reached "
-                f"({failure.type.__name__}: {failure.getErrorMessage()[:120]}); "
+                f"time service at {self.wsdl} cannot be reached ({_short(failure)}); "
                 "stamping requests with the local clock"
             )
         self._down_until = self.reactor.seconds() + self.retry_after
         return wire.format_datetime()
+
+
+def _short(failure) -> str:
+    """The gist of a failure: the OS error inside requests' long message if there is one."""
+    message = failure.getErrorMessage()
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", message)
+    if errno:
+        return errno.group(0)
+    return f"{failure.type.__name__}: {message[:120]}"

@@ -11,7 +11,8 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.indexer.address import primary_address
-from tests.support import deadline, spawn_twistd
+from p2p.indexer.store import Store
+from tests.support import deadline, free_port, spawn_twistd
 
 DT = "17/12/2014 13:20:35"
 
@@ -181,6 +182,46 @@ class Persistence(TestCase):
             ("REGISTER", "gone"), ("CONNECT", "alice", 1), ("CONNECT", "bob", 6000)
         )
         self.assertEqual(codes, [0, 2, 0])
+
+
+class Audit(TestCase):
+    @defer.inlineCallbacks
+    def test_outbox_filled_while_logger_is_down(self):
+        """With a logger configured, each request leaves one record, even while it is down."""
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        dead = f"tcp:host=127.0.0.1:port={free_port()}"
+        ix = yield start_indexer(self, "--logger", dead, cwd=cwd)
+        codes = yield ix.codes(
+            ("REGISTER", "alice"), ("REGISTER", "alice"), ("CONNECT", "alice", 5000)
+        )
+        codes += yield ix.codes(("PUBLISH", "alice", "f.txt", "d"), ("LIST_USERS", "alice"))
+        self.assertEqual(codes, [0, 1, 0, 0, 0])
+        yield ix.process.kill()
+        store = Store(str(cwd / "ix.db"))
+        self.addCleanup(store.close)
+        self.assertEqual(
+            [record for _, record in store.outbox_pending(0, 100)],
+            [
+                f"alice REGISTER {DT}",
+                f"alice REGISTER {DT}",
+                f"alice CONNECT {DT}",
+                f"alice PUBLISH f.txt {DT}",
+                f"alice LIST_USERS {DT}",
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_no_outbox_without_logger(self):
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        ix = yield start_indexer(self, cwd=cwd)
+        yield ix.codes(("REGISTER", "alice"))
+        yield ix.process.stop()
+        store = Store(str(cwd / "ix.db"))
+        self.addCleanup(store.close)
+        self.assertEqual(store.outbox_count(), 0)
+        self.assertEqual([name for name, _, _ in store.iter_users()], ["alice"])
 
 
 class BadInput(TestCase):

@@ -85,8 +85,8 @@ class Options(usage.Options):
         [
             "logger-program",
             None,
-            wire.LOGGER_PROGRAM,
-            "ONC-RPC program number of the audit logger.",
+            f"{wire.LOGGER_PROGRAM:#x}",
+            "ONC-RPC program number of the audit logger (decimal or 0x...).",
             _program,
         ],
     ]
@@ -94,6 +94,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(f"--sync must be one of {', '.join(SYNC_MODES)}")
+        if isinstance(self["logger-program"], str):  # the default, as shown in --help
+            self["logger-program"] = _program(self["logger-program"])
         if not self["logger-host"]:
             self["logger-host"] = os.environ.get("LOGGER_HOST") or None
 

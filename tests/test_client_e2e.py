@@ -289,7 +289,8 @@ class TerminalTests(TestCase):
     """In a terminal (a pty here) the line can be edited and history recalled."""
 
     @defer.inlineCallbacks
-    def test_editing_history_and_ctrl_c(self):
+    def start(self):
+        """An indexer and a shell in a pty; fires with (stack, process, type_keys)."""
         stack = Stack(self)
         yield stack.start_indexer()
         cwd = Path(self.mktemp())
@@ -306,18 +307,45 @@ class TerminalTests(TestCase):
             proc.write(keys)
             yield wait_until(lambda: count(result) >= times, what=result)
 
-        yield type_keys(b"REGISTER alice\r", "c> REGISTER OK")
-        yield type_keys(b"\x1b[A\r", "c> USERNAME IN USE")  # up arrow: the same line again
-        # "REGISTR bob", five keys left, insert the missing E.
-        yield type_keys(b"REGISTR bob" + b"\x1b[D" * 5 + b"E\r", "c> REGISTER OK", 2)
-        yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
-        proc.write(b"\x03")  # Ctrl-C: disconnect, then leave
+        return stack, proc, type_keys
+
+    @defer.inlineCallbacks
+    def check_ended_disconnected(self, stack: Stack, proc) -> None:
         code = yield deadline(proc.ended)
         self.assertEqual(code, 0, proc.output())
         self.assertTrue(any("disconnected alice" in line for line in proc.lines), proc.output())
         self.assertFalse(any("Traceback" in line for line in proc.lines), proc.output())
         code, _ = yield stack.raw("DISCONNECT", "alice")
         self.assertEqual(code, wire.DISCONNECT.not_connected)
+
+    @defer.inlineCallbacks
+    def test_editing_history_and_ctrl_c(self):
+        stack, proc, type_keys = yield self.start()
+        yield type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield type_keys(b"\x1b[A\r", "c> USERNAME IN USE")  # up arrow: the same line again
+        # "REGISTR bob", five keys left, insert the missing E.
+        yield type_keys(b"REGISTR bob" + b"\x1b[D" * 5 + b"E\r", "c> REGISTER OK", 2)
+        yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        proc.write(b"\x03")  # Ctrl-C: disconnect, then leave
+        yield self.check_ended_disconnected(stack, proc)
+
+    @defer.inlineCallbacks
+    def test_ctrl_d_on_an_empty_line(self):
+        stack, proc, type_keys = yield self.start()
+        yield type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        # Ctrl-D after some text does nothing; Ctrl-U empties the line; Ctrl-D then leaves.
+        yield type_keys(b"LIST_USERS\x04\r", "c> LIST_USERS OK")
+        proc.write(b"junk\x15\x04")
+        yield self.check_ended_disconnected(stack, proc)
+
+    @defer.inlineCallbacks
+    def test_sigterm(self):
+        stack, proc, type_keys = yield self.start()
+        yield type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        proc.signal("TERM")
+        yield self.check_ended_disconnected(stack, proc)
 
 
 class TimeServiceDownTests(TestCase):

@@ -80,6 +80,23 @@ def client(index: int, address: tuple[str, int], seconds: float, start: float, o
     out.put((done, unexpected, first_unexpected))
 
 
+def preload(db_path: str, users: int) -> None:
+    """Fill the database with ``users`` offline users with three files each."""
+    from p2p.indexer.store import Store
+
+    store = Store(db_path)
+    store.open()
+    db = store.db
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO users (name) VALUES (?)", ((f"pre{i}",) for i in range(users)))
+    db.executemany(
+        "INSERT INTO files (user, name, description) VALUES (?, ?, ?)",
+        ((f"pre{i}", f"f{j}", "preloaded") for i in range(users) for j in range(3)),
+    )
+    db.execute("COMMIT")
+    store.close()
+
+
 def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
     """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port."""
     args = [
@@ -98,6 +115,7 @@ def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
         sync,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    started = time.time()
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         match = re.search(r"s> init server \S+:(\d+)", line)
@@ -105,6 +123,7 @@ def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
             break
     else:
         raise RuntimeError("the indexer did not start")
+    print(f"indexer started (database loaded) in {time.time() - started:.2f} s")
     # Drain its operator lines so it never blocks on a full pipe.
     drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
     proc.stdout.close()
@@ -129,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", default="normal", help="--sync of the spawned indexer")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--preload", type=int, default=0, help="with --spawn: users (3 files each) already stored"
+    )
     args = parser.parse_args(argv)
 
     server = None
     with tempfile.TemporaryDirectory() as workdir:
         if args.spawn:
+            if args.preload:
+                preload(os.path.join(workdir, "bench.db"), args.preload)
             server, args.port = spawn_indexer(workdir, args.sync)
         try:
             out: multiprocessing.Queue = multiprocessing.Queue()

@@ -227,6 +227,16 @@ class GroupCommit(Fixture):
         self.assertFalse(self.h.store.in_transaction)
         self.assertEqual(transport.value(), b"\0")
 
+    def test_stop_commits_pending_then_refuses(self) -> None:
+        proto, transport = self.h.connect()
+        proto.dataReceived(wire.encode_request("REGISTER", DT, "early"))
+        self.h.factory.stop()
+        self.assertEqual(transport.value(), b"\0")
+        self.assertFalse(self.h.store.in_transaction)
+        self.assertEqual(self.h.request("REGISTER", "late"), bytes([wire.REGISTER.error]))
+        self.assertNotIn("late", self.h.directory.users)
+        self.assertFalse(self.h.store.in_transaction)
+
     def test_failed_commit(self) -> None:
         """A commit that fails answers the error code and leaves memory as the store is."""
         import sqlite3

@@ -217,6 +217,7 @@ class IndexerFactory(ServerFactory):
         self._replies: list[tuple[IndexerProtocol, bytes]] = []
         self._lines: list[str] = []
         self._flush_call = None
+        self.stopped = False
 
     # --- Connections ------------------------------------------------------------
 
@@ -241,6 +242,9 @@ class IndexerFactory(ServerFactory):
 
     def submit(self, proto: IndexerProtocol, op: wire.OpSpec, values: list) -> None:
         """Apply a complete, valid request; its reply goes out after the group commit."""
+        if self.stopped:  # the store is closed: change nothing, answer the error code
+            proto.reply(_CODES[op.error])
+            return
         datetime, user, *args = values
         address = None
         if op is wire.CONNECT:
@@ -271,6 +275,13 @@ class IndexerFactory(ServerFactory):
                 replies = [(p, _CODES[p.op.error]) for p, _ in replies]
         for proto, data in replies:
             proto.reply(data)
+
+    def stop(self) -> None:
+        """Commit and answer what is pending; later requests get their error code."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self.flush()
+        self.stopped = True
 
     def _recover(self) -> None:
         """Drop the open transaction and make memory match the store again."""

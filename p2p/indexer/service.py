@@ -160,7 +160,7 @@ class IndexerService(Service):
         super().stopService()
         d = self.port.stopListening() if self.port is not None else None
         if self.factory is not None:
-            self.factory.flush()
+            self.factory.stop()
         self.store.close()
         return d
 

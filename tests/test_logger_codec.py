@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import xdrlib3
+from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -13,7 +14,12 @@ from p2p.logger import rpc
 from p2p.logger.audit import AuditLog
 from p2p.logger.program import LoggerProgram, relay_machinename
 from p2p.logger.record import Oversized, RecordReader, encode_record
-from p2p.logger.server import Dispatcher, RpcDatagramProtocol, RpcStreamProtocol
+from p2p.logger.server import (
+    Dispatcher,
+    RpcDatagramProtocol,
+    RpcStreamFactory,
+    RpcStreamProtocol,
+)
 
 PROG = wire.LOGGER_PROGRAM
 VERS = wire.LOGGER_VERSION
@@ -292,6 +298,27 @@ class StreamTests(unittest.TestCase):
         replies = self.replies()
         self.assertEqual([(r.xid, r.accept_stat) for r in replies], [(77, 4), (78, 0)])
         self.assertEqual(self.audit.path.read_text(), "after\n")
+
+    def test_partial_record_times_out_idle_does_not(self):
+        clock = task.Clock()
+        self.proto.callLater = clock.callLater
+        self.proto.dataReceived(encode_record(log_call(1, "whole")))
+        clock.advance(3600)  # idle between records: kept open
+        self.assertFalse(self.transport.disconnecting)
+        self.proto.dataReceived(encode_record(log_call(2, "cut"))[:10])
+        clock.advance(self.proto.partial_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_cap(self):
+        factory = RpcStreamFactory(Dispatcher([]), 1000, max_connections=2)
+        first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+        self.assertIsNone(factory.buildProtocol(None))
+        first.makeConnection(StringTransport())
+        second.makeConnection(StringTransport())
+        first.connectionLost()
+        self.assertIsNotNone(factory.buildProtocol(None))
 
     def test_truncated_header_dropped(self):
         self.proto.dataReceived(encode_record(b"\0\0\0\1\0\0"))

@@ -105,6 +105,13 @@ class RecordReader:
         return Oversized(data, size) if oversized else data
 
     @property
+    def partial(self) -> bool:
+        """True while a record has started but not ended."""
+        return (
+            bool(self._buffer) or self._in_fragment or self._record_size > 0 or bool(self._record)
+        )
+
+    @property
     def buffered(self) -> int:
         """Bytes held right now (for tests of the memory bound)."""
         return len(self._buffer) + sum(len(c) for c in self._record)

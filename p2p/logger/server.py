@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -124,14 +125,22 @@ def _encode(reply: rpc.Reply | None) -> bytes | None:
 # --- TCP ----------------------------------------------------------------------
 
 
+#: Seconds a client may leave a record unfinished before it is disconnected.
+PARTIAL_RECORD_TIMEOUT = 60.0
+
+
 @implementer(interfaces.IPushProducer)
-class RpcStreamProtocol(protocol.Protocol):
+class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
     """One TCP connection: record-marked calls in, record-marked replies out.
 
     Replies are written as they are ready. When the client stops reading
     replies, the transport's buffer fills, Twisted pauses this producer and we
     stop reading calls, so a client cannot make the server buffer without bound.
+    An idle connection may stay open (the indexer's relay keeps one); one that
+    stops in the middle of a record is closed after ``PARTIAL_RECORD_TIMEOUT``.
     """
+
+    partial_timeout = PARTIAL_RECORD_TIMEOUT
 
     def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
         self.dispatcher = dispatcher
@@ -147,6 +156,11 @@ class RpcStreamProtocol(protocol.Protocol):
             if isinstance(record, Oversized):
                 log.info("oversized record of {size} bytes", size=record.size)
             self.dispatcher.handle(record, self.transport.getPeer()).addCallback(self._reply)
+        self.setTimeout(self.partial_timeout if self.reader.partial else None)
+
+    def timeoutConnection(self) -> None:
+        log.info("closing a connection stuck in the middle of a record")
+        self.transport.abortConnection()
 
     def _reply(self, reply: bytes | None) -> None:
         if reply is not None and self.connected_:
@@ -154,6 +168,10 @@ class RpcStreamProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected_ = False
+        self.setTimeout(None)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.open_connections -= 1
 
     # IPushProducer: the transport tells us when its write buffer is full.
     def pauseProducing(self) -> None:
@@ -167,12 +185,26 @@ class RpcStreamProtocol(protocol.Protocol):
 
 
 class RpcStreamFactory(protocol.Factory):
-    def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
+    """Builds ``RpcStreamProtocol``s; refuses connections beyond ``max_connections``."""
+
+    noisy = False
+
+    def __init__(
+        self, dispatcher: Dispatcher, max_record: int, max_connections: int = 1024
+    ) -> None:
         self.dispatcher = dispatcher
         self.max_record = max_record
+        self.max_connections = max_connections
+        self.open_connections = 0
 
-    def buildProtocol(self, addr) -> RpcStreamProtocol:
-        return RpcStreamProtocol(self.dispatcher, self.max_record)
+    def buildProtocol(self, addr) -> RpcStreamProtocol | None:
+        if self.open_connections >= self.max_connections:
+            log.warn("refusing {addr}: {n} connections open", addr=addr, n=self.open_connections)
+            return None
+        self.open_connections += 1
+        proto = RpcStreamProtocol(self.dispatcher, self.max_record)
+        proto.factory = self
+        return proto
 
 
 # --- UDP ----------------------------------------------------------------------

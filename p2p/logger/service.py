@@ -90,6 +90,13 @@ class Options(usage.Options):
             int,
         ],
         ["rpcbind-host", None, "127.0.0.1", "Where the portmapper to register with runs."],
+        [
+            "max-connections",
+            None,
+            wire.DEFAULT_MAX_CONNECTIONS,
+            "Open TCP connections beyond which new ones are closed at once.",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -114,6 +121,8 @@ class Options(usage.Options):
             self["listen"] = list(DEFAULT_LISTEN)
         if self["max-message"] < 1:
             raise usage.UsageError("--max-message must be positive")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be positive")
 
 
 def _describe(kind: str, address) -> str:
@@ -188,7 +197,10 @@ class LoggerService(service.Service):
                 self.ports.append(("udp", listening))
             else:
                 endpoint = serverFromString(self.reactor, spec)
-                d = endpoint.listen(RpcStreamFactory(self.dispatcher, self.max_record))
+                factory = RpcStreamFactory(
+                    self.dispatcher, self.max_record, self.options["max-connections"]
+                )
+                d = endpoint.listen(factory)
                 results: list = []
                 d.addBoth(results.append)
                 if results and isinstance(results[0], Failure):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.application.service import IService, MultiService
+from twisted.internet import defer
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import reflect, usage
 
@@ -282,6 +283,10 @@ class StackService(MultiService):
         # Once the reactor runs: every part has printed its address by then, and
         # twistd's signal handlers are installed, so Ctrl-C is a clean stop.
         reactor.callWhenRunning(self._announce, reactor)
+
+    def stopService(self) -> defer.Deferred:
+        d = defer.maybeDeferred(super().stopService)
+        return d.addCallback(lambda _: say("s> stack stopped"))
 
     def _cannot_start(self, why: str) -> None:
         with contextlib.suppress(ValueError):

@@ -209,4 +209,28 @@ class StackProcessTests(TestCase):
         yield deadline(self.proc.ended, 15)
         self.assertEqual(self.proc.exit_signal, signal.SIGINT, self.proc.output())
         self.assertFalse([line for line in self.proc.errlines if "Traceback" in line])
+        self.assertIn("s> stack stopped", self.proc.lines)
         self.assertIn("Server Shut Down.", "\n".join(self.proc.lines + self.proc.errlines))
+
+
+class StackStartFailureTests(TestCase):
+    """A part that cannot listen stops the whole stack, with a line saying why."""
+
+    @defer.inlineCallbacks
+    def test_indexer_port_taken(self):
+        taken = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        logger = free_tcp_udp_port()
+        proc = spawn_twistd(
+            self,
+            "p2p-stack",
+            f"--indexer-listen=tcp:{taken.getHost().port}:interface=127.0.0.1",
+            f"--logger-listen=tcp:{logger}:interface=127.0.0.1",
+            f"--time-listen=tcp:{free_port()}:interface=127.0.0.1",
+            "--no-rpcbind",
+            "--db=:memory:",
+        )
+        match = yield proc.wait_for_line(r"s> cannot start the stack: (.*)")
+        self.assertIn(str(taken.getHost().port), match.group(1))
+        yield deadline(proc.ended, 15)
+        self.assertNotIn("s> ready", "\n".join(proc.lines))

@@ -256,7 +256,7 @@ class CommandLineTests(TestCase):
         b = self.stack.shell("bob")
         yield b.check("REGISTER bob", "c> REGISTER OK")
         yield b.check("CONNECT bob", "c> CONNECT OK")
-        for signal_name, user in (("TERM", "alice"), ("INT", "carol")):
+        for signal_name, user in (("TERM", "alice"), ("INT", "carol"), ("HUP", "dave")):
             shell = self.stack.shell(user)
             yield shell.check(f"REGISTER {user}", "c> REGISTER OK")
             yield shell.check(f"CONNECT {user}", "c> CONNECT OK")

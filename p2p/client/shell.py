@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.client import commands
-from p2p.client.commands import Parsed, ParseError
+from p2p.client.commands import ParseError
 
 
 class Output(Protocol):
@@ -169,6 +169,7 @@ class Shell:
         self._pumping = False
         self._finished = False
         self._shutdown: Deferred | None = None
+        self._current_download: Deferred | None = None
         #: Fires (with None) when the shell has ended: QUIT, end of input.
         self.ended: Deferred = Deferred()
         #: Called whenever the shell is idle and waiting for a line (redraw the prompt).
@@ -497,8 +498,6 @@ class Shell:
 
     # --- ending -------------------------------------------------------------
 
-    _current_download: Deferred | None = None
-
     def shutdown(self) -> Deferred:
         """Disconnect the connected user and stop the peer server (once; idempotent).
 
@@ -573,4 +572,4 @@ def _chain(d: Deferred) -> Deferred:
     return out
 
 
-__all__ = ["OUTCOMES", "Output", "Parsed", "Shell"]
+__all__ = ["OUTCOMES", "Output", "Shell"]

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from p2p import wire  # noqa: E402
+from tests.support import TWISTD  # noqa: E402
 
 DATETIME = "01/01/2026 00:00:00"
 
@@ -100,9 +101,7 @@ def preload(db_path: str, users: int) -> None:
 def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
     """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port."""
     args = [
-        sys.executable,
-        "-c",
-        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+        *TWISTD,
         "-n",
         "--pidfile=",
         "--logfile=twistd.log",

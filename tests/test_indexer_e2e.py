@@ -306,13 +306,11 @@ class BadInput(TestCase):
             client = yield self.ix.open()
             flood.append(client)
         # beyond the cap (8), new connections are closed at once, without a byte
-        refused = [c for c in flood if c.closed.called]
         yield deadline(defer.DeferredList([c.closed for c in flood[-5:]]), 5)
         self.assertEqual([c.data for c in flood[-5:]], [b""] * 5)
         good.transport.write(wire.encode_request("LIST_CONTENT", DT, "alice", "alice"))
         reply = yield deadline(good.closed, 5)
         self.assertEqual(reply, self.content)
-        del refused
         # the idle ones time out (0.5 s), then everyone is served again
         yield deadline(defer.DeferredList([c.closed for c in flood]), 10)
         yield self.assert_unchanged_and_serving()

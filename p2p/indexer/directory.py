@@ -13,6 +13,8 @@ from p2p import wire
 from p2p.indexer.store import Store, UserRow
 
 Address = tuple[str, int]
+#: A reply: the code and the bytes that follow it (the listing after 0, else empty).
+Result = tuple[int, bytes]
 
 
 class Directory:
@@ -48,37 +50,44 @@ class Directory:
     ) -> tuple[int, bytes]:
         """Apply one well-formed request; return its code and the bytes after it.
 
-        ``args`` are the decoded arguments; ``address`` is what CONNECT records.
+        The common checks come first, in the order of the codes, as ``op``
+        declares them (user exists, then connected); the operation's handler
+        then runs its own check. ``args`` are the decoded arguments;
+        ``address`` is what CONNECT records.
         """
-        code, body = self._handlers[op.name](user, args, address)
+        row = self.users.get(user)
+        if row is None and op.no_user is not None:
+            code, body = op.no_user, b""
+        elif op.not_connected is not None and row.address is None:
+            code, body = op.not_connected, b""
+        else:
+            code, body = self._handlers[op.name](user, row, args, address)
         if self.audit:
             file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
             self.store.add_outbox(wire.audit_record(user, op.name, datetime, file_name))
         return code, body
 
-    # --- Operations: each returns (code, body) ---------------------------------
+    # --- Each operation's own part: (code, body) ------------------------------
+    # ``row`` is the user's entry: None only for REGISTER (which has no "user
+    # does not exist" code); connected whenever ``op.not_connected`` exists.
 
-    def _register(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        if user in self.users:
+    def _register(
+        self, user: str, row: UserRow | None, args: list, address: Address | None
+    ) -> Result:
+        if row is not None:
             return wire.REGISTER.own, b""
         self.users[user] = UserRow()
         self.store.add_user(user)
         return wire.OK, b""
 
-    def _unregister(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.UNREGISTER.no_user, b""
-        if row.address is not None:
+    def _unregister(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+        if row.address is not None:  # refused while connected
             return wire.UNREGISTER.error, b""
         del self.users[user]
         self.store.remove_user(user)
         return wire.OK, b""
 
-    def _connect(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.CONNECT.no_user, b""
+    def _connect(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         if row.address is not None:
             return wire.CONNECT.own, b""
         if address is None:
@@ -89,24 +98,14 @@ class Directory:
         self.store.set_address(user, address)
         return wire.OK, b""
 
-    def _disconnect(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.DISCONNECT.no_user, b""
-        if row.address is None:
-            return wire.DISCONNECT.not_connected, b""
+    def _disconnect(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         row.address = None
         del self.connected[user]
         self._users_listing = None
         self.store.set_address(user, None)
         return wire.OK, b""
 
-    def _publish(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.PUBLISH.no_user, b""
-        if row.address is None:
-            return wire.PUBLISH.not_connected, b""
+    def _publish(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         name, description = args
         if name in row.files:
             return wire.PUBLISH.own, b""
@@ -114,12 +113,7 @@ class Directory:
         self.store.add_file(user, name, description)
         return wire.OK, b""
 
-    def _delete(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.DELETE.no_user, b""
-        if row.address is None:
-            return wire.DELETE.not_connected, b""
+    def _delete(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         name = args[0]
         if name not in row.files:
             return wire.DELETE.own, b""
@@ -127,24 +121,14 @@ class Directory:
         self.store.remove_file(user, name)
         return wire.OK, b""
 
-    def _list_users(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.LIST_USERS.no_user, b""
-        if row.address is None:
-            return wire.LIST_USERS.not_connected, b""
+    def _list_users(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         if self._users_listing is None:
             self._users_listing = wire.encode_listing(
                 (name, ip, port) for name, (ip, port) in self.connected.items()
             )
         return wire.OK, self._users_listing
 
-    def _list_content(self, user: str, args: list, address: Address | None) -> tuple[int, bytes]:
-        row = self.users.get(user)
-        if row is None:
-            return wire.LIST_CONTENT.no_user, b""
-        if row.address is None:
-            return wire.LIST_CONTENT.not_connected, b""
+    def _list_content(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
         owner = self.users.get(args[0])
         if owner is None:
             return wire.LIST_CONTENT.own, b""

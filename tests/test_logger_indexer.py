@@ -102,31 +102,47 @@ class IndexerToLoggerTests(unittest.TestCase):
                 raise defer.TimeoutError(f"{len(self.audit())} of {count} audit lines")
             yield task.deferLater(reactor, 0.05, lambda: None)
 
-    @defer.inlineCallbacks
-    def test_logger_killed_and_restarted_under_load(self):
+    def setUp(self):
         self.logger_dir = Path(self.mktemp())
         self.logger_dir.mkdir(parents=True)
         self.logger_port = free_port()
-        indexer_port = free_port()
-        logger = yield self.start_logger()
-        indexer_dir = Path(self.mktemp())
-        indexer_dir.mkdir(parents=True)
+        self.indexer_dir = Path(self.mktemp())
+        self.indexer_dir.mkdir(parents=True)
+        self.indexer_port = free_port()
+
+    @defer.inlineCallbacks
+    def start_indexer(self):
         indexer = spawn_twistd(
             self,
             "p2p-indexer",
             "--listen",
-            f"tcp:{indexer_port}:interface=127.0.0.1",
+            f"tcp:{self.indexer_port}:interface=127.0.0.1",
             "--db",
             "indexer.db",
             "--logger",
             f"tcp:host=127.0.0.1:port={self.logger_port}",
             "--logger-program",
             hex(PROGRAM),
-            cwd=indexer_dir,
+            cwd=self.indexer_dir,
         )
         yield indexer.wait_for_line(r"s> init server")
-        yield wait_for_port(indexer_port)
+        yield wait_for_port(self.indexer_port)
+        return indexer
 
+    def assert_exactly_once(self, users: list[str]) -> None:
+        expected = [r for user in users for r in expected_records(user)]
+        lines = self.audit()
+        self.assertEqual(Counter(lines), Counter(expected), "each request exactly once")
+        self.assertEqual(len(lines), len(expected))
+        for user in users:  # each user's records in request (= outbox) order
+            mine = [line for line in lines if line.startswith(user + " ")]
+            self.assertEqual(mine, expected_records(user))
+
+    @defer.inlineCallbacks
+    def test_logger_killed_and_restarted_under_load(self):
+        logger = yield self.start_logger()
+        yield self.start_indexer()
+        indexer_port = self.indexer_port
         users = [f"user{i:03d}" for i in range(90)]
         codes = []
         # Phase 1: logger up, under load; killed (SIGKILL) in the middle of it.
@@ -148,11 +164,23 @@ class IndexerToLoggerTests(unittest.TestCase):
         codes += yield running
 
         self.assertEqual(codes, [0] * (3 * len(users)))
-        expected = [r for user in users for r in expected_records(user)]
-        yield self.wait_audit(len(expected))
-        lines = self.audit()
-        self.assertEqual(Counter(lines), Counter(expected), "each request exactly once")
-        self.assertEqual(len(lines), len(expected))
-        for user in users:  # each user's records in request (= outbox) order
-            mine = [line for line in lines if line.startswith(user + " ")]
-            self.assertEqual(mine, expected_records(user))
+        yield self.wait_audit(3 * len(users))
+        self.assert_exactly_once(users)
+
+    @defer.inlineCallbacks
+    def test_indexer_killed_while_delivering(self):
+        """The indexer SIGKILLed while its relay delivers a backlog: rows the logger
+        acknowledged but the indexer had not yet deleted are sent again after the
+        restart, and the logger does not store them twice."""
+        indexer = yield self.start_indexer()
+        users = [f"late{i:03d}" for i in range(100)]
+        codes = yield load(self.indexer_port, users)  # logger down: all in the outbox
+        self.assertEqual(codes, [0] * (3 * len(users)))
+        yield self.start_logger()
+        yield self.wait_audit(1)
+        yield indexer.kill()
+        delivered_before_kill = len(self.audit())
+        yield self.start_indexer()
+        yield self.wait_audit(3 * len(users))
+        self.assert_exactly_once(users)
+        self.assertGreater(delivered_before_kill, 0)

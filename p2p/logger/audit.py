@@ -52,6 +52,7 @@ class AuditLog:
         self._state_fd: int | None = None
         self._state_size = 0
         self.stored = 0  # records written since open (for tests and figures)
+        self.duplicates = 0  # relay records acknowledged without storing them again
 
     # -- life cycle
 
@@ -82,6 +83,8 @@ class AuditLog:
         line = (record + "\n").encode("utf-8")
         if sender is not None and seq is not None:
             if seq <= self.last_seq.get(sender, -1):
+                self.duplicates += 1
+                log.info("record {seq} of {sender} already stored", seq=seq, sender=sender)
                 return False
             offset = os.fstat(self._audit_fd).st_size
             entry = {"s": sender, "q": seq, "o": offset, "r": record}

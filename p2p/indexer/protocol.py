@@ -248,7 +248,9 @@ class IndexerFactory(ServerFactory):
         datetime, user, *args = values
         address = None
         if op is wire.CONNECT:
-            address = (self.policy.record_ip(proto.transport.getPeer().host), args[0])
+            # A peer on a UNIX socket has no IP: it is on this host, like loopback.
+            source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
+            address = (self.policy.record_ip(source), args[0])
         try:
             code, body = self.directory.handle(op, datetime, user, args, address)
         except sqlite3.Error:

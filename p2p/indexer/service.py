@@ -144,7 +144,8 @@ class IndexerService(Service):
         address = port.getHost()
         host = getattr(address, "host", None)
         if host is None:  # a UNIX socket
-            say(f"s> init server {getattr(address, 'name', address)}")
+            name = getattr(address, "name", address)
+            say(f"s> init server {os.fsdecode(name) if isinstance(name, bytes) else name}")
             return
         self.factory.policy = AddressPolicy(host)
         # Bound to every interface: show the address other hosts would use.

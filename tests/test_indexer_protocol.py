@@ -374,6 +374,27 @@ class Audit(Fixture):
         self.assertEqual(h.store.outbox_count(), 0)
 
 
+class FastPath(TestCase):
+    """The ASCII fast path of field decoding never accepts what wire.decode_field refuses."""
+
+    def test_agrees_with_wire(self) -> None:
+        samples = [bytes([b]) for b in range(256)]
+        samples += [b"a" + s + b"b" for s in samples]
+        samples += [b"x" * n for n in (0, 1, 63, 64, 65, 255, 256, 257)]
+        for kind in (wire.FieldKind.NAME, wire.FieldKind.TEXT, wire.FieldKind.DATETIME):
+            field = protocol_module._Field(kind)
+            for raw in samples:
+                try:
+                    expected = wire.decode_field(raw, kind)
+                except wire.BadField:
+                    expected = None
+                try:
+                    got = field.decode(raw)
+                except wire.BadField:
+                    got = None
+                self.assertEqual(got, expected, (kind, raw))
+
+
 class Addresses(TestCase):
     def test_loopback_kept_when_listening_on_loopback(self) -> None:
         self.assertEqual(AddressPolicy("127.0.0.1").record_ip("127.0.0.1"), "127.0.0.1")

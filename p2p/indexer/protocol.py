@@ -49,12 +49,27 @@ _FAST = {
 }
 
 
-def decode(raw: bytes, kind: wire.FieldKind) -> str | int:
-    """``wire.decode_field`` with a fast path for plain ASCII; ``BadField`` if invalid."""
-    fast = _FAST.get(kind)
-    if fast is not None and fast(raw) is not None:
-        return raw.decode("ascii")
-    return wire.decode_field(raw, kind)
+class _Field:
+    """How to read one field of a request: its kind, its limit, its fast check."""
+
+    __slots__ = ("fast", "kind", "limit")
+
+    def __init__(self, kind: wire.FieldKind) -> None:
+        self.kind = kind
+        self.limit = wire.LIMITS[kind]
+        self.fast = _FAST.get(kind)
+
+    def decode(self, raw: bytes) -> str | int:
+        fast = self.fast
+        if fast is not None and fast(raw) is not None:
+            return raw.decode("ascii")
+        return wire.decode_field(raw, self.kind)
+
+
+#: For each OP (as bytes): its spec and the fields after OP, worked out once.
+_PLANS: dict[bytes, tuple[wire.OpSpec, tuple[_Field, ...]]] = {
+    raw: (op, tuple(_Field(kind) for kind in op.fields)) for raw, op in wire.OPS_BY_BYTES.items()
+}
 
 
 class IndexerProtocol(Protocol, TimeoutMixin):
@@ -66,7 +81,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._buffer = b""  # the start of a field whose NUL has not arrived
         self._limit = wire.MAX_OP  # the limit of that field
         self._op: wire.OpSpec | None = None
-        self._kinds: tuple[wire.FieldKind, ...] = ()
+        self._fields: tuple[_Field, ...] = ()
         self._values: list = []
         self._done = False  # the request is complete or refused: read nothing more
 
@@ -124,29 +139,28 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         """Accept one complete field; True once the request is finished either way."""
         op = self._op
         if op is None:
-            op = wire.OPS_BY_BYTES.get(raw)
-            if op is None:
+            plan = _PLANS.get(raw)
+            if plan is None:
                 self._refuse()
                 return True
-            self._op = op
-            self._kinds = op.fields
-            self._limit = wire.LIMITS[self._kinds[0]]
+            self._op, self._fields = plan
+            self._limit = self._fields[0].limit
             return False
         values = self._values
-        kind = self._kinds[len(values)]
+        fields = self._fields
         try:
-            values.append(decode(raw, kind))
+            values.append(fields[len(values)].decode(raw))
         except wire.BadField:
             self._refuse()
             return True
         count = len(values)
         if count == 2:  # DATETIME and USER are in: the operator line
             self.factory.note(f"s> {op.name} FROM {values[1]}")
-        if count == len(self._kinds):
+        if count == len(fields):
             self._done = True
             self.factory.submit(self, op, values)
             return True
-        self._limit = wire.LIMITS[self._kinds[count]]
+        self._limit = fields[count].limit
         return False
 
     def _refuse(self) -> None:

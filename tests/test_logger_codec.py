@@ -225,6 +225,23 @@ class DispatchTests(unittest.TestCase):
         self.assertEqual(relay(5, "c"), 0)
         self.assertEqual(self.lines(), ["a", "b", "c"])
 
+    def test_relay_failure_blocks_later_seqs(self):
+        """A record that could not be stored is not overtaken by the sender's next ones."""
+
+        def relay(seq, text):
+            cred = rpc.AuthSys(relay_machinename("s1", seq)).encode()
+            return rpc.unpack_int(self.answer(log_call(seq, text, cred)).body)
+
+        real = self.audit.store
+        self.audit.store = lambda *a: (_ for _ in ()).throw(OSError(28, "disk full"))
+        self.assertEqual(relay(1, "a"), -1)
+        self.audit.store = real
+        self.assertEqual(relay(2, "b"), -1)  # refused: 1 comes first
+        self.assertEqual(rpc.unpack_int(self.answer(log_call(9, "other client")).body), 0)
+        self.assertEqual([relay(1, "a"), relay(2, "b")], [0, 0])
+        self.assertEqual(self.lines(), ["other client", "a", "b"])
+        self.flushLoggedErrors()
+
 
 class AuditTests(unittest.TestCase):
     def test_state_survives_reopen(self):

@@ -214,6 +214,29 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(logger.lines(), records(0, 5))
 
     @defer.inlineCallbacks
+    def test_logger_refusing_then_accepting(self):
+        """-1 (the logger cannot write) only delays: the relay backs off and resends."""
+        logger = Logger(self, 0)
+        store = FakeStore()
+        store.add(*records(0, 10))
+        logger.start()
+        real_store = logger.audit.store
+        failures = []
+
+        def flaky(record, sender=None, seq=None):
+            if seq == 4 and len(failures) < 2:
+                failures.append(seq)
+                raise OSError(28, "No space left on device")
+            return real_store(record, sender, seq)
+
+        logger.audit.store = flaky
+        relay = relay_for(self, store, logger.port, window=4, initial_delay=0.05)
+        yield store.wait_empty()
+        self.assertEqual(failures, [4, 4])
+        self.assertEqual(logger.lines(), records(0, 10))
+        self.assertEqual(relay._error_delay, 0.0)
+
+    @defer.inlineCallbacks
     def test_with_real_store(self):
         from p2p.indexer.store import Store
 

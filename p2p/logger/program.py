@@ -69,6 +69,9 @@ class LoggerProgram:
         self.max_message = max_message
         #: Optional callable returning a Deferred that fires once writes are on disk.
         self.durable = durable
+        #: Per relay sender, the lowest seq that could not be stored (in memory):
+        #: later seqs of that sender are refused until it is stored.
+        self.failed: dict[str, int] = {}
 
     def program(self) -> Program:
         return Program(
@@ -82,6 +85,35 @@ class LoggerProgram:
         )
 
     def log(self, call: rpc.Call, args: bytes, peer: object) -> bytes | defer.Deferred:
+        identity = _relay_identity(call)
+        if identity is not None:
+            sender, seq = identity
+            failed = self.failed.get(sender)
+            if failed is not None and seq > failed:
+                # An earlier record of this sender was not stored: storing this one
+                # first would break the order (and the earlier one would then look
+                # like a duplicate). The relay resends from the failed one.
+                return rpc.pack_int(LOG_ERROR)
+        try:
+            result = self._log(args, identity)
+        except GarbageArgs:
+            self._failed(identity)
+            raise
+        if result == LOG_OK:
+            if identity is not None and self.failed.get(identity[0], -1) >= identity[1]:
+                del self.failed[identity[0]]
+        else:
+            self._failed(identity)
+        if result == LOG_OK and self.durable is not None:
+            return self.durable().addCallback(lambda _: rpc.pack_int(LOG_OK))
+        return rpc.pack_int(result)
+
+    def _failed(self, identity: tuple[str, int] | None) -> None:
+        if identity is not None:
+            sender, seq = identity
+            self.failed[sender] = min(seq, self.failed.get(sender, seq))
+
+    def _log(self, args: bytes, identity: tuple[str, int] | None) -> int:
         try:
             raw = rpc.unpack_string(args, self.max_message)
         except rpc.MessageError as exc:
@@ -89,10 +121,9 @@ class LoggerProgram:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return rpc.pack_int(LOG_ERROR)
+            return LOG_ERROR
         if not valid_record(text):
-            return rpc.pack_int(LOG_ERROR)
-        identity = _relay_identity(call)
+            return LOG_ERROR
         try:
             if identity is None:
                 self.audit.store(text)
@@ -100,7 +131,5 @@ class LoggerProgram:
                 self.audit.store(text, *identity)
         except OSError as exc:
             log.error("cannot store audit record: {exc}", exc=exc)
-            return rpc.pack_int(LOG_ERROR)
-        if self.durable is not None:
-            return self.durable().addCallback(lambda _: rpc.pack_int(LOG_OK))
-        return rpc.pack_int(LOG_OK)
+            return LOG_ERROR
+        return LOG_OK

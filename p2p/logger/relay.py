@@ -26,7 +26,9 @@ the logger has answered 0; the user's reply never waits for any of it.
 * A reply other than 0 (-1: the logger could not store; an RPC error), a lost
   connection, or no reply for ``reply_timeout`` seconds while calls are
   outstanding drops the connection; after the backoff the relay resumes from
-  the first unacknowledged row.
+  the first unacknowledged row. After a -1 the relay also waits before sending
+  again (0.5 s, doubling up to 30 s while refusals go on), so a logger that
+  cannot write is not hammered.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class OutboxRelay(service.Service):
         self._stall_call = None
         self._client: ClientService | None = None
         self._listening = False
+        self._error_delay = 0.0  # grows while the logger keeps refusing records
+        self._resume_at = 0.0
 
     # -- service
 
@@ -142,7 +146,11 @@ class OutboxRelay(service.Service):
         self.proto = proto
         self.inflight.clear()
         self.sent_through = self.acked_through
-        self._pump()
+        wait = self._resume_at - self.reactor.seconds()
+        if wait > 0:  # the logger refused a record recently: give it time
+            self.reactor.callLater(wait, self._pump)
+        else:
+            self._pump()
 
     def _disconnected(self, proto: _RelayProtocol, reason: Failure) -> None:
         if proto is not self.proto:
@@ -194,8 +202,11 @@ class OutboxRelay(service.Service):
         except rpc.MessageError:
             result = None
         if result != LOG_OK:
+            self._error_delay = min(max(2 * self._error_delay, 0.5), 30.0)
+            self._resume_at = self.reactor.seconds() + self._error_delay
             self._drop(f"logger answered {result} to record {seq}")
             return
+        self._error_delay = 0.0
         self.inflight[seq] = True
         advanced = False
         while self.inflight:

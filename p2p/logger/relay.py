@@ -202,9 +202,7 @@ class OutboxRelay(service.Service):
         except rpc.MessageError:
             result = None
         if result != LOG_OK:
-            self._error_delay = min(max(2 * self._error_delay, 0.5), 30.0)
-            self._resume_at = self.reactor.seconds() + self._error_delay
-            self._drop(f"logger answered {result} to record {seq}")
+            self._refused(f"logger answered {result} to record {seq}")
             return
         self._error_delay = 0.0
         self.inflight[seq] = True
@@ -228,7 +226,14 @@ class OutboxRelay(service.Service):
         if proto is self.proto and not failure.check(
             defer.CancelledError, error.ConnectionLost, error.ConnectionDone
         ):
-            self._drop(f"LOG call failed: {failure.getErrorMessage()}")
+            # An RPC error reply (GARBAGE_ARGS: the logger's --max-message is below
+            # this record's size; PROG_UNAVAIL: wrong --program): retried, slowly.
+            self._refused(f"LOG call failed: {failure.getErrorMessage()}")
+
+    def _refused(self, why: str) -> None:
+        self._error_delay = min(max(2 * self._error_delay, 0.5), 30.0)
+        self._resume_at = self.reactor.seconds() + self._error_delay
+        self._drop(f"{why}; sending again in {self._error_delay:.1f}s")
 
     def _stalled(self) -> None:
         self._stall_call = None

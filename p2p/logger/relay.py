@@ -26,9 +26,11 @@ the logger has answered 0; the user's reply never waits for any of it.
 * A reply other than 0 (-1: the logger could not store; an RPC error), a lost
   connection, or no reply for ``reply_timeout`` seconds while calls are
   outstanding drops the connection; after the backoff the relay resumes from
-  the first unacknowledged row. After a -1 the relay also waits before sending
-  again (0.5 s, doubling up to 30 s while refusals go on), so a logger that
-  cannot write is not hammered.
+  the first unacknowledged row. After a -1 or an RPC error reply the relay
+  also waits before sending again (0.5 s, doubling up to 30 s while refusals
+  go on), so a logger that cannot write is not hammered. The logger, for its
+  part, refuses a sender's later records while an earlier one failed, so a
+  pipelined record never overtakes one that was not stored.
 """
 
 from __future__ import annotations

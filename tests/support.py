@@ -79,6 +79,31 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = DEADLINE)
             yield task.deferLater(reactor, 0.05, lambda: None)
 
 
+class _UntilClosed(protocol.Protocol):
+    """Keeps every byte received; ``done`` fires with them when the peer closes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(self.data)
+
+
+@defer.inlineCallbacks
+def exchange(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = DEADLINE):
+    """Connect over TCP, send ``data``, fire with all bytes received until the server closes."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    proto = yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), _UntilClosed())
+    proto.transport.write(data)
+    received = yield deadline(proto.done, timeout)
+    return received
+
+
 class ServiceProcess(protocol.ProcessProtocol):
     """A child process whose stdout/stderr lines are kept and can be waited for."""
 
@@ -266,6 +291,7 @@ __all__ = [
     "ServiceProcess",
     "child_env",
     "deadline",
+    "exchange",
     "free_port",
     "free_tcp_udp_port",
     "kill_on_cleanup",

@@ -7,14 +7,13 @@ from io import BytesIO
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from p2p import stack, wire
-from tests.support import deadline, free_port, free_tcp_udp_port, spawn_twistd
+from tests.support import deadline, exchange, free_port, free_tcp_udp_port, spawn_twistd
 
 GET_TIME = (
     b'<?xml version="1.0"?><e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"'
@@ -109,20 +108,6 @@ class OptionsTests(TestCase):
         )
 
 
-class _Reply(protocol.Protocol):
-    """Collects an indexer reply until the indexer closes."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.done.callback(self.data)
-
-
 @defer.inlineCallbacks
 def wait_for_text(path: Path, text: str, timeout: float = 20.0):
     """Poll ``path`` until it contains ``text``, in short steps, up to ``timeout``."""
@@ -179,10 +164,7 @@ class StackProcessTests(TestCase):
     def test_indexer_request_is_audited(self):
         """A raw REGISTER is answered 0 and its record reaches the audit file."""
         when = wire.format_datetime()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.indexer)
-        reply = yield connectProtocol(endpoint, _Reply())
-        reply.transport.write(wire.encode_request("REGISTER", when, "alice"))
-        data = yield deadline(reply.done, 10)
+        data = yield exchange(self.indexer, wire.encode_request("REGISTER", when, "alice"))
         self.assertEqual(data, wire.encode_code(wire.OK))
         yield wait_for_text(self.audit, wire.audit_record("alice", "REGISTER", when) + "\n")
 

@@ -12,15 +12,14 @@ from datetime import datetime
 from io import BytesIO
 
 from lxml import etree
-from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from p2p import wire
 from p2p.timews.app import NAMESPACE
-from tests.support import deadline, free_port, spawn_twistd
+from tests.support import deadline, exchange, free_port, spawn_twistd
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 GET_TIME = (
@@ -34,20 +33,6 @@ NS = {"e": SOAP_ENV, "t": NAMESPACE}
 def parse_time(text: str) -> float:
     """Seconds since the epoch of a ``dd/mm/YYYY HH:MM:SS`` local time."""
     return time.mktime(datetime.strptime(text, wire.DATETIME_FORMAT).timetuple())
-
-
-class _Collect(protocol.Protocol):
-    """Everything the server sends until it closes."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.done.callback(self.data)
 
 
 class TimeServiceTests(TestCase):
@@ -166,13 +151,11 @@ class TimeServiceTests(TestCase):
     @defer.inlineCallbacks
     def test_huge_body(self):
         """A body announced over the cap is refused at once with 413 and a fault."""
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
-        proto = yield connectProtocol(endpoint, _Collect())
-        proto.transport.write(
+        data = yield exchange(
+            self.port,
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
-            b"Content-Length: 1000000000\r\n\r\n" + b"<" * 10000
+            b"Content-Length: 1000000000\r\n\r\n" + b"<" * 10000,
         )
-        data = yield deadline(proto.done, 10)
         head, _, body = data.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
         fault = etree.fromstring(body).find("e:Body/e:Fault", NS)
@@ -182,14 +165,12 @@ class TimeServiceTests(TestCase):
     @defer.inlineCallbacks
     def test_huge_chunked_body(self):
         """A chunked body that grows past the cap is cut off the same way."""
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
-        proto = yield connectProtocol(endpoint, _Collect())
         chunk = b"a" * 32768
-        proto.transport.write(
+        data = yield exchange(
+            self.port,
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 4
+            b"Transfer-Encoding: chunked\r\n\r\n" + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 4,
         )
-        data = yield deadline(proto.done, 10)
         self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:200])
         yield self.assert_still_answers()
 

@@ -4,7 +4,7 @@
 hops back to the reactor for every chunk it writes. For Spyne answering
 get_time (well under a millisecond of CPU, no blocking I/O) the hops cost more
 than the work and buy no parallelism under the GIL: measured on loopback the
-inline call serves about 1.4-1.6 times the calls per second (see the README).
+inline call serves about 1.2-1.6 times the calls per second (see the README).
 The request body is already complete and bounded when ``render`` runs.
 """
 

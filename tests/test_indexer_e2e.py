@@ -148,6 +148,18 @@ class EveryCode(TestCase):
         self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", primary_address(), 5000))
 
 
+class StartFailure(TestCase):
+    @defer.inlineCallbacks
+    def test_port_taken_ends_the_process(self):
+        ix = yield start_indexer(self)
+        other = spawn_twistd(
+            self, "p2p-indexer", "--listen", f"tcp:{ix.port}:interface=127.0.0.1", "--db=:memory:"
+        )
+        yield deadline(other.ended, 20)
+        self.assertIn("Couldn't listen", other.output())
+        self.assertFalse(any(line.startswith("s> init server") for line in other.lines))
+
+
 class Persistence(TestCase):
     @defer.inlineCallbacks
     def test_kill_9_then_restart(self):

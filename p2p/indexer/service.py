@@ -154,8 +154,8 @@ class IndexerService(Service):
 
     def _failed(self, failure) -> None:
         self.log.failure("cannot listen on {listen}", failure, listen=self.listen)
-        if self.reactor.running:
-            self.reactor.stop()
+        # At start-up the reactor is not running yet: stop it as soon as it is.
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self):
         super().stopService()

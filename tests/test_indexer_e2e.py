@@ -125,6 +125,12 @@ class EveryCode(TestCase):
         self.assertIn("s> LIST_CONTENT FROM bob", ix.process.lines)
 
     @defer.inlineCallbacks
+    def test_concurrent_registers_one_winner(self):
+        ix = yield start_indexer(self)
+        replies = yield defer.gatherResults([ix.request("REGISTER", "same") for _ in range(20)])
+        self.assertEqual(sorted(replies), [b"\0"] + [b"\1"] * 19)
+
+    @defer.inlineCallbacks
     def test_listings_over_the_wire(self):
         ix = yield start_indexer(self)
         yield ix.codes(

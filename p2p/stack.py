@@ -22,6 +22,7 @@ from pathlib import Path
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import reflect, usage
 
@@ -299,7 +300,8 @@ class StackService(MultiService):
         if self.startup_failures:
             for failure in self.startup_failures:
                 say(f"s> cannot start the stack: {failure}")
-            reactor.stop()
+            with contextlib.suppress(ReactorNotRunning):  # the part may have stopped it already
+                reactor.stop()
             return
         say(f"s> client: {client_command(self.options)}")
         say("s> ready; Ctrl-C stops the stack")

@@ -49,6 +49,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         self.reader = wire.FieldReader(wire.MAX_NAME)
         self.producer = None
         self.answered = False
+        self.callLater = server.reactor.callLater  # TimeoutMixin's clock
 
     # --- connection life ---------------------------------------------------
 
@@ -79,8 +80,14 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         if self.answered:
             return  # bytes after a complete request are ignored
         self.resetTimeout()
+        # Fed in slices no longer than the limit, so an overrun is only ever
+        # detected in a slice without NUL and no completed field is lost with it.
+        step = self.reader.limit
         try:
-            self.fields.extend(self.reader.feed(data))
+            for start in range(0, len(data), step):
+                self.fields.extend(self.reader.feed(data[start : start + step]))
+                if self.fields and len(self.fields) > _ARGUMENTS.get(self.fields[0], 0):
+                    break  # the request is complete (or its operation unknown)
         except wire.FieldTooLong:
             self._malformed()
             return

@@ -1,0 +1,188 @@
+"""Peer download throughput against the raw loopback copy, measured in one run.
+
+Two processes each time, on 127.0.0.1:
+
+- raw: a child ``socket.sendfile``s the file; this process ``recv_into`` one
+  reused buffer and writes each piece to a destination file (a plain copy
+  with nothing on top), and a variant that discards the bytes (the ceiling).
+- peer: a child runs ``p2p.peer.server.PeerServer``; this process runs
+  ``p2p.peer.download.download()`` (FETCH, temporary file, rename).
+
+Rounds alternate raw and peer so both see the same machine state; the best of
+each is compared and printed as a ratio. Never run as a test.
+
+    .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
+    .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RAW_SENDER = """
+import socket, sys
+with socket.create_server(("127.0.0.1", 0)) as srv:
+    print(srv.getsockname()[1], flush=True)
+    while True:
+        conn, _ = srv.accept()
+        with conn, open(sys.argv[1], "rb") as f:
+            conn.sendfile(f)
+"""
+
+PEER_SERVER = """
+import sys
+from pathlib import Path
+from twisted.internet import reactor
+from p2p.peer.server import PeerServer
+server = PeerServer(Path(sys.argv[1]), lambda name: True, reactor)
+server.listen("tcp:0:interface=127.0.0.1").addCallback(lambda port: print(port, flush=True))
+reactor.run()
+"""
+
+CHUNK = 1024 * 1024
+
+
+def make_source(path: Path, size: int) -> None:
+    """A file of ``size`` incompressible bytes (a random block repeated)."""
+    block = os.urandom(16 * CHUNK)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            left -= f.write(block[: min(left, len(block))])
+
+
+def start_child(code: str, *args: str) -> tuple[subprocess.Popen, int]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env
+    )
+    port = int(child.stdout.readline())
+    return child, port
+
+
+def raw_copy(port: int, destination: Path | None) -> tuple[int, float]:
+    """Receive one file with ``recv_into``; write it unless ``destination`` is None."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    received = 0
+    start = time.perf_counter()
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if destination else None
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            while True:
+                n = sock.recv_into(view)
+                if not n:
+                    break
+                received += n
+                if fd is not None:
+                    written = 0
+                    while written < n:
+                        written += os.write(fd, view[written:n])
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return received, time.perf_counter() - start
+
+
+def peer_download(port: int, destination: Path) -> tuple[int, float]:
+    """One ``download()`` on a fresh reactor-driven call; blocks until it is done."""
+    from twisted.internet import reactor
+
+    from p2p.peer.download import download
+
+    outcome: dict = {}
+    start = time.perf_counter()
+
+    def done(result):
+        outcome["result"] = result
+        outcome["elapsed"] = time.perf_counter() - start
+        reactor.crash()
+
+    download("127.0.0.1", port, "source.bin", destination, reactor=reactor).addBoth(done)
+    reactor.run(installSignalHandlers=False)
+    result = outcome["result"]
+    if not isinstance(result, int):
+        result.raiseException()
+    return result, outcome["elapsed"]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (1024)")
+    parser.add_argument("--rounds", type=int, default=3, help="raw/peer pairs to run (3)")
+    parser.add_argument("--dir", help="working directory (default: a temporary one)")
+    parser.add_argument("--verify", action="store_true", help="compare SHA-256 of every copy")
+    opts = parser.parse_args()
+
+    size = opts.size_mb * 1024 * 1024
+    with tempfile.TemporaryDirectory(dir=opts.dir, prefix="p2p-bench-") as work:
+        work = Path(work)
+        share, dest = work / "share", work / "dest"
+        share.mkdir()
+        dest.mkdir()
+        source = share / "source.bin"
+        make_source(source, size)
+        expected = sha256(source) if opts.verify else None
+        os.sync()
+        raw_child, raw_port = start_child(RAW_SENDER, str(source))
+        peer_child, peer_port = start_child(PEER_SERVER, str(share))
+        best = {"raw copy": 0.0, "raw discard": 0.0, "peer": 0.0}
+        try:
+            for round_ in range(1, opts.rounds + 1):
+                runs = [
+                    ("raw discard", raw_copy, raw_port, None),
+                    ("raw copy", raw_copy, raw_port, dest / "raw.bin"),
+                    ("peer", peer_download, peer_port, dest / "peer.bin"),
+                ]
+                for label, run, port, out in runs:
+                    got, seconds = run(port, out)
+                    if got != size:
+                        raise SystemExit(f"{label}: got {got} of {size} bytes")
+                    if expected and out is not None and sha256(out) != expected:
+                        raise SystemExit(f"{label}: content differs")
+                    rate = mbps(size, seconds)
+                    best[label] = max(best[label], rate)
+                    print(f"round {round_}  {label:12s} {rate:8.0f} MB/s  ({seconds:.3f} s)")
+                    if out is not None:
+                        out.unlink()
+                    os.sync()  # no dirty pages from one run slow the next one down
+        finally:
+            for child in (raw_child, peer_child):
+                child.kill()
+                child.wait()
+    from twisted.internet import reactor
+
+    reactor.callWhenRunning(reactor.stop)  # shut the reactor's thread pool down cleanly
+    reactor.run(installSignalHandlers=False)
+    print(f"\n{opts.size_mb} MiB over 127.0.0.1, best of {opts.rounds} (MB = 10^6 bytes):")
+    for label, rate in best.items():
+        print(f"  {label:12s} {rate:8.0f} MB/s")
+    print(f"  peer / raw copy    = {best['peer'] / best['raw copy']:.0%}")
+    print(f"  peer / raw discard = {best['peer'] / best['raw discard']:.0%}")
+
+
+if __name__ == "__main__":
+    main()

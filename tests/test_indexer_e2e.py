@@ -242,6 +242,22 @@ class Audit(TestCase):
         self.assertEqual([name for name, _, _ in store.iter_users()], ["alice"])
 
 
+class PersistenceUnderLoad(TestCase):
+    @defer.inlineCallbacks
+    def test_every_acknowledged_register_survives_kill_9(self):
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        ix = yield start_indexer(self, cwd=cwd)
+        names = [f"u{i}" for i in range(200)]
+        replies = yield defer.gatherResults([ix.request("REGISTER", n) for n in names])
+        acknowledged = [n for n, r in zip(names, replies, strict=True) if r == b"\0"]
+        self.assertEqual(acknowledged, names)
+        yield ix.process.kill()  # at once after the last reply
+        ix = yield start_indexer(self, cwd=cwd)
+        again = yield ix.codes(*(("REGISTER", n) for n in acknowledged))
+        self.assertEqual(again, [1] * len(acknowledged))
+
+
 class BadInput(TestCase):
     """Each bad input: refused as protocol.md says, others served, state unchanged."""
 

@@ -230,10 +230,12 @@ def client_command(options: usage.Options) -> str:
     """The command that starts a client against this stack."""
     indexer = connect_to(options.parts["indexer"]["listen"])
     time = connect_to(options.parts["time"]["listen"])
-    client = Path(sys.executable).with_name("p2p-client")
-    try:
+    client = Path(sys.executable).with_name("p2p-client")  # beside this Python, as in .venv/bin
+    if not client.exists():
+        shown = "p2p-client"
+    elif client.is_relative_to(Path.cwd()):
         shown = str(client.relative_to(Path.cwd()))
-    except ValueError:
+    else:
         shown = str(client)
     words = [shown]
     if indexer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from io import BytesIO
+from pathlib import Path
 
 from lxml import etree
 from twisted.internet import defer, reactor, threads
@@ -139,6 +140,31 @@ class TimeServiceTests(TestCase):
         body = GET_TIME.replace(b"t:get_time/", b"t:get_weather/")
         response = yield self.post(body)
         yield self.assert_fault(response)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_entity_expansion_bomb(self):
+        """Nested entities ("billion laughs") are refused by the parser, not expanded."""
+        entities = '<!ENTITY a0 "lollollollollollollollollollol">' + "".join(
+            f'<!ENTITY a{i} "{f"&a{i - 1};" * 10}">' for i in range(1, 10)
+        )
+        body = GET_TIME.replace(b"<e:Envelope", f"<!DOCTYPE e [{entities}]><e:Envelope".encode())
+        body = body.replace(b"<t:get_time/>", b"<t:get_time>&a9;</t:get_time>")
+        response = yield self.post(body)
+        yield self.assert_fault(response)
+        yield self.assert_still_answers()
+
+    @defer.inlineCallbacks
+    def test_external_entity_not_read(self):
+        """An external entity is never fetched into the answer."""
+        secret = Path(self.mktemp())
+        secret.write_text("TOP-SECRET-CONTENT")
+        doctype = f'<!DOCTYPE e [<!ENTITY x SYSTEM "file://{secret.resolve()}">]>'
+        body = GET_TIME.replace(b"<e:Envelope", doctype.encode() + b"<e:Envelope")
+        body = body.replace(b"<t:get_time/>", b"<t:get_time>&x;</t:get_time>")
+        response = yield self.post(body)
+        answer = yield readBody(response)
+        self.assertNotIn(b"TOP-SECRET", answer)
         yield self.assert_still_answers()
 
     @defer.inlineCallbacks

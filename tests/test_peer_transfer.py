@@ -8,6 +8,7 @@ that must not make the server hold the file in memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -378,6 +379,28 @@ class PeerTransferTests(TestCase):
         self.put("f", b"x" * 100_000)
         yield self.assertFailure(self.fetch("f"), DownloadFailed)
         self.assertEqual(leftovers(self.dest), [])
+
+    @defer.inlineCallbacks
+    def test_no_room_for_the_file(self):
+        """A FETCH size the disk cannot hold fails before any byte is written."""
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "posix_fallocate", full)
+        self.put("f", b"x" * 100_000)
+        yield self.assertFailure(self.fetch("f"), DownloadFailed)
+        self.assertEqual(leftovers(self.dest), [])
+
+    @defer.inlineCallbacks
+    def test_filesystem_without_fallocate(self):
+        def unsupported(fd, offset, length):
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        self.patch(os, "posix_fallocate", unsupported)
+        data = self.put("f", os.urandom(100_000))
+        yield self.fetch("f")
+        self.assertEqual((self.dest / "out").read_bytes(), data)
 
     @defer.inlineCallbacks
     def test_cancel(self):

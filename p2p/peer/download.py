@@ -14,6 +14,7 @@ either holds the whole file or is untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -105,6 +106,11 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
                 self._stop(_NoReply("malformed FETCH reply"))
                 return
             self.head = b""
+            try:
+                self.download.reserve(self.size)
+            except OSError as exc:
+                self._stop(DownloadFailed(f"no room for {self.size} bytes: {exc}"))
+                return
             self.download.report(0, self.size, force=True)
         if not data:
             return
@@ -262,6 +268,17 @@ class _Download:
             self.client.transport.abortConnection()
 
     # --- data --------------------------------------------------------------
+
+    def reserve(self, size: int) -> None:
+        """Allocate the file's blocks up front: a full disk fails now, and the
+        writes that follow are cheaper. Filesystems without the call are fine."""
+        if size <= 0 or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

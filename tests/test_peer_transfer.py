@@ -163,6 +163,29 @@ class PeerTransferTests(TestCase):
         yield self.check_roundtrip(data)
 
     @defer.inlineCallbacks
+    def test_large_file_without_sendfile(self):
+        """The chunked producer (TLS, wrapped transports) delivers the same bytes."""
+        self.server.use_sendfile = False
+        data = os.urandom(1024 * 1024) * 20
+        yield self.check_roundtrip(data)
+
+    @defer.inlineCallbacks
+    def test_stop_drops_open_transfers(self):
+        self.put("huge", b"")
+        os.truncate(self.share / "huge", 1024 * 1024 * 1024)
+        stopping = []
+
+        def progress(received, total):
+            if received and not stopping:
+                stopping.append(self.server.stop())
+
+        yield self.assertFailure(self.fetch("huge", progress=progress), DownloadFailed)
+        yield deadline(stopping[0])
+        self.assertEqual(self.server.connections, frozenset())
+        self.assertEqual(leftovers(self.dest), [])
+        yield self.assertFailure(self.fetch("huge"), DownloadFailed)  # no longer listening
+
+    @defer.inlineCallbacks
     def test_two_downloads_at_once(self):
         data = self.put("big.bin", os.urandom(1024 * 1024) * 20)
         a, b = yield defer.gatherResults(

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.peer import sender
+from p2p.peer import server as server_module
 from p2p.peer.server import PeerServer
 from p2p.peer.share import NotShared, open_shared, resolve
 
@@ -92,12 +93,13 @@ class ServerUnitTests(TestCase):
         self.assertEqual(reply, bytes([wire.PEER_NO_FILE]))
 
     def test_get_file_unreadable_is_error(self) -> None:
-        if os.geteuid() == 0:
-            self.skipTest("root reads files whatever their mode")
-        (self.share / "locked").write_bytes(b"x")
-        (self.share / "locked").chmod(0)
-        self.published.add("locked")
-        reply, _ = self.request(wire.encode_fields("GET_FILE", "locked"))
+        """An I/O or permission error opening a published file is code 2 (not 1)."""
+
+        def denied(share_dir, name):
+            raise PermissionError(13, "Permission denied")
+
+        self.patch(server_module, "open_shared", denied)
+        reply, _ = self.request(wire.encode_fields("GET_FILE", "hello.txt"))
         self.assertEqual(reply, bytes([wire.PEER_ERROR]))
 
     def test_is_published_raising_is_error(self) -> None:

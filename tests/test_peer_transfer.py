@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.peer.download import DownloadFailed, NoSuchFile, download
 from p2p.peer.server import PeerServer
-from tests.support import deadline, spawn
+from tests.support import deadline, exchange, spawn
 
 #: A peer server in a child process, serving every file of the directory in argv[1].
 CHILD_SERVER = """
@@ -52,24 +52,6 @@ def poll(condition, timeout: float = 20.0, interval: float = 0.02) -> defer.Defe
 def leftovers(directory: Path) -> list[str]:
     """Files in ``directory`` (temporary ones included)."""
     return sorted(os.listdir(directory))
-
-
-class Collect(protocol.Protocol):
-    """Sends ``request`` and keeps every byte of the reply until the close."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.closed: defer.Deferred = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason) -> None:
-        self.closed.callback(self.data)
 
 
 class FakePeer(protocol.Protocol):
@@ -129,12 +111,9 @@ class PeerTransferTests(TestCase):
         yield self.assertFailure(self.fetch(name), error)
         self.assertEqual(leftovers(self.dest), [])
 
-    @defer.inlineCallbacks
     def raw(self, request: bytes, port: int | None = None) -> defer.Deferred:
-        client = Collect(request)
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port), client)
-        data = yield deadline(client.closed)
-        return data
+        """Send one raw request; fire with every byte of the reply until the close."""
+        return exchange(port or self.port, request)
 
     # --- contents ------------------------------------------------------------
 

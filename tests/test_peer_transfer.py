@@ -49,6 +49,18 @@ def poll(condition, timeout: float = 20.0, interval: float = 0.02) -> defer.Defe
     return deadline(wait(), timeout)
 
 
+def open_files() -> set[str]:
+    """The regular files this process has open (Linux), to catch leaked descriptors."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("/"):
+                    found.add(target)
+    return found
+
+
 def leftovers(directory: Path) -> list[str]:
     """Files in ``directory`` (temporary ones included)."""
     return sorted(os.listdir(directory))
@@ -447,6 +459,21 @@ class PeerTransferTests(TestCase):
         self.assertLessEqual(buffered, MEMORY_BOUND, "the server buffered file bytes")
         if use_sendfile:
             self.assertEqual(buffered, 0)
+
+    @defer.inlineCallbacks
+    def test_downloader_leaving_mid_transfer(self):
+        """The server notices, drops the connection and closes the file."""
+        self.put("huge", b"")
+        os.truncate(self.share / "huge", 256 * 1024 * 1024)
+        fds_before = open_files()
+        leaving = socket.create_connection(("127.0.0.1", self.port))
+        leaving.sendall(wire.encode_fields("FETCH", "huge", 0))
+        yield poll(lambda: any(c.producer and c.producer.sent for c in self.server.connections))
+        leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        self.assertEqual(leaving.recv(1), b"\0")  # already waiting in the socket
+        leaving.close()  # with unread data: a reset, as a killed downloader would
+        yield poll(lambda: not self.server.connections)
+        self.assertEqual(open_files() - fds_before, set())
 
     def test_stalled_downloader_sendfile(self):
         return self.check_stalled_downloader(True)

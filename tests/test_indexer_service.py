@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 from twisted.application.service import Service
 from twisted.python import usage
@@ -12,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.indexer.service import IndexerService, Options, make_service
+from p2p.logger import relay as relay_module
 
 
 def parse(*argv: str) -> Options:
@@ -82,9 +81,8 @@ class MakeServiceTests(TestCase):
             calls.append((store, endpoint, host, program))
             return Service()
 
-        fake = types.ModuleType("p2p.logger.relay")
-        fake.make_relay = make_relay
-        self.patch(sys, "modules", {**sys.modules, "p2p.logger.relay": fake})
+        # The real module, patched: replacing sys.modules does not reach the import system.
+        self.patch(relay_module, "make_relay", make_relay)
         options = parse("--db=:memory:", "--logger=tcp:host=127.0.0.1:port=1")
         top = make_service(options)
         indexer, relay = list(top)

@@ -1,25 +1,9 @@
-"""twistd plugin ``p2p-time``: the SOAP time service."""
+"""twistd plugin ``p2p-time`` (the service itself lives in ``p2p.timews.service``)."""
 
-from twisted.application.service import IServiceMaker
-from twisted.plugin import IPlugin
-from zope.interface import implementer
+from p2p.plugin import LazyServiceMaker
 
-
-@implementer(IServiceMaker, IPlugin)
-class _TimeServiceMaker:
-    tapname = "p2p-time"
-    description = "SOAP 1.1 get_time service (Spyne in twisted.web), WSDL at /?wsdl."
-
-    @property
-    def options(self):
-        from p2p.timews.service import Options
-
-        return Options
-
-    def makeService(self, options):
-        from p2p.timews.service import make_service
-
-        return make_service(options)
-
-
-p2p_time = _TimeServiceMaker()
+time = LazyServiceMaker(
+    "p2p-time",
+    "SOAP 1.1 get_time service (Spyne in twisted.web), WSDL at /?wsdl.",
+    "p2p.timews.service",
+)

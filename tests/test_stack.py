@@ -44,7 +44,7 @@ class OptionsTests(TestCase):
         self.assertEqual(names["db"].part, "indexer")
         self.assertEqual(names["audit-file"].part, "logger")
         self.assertEqual(names["max-body"].part, "time")
-        self.assertFalse(names["threads"].takes_value)
+        self.assertFalse(names["inline"].takes_value)
 
     def test_defaults(self):
         options = parse()
@@ -64,14 +64,14 @@ class OptionsTests(TestCase):
             "--time-listen=tcp:7003",
             "--db=x.db",
             "--program=0x20000999",
-            "--threads",
+            "--inline",
         )
         self.assertEqual(options.parts["indexer"]["listen"], "tcp:7001")
         self.assertEqual(options.parts["indexer"]["db"], "x.db")
         self.assertEqual(
             options.parts["logger"]["listen"], ["tcp:7002:interface=127.0.0.1", "udp:7002"]
         )
-        self.assertTrue(options.parts["time"]["threads"])
+        self.assertTrue(options.parts["time"]["inline"])
         # the indexer follows the stack's own logger: its address and its program
         self.assertEqual(options.parts["indexer"]["logger"], "tcp:host=127.0.0.1:port=7002")
         self.assertEqual(options.parts["indexer"]["logger-program"], 0x20000999)

@@ -104,7 +104,7 @@ class OptionsTests(TestCase):
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["listen"], "tcp:8000")
-        self.assertFalse(options["threads"])
+        self.assertFalse(options["inline"])
 
     def test_tiny_body_cap_refused(self):
         from twisted.python.usage import UsageError

@@ -201,7 +201,7 @@ class TimeServiceTests(TestCase):
         yield self.assert_still_answers()
 
 
-class ThreadedTimeServiceTests(TimeServiceTests):
-    """The same with ``--threads``: Spyne in the thread pool via WSGIResource."""
+class InlineTimeServiceTests(TimeServiceTests):
+    """The same with ``--inline``: Spyne on the reactor thread."""
 
-    options = ("--threads",)
+    options = ("--inline",)

@@ -1,9 +1,9 @@
 """The time service's twisted.web side: the site, the request body cap and the WSDL.
 
 Spyne's own ``spyne.server.twisted`` does not import with current Twisted, so
-the SOAP calls reach Spyne through its WSGI application: on the reactor by
-default (:mod:`p2p.timews.inline`), or in the reactor's thread pool through
-``twisted.web.wsgi.WSGIResource`` with ``--threads``. The WSDL is answered
+the SOAP calls reach Spyne through its WSGI application mounted in
+``twisted.web.wsgi.WSGIResource`` (the reactor's thread pool), or on the
+reactor itself with ``--inline`` (:mod:`p2p.timews.inline`). The WSDL is answered
 here, on the reactor, with the service address of the host the client asked
 for (Spyne would cache the address of the first request forever).
 """
@@ -137,19 +137,19 @@ class TimeResource(resource.Resource):
 
 
 def make_site(
-    reactor: IReactorThreads, max_body: int = DEFAULT_MAX_BODY, threads: bool = False
+    reactor: IReactorThreads, max_body: int = DEFAULT_MAX_BODY, inline: bool = False
 ) -> TimeSite:
     """The whole web side: Spyne's WSGI app, the WSDL, the body cap.
 
-    Spyne runs on the reactor (``InlineWSGIResource``) unless ``threads``, then
-    in the reactor's thread pool through ``twisted.web.wsgi.WSGIResource``.
+    Spyne runs in the reactor's thread pool through ``WSGIResource``, so a slow
+    SOAP parse never holds the reactor; ``inline`` runs it on the reactor.
     """
     wsgi_app = make_wsgi_application(max_content_length=max_body)
     wsdl = wsgi_app.doc.wsdl11
     wsdl.build_interface_document(_PLACEHOLDER)
     template = wsdl.get_interface_document()
-    if threads:
-        soap = WSGIResource(reactor, reactor.getThreadPool(), wsgi_app)
-    else:
+    if inline:
         soap = InlineWSGIResource(wsgi_app)
+    else:
+        soap = WSGIResource(reactor, reactor.getThreadPool(), wsgi_app)
     return TimeSite(TimeResource(soap, template), max_body=max_body)

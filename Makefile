@@ -10,10 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Editable in "compat" mode puts the checkout on sys.path, so twistd finds
-# twisted/plugins/ here and child processes started by tests run this tree.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+# A plain (non-editable) install, as a user gets it: twistd finds the plugins
+# pip copied into twisted/plugins/. Any change to the sources reinstalls; the
+# tests' child processes run this checkout (tests/support.py sets PYTHONPATH).
+SOURCES := pyproject.toml $(shell find p2p twisted -name '*.py' -o -name '*.x' 2>/dev/null)
+$(STAMP): $(SOURCES) | $(BIN)/python
+	$(BIN)/python -m pip install -q '.[test]'
 	touch $@
 
 # The terminal shows the services' own lines (addresses, client command, records);
@@ -22,8 +24,9 @@ run: $(STAMP)
 	@echo "p2p-stack: twistd log in p2p-stack.log; options: make run ARGS='--help'"
 	$(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack $(ARGS)
 
+# `python -m` puts the checkout first on sys.path: the suite tests this tree.
 test: $(STAMP)
-	$(BIN)/trial $(or $(TESTS),tests)
+	$(BIN)/python -m twisted.trial $(or $(TESTS),tests)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,7 +2,7 @@
 
 Two input front ends over ``twisted.internet.stdio.StandardIO``:
 
-- :class:`PipeInput`, a ``LineReceiver``, when standard input is not a terminal:
+- :class:`PipeInput`, plain newline-ended lines, when standard input is not a terminal:
   plain lines, so scripts can drive the shell; end of input quits.
 - :class:`TerminalInput`, a ``twisted.conch.recvline.HistoricRecvLine`` behind an
   ``insults.ServerProtocol`` with the terminal in raw mode (twisted.conch.stdio's
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from twisted.conch import recvline
 from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
-from twisted.protocols import basic
 from zope.interface import implementer
 
 PROMPT = "c> "
@@ -91,28 +90,51 @@ def decode_line(raw: bytes) -> str:
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
-class PipeInput(basic.LineReceiver):
-    """Plain lines from a pipe or a file; end of input ends the shell."""
+class PipeInput(protocol.Protocol):
+    """Plain lines from a pipe or a file; end of input ends the shell.
 
-    delimiter = b"\n"
+    A line longer than ``MAX_LENGTH`` is dropped whole, up to its newline, with
+    one note: none of its tail may run as a command, and the lines after it
+    still do. (``LineReceiver`` would do neither.)
+    """
+
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, submit: Callable[[str], None], end: Callable[[], None], note) -> None:
         self.submit = submit
         self.end = end
         self.note = note
+        self._buffer = b""
+        self._discarding = False  # inside an over-long line, until its newline
         self._ended = False
 
-    def lineReceived(self, line: bytes) -> None:
-        self.submit(decode_line(line))
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self._line(line)
+        if len(self._buffer) > self.MAX_LENGTH:
+            self._buffer = b""
+            self._too_long()
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.note(f"input line longer than {self.MAX_LENGTH} bytes ignored")
+    def _line(self, line: bytes) -> None:
+        if self._discarding:
+            self._discarding = False  # the newline that ends the over-long line
+        elif len(line) > self.MAX_LENGTH:
+            self._too_long()
+            self._discarding = False
+        else:
+            self.submit(decode_line(line))
+
+    def _too_long(self) -> None:
+        if not self._discarding:
+            self._discarding = True
+            self.note(f"input line longer than {self.MAX_LENGTH} bytes ignored")
 
     def readConnectionLost(self) -> None:
-        if self._buffer:
-            rest, self._buffer = self._buffer, b""
-            self.lineReceived(rest)
+        rest, self._buffer = self._buffer, b""
+        if rest and not self._discarding:
+            self.submit(decode_line(rest))
         self._finish()
 
     def writeConnectionLost(self) -> None:

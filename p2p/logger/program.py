@@ -26,6 +26,8 @@ LOG_ERROR = -1
 
 #: AUTH_SYS machinename of a relay call: ``p2p-outbox:<sender id>:<outbox seq>``.
 RELAY_PREFIX = "p2p-outbox:"
+#: Most digits of a relay sequence number: the outbox's are SQLite integers (< 2**63).
+MAX_SEQ_DIGITS = 19
 
 
 def relay_machinename(sender: str, seq: int) -> str:
@@ -38,7 +40,10 @@ def parse_relay_machinename(name: str) -> tuple[str, int] | None:
     if not name.startswith(RELAY_PREFIX):
         return None
     sender, sep, seq = name[len(RELAY_PREFIX) :].rpartition(":")
-    if not sep or not sender or not seq.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²" (int() raises) and "٣" (int() takes).
+    if not sep or not sender or not (seq.isascii() and seq.isdigit()):
+        return None
+    if len(seq) > MAX_SEQ_DIGITS:
         return None
     return sender, int(seq)
 

@@ -54,9 +54,14 @@ def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:
     return parse_relay_machinename(rpc.AuthSys.decode(call.cred.body).machinename)
 
 
+#: Unicode line and paragraph separators: not control characters, but str.splitlines(),
+#: JavaScript and many editors end a line there, so a record holding one reads as two.
+LINE_SEPARATORS = frozenset("\u2028\u2029")
+
+
 def valid_record(text: str) -> bool:
-    """One non-empty line without control characters (tab allowed)."""
-    return bool(text) and wire.check_text(text)
+    """One non-empty line without control characters (tab allowed) or line separators."""
+    return bool(text) and wire.check_text(text) and LINE_SEPARATORS.isdisjoint(text)
 
 
 class LoggerProgram:

@@ -9,6 +9,8 @@ GARBAGE_ARGS when the arguments do not decode or the message is longer than
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -23,6 +25,9 @@ log = Logger()
 DEFAULT_MAX_MESSAGE = 4096
 LOG_OK = 0
 LOG_ERROR = -1
+
+#: Most relay senders whose failed record the logger remembers (oldest forgotten first).
+MAX_FAILED_SENDERS = 1024
 
 #: AUTH_SYS machinename of a relay call: ``p2p-outbox:<sender id>:<outbox seq>``.
 RELAY_PREFIX = "p2p-outbox:"
@@ -80,8 +85,9 @@ class LoggerProgram:
         #: Optional callable returning a Deferred that fires once writes are on disk.
         self.durable = durable
         #: Per relay sender, the lowest seq that could not be stored (in memory):
-        #: later seqs of that sender are refused until it is stored.
-        self.failed: dict[str, int] = {}
+        #: later seqs of that sender are refused until it is stored. Bounded: any
+        #: client can invent sender ids, and a failed record costs it no disk.
+        self.failed: OrderedDict[str, int] = OrderedDict()
 
     def program(self) -> Program:
         return Program(
@@ -122,6 +128,9 @@ class LoggerProgram:
         if identity is not None:
             sender, seq = identity
             self.failed[sender] = min(seq, self.failed.get(sender, seq))
+            self.failed.move_to_end(sender)
+            while len(self.failed) > MAX_FAILED_SENDERS:
+                self.failed.popitem(last=False)
 
     def _log(self, args: bytes, identity: tuple[str, int] | None) -> int:
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from twisted.internet import defer
@@ -443,6 +443,12 @@ class Shell:
                 self.output.line(GET_FILE_FAIL)
                 self.output.note(f"GET_FILE: {problem}")
                 return
+        try:
+            destination = local_destination(remote, local)
+        except ValueError as exc:
+            self.output.line(GET_FILE_FAIL)
+            self.output.note(f"GET_FILE: {exc}")
+            return
         address = yield self._find_peer(user, owner)
         if address is None:
             self.output.line(GET_FILE_FAIL)
@@ -453,7 +459,7 @@ class Shell:
             host,
             port,
             remote,
-            Path(local),
+            destination,
             progress=bar.update,
             reactor=self.reactor,
             timeout=self.download_timeout,
@@ -523,6 +529,25 @@ class Shell:
                 else:
                     self.output.note(f"could not disconnect {user} (code {code})")
         yield self._go_offline()
+
+
+def local_destination(remote: str, local: str) -> Path:
+    """Where GET_FILE writes: ``local``, or inside it under the remote name if it is
+    a directory (as ``cp`` does). ``~`` is expanded. Raises ValueError with the
+    reason when the file cannot go there, before anyone is asked anything."""
+    path = Path(local).expanduser()
+    if path.is_dir():
+        name = PurePosixPath(remote).name
+        if name in ("", ".", ".."):
+            raise ValueError(f"{local} is a directory; give a file name for {remote!r}")
+        path = path / name
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        why = f"{parent} is not a directory" if parent.exists() else f"no such directory {parent}"
+        raise ValueError(f"cannot save {local}: {why}")
+    return path
 
 
 class _LazyProgress:

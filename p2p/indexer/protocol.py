@@ -232,6 +232,8 @@ class IndexerFactory(ServerFactory):
         self._lines: list[str] = []
         self._flush_call = None
         self.stopped = False
+        #: Memory may not match the store (a reload after a failure failed too).
+        self.stale = False
 
     # --- Connections ------------------------------------------------------------
 
@@ -256,7 +258,8 @@ class IndexerFactory(ServerFactory):
 
     def submit(self, proto: IndexerProtocol, op: wire.OpSpec, values: list) -> None:
         """Apply a complete, valid request; its reply goes out after the group commit."""
-        if self.stopped:  # the store is closed: change nothing, answer the error code
+        if self.stopped or (self.stale and not self._recover()):
+            # The store is closed, or memory cannot be trusted: answer the error code.
             proto.reply(_CODES[op.error])
             return
         datetime, user, *args = values
@@ -299,8 +302,21 @@ class IndexerFactory(ServerFactory):
         self.flush()
         self.stopped = True
 
-    def _recover(self) -> None:
-        """Drop the open transaction and make memory match the store again."""
-        self.store.rollback()
-        self.directory.load()
+    def _recover(self) -> bool:
+        """Drop the open transaction and make memory match the store again.
+
+        Every reply of this turn becomes its error code first: their changes
+        were rolled back. If the store cannot even be read, memory is marked
+        stale and every request is refused until a later reload succeeds, so a
+        rolled-back change is never visible nor acknowledged.
+        """
         self._replies = [(p, _CODES[p.op.error]) for p, _ in self._replies]
+        try:
+            self.store.rollback()
+            self.directory.load()
+        except sqlite3.Error:
+            self.log.failure("cannot reload the directory; refusing requests until it can")
+            self.stale = True
+            return False
+        self.stale = False
+        return True

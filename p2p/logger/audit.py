@@ -14,7 +14,8 @@ missing (killed between the two writes) it is written then (redo), so a
 record is either stored and remembered, or neither. A record whose sequence
 number is not above the sender's last one is acknowledged without storing it.
 The journal is compacted (one line per sender, written aside and renamed) at
-start and whenever it grows past ``compact_at`` bytes.
+start and whenever it grows past ``compact_at`` bytes (or past twice its
+compacted size, when that is larger).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class AuditLog:
         self._audit_fd: int | None = None
         self._state_fd: int | None = None
         self._state_size = 0
+        self._compact_limit = compact_at
         self.stored = 0  # records written since open (for tests and figures)
         self.duplicates = 0  # relay records acknowledged without storing them again
 
@@ -94,7 +96,7 @@ class AuditLog:
         self.stored += 1
         if self.echo:
             say(record)
-        if self._state_size > self.compact_at:
+        if self._state_size > self._compact_limit:
             self._compact()
         return True
 
@@ -168,3 +170,6 @@ class AuditLog:
             os.close(self._state_fd)
         self._state_fd = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._state_size = len(data)
+        # With many senders the compacted journal alone can pass compact_at: compact
+        # again only once it has doubled, or every record would rewrite it all.
+        self._compact_limit = max(self.compact_at, 2 * len(data))

@@ -83,6 +83,13 @@ class StdioOutput:
     def flush(self) -> None:
         pass
 
+    def columns(self) -> int | None:
+        """The terminal's width now, so a progress bar never wraps; None if unknown."""
+        try:
+            return os.get_terminal_size(self.stdout).columns or None
+        except OSError:
+            return None
+
 
 def decode_line(raw: bytes) -> str:
     """Input bytes as text; invalid UTF-8 survives as surrogates and is refused later."""

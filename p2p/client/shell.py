@@ -564,7 +564,8 @@ class _LazyProgress:
         if self.bar is None:
             from p2p.peer.progress import ProgressBar
 
-            self.bar = ProgressBar(self.stream, total, self.label)
+            columns = getattr(self.stream, "columns", None)
+            self.bar = ProgressBar(self.stream, total, self.label, columns=columns)
         self.bar.update(received, total)
 
     def finish(self) -> None:

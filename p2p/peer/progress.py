@@ -13,6 +13,7 @@ from typing import TextIO
 
 MAX_REDRAWS_PER_SECOND = 10
 BAR_WIDTH = 24
+MIN_BAR_WIDTH = 10
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -33,6 +34,33 @@ def human_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _graphic(done: float, width: int) -> str:
+    filled = int(done * width)
+    return f"[{'#' * filled}{' ' * (width - filled)}]"
+
+
+def _fit(label: str, done: float | None, rest: list[str], width: int | None) -> str:
+    """The bar's line, narrower than ``width``: a line that wraps cannot be redrawn
+    in place with ``\\r``, so each redraw would add a row. To fit, the ``[###  ]``
+    graphic narrows, then goes, then the label is shortened, then the line is cut."""
+    tail = "  ".join(rest)
+    if done is not None:
+        line = f"{label}  {_graphic(done, BAR_WIDTH)} {tail}"
+        if not width or len(line) < width:
+            return line
+        narrower = BAR_WIDTH - (len(line) - (width - 1))
+        if narrower >= MIN_BAR_WIDTH:
+            return f"{label}  {_graphic(done, narrower)} {tail}"
+    line = f"{label}  {tail}"
+    if not width or len(line) < width:
+        return line
+    limit = width - 1  # keep off the last column, where some terminals wrap early
+    room = limit - len(tail) - 2
+    if room >= 8:
+        return label[: room - 1] + "…" + "  " + tail
+    return (label[:7] + "…  " + tail)[:limit]
+
+
 class ProgressBar:
     """``label [#####     ]  42.0 MiB / 100.0 MiB  12.3 MiB/s  0:05 left``."""
 
@@ -42,8 +70,11 @@ class ProgressBar:
         total: int | None,
         label: str,
         clock: Callable[[], float] = time.monotonic,
+        columns: Callable[[], int | None] | None = None,
     ) -> None:
         self.stream = stream
+        #: The terminal's width, asked at every redraw (it may be resized); None: unknown.
+        self.columns = columns
         self.total = total
         self.label = label
         self.clock = clock
@@ -68,11 +99,10 @@ class ProgressBar:
         now = self.clock() if now is None else now
         elapsed = max(now - self.started, 1e-6)
         rate = self.received / elapsed
-        parts = [self.label]
+        done, parts = None, []
         if self.total:
             done = min(self.received / self.total, 1.0)
-            filled = int(done * BAR_WIDTH)
-            parts.append(f"[{'#' * filled}{' ' * (BAR_WIDTH - filled)}] {done * 100:3.0f}%")
+            parts.append(f"{done * 100:3.0f}%")
             parts.append(f"{human_bytes(self.received)} / {human_bytes(self.total)}")
         else:
             parts.append(human_bytes(self.received))
@@ -80,7 +110,8 @@ class ProgressBar:
         if self.total and rate > 0:
             left = max(self.total - self.received, 0) / rate
             parts.append(f"{human_duration(left)} left")
-        return "  ".join(parts)
+        width = self.columns() if self.columns is not None else None
+        return _fit(self.label, done, parts, width)
 
     def _draw(self, line: str) -> None:
         pad = max(self._width - len(line), 0)

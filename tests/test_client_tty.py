@@ -1,0 +1,146 @@
+"""The shell in a terminal (a pseudo-terminal here): the download progress bar,
+and line editing over non-ASCII text.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import re
+import struct
+import sys
+import termios
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial.unittest import TestCase
+
+from p2p.peer.progress import ProgressBar
+from tests.support import spawn
+from tests.test_client_e2e import wait_until
+from tests.test_client_interop import ClassicIndexer
+
+#: One redraw of the bar: label, bar, percentage, bytes, rate and time left.
+BAR = re.compile(
+    r"f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
+)
+
+
+class _TricklingPeer(protocol.Protocol):
+    """Answers FETCH with 64 KiB in 16 pieces, one every 50 ms (a slow peer)."""
+
+    SIZE = 64 * 1024
+    PIECES = 16
+
+    def dataReceived(self, data: bytes) -> None:
+        if not data.startswith(b"FETCH\0") or hasattr(self, "sent"):
+            return
+        self.sent = 0
+        self.transport.write(b"\x00%d\x00" % self.SIZE)
+        self.trickle()
+
+    def trickle(self) -> None:
+        if self.sent >= self.SIZE:
+            self.transport.loseConnection()
+            return
+        piece = self.SIZE // self.PIECES
+        self.transport.write(b"p" * piece)
+        self.sent += piece
+        self.call = reactor.callLater(0.05, self.trickle)
+
+    def connectionLost(self, reason) -> None:
+        call = getattr(self, "call", None)
+        if call is not None and call.active():
+            call.cancel()
+
+
+class TerminalTests(TestCase):
+    def setUp(self):
+        self.indexer = ClassicIndexer()
+        listening = reactor.listenTCP(0, self.indexer, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+        self.cwd = Path(self.mktemp()).resolve()
+        self.cwd.mkdir()
+        argv = [sys.executable, "-m", "p2p.client", "-s", "127.0.0.1", "-p", str(self.port)]
+        argv += ["--wsdl", "http://127.0.0.1:1/?wsdl", "--peer-listen", "tcp:0:interface=127.0.0.1"]
+        self.raw = b""
+        self.proc = spawn(self, argv, cwd=self.cwd, name="tty-shell", usePTY=True)
+        received = self.proc.childDataReceived
+
+        def keep(fd, data):
+            self.raw += data
+            received(fd, data)
+
+        self.proc.childDataReceived = keep
+
+    def type_keys(self, keys: bytes, result: str):
+        self.proc.write(keys)
+        return wait_until(lambda: result.encode() in self.raw, what=result)
+
+    @defer.inlineCallbacks
+    def test_progress_bar_then_a_clean_result_line(self):
+        self.resize(80)
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        bars = yield self.download_with_a_bar()
+        self.assertTrue(any(BAR.fullmatch(bar) for bar in bars), bars)
+        self.assertGreater(len(bars), 2, "redrawn as bytes arrive")
+
+    @defer.inlineCallbacks
+    def download_with_a_bar(self):
+        """GET_FILE from a slow peer; checks the screen; fires with the bars drawn."""
+        factory = protocol.Factory.forProtocol(_TricklingPeer)
+        peer = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(peer.stopListening)
+        self.indexer.users["slow"] = {"addr": ("127.0.0.1", str(peer.getHost().port)), "files": {}}
+        yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        start = len(self.raw)
+        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "c> GET_FILE OK\r\n")
+        shown = self.raw[start:]
+        self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
+        # The bar is redrawn in place (\r), never wider than the terminal.
+        _echo, drawn = shown.split(b"\r\n", 1)
+        # The result line starts at the line's start, after the bar was erased.
+        redraws, _after = drawn.split(b"\rc> GET_FILE OK\r\n", 1)
+        bars = [seg.decode().rstrip() for seg in redraws.split(b"\r") if seg.strip()]
+        self.assertEqual(redraws.split(b"\r")[-1].strip(), b"", "the bar is erased")
+        self.assertLessEqual(max(map(len, bars)), 79)
+        return bars
+
+    @defer.inlineCallbacks
+    def test_the_bar_fits_a_narrow_terminal(self):
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        self.resize(50)
+        yield self.download_with_a_bar()
+        bars = self.raw.split(b"GET_FILE slow")[-1].split(b"\r")
+        self.assertLessEqual(max(len(seg.decode().rstrip()) for seg in bars), 49)
+        self.assertIn("f.bin f…".encode(), self.raw)
+
+    def resize(self, columns: int, rows: int = 24) -> None:
+        """Set the pty's size, as a terminal window does."""
+        fcntl.ioctl(
+            self.proc.transport.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0)
+        )
+
+
+class BarWidthTests(TestCase):
+    """The bar never reaches the terminal's last column, whatever its width."""
+
+    def test_every_width(self):
+        for label in ("f from bob", "a-rather-long-file-name-for-a-bar.tar.gz from someone"):
+            for width in range(20, 140):
+                stream = io.StringIO()
+                clock = iter([0.0, 3.0, 3.0]).__next__
+                bar = ProgressBar(stream, 10**9, label, clock=clock, columns=lambda w=width: w)
+                bar.update(123456789)
+                line = stream.getvalue().lstrip("\r")
+                self.assertLess(len(line), width, (width, line))
+                if width >= 40:
+                    self.assertIn("%", line)
+                if width >= 120:
+                    self.assertIn(label, line)
+                    self.assertIn("left", line)
+
+    def test_unknown_width_is_not_cut(self):
+        bar = ProgressBar(io.StringIO(), 100, "x" * 200, columns=lambda: None)
+        self.assertIn("x" * 200, bar.render())

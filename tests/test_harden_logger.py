@@ -65,6 +65,10 @@ def _string(data: bytes, declared: int | None = None, pad: bytes | None = None) 
     return p.get_buffer() + data + pad
 
 
+def log_call(xid: int, text: str) -> bytes:
+    return rpc.encode_call(rpc.Call(xid, PROG, VERS, LOG), rpc.pack_string(text))
+
+
 @dataclass
 class Case:
     """One generated message and what the logger must do with it."""
@@ -300,6 +304,57 @@ class StreamFuzzTests(unittest.TestCase, LoggerFixture):
         self.assertEqual(len(RecordReader(1 << 20).feed(transport.value())), 3000)
         proto.pauseProducing()
         self.assertEqual(transport.producerState, "paused")
+
+
+class SlowClientTests(unittest.TestCase, LoggerFixture):
+    """A record must end within partial_timeout of its first byte, however it is sent."""
+
+    def setUp(self):
+        self.make_logger(self)
+        self.clock = task.Clock()
+        self.transport = StringTransport()
+        self.proto = RpcStreamProtocol(self.dispatcher, MAX_RECORD)
+        self.proto.callLater = self.clock.callLater
+        self.proto.makeConnection(self.transport)
+        self.addCleanup(self.proto.connectionLost)
+
+    def feed_every(self, chunks, seconds: float) -> float:
+        """Send chunks ``seconds`` apart until the server hangs up; the time it took."""
+        start = self.clock.seconds()
+        for chunk in chunks:
+            if self.transport.disconnecting:
+                break
+            self.proto.dataReceived(chunk)
+            self.clock.advance(seconds)
+        self.assertTrue(self.transport.disconnecting)
+        return self.clock.seconds() - start
+
+    def test_trickled_record(self):
+        """One byte every 5 s kept a record open forever (each byte reset the timeout)."""
+        data = encode_record(log_call(1, "x" * 100))
+        took = self.feed_every((data[i : i + 1] for i in range(len(data))), 5)
+        self.assertLessEqual(took, self.proto.partial_timeout + 5)
+
+    def test_fragments_without_last_bit_forever(self):
+        fragment = (100).to_bytes(4, "big") + b"\0" * 100
+        took = self.feed_every((fragment for _ in range(10000)), 1)
+        self.assertLessEqual(took, self.proto.partial_timeout + 1)
+
+    def test_empty_fragments_without_last_bit_forever(self):
+        took = self.feed_every((b"\0\0\0\0" for _ in range(10000)), 1)
+        self.assertLessEqual(took, self.proto.partial_timeout + 1)
+
+    def test_steady_client_is_not_cut(self):
+        """Whole records, each sent in pieces within the deadline, for ten times the deadline."""
+        for i in range(200):
+            data = encode_record(log_call(i, f"r{i}"))
+            half = len(data) // 2
+            self.proto.dataReceived(data[:half])
+            self.clock.advance(self.proto.partial_timeout / 2)
+            self.proto.dataReceived(data[half:])
+            self.clock.advance(self.proto.partial_timeout * 3)  # idle between records
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.audit_lines()), 200)
 
 
 class DatagramFuzzTests(unittest.TestCase, LoggerFixture):

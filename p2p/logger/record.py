@@ -59,6 +59,7 @@ class RecordReader:
         self._remaining = 0  # bytes left in the current fragment
         self._last = False  # the current fragment ends the record
         self._in_fragment = False
+        self._started = False  # a fragment of the current record was seen (even empty)
 
     def feed(self, data: bytes) -> list[bytes | Oversized]:
         out: list[bytes | Oversized] = []
@@ -74,6 +75,7 @@ class RecordReader:
                 self._remaining = header & MAX_FRAGMENT
                 self._last = bool(header & LAST_FRAGMENT)
                 self._in_fragment = True
+                self._started = True
             take = min(self._remaining, len(buf) - pos)
             if take:
                 self._add(bytes(buf[pos : pos + take]))
@@ -102,14 +104,13 @@ class RecordReader:
         data = b"".join(self._record)
         size, oversized = self._record_size, self._oversized
         self._record, self._record_size, self._oversized = [], 0, False
+        self._started = False
         return Oversized(data, size) if oversized else data
 
     @property
     def partial(self) -> bool:
         """True while a record has started but not ended."""
-        return (
-            bool(self._buffer) or self._in_fragment or self._record_size > 0 or bool(self._record)
-        )
+        return bool(self._buffer) or self._in_fragment or self._started
 
     @property
     def buffered(self) -> int:

@@ -136,8 +136,11 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
     Replies are written as they are ready. When the client stops reading
     replies, the transport's buffer fills, Twisted pauses this producer and we
     stop reading calls, so a client cannot make the server buffer without bound.
-    An idle connection may stay open (the indexer's relay keeps one); one that
-    stops in the middle of a record is closed after ``PARTIAL_RECORD_TIMEOUT``.
+    An idle connection may stay open (the indexer's relay keeps one); a record
+    must end within ``PARTIAL_RECORD_TIMEOUT`` of its first byte, or the
+    connection is closed. The deadline is not pushed back by more bytes of the
+    same record, so neither a client trickling a byte now and then nor one
+    sending fragments without the last-fragment bit forever holds a connection.
     """
 
     partial_timeout = PARTIAL_RECORD_TIMEOUT
@@ -146,17 +149,28 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.dispatcher = dispatcher
         self.reader = RecordReader(max_record, keep=rpc.MAX_CALL_HEADER)
         self.connected_ = False
+        self._record_deadline = False  # the partial-record timeout is running
 
     def connectionMade(self) -> None:
         self.connected_ = True
         self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
-        for record in self.reader.feed(data):
+        records = self.reader.feed(data)
+        for record in records:
             if isinstance(record, Oversized):
                 log.info("oversized record of {size} bytes", size=record.size)
             self.dispatcher.handle(record, self.transport.getPeer()).addCallback(self._reply)
-        self.setTimeout(self.partial_timeout if self.reader.partial else None)
+        if not self.connected_:
+            return
+        if self.reader.partial:
+            if not self._record_deadline or records:
+                # a new record started (this read may have finished earlier ones)
+                self._record_deadline = True
+                self.setTimeout(self.partial_timeout)
+        elif self._record_deadline:
+            self._record_deadline = False
+            self.setTimeout(None)
 
     def timeoutConnection(self) -> None:
         log.info("closing a connection stuck in the middle of a record")

@@ -228,6 +228,17 @@ class LoggerFixture:
         self.program = LoggerProgram(self.audit, PROG, max_message=MAX_MESSAGE)
         self.dispatcher = Dispatcher([self.program.program()])
 
+    def relay_call(self, xid: int, name: str, text: bytes) -> bytes:
+        cred = rpc.AuthSys(name).encode()
+        return rpc.encode_call(rpc.Call(xid, PROG, VERS, LOG, cred), rpc.pack_string(text))
+
+    def answer(self, data: bytes) -> int:
+        out: list = []
+        self.dispatcher.handle(data).addCallback(out.append)
+        reply = rpc.decode_reply(out[0])
+        assert reply.ok, reply
+        return rpc.unpack_int(reply.body)
+
     def audit_lines(self) -> list[str]:
         data = self.audit.path.read_bytes()
         return data.decode("utf-8").split("\n")[:-1] if data else []
@@ -465,17 +476,6 @@ class CodecPropertyTests(unittest.TestCase):
 class RelayIdentityTests(unittest.TestCase, LoggerFixture):
     """What a foreign client can and cannot do to the relay's deduplication."""
 
-    def relay_call(self, xid: int, name: str, text: bytes) -> bytes:
-        cred = rpc.AuthSys(name).encode()
-        return rpc.encode_call(rpc.Call(xid, PROG, VERS, LOG, cred), rpc.pack_string(text))
-
-    def answer(self, data: bytes) -> int:
-        out: list = []
-        self.dispatcher.handle(data).addCallback(out.append)
-        reply = rpc.decode_reply(out[0])
-        self.assertTrue(reply.ok, reply)
-        return rpc.unpack_int(reply.body)
-
     def test_only_ascii_decimal_sequence_numbers(self):
         """A non-ASCII digit (``²`` made int() raise: SYSTEM_ERR and a logged traceback)."""
         for seq in ("\u00b2", "\u0663", "\uff11", "9" * 40, "+1", "-1", "1_0"):
@@ -512,6 +512,18 @@ class RelayIdentityTests(unittest.TestCase, LoggerFixture):
         self.assertEqual(self.answer(self.relay_call(2, f"p2p-outbox:{real}:2", b"r2")), 0)
         self.assertEqual(self.audit_lines()[-1], "r2")
         self.assertEqual(self.audit_lines().count("r2"), 1)
+
+
+class StaleFailureTests(unittest.TestCase, LoggerFixture):
+    def test_failed_resend_of_a_stored_seq_does_not_block_the_sender(self):
+        """A bad record under an already stored seq wedged the sender: every later seq got -1."""
+        self.make_logger(self)
+        real = "p2p-outbox:0123456789abcdef0123456789abcdef:"
+        self.assertEqual(self.answer(self.relay_call(1, real + "1", b"r1")), 0)
+        self.assertEqual(self.answer(self.relay_call(2, real + "2", b"r2")), 0)
+        self.assertEqual(self.answer(self.relay_call(9, real + "1", b"\xff")), -1)
+        self.assertEqual(self.answer(self.relay_call(3, real + "3", b"r3")), 0)
+        self.assertEqual(self.audit_lines(), ["r1", "r2", "r3"])
 
 
 class AuditFileTests(unittest.TestCase):

@@ -127,6 +127,11 @@ class LoggerProgram:
     def _failed(self, identity: tuple[str, int] | None) -> None:
         if identity is not None:
             sender, seq = identity
+            if seq <= self.audit.last_seq.get(sender, -1):
+                # Already stored: the relay never sends it again, so remembering it
+                # would refuse every later record of the sender (a foreign client
+                # resending an old seq with a bad message could wedge the relay).
+                return
             self.failed[sender] = min(seq, self.failed.get(sender, seq))
             self.failed.move_to_end(sender)
             while len(self.failed) > MAX_FAILED_SENDERS:

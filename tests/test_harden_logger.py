@@ -9,6 +9,7 @@ the UDP protocol; trial fails the test on any error the logger logs.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -554,3 +555,62 @@ class AuditFileTests(unittest.TestCase):
             result = program.log(rpc.Call(1, PROG, VERS, LOG), rpc.pack_string(text), None)
             self.assertEqual(rpc.unpack_int(result), -1, repr(text))
         self.assertEqual(audit.path.read_bytes(), b"")
+
+
+class DecoderFuzzTests(unittest.TestCase):
+    """Decoders given noise or mutated messages raise MessageError and nothing else."""
+
+    def mutants(self, seed: int, seeds: list[bytes], count: int):
+        r = random.Random(seed)
+        for _ in range(count):
+            data = bytearray(r.choice(seeds))
+            for _ in range(r.randrange(0, 4)):
+                if data and r.random() < 0.5:
+                    data[r.randrange(len(data))] = r.randrange(256)
+                else:
+                    data[r.randrange(len(data) + 1) :] = r.randbytes(r.randrange(0, 12))
+            yield bytes(data)
+        for _ in range(count // 4):
+            yield r.randbytes(r.randrange(0, 64))
+
+    def test_decode_call_and_auth(self):
+        cred = rpc.AuthSys("host", 1, 2, (3, 4)).encode()
+        seeds = [log_call(1, "abc"), rpc.encode_call(rpc.Call(2, PROG, VERS, NULL, cred))]
+        for data in self.mutants(20, seeds, 5000):
+            try:
+                call, _ = rpc.decode_call(data)
+            except rpc.MessageError:
+                continue
+            if call.cred.flavor == rpc.AUTH_SYS:
+                self.assertIn(rpc.check_auth(call), (rpc.AUTH_OK, rpc.AUTH_BADCRED))
+        for body in self.mutants(21, [cred.body], 5000):
+            with contextlib.suppress(rpc.MessageError):
+                rpc.AuthSys.decode(body)
+
+    def test_decode_reply_and_client(self):
+        from p2p.logger.client import RpcClientProtocol, RpcReplyError
+
+        seeds = [
+            rpc.encode_reply(rpc.success(5, rpc.pack_int(0))),
+            rpc.encode_reply(rpc.accept_error(5, rpc.PROG_MISMATCH, 1, 1)),
+            rpc.encode_reply(rpc.rpc_mismatch(5)),
+            rpc.encode_reply(rpc.auth_error(5, rpc.AUTH_BADCRED)),
+        ]
+        replies = list(self.mutants(22, seeds, 5000))
+        for data in replies:
+            with contextlib.suppress(rpc.MessageError):
+                rpc.decode_reply(data)
+        client = RpcClientProtocol()
+        client.makeConnection(StringTransport())
+        outcomes: list = []
+        for xid in range(64):
+            d = client.call(PROG, VERS, NULL, xid=xid)
+            d.addCallbacks(outcomes.append, lambda f: outcomes.append(f.trap(RpcReplyError)))
+        r = random.Random(23)
+        stream = b"".join(encode_record(d, r.randrange(1, 40)) for d in replies)
+        stream += b"".join(encode_record(rpc.encode_reply(rpc.success(x, b""))) for x in range(64))
+        for i in range(0, len(stream), 997):
+            client.dataReceived(stream[i : i + 997])
+        self.assertEqual(len(outcomes), 64)
+        self.assertEqual(client.pending, {})
+        client.connectionLost()

@@ -10,6 +10,8 @@ the UDP protocol; trial fails the test on any error the logger logs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import random
 from dataclasses import dataclass
 
@@ -614,3 +616,59 @@ class DecoderFuzzTests(unittest.TestCase):
         self.assertEqual(len(outcomes), 64)
         self.assertEqual(client.pending, {})
         client.connectionLost()
+
+
+class DiskFullTests(unittest.TestCase):
+    """A write that fails half way (ENOSPC) leaves no torn line and loses no record."""
+
+    def setUp(self):
+        self.audit = AuditLog(self.mktemp(), echo=False)
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+        self.fail_fd: int | None = None
+        real = self.audit._write_all
+
+        def flaky(fd: int, data: bytes) -> None:
+            if fd == self.fail_fd:
+                os.write(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, data)
+
+        self.audit._write_all = flaky
+
+    def reopen(self) -> AuditLog:
+        self.audit.close()
+        again = AuditLog(self.audit.path, echo=False)
+        again.open()
+        self.addCleanup(again.close)
+        return again
+
+    def test_failed_audit_write_leaves_no_torn_line(self):
+        self.audit.store("first")
+        self.fail_fd = self.audit._audit_fd
+        self.assertRaises(OSError, self.audit.store, "lost-record")
+        self.fail_fd = None
+        self.audit.store("next")
+        self.assertEqual(self.audit.path.read_text().split("\n"), ["first", "next", ""])
+
+    def test_failed_audit_write_is_stored_on_resend(self):
+        """The journal said seq 2 was stored, so its resend was skipped as a duplicate: lost."""
+        self.audit.store("r1", "s", 1)
+        self.fail_fd = self.audit._audit_fd
+        self.assertRaises(OSError, self.audit.store, "r2", "s", 2)
+        self.fail_fd = None
+        self.assertTrue(self.audit.store("r2", "s", 2))
+        self.assertEqual(self.audit.path.read_text().splitlines(), ["r1", "r2"])
+        again = self.reopen()
+        self.assertEqual(again.last_seq, {"s": 2})
+        self.assertEqual(again.path.read_text().splitlines(), ["r1", "r2"])
+
+    def test_failed_journal_write_leaves_no_torn_entry(self):
+        self.audit.store("r1", "s", 1)
+        self.fail_fd = self.audit._state_fd
+        self.assertRaises(OSError, self.audit.store, "r2", "t", 5)
+        self.fail_fd = None
+        self.assertTrue(self.audit.store("r3", "u", 7))
+        again = self.reopen()
+        self.assertEqual(again.last_seq, {"s": 1, "u": 7})
+        self.assertEqual(again.path.read_text().splitlines(), ["r1", "r3"])

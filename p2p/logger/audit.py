@@ -83,22 +83,49 @@ class AuditLog:
         """
         assert self._audit_fd is not None, "AuditLog.store before open()"
         line = (record + "\n").encode("utf-8")
+        offset = os.fstat(self._audit_fd).st_size
+        undo = None  # what to restore if the audit line cannot be written
         if sender is not None and seq is not None:
             if seq <= self.last_seq.get(sender, -1):
                 self.duplicates += 1
                 log.info("record {seq} of {sender} already stored", seq=seq, sender=sender)
                 return False
-            offset = os.fstat(self._audit_fd).st_size
             entry = {"s": sender, "q": seq, "o": offset, "r": record}
+            undo = (self._state_size, self.last_seq.get(sender))
             self._journal(entry)
             self.last_seq[sender] = seq
-        self._write_all(self._audit_fd, line)
+        try:
+            self._write_all(self._audit_fd, line)
+        except OSError:
+            # No torn line for the next record to be glued to, and no journal entry
+            # claiming this record: its resend must store it, not skip it as stored.
+            self._truncate(self._audit_fd, offset)
+            if undo is not None:
+                self._unjournal(sender, *undo)
+            raise
         self.stored += 1
         if self.echo:
             say(record)
         if self._state_size > self._compact_limit:
-            self._compact()
+            try:
+                self._compact()
+            except OSError as exc:  # the record is stored; compaction is retried later
+                log.warn("cannot compact the relay journal: {exc}", exc=exc)
         return True
+
+    @staticmethod
+    def _truncate(fd: int, size: int) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+
+    def _unjournal(self, sender: str, size: int, previous: int | None) -> None:
+        assert self._state_fd is not None
+        self._truncate(self._state_fd, size)
+        self._state_size = size
+        if previous is None:
+            self.last_seq.pop(sender, None)
+        else:
+            self.last_seq[sender] = previous
 
     def fsync(self) -> None:
         """Force both files to stable storage (for --fsync)."""
@@ -118,7 +145,11 @@ class AuditLog:
     def _journal(self, entry: dict) -> None:
         data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
         assert self._state_fd is not None
-        self._write_all(self._state_fd, data)
+        try:
+            self._write_all(self._state_fd, data)
+        except OSError:
+            self._truncate(self._state_fd, self._state_size)  # no torn journal line
+            raise
         self._state_size += len(data)
 
     def _replay(self) -> None:

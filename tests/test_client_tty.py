@@ -20,6 +20,8 @@ from tests.support import spawn
 from tests.test_client_e2e import wait_until
 from tests.test_client_interop import ClassicIndexer
 
+#: The prompt as drawn in the terminal (insert mode on, then ``c> ``).
+PROMPT = b"\x1b[4hc> "
 #: One redraw of the bar: label, bar, percentage, bytes, rate and time left.
 BAR = re.compile(
     r"f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
@@ -54,7 +56,9 @@ class _TricklingPeer(protocol.Protocol):
             call.cancel()
 
 
-class TerminalTests(TestCase):
+class TerminalCase(TestCase):
+    """A shell in a pty against a classic indexer; ``self.raw`` is all it drew."""
+
     def setUp(self):
         self.indexer = ClassicIndexer()
         listening = reactor.listenTCP(0, self.indexer, interface="127.0.0.1")
@@ -74,10 +78,24 @@ class TerminalTests(TestCase):
 
         self.proc.childDataReceived = keep
 
-    def type_keys(self, keys: bytes, result: str):
-        self.proc.write(keys)
-        return wait_until(lambda: result.encode() in self.raw, what=result)
+    @defer.inlineCallbacks
+    def type_keys(self, keys: bytes, result: str, times: int = 1):
+        """Type ``keys`` at the prompt; fire once ``result`` is on the screen ``times`` times.
 
+        Keys wait for the first prompt: before it the terminal is still in cooked
+        mode, where the kernel, not the shell, edits the line."""
+        yield wait_until(lambda: PROMPT in self.raw, what="the first prompt")
+        self.proc.write(keys)
+        d = wait_until(lambda: self.raw.count(result.encode()) >= times, what=f"{result!r}")
+
+        def show(failure):
+            failure.trap(defer.TimeoutError)
+            raise defer.TimeoutError(f"{failure.value} x{times}; the screen:\n{self.raw!r}")
+
+        yield d.addErrback(show)
+
+
+class ProgressBarTests(TerminalCase):
     @defer.inlineCallbacks
     def test_progress_bar_then_a_clean_result_line(self):
         self.resize(80)
@@ -144,3 +162,27 @@ class BarWidthTests(TestCase):
     def test_unknown_width_is_not_cut(self):
         bar = ProgressBar(io.StringIO(), 100, "x" * 200, columns=lambda: None)
         self.assertIn("x" * 200, bar.render())
+
+
+class EditingTests(TerminalCase):
+    """Cursor keys and Backspace move over characters, not UTF-8 bytes."""
+
+    def registered(self) -> list[bytes]:
+        """The user names of the REGISTER requests the indexer got, in order."""
+        return [r.split(b"\0")[2] for r in self.indexer.requests if r.startswith(b"REGISTER")]
+
+    @defer.inlineCallbacks
+    def test_backspace_left_and_history_over_non_ascii(self):
+        left, backspace, up, end = b"\x1b[D", b"\x7f", b"\x1b[A", b"\x1b[F"
+        yield self.type_keys("REGISTER zoë".encode() + backspace + b"e\r", "c> REGISTER OK")
+        yield self.type_keys("REGISTER aé".encode() + left + b"b\r", "c> REGISTER OK", 2)
+        yield self.type_keys(up + backspace + b"x\r", "c> REGISTER OK", 3)
+        # Wide characters take two columns: the cursor moves by two.
+        start = len(self.raw)
+        keys = "REGISTER 日本".encode() + left + b"x" + end + b"z\r"
+        yield self.type_keys(keys, "c> REGISTER OK", 4)
+        self.assertIn(b"\x1b[2D", self.raw[start:])
+        # A combining accent goes with its letter: one Backspace removes both.
+        yield self.type_keys("REGISTER qe\u0301".encode() + backspace + b"r\r", "c> REGISTER OK", 5)
+        names = [name.decode("utf-8", "replace") for name in self.registered()]
+        self.assertEqual(names, ["zoe", "abé", "abx", "日x本z", "qr"])

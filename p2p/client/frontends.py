@@ -17,10 +17,12 @@ on fd 1, notes for humans on fd 2 (the raw terminal keeps output processing on, 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import select
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 
 from twisted.conch import recvline
@@ -157,13 +159,22 @@ class PipeInput(protocol.Protocol):
 
 
 class ShellTerminal(recvline.HistoricRecvLine):
-    """An editable, history-keeping prompt feeding the shell."""
+    """An editable, history-keeping prompt feeding the shell.
+
+    ``recvline`` edits bytes: each byte is one entry of ``lineBuffer`` and one
+    column on screen, so the cursor keys and Backspace split UTF-8 characters.
+    Here the input is decoded incrementally and each entry is one character
+    (its UTF-8 bytes, combining marks joined to the character before them),
+    moved over by its width on screen: 2 columns for wide (East Asian) text.
+    Bytes that are not UTF-8 stay as they came (one entry each).
+    """
 
     ps = (PROMPT.encode(), PROMPT.encode())
 
     def __init__(self, submit: Callable[[str], None], interrupt: Callable[[], None]) -> None:
         self.submit = submit
         self.interrupt = interrupt
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -178,8 +189,71 @@ class ShellTerminal(recvline.HistoricRecvLine):
     def keystrokeReceived(self, keyID, modifier) -> None:
         if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:
             self.characterReceived(keyID, False)  # UTF-8 bytes of non-ASCII text
-        else:
-            super().keystrokeReceived(keyID, modifier)
+            return
+        if keyID not in self._printableChars:
+            self._decoder.reset()  # an editing key inside a character: drop its first bytes
+        super().keystrokeReceived(keyID, modifier)
+
+    # --- one entry per character ----------------------------------------------
+
+    def characterReceived(self, ch: bytes, moreCharactersComing: bool) -> None:
+        """Typed (or recalled) bytes: buffered until they make whole characters."""
+        for char in self._decoder.decode(ch):
+            data = char.encode("utf-8", "surrogateescape")
+            if unicodedata.combining(char) and self.lineBufferIndex > 0:
+                self.lineBuffer[self.lineBufferIndex - 1] += data  # e then a combining accent
+                self.terminal.write(data)
+            else:
+                super().characterReceived(data, moreCharactersComing)
+
+    def _columns(self, entries) -> int:
+        return sum(_width(entry) for entry in entries)
+
+    def _back(self, n: int) -> None:
+        if n:
+            self.terminal.cursorBackward(n)
+
+    def _forward(self, n: int) -> None:
+        if n:
+            self.terminal.cursorForward(n)
+
+    def handle_LEFT(self) -> None:
+        if self.lineBufferIndex > 0:
+            self.lineBufferIndex -= 1
+            self._back(_width(self.lineBuffer[self.lineBufferIndex]))
+
+    def handle_RIGHT(self) -> None:
+        if self.lineBufferIndex < len(self.lineBuffer):
+            self._forward(_width(self.lineBuffer[self.lineBufferIndex]))
+            self.lineBufferIndex += 1
+
+    def handle_HOME(self) -> None:
+        self._back(self._columns(self.lineBuffer[: self.lineBufferIndex]))
+        self.lineBufferIndex = 0
+
+    def handle_END(self) -> None:
+        self._forward(self._columns(self.lineBuffer[self.lineBufferIndex :]))
+        self.lineBufferIndex = len(self.lineBuffer)
+
+    def handle_BACKSPACE(self) -> None:
+        if self.lineBufferIndex > 0:
+            self.lineBufferIndex -= 1
+            width = _width(self.lineBuffer.pop(self.lineBufferIndex))
+            if width:
+                self._back(width)
+                self.terminal.deleteCharacter(width)
+
+    def handle_DELETE(self) -> None:
+        if self.lineBufferIndex < len(self.lineBuffer):
+            width = _width(self.lineBuffer.pop(self.lineBufferIndex))
+            if width:
+                self.terminal.deleteCharacter(width)
+
+    def _deliverBuffer(self, buf: bytes) -> None:
+        # A recalled history line: through the decoder like typed text, all at once.
+        self._decoder.reset()
+        if buf:
+            self.characterReceived(buf, False)
 
     def lineReceived(self, line: bytes) -> None:
         self.submit(decode_line(line))
@@ -187,9 +261,7 @@ class ShellTerminal(recvline.HistoricRecvLine):
     def show_prompt(self) -> None:
         """Draw the prompt and whatever has been typed so far."""
         self.drawInputLine()
-        back = len(self.lineBuffer) - self.lineBufferIndex
-        if back:
-            self.terminal.cursorBackward(back)
+        self._back(self._columns(self.lineBuffer[self.lineBufferIndex :]))
 
     def handle_INTERRUPT(self) -> None:
         self.terminal.write(b"^C\n")
@@ -205,6 +277,12 @@ class ShellTerminal(recvline.HistoricRecvLine):
         self.terminal.eraseToLineEnd()
         self.lineBuffer = []
         self.lineBufferIndex = 0
+
+
+def _width(entry: bytes) -> int:
+    """Columns one line-buffer entry takes on screen: 2 for wide text, else 1."""
+    char = entry.decode("utf-8", "surrogateescape")[:1]
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
 class _TerminalWriter:

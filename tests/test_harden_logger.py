@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 import xdrlib3
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -672,3 +672,37 @@ class DiskFullTests(unittest.TestCase):
         again = self.reopen()
         self.assertEqual(again.last_seq, {"s": 1, "u": 7})
         self.assertEqual(again.path.read_text().splitlines(), ["r1", "r3"])
+
+
+class PortmapperAnswerTests(unittest.TestCase):
+    """A portmapper's GETPORT answer over 65535 is refused, not cut to 16 bits."""
+
+    def answer_with(self, value: int):
+        from p2p.logger import portmap
+
+        self.patch(portmap, "pmap_call", lambda *a, **k: defer.succeed(rpc.pack_int(value)))
+        self.connected: list = []
+        self.patch(
+            portmap,
+            "TCP4ClientEndpoint",
+            lambda reactor, host, port, timeout: self.connected.append(port) or _NoConnect(),
+        )
+        return portmap
+
+    def test_bogus_ports_refused(self):
+        for value in (0x10050, -1, 0x7FFFFFFF):
+            portmap = self.answer_with(value)
+            endpoint = portmap.PortmapperEndpoint(None, "127.0.0.1", PROG, VERS)
+            self.failureResultOf(endpoint.connect(None), portmap.NotRegistered)
+            self.assertEqual(self.connected, [], value)
+
+    def test_real_port_used(self):
+        portmap = self.answer_with(9091)
+        endpoint = portmap.PortmapperEndpoint(None, "127.0.0.1", PROG, VERS)
+        self.assertEqual(self.successResultOf(endpoint.connect(None)), "connected")
+        self.assertEqual(self.connected, [9091])
+
+
+class _NoConnect:
+    def connect(self, factory):
+        return defer.succeed("connected")

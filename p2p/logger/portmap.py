@@ -66,9 +66,14 @@ def pmap_unset(reactor, host: str, prog: int, vers: int) -> defer.Deferred:
 def pmap_getport(
     reactor, host: str, prog: int, vers: int, prot: int = IPPROTO_TCP
 ) -> defer.Deferred:
-    """The port ``prog``/``vers`` is registered on (0 when it is not registered)."""
+    """The port ``prog``/``vers`` is registered on (0 when it is not registered).
+
+    The answer is an unsigned int; it is returned whole (not cut to 16 bits,
+    which turned a bogus 65616 into port 80), and ``PortmapperEndpoint``
+    refuses anything over 65535.
+    """
     d = pmap_call(reactor, host, PMAPPROC_GETPORT, pack_mapping(prog, vers, prot, 0))
-    return d.addCallback(lambda data: rpc.unpack_int(data) & 0xFFFF)
+    return d.addCallback(lambda data: rpc.unpack_int(data) & rpc.UINT32_MASK)
 
 
 class NotRegistered(Exception):
@@ -91,6 +96,8 @@ class PortmapperEndpoint:
         port = yield pmap_getport(self.reactor, self.host, self.prog, self.vers, IPPROTO_TCP)
         if not port:
             raise NotRegistered(f"program {self.prog:#x} not registered on {self.host}")
+        if port > 0xFFFF:
+            raise NotRegistered(f"portmapper on {self.host} answered port {port}")
         endpoint = TCP4ClientEndpoint(self.reactor, self.host, port, timeout=self.timeout)
         proto = yield endpoint.connect(factory)
         return proto

@@ -706,3 +706,68 @@ class PortmapperAnswerTests(unittest.TestCase):
 class _NoConnect:
     def connect(self, factory):
         return defer.succeed("connected")
+
+
+GARBAGE = rpc.pack_int(-2)
+
+
+class ConcurrentWritersTests(unittest.TestCase):
+    """TCP clients and UDP datagrams at once into one real logger on loopback."""
+
+    @defer.inlineCallbacks
+    def test_tcp_and_udp_writers_one_line_each(self):
+        from pathlib import Path
+
+        from twisted.internet import reactor
+
+        from p2p.logger import client
+        from p2p.logger.service import Options, make_service
+
+        audit = Path(self.mktemp()).resolve()
+        options = Options()
+        options.parseOptions(
+            [
+                *("--listen", "tcp:0:interface=127.0.0.1", "--listen", "udp:0:interface=127.0.0.1"),
+                *("--no-rpcbind", "--audit-file", str(audit), "--max-message", "300"),
+            ]
+        )
+        service = make_service(options)
+        service.audit.echo = False
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        yield service.ready
+        ports = {kind: port.getHost().port for kind, port in service.ports}
+        udp = client.RpcDatagramClient("127.0.0.1", ports["udp"])
+        udp_port = reactor.listenUDP(0, udp, interface="127.0.0.1")
+        self.addCleanup(udp_port.stopListening)
+        protos = []
+        for _ in range(4):
+            proto = yield client.connect(reactor, f"tcp:host=127.0.0.1:port={ports['tcp']}")
+            protos.append(proto)
+        calls, expected = [], set()
+        for i in range(150):
+            for c, proto in enumerate(protos):
+                text = f"tcp{c} rec {i} " + "é" * (i % 120)
+                expected.add(text)
+                calls.append(proto.call(PROG, VERS, LOG, rpc.pack_string(text)))
+            bad = "two\nlines" if i % 2 else "x" * 301  # -1, or GARBAGE_ARGS (-2 here)
+            bad_call = protos[i % 4].call(PROG, VERS, LOG, rpc.pack_string(bad))
+            calls.append(bad_call.addErrback(lambda f: f.trap(client.RpcReplyError) and GARBAGE))
+            if i < 40:  # UDP without retransmission: few enough not to overflow the socket
+                text = f"udp rec {i}"
+                expected.add(text)
+                calls.append(
+                    udp.call(PROG, VERS, LOG, rpc.pack_string(text)).addCallback(
+                        lambda reply: reply.body
+                    )
+                )
+        results = yield defer.gatherResults(calls)
+        outcomes = [rpc.unpack_int(r) for r in results]
+        self.assertEqual((outcomes.count(-1), outcomes.count(-2)), (75, 75))
+        lines = audit.read_bytes().decode("utf-8").split("\n")
+        self.assertEqual(lines[-1], "")
+        self.assertEqual(sorted(lines[:-1]), sorted(expected))
+        for proto in protos:
+            proto.transport.loseConnection()
+            yield proto.lost
+        yield service.stopService()

@@ -15,6 +15,7 @@ from twisted.internet import defer, protocol, reactor
 from tests.support import deadline
 from tests.test_client_e2e import wait_until
 from tests.test_client_interop import InteropTestCase
+from tests.test_client_tty import _TricklingPeer
 
 
 class _FakeFetchPeer(protocol.Protocol):
@@ -112,4 +113,18 @@ class GetFileTests(InteropTestCase):
         self.assertEqual(a.lines[-1], "c> GET_FILE FAIL")
         self.assertEqual(self.leftovers(a.cwd), [])
         self.assertFalse((a.cwd / "big.bin").exists())
+        self.assertIsNone(self.indexer.users["alice"]["addr"])
+
+    @defer.inlineCallbacks
+    def test_quit_from_a_script_waits_for_the_download(self):
+        a = yield self.online()
+        factory = protocol.Factory.forProtocol(_TricklingPeer)
+        peer = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(peer.stopListening)
+        self.indexer.users["slow"] = {"addr": ("127.0.0.1", str(peer.getHost().port)), "files": {}}
+        a.proc.write(b"GET_FILE slow f.bin f.bin\nQUIT\n")
+        code = yield deadline(a.proc.ended)
+        self.assertEqual(code, 0, a.proc.output())
+        self.assertEqual(a.lines[-1], "c> GET_FILE OK")
+        self.assertEqual((a.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
         self.assertIsNone(self.indexer.users["alice"]["addr"])

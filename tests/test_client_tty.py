@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from p2p.peer.progress import ProgressBar
-from tests.support import spawn
+from tests.support import deadline, spawn
 from tests.test_client_e2e import wait_until
 from tests.test_client_interop import ClassicIndexer
 
@@ -45,7 +45,7 @@ class _TricklingPeer(protocol.Protocol):
         if self.sent >= self.SIZE:
             self.transport.loseConnection()
             return
-        piece = self.SIZE // self.PIECES
+        piece = self.SIZE // getattr(self.factory, "pieces", self.PIECES)
         self.transport.write(b"p" * piece)
         self.sent += piece
         self.call = reactor.callLater(0.05, self.trickle)
@@ -94,6 +94,14 @@ class TerminalCase(TestCase):
 
         yield d.addErrback(show)
 
+    def slow_peer(self, pieces: int = _TricklingPeer.PIECES) -> None:
+        """List user ``slow``: a peer sending 64 KiB in ``pieces``, one every 50 ms."""
+        factory = protocol.Factory.forProtocol(_TricklingPeer)
+        factory.pieces = pieces
+        peer = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(peer.stopListening)
+        self.indexer.users["slow"] = {"addr": ("127.0.0.1", str(peer.getHost().port)), "files": {}}
+
 
 class ProgressBarTests(TerminalCase):
     @defer.inlineCallbacks
@@ -107,10 +115,7 @@ class ProgressBarTests(TerminalCase):
     @defer.inlineCallbacks
     def download_with_a_bar(self):
         """GET_FILE from a slow peer; checks the screen; fires with the bars drawn."""
-        factory = protocol.Factory.forProtocol(_TricklingPeer)
-        peer = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(peer.stopListening)
-        self.indexer.users["slow"] = {"addr": ("127.0.0.1", str(peer.getHost().port)), "files": {}}
+        self.slow_peer()
         yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
         start = len(self.raw)
         yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "c> GET_FILE OK\r\n")
@@ -186,3 +191,20 @@ class EditingTests(TerminalCase):
         yield self.type_keys("REGISTER qe\u0301".encode() + backspace + b"r\r", "c> REGISTER OK", 5)
         names = [name.decode("utf-8", "replace") for name in self.registered()]
         self.assertEqual(names, ["zoe", "abé", "abx", "日x本z", "qr"])
+
+
+class InterruptTests(TerminalCase):
+    """Ctrl-C in the middle of a download."""
+
+    @defer.inlineCallbacks
+    def test_ctrl_c_mid_download(self):
+        self.slow_peer(pieces=1000)  # 20 s or more: Ctrl-C comes long before the end
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "f.bin from slow")
+        self.proc.write(b"\x03")
+        code = yield deadline(self.proc.ended)
+        self.assertEqual(code, 0, self.raw)
+        self.assertIn(b"\rc> GET_FILE FAIL\r\n", self.raw)
+        self.assertEqual(list(self.cwd.iterdir()), [])
+        self.assertIsNone(self.indexer.users["alice"]["addr"])

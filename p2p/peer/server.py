@@ -23,9 +23,11 @@ from pathlib import Path
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import wire
 from p2p.peer.sender import make_producer
@@ -38,8 +40,13 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 _ARGUMENTS = {wire.GET_FILE.encode(): 1, wire.FETCH.encode(): 2}
 
 
+@implementer(IHalfCloseableProtocol)
 class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
-    """Serves one GET_FILE or FETCH request, then closes."""
+    """Serves one GET_FILE or FETCH request, then closes.
+
+    Half-closeable: a downloader may shut down its sending side once its
+    request is out (classic clients do); that must not cut the file it asked for.
+    """
 
     log = Logger()
 
@@ -63,6 +70,16 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         waiters, self.server._lost_waiters = self.server._lost_waiters, []
         for waiter in waiters:
             waiter()
+
+    def readConnectionLost(self) -> None:
+        """The requester sent EOF: keep serving a complete request, else close."""
+        if not self.answered:
+            self.answered = True
+            self.setTimeout(None)
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Never half-closed from this side; nothing to do."""
 
     def timeoutConnection(self) -> None:
         self._note("timed out")
@@ -179,7 +196,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
                 self._note(
                     "{name!r} cut: {why}",
                     name=name,
-                    why=result.value,
+                    why=repr(result.value),
                 )
                 self.transport.abortConnection()
             else:

@@ -111,6 +111,11 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         if not self.fields:
             return
         op = self.fields[0]
+        # A field whose NUL came in the same slice can be complete yet over the
+        # limit: refuse it exactly as if it had arrived in pieces (code 2).
+        if any(len(f) > step for f in self.fields[: _ARGUMENTS.get(op, 0) + 1]):
+            self._malformed()
+            return
         if op not in _ARGUMENTS:
             self.answered = True
             self.transport.loseConnection()  # unknown operation: no reply byte

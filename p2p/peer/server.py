@@ -9,7 +9,9 @@ protocol.md section 2. One request per connection:
 - any other operation: closed without a reply byte (what a classic peer sees
   when it is asked for something it does not know).
 
-A requester that stays silent mid-request is dropped after ``request_timeout``;
+A requester that stays silent mid-request is dropped after ``request_timeout``,
+and one that trickles its request (a byte now and then, each inside that
+timeout) is dropped once ``request_deadline`` has passed since it connected;
 a transfer that makes no progress for ``idle_timeout`` (a stalled downloader)
 is dropped too. The file is streamed by a pull producer (``sender.py``), so a
 slow downloader never makes this process hold more than one chunk of the file.
@@ -35,6 +37,8 @@ from p2p.peer.share import NotShared, open_shared
 
 #: Seconds a transfer may go without the downloader taking a byte.
 DEFAULT_IDLE_TIMEOUT = 120.0
+#: Seconds a requester has for its whole request (a few hundred bytes), however it trickles.
+DEFAULT_REQUEST_DEADLINE = 3 * wire.DEFAULT_TIMEOUT
 
 #: Fields of each request after the operation.
 _ARGUMENTS = {wire.GET_FILE.encode(): 1, wire.FETCH.encode(): 2}
@@ -62,7 +66,8 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.server._connections.add(self)
-        self.setTimeout(self.server.request_timeout)
+        self._since = self.server.reactor.seconds()
+        self.setTimeout(min(self.server.request_timeout, self.server.request_deadline))
 
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
@@ -96,7 +101,12 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self.answered:
             return  # bytes after a complete request are ignored
-        self.resetTimeout()
+        # Activity restarts the silence timer, but never past the request deadline.
+        left = self.server.request_deadline - (self.server.reactor.seconds() - self._since)
+        if left <= 0:
+            self.timeoutConnection()
+            return
+        self.setTimeout(min(self.server.request_timeout, left))
         # Fed in slices no longer than the limit, so an overrun is only ever
         # detected in a slice without NUL and no completed field is lost with it.
         step = self.reader.limit
@@ -231,6 +241,7 @@ class PeerServer:
         reactor=None,
         *,
         request_timeout: float = wire.DEFAULT_TIMEOUT,
+        request_deadline: float = DEFAULT_REQUEST_DEADLINE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
         use_sendfile: bool = True,
@@ -241,6 +252,7 @@ class PeerServer:
         self.is_published = is_published
         self.reactor = reactor
         self.request_timeout = request_timeout
+        self.request_deadline = request_deadline
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.use_sendfile = use_sendfile

@@ -2,7 +2,8 @@
 
 ``twistd`` redirects ``sys.stdout`` into its log, which would prefix every line
 with a timestamp and a namespace; the services' own lines are part of their
-interface, so they bypass that redirection.
+interface, so they bypass that redirection. They are written as UTF-8 bytes,
+like the names they carry, whatever the locale's encoding.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ def say(line: str) -> None:
     stream = sys.__stdout__
     if stream is None:
         return
+    data = (line + "\n").encode("utf-8", "backslashreplace")
     try:
-        stream.write(line + "\n")
         stream.flush()
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:
+            stream.write(data.decode("utf-8"))
+            stream.flush()
     except (OSError, ValueError):
         pass  # stdout closed (daemonised, or the reader went away): the line is optional

@@ -160,6 +160,19 @@ class _ClassicPeerProtocol(protocol.Protocol):
         self.transport.loseConnection()
 
 
+class _SloppyPeerProtocol(protocol.Protocol):
+    """A classic peer written loosely: it serves the second field whatever the operation."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer = getattr(self, "buffer", b"") + data
+        fields = self.buffer.split(b"\0")
+        if len(fields) < 3:
+            return
+        body = self.factory.files.get(fields[1].decode())
+        self.transport.write(b"\x01" if body is None else b"\x00" + body)
+        self.transport.loseConnection()
+
+
 def request(*fields: bytes) -> re.Pattern[bytes]:
     """A pattern for one exact request: our DATETIME shape in the second field."""
     parts = [re.escape(fields[0] + b"\0"), DATETIME.pattern + b"\0"]
@@ -294,6 +307,21 @@ class ClassicPeerTests(InteropTestCase):
         self.assertFalse((a.cwd / "m.bin").exists())
         yield a.check("GET_FILE nobody data.bin n.bin", "c> GET_FILE FAIL")
         self.assertEqual(sorted(p.name for p in a.cwd.iterdir()), ["got.bin"])
+
+    @defer.inlineCallbacks
+    def test_a_classic_peer_that_ignores_the_operation(self):
+        a = self.shell("alice")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        # Its reply to FETCH is no FETCH reply; GET_FILE gets the file.
+        for mode, body in (("short", b"hi"), ("empty", b""), ("long", b"x" * 100000)):
+            factory = protocol.Factory.forProtocol(_SloppyPeerProtocol)
+            factory.files = {"f": body}
+            listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            self.indexer.users[mode] = {"addr": ("127.0.0.1", str(listening.getHost().port))}
+            yield a.check(f"GET_FILE {mode} f out", "c> GET_FILE OK")
+            self.assertEqual((a.cwd / "out").read_bytes(), body, mode)
 
     @defer.inlineCallbacks
     def test_our_peer_serves_a_classic_requester(self):

@@ -4,7 +4,9 @@ protocol.md section 2. The downloader asks with ``FETCH`` (offset 0) first: the
 size that comes back tells a finished transfer from a cut one and feeds the
 progress bar. A peer that closes without a reply byte does not know FETCH, so
 the download is retried with the classic ``GET_FILE`` on a new connection, where
-a clean close after code 0 marks the end.
+a clean close after code 0 marks the end. So is a FETCH answered with code 0
+and no size at all: a loosely written classic peer that serves a short file
+whatever the operation.
 
 Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
@@ -140,7 +142,8 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
                 return None
             return DownloadFailed(f"cut after {self.received} of {self.size} bytes")
         if self.op == wire.FETCH:
-            return DownloadFailed("closed before the size arrived")
+            # A classic peer serving a short file whatever the operation: try GET_FILE.
+            return _NoReply("closed before the FETCH size arrived")
         if reason.check(error.ConnectionDone):
             return None  # GET_FILE ends with a clean close
         return DownloadFailed(f"connection lost: {reason.value}")

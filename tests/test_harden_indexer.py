@@ -437,6 +437,42 @@ class EdgeCases(TestCase):
         self.assertEqual([r[0] for r in self.h.store.iter_users()], ["alice", "ghost1"])
 
 
+class LargeReplies(TestCase):
+    """A large listing to clients that never read costs one chunk each, not a copy each."""
+
+    def test_listing_is_handed_out_chunk_by_chunk(self) -> None:
+        from p2p.indexer import protocol as protocol_module
+
+        CHUNK = getattr(protocol_module, "REPLY_CHUNK", 64 * 1024)
+        h = Harness(self, max_connections=10_000)
+        model = Model()
+        for i in range(1200):
+            user = f"u{i:04d}" + "x" * 200
+            for op, args in (("REGISTER", ()), ("CONNECT", (1000 + i,))):
+                self.assertEqual(
+                    h.request(op, user, *args), model.apply(op, user, args, "127.0.0.1")
+                )
+        expected = model.apply("LIST_USERS", "u0000" + "x" * 200, (), "127.0.0.1")
+        self.assertGreater(len(expected), 4 * CHUNK)
+        pending = []
+        for _ in range(50):
+            proto, transport = h.connect()
+            proto.dataReceived(wire.encode_request("LIST_USERS", DT, "u0000" + "x" * 200))
+            pending.append(transport)
+        h.clock.advance(0)
+        # Before the fix each transport held the whole listing (50 copies).
+        held = sum(len(t.value()) for t in pending)
+        self.assertLessEqual(held, 50 * CHUNK)
+        for transport in pending:
+            self.assertIsNotNone(transport.producer)
+            for _ in range(1000):
+                if transport.producer is None:
+                    break
+                transport.producer.resumeProducing()
+            self.assertEqual(transport.value(), expected)
+            self.assertTrue(transport.disconnecting)
+
+
 # --- End to end against twistd p2p-indexer -------------------------------------------
 
 

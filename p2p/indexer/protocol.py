@@ -21,11 +21,12 @@ import sqlite3
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import wire
 from p2p.console import say
@@ -38,6 +39,8 @@ _CODES = [bytes((code,)) for code in range(256)]
 #: The reason given to a connection closed after its reply (shared: it has no traceback).
 _DONE = Failure(ConnectionDone("reply sent"))
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: The part of a large reply handed to the transport at a time (see :class:`_Rest`).
+REPLY_CHUNK = 64 * 1024
 
 # Fast acceptance of the common, plain-ASCII fields. Each pattern accepts only
 # a subset of what ``wire.decode_field`` accepts for that kind; anything else
@@ -197,13 +200,46 @@ class IndexerProtocol(Protocol, TimeoutMixin):
             if sent == len(data):
                 transport.connectionLost(_DONE)
                 return
-            data = data[sent:]
-        transport.write(data)
+            if sent:
+                data = memoryview(data)[sent:]
+        if len(data) > REPLY_CHUNK:
+            _Rest(transport, data).start()
+            return
+        transport.write(bytes(data))
         transport.loseConnection()
 
     @property
     def op(self) -> wire.OpSpec | None:
         return self._op
+
+
+@implementer(IPullProducer)
+class _Rest:
+    """The rest of a large reply, one chunk each time the transport has sent the last.
+
+    A listing is one shared bytes object; writing all of it would give every
+    connection its own copy in the transport's buffer, so a crowd of clients
+    that ask for LIST_USERS and never read could hold the listing times the
+    connection cap. This way each holds at most one chunk.
+    """
+
+    def __init__(self, transport, data: bytes | memoryview) -> None:
+        self.transport = transport
+        self.data = memoryview(data)
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, False)  # asks for the first chunk at once
+
+    def resumeProducing(self) -> None:
+        chunk, self.data = self.data[:REPLY_CHUNK], self.data[REPLY_CHUNK:]
+        if chunk:
+            self.transport.write(bytes(chunk))
+        if not self.data:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stopProducing(self) -> None:
+        self.data = memoryview(b"")
 
 
 class IndexerFactory(ServerFactory):

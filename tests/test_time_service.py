@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lxml import etree
 from twisted.internet import defer, reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -205,3 +206,44 @@ class InlineTimeServiceTests(TimeServiceTests):
     """The same with ``--inline``: Spyne on the reactor thread."""
 
     options = ("--inline",)
+
+
+class ConnectionCapTests(TestCase):
+    """``--max-connections``: slow clients hold a slot each, never more than the cap."""
+
+    @defer.inlineCallbacks
+    def test_cap_closes_extra_connections_and_frees_slots(self):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        port = free_port()
+        proc = spawn_twistd(
+            self, "p2p-time", "--listen", f"tcp:{port}:interface=127.0.0.1", "--max-connections=2"
+        )
+        yield proc.wait_for_line(r"s> time service")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        # two silent clients take both slots (one byte of a request line each)
+        idle = []
+        for _ in range(2):
+            conn = yield connectProtocol(endpoint, Protocol())
+            conn.transport.write(b"P")
+            idle.append(conn)
+        # a third is closed at once, without a byte
+        refused = yield exchange(port, b"POST / HTTP/1.1\r\n", timeout=10)
+        self.assertEqual(refused, b"")
+        # a slot frees up: a real call is served again
+        closed = Deferred()
+        idle[0].connectionLost = lambda reason: closed.callback(None)
+        idle[0].transport.loseConnection()
+        yield deadline(closed, 10)
+        request = (
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: text/xml\r\nContent-Length: %d\r\n\r\n" % len(GET_TIME) + GET_TIME
+        )
+        for _ in range(50):  # the server may see the close a moment after the client did
+            answer = yield exchange(port, request, timeout=10)
+            if answer:
+                break
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        self.assertIn(b"get_timeResult", answer)
+        idle[1].transport.loseConnection()

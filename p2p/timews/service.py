@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
-from twisted.web.server import Site
 
 from p2p import wire
 from p2p.console import say
@@ -42,11 +42,20 @@ class Options(usage.Options):
             "Endpoint to listen on (Twisted endpoint string, e.g. tcp:8000:interface=127.0.0.1).",
         ],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes.", int],
+        [
+            "max-connections",
+            None,
+            wire.DEFAULT_MAX_CONNECTIONS,
+            "Open connections beyond which new ones are closed at once.",
+            int,
+        ],
     ]
 
     def postOptions(self) -> None:
         if self["max-body"] < 1024:
             raise usage.UsageError("--max-body must be at least 1024 bytes")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
 
 
 def wsdl_url(address: object) -> str:
@@ -73,7 +82,9 @@ class TimeWebService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint: IStreamServerEndpoint, site: Site, description: str) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, site: IProtocolFactory, description: str
+    ) -> None:
         super().__init__(endpoint, site)
         self.description = description
         self.url: str | None = None
@@ -93,12 +104,29 @@ class TimeWebService(StreamServerEndpointService):
         return port
 
 
+class CappedFactory(WrappingFactory):
+    """Wraps a factory; connections beyond ``limit`` open at once are closed unanswered."""
+
+    def __init__(self, wrapped: IProtocolFactory, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= self.limit:
+            return None  # the port closes the new socket
+        return super().buildProtocol(addr)
+
+
 def make_service(options: Options) -> IService:
     """The time service for ``options`` (not started)."""
     from twisted.internet import reactor
 
     endpoint = endpoints.serverFromString(reactor, options["listen"])
     site = make_site(reactor, max_body=options["max-body"], inline=bool(options["inline"]))
-    service = TimeWebService(endpoint, site, options["listen"])
+    # Slow clients (one byte a minute) each hold a connection: cap them, so
+    # they can use up a slot each but never the process's file descriptors.
+    service = TimeWebService(
+        endpoint, CappedFactory(site, options["max-connections"]), options["listen"]
+    )
     service.setName("time")
     return service

@@ -281,6 +281,25 @@ class ClassicIndexerTests(InteropTestCase):
             self.assertTrue(raw.endswith(b"\0"), raw)
 
     @defer.inlineCallbacks
+    def test_control_characters_in_listings_are_shown_escaped(self):
+        # Our indexer refuses them; another may store and send them back. Each row
+        # must stay one line, and no escape sequence may reach the terminal.
+        a = self.shell("alice")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        self.indexer.users["alice"]["files"]["a\rb"] = "one\ntwo\x1b[2J\tend\x7f"
+        self.indexer.users["m\x1b]0;x\x07"] = {"addr": ("1.2.3.4\n", "9"), "files": {}}
+        yield a.check(
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\ta\\rb "one\\ntwo\\x1b[2J\tend\\x7f"'
+        )
+        yield a.check(
+            "LIST_USERS",
+            "c> LIST_USERS OK",
+            "\tm\\x1b]0;x\\x07 1.2.3.4\\n 9",
+            f"\talice 127.0.0.1 {self.indexer.users['alice']['addr'][1]}",
+        )
+
+    @defer.inlineCallbacks
     def test_quit_disconnects_first(self):
         a = self.shell("alice")
         yield a.check("REGISTER alice", "c> REGISTER OK")

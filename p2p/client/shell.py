@@ -416,7 +416,7 @@ class Shell:
         code, rows = yield self._ask("LIST_USERS", user)
         if code == wire.OK:
             for name, ip, port in rows:
-                self.output.line(f"\t{name} {ip} {port}")
+                self.output.line(f"\t{shown(name)} {shown(ip)} {shown(port)}")
 
     @defer.inlineCallbacks
     def do_list_content(self, owner: str):
@@ -426,7 +426,7 @@ class Shell:
         code, rows = yield self._ask("LIST_CONTENT", user, owner)
         if code == wire.OK:
             for name, description in rows:
-                self.output.line(f'\t{name} "{description}"')
+                self.output.line(f'\t{shown(name)} "{shown(description, keep_tab=True)}"')
 
     # --- downloads ----------------------------------------------------------
 
@@ -529,6 +529,22 @@ class Shell:
                 else:
                     self.output.note(f"could not disconnect {user} (code {code})")
         yield self._go_offline()
+
+
+def shown(text: str, keep_tab: bool = False) -> str:
+    """``text`` from the indexer, safe to print: control characters escaped.
+
+    Our indexer refuses them, another may not; a newline would split a listing
+    row and an escape sequence would reach the user's terminal. Descriptions
+    keep their tabs, which the protocol allows.
+    """
+
+    def bad(ch: str) -> bool:  # wire's rule for descriptions: no control character but tab
+        return not wire.check_text(ch) or (ch == "\t" and not keep_tab)
+
+    if not any(map(bad, text)):
+        return text
+    return "".join(ch.encode("unicode_escape").decode() if bad(ch) else ch for ch in text)
 
 
 def local_destination(remote: str, local: str) -> Path:

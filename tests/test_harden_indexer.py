@@ -473,6 +473,50 @@ class LargeReplies(TestCase):
             self.assertTrue(transport.disconnecting)
 
 
+class LargeReplyOverTCP(TestCase):
+    """Over a real socket: a listing larger than the socket buffers, to tricky clients."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_half_close_during_large_listing(self):
+        """EOF from a client that half-closed must not cut the listing being sent.
+
+        With the chunked reply the transport kept reading, so the EOF ended the
+        connection mid-listing (3 of 6.6 MB arrived); it must stop reading as
+        loseConnection did.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        h = Harness(self)
+        for i in range(30_000):
+            user = f"u{i:05d}" + "u" * 200
+            h.directory.handle(wire.REGISTER, DT, user, [])
+            h.directory.handle(wire.CONNECT, DT, user, [1000], ("127.0.0.1", 1000))
+        h.store.commit()
+        h.factory.reactor = reactor
+        expected = b"\0" + h.directory.handle(wire.LIST_USERS, DT, "u00000" + "u" * 200, [])[1]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(h.factory)
+        self.addCleanup(port.stopListening)
+
+        def half_close() -> bytes:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+                s.settimeout(10)
+                s.connect(("127.0.0.1", port.getHost().port))
+                s.sendall(wire.encode_request("LIST_USERS", DT, "u00001" + "u" * 200))
+                s.shutdown(socket.SHUT_WR)
+                data = bytearray()
+                while chunk := s.recv(65536):
+                    data += chunk
+                return bytes(data)
+
+        reply = yield threads.deferToThread(half_close)
+        self.assertEqual(len(reply), len(expected))
+        self.assertEqual(reply, expected)
+
+
 # --- End to end against twistd p2p-indexer -------------------------------------------
 
 
@@ -561,6 +605,7 @@ class EndToEnd(TestCase):
         self.assertEqual(reply[:5], b"\x00400\x00")
         self.assertEqual(reply.count(b"\0"), 1 + 1 + 3 * 400)
         yield self.well_behaved(port, "after")
+
         self.assertNotRegex(proc.output(), "Traceback|Unhandled")
 
     @defer.inlineCallbacks

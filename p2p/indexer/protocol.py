@@ -228,6 +228,9 @@ class _Rest:
         self.data = memoryview(data)
 
     def start(self) -> None:
+        # Read nothing more, as loseConnection would: an EOF from a client that
+        # half-closed after its request must not end the reply early.
+        self.transport.pauseProducing()
         self.transport.registerProducer(self, False)  # asks for the first chunk at once
 
     def resumeProducing(self) -> None:

@@ -158,6 +158,12 @@ class BadField(ValueError):
     """A field that breaks protocol.md's limits (length, encoding, content)."""
 
 
+#: Unicode line and paragraph separators: not control characters, but many readers
+#: end a line there. DATETIME goes verbatim into an audit record (one line), so
+#: it may not hold one (the logger refuses such a record).
+LINE_SEPARATORS = frozenset("\u2028\u2029")
+
+
 def _is_control(ch: str) -> bool:
     o = ord(ch)
     return o < 0x20 or 0x7F <= o < 0xA0
@@ -195,8 +201,10 @@ def decode_field(raw: bytes, kind: FieldKind) -> str | int:
         raise BadField(f"name has whitespace or control characters: {text!r}")
     if kind is FieldKind.TEXT and not check_text(text):
         raise BadField(f"text has control characters: {text!r}")
-    if kind in (FieldKind.OP, FieldKind.DATETIME) and any(_is_control(c) for c in text):
-        raise BadField(f"{kind.value} has control characters")
+    if kind in (FieldKind.OP, FieldKind.DATETIME) and any(
+        _is_control(c) or c in LINE_SEPARATORS for c in text
+    ):
+        raise BadField(f"{kind.value} has control characters or line separators")
     return text
 
 

@@ -67,6 +67,8 @@ def open_shared(share_dir: Path | str, name: str) -> tuple[int, int]:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK):  # a link swapped in after resolving
             raise NotShared(name) from exc
+        if exc.errno == errno.ENAMETOOLONG:  # a valid 256-byte name no file can have
+            raise NotShared(name) from exc
         raise
     try:
         info = os.fstat(fd)

@@ -300,6 +300,41 @@ class ClassicIndexerTests(InteropTestCase):
         )
 
     @defer.inlineCallbacks
+    def test_other_error_codes_cut_replies_and_unknown_codes(self):
+        a = self.shell("alice")
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        real = self.indexer.handle
+        other_error = {b"REGISTER": 2, b"UNREGISTER": 2, b"CONNECT": 3, b"DISCONNECT": 3}
+        other_error.update({b"PUBLISH": 4, b"DELETE": 4, b"LIST_USERS": 3, b"LIST_CONTENT": 4})
+        commands = [
+            ("REGISTER bob", "c> REGISTER FAIL"),
+            ("UNREGISTER bob", "c> UNREGISTER FAIL"),
+            ("PUBLISH f d", "c> PUBLISH FAIL"),
+            ("DELETE f", "c> DELETE FAIL"),
+            ("LIST_USERS", "c> LIST_USERS FAIL"),
+            ("LIST_CONTENT bob", "c> LIST_CONTENT FAIL"),
+            ("GET_FILE bob f g", "c> GET_FILE FAIL"),
+            ("DISCONNECT alice", "c> DISCONNECT FAIL"),
+        ]
+        for reply in ("other error", "unknown code", "cut"):
+            for command, line in commands:
+
+                def answer(fields, ip, reply=reply):
+                    if reply == "other error":
+                        return bytes([other_error[fields[0]]])
+                    if reply == "unknown code":
+                        return b"\x09"
+                    return real(fields, ip)[:-1] if fields[0].startswith(b"LIST") else b""
+
+                self.indexer.handle = answer
+                yield a.check(command, line)
+        # CONNECT's own plain FAIL: a fresh shell, as this one stays connected.
+        b = self.shell("bob")
+        self.indexer.handle = lambda fields, ip: b"\x03"
+        yield b.check("CONNECT bob", "c> CONNECT FAIL")
+
+    @defer.inlineCallbacks
     def test_quit_disconnects_first(self):
         a = self.shell("alice")
         yield a.check("REGISTER alice", "c> REGISTER OK")

@@ -349,7 +349,7 @@ class ClassicPeerTests(InteropTestCase):
     @defer.inlineCallbacks
     def test_get_file_falls_back_to_get_file(self):
         body = bytes(range(256)) * 40 + b"\0\0end"
-        peer, peer_port = self.classic_peer({"data.bin": body})
+        peer, peer_port = self.classic_peer({"data.bin": body, "fïlé-☃.bin": b"snow"})
         self.indexer.users["old"] = {"addr": ("localhost", str(peer_port)), "files": {}}
         a = self.shell("alice")
         yield a.check("REGISTER alice", "c> REGISTER OK")
@@ -357,10 +357,13 @@ class ClassicPeerTests(InteropTestCase):
         yield a.check("GET_FILE old data.bin got.bin", "c> GET_FILE OK")
         self.assertEqual((a.cwd / "got.bin").read_bytes(), body)
         self.assertEqual(peer.requests, [b"GET_FILE\0data.bin\0"])
+        yield a.check("GET_FILE old fïlé-☃.bin dést.bin", "c> GET_FILE OK")
+        self.assertEqual((a.cwd / "dést.bin").read_bytes(), b"snow")
+        self.assertEqual(peer.requests[-1], "GET_FILE\0fïlé-☃.bin\0".encode())
         yield a.check("GET_FILE old missing.bin m.bin", "c> GET_FILE FAIL / FILE NOT EXIST")
         self.assertFalse((a.cwd / "m.bin").exists())
         yield a.check("GET_FILE nobody data.bin n.bin", "c> GET_FILE FAIL")
-        self.assertEqual(sorted(p.name for p in a.cwd.iterdir()), ["got.bin"])
+        self.assertEqual(sorted(p.name for p in a.cwd.iterdir()), ["dést.bin", "got.bin"])
 
     @defer.inlineCallbacks
     def test_a_classic_peer_that_ignores_the_operation(self):

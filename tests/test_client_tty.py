@@ -22,6 +22,8 @@ from tests.test_client_interop import ClassicIndexer
 
 #: The prompt as drawn in the terminal (insert mode on, then ``c> ``).
 PROMPT = b"\x1b[4hc> "
+#: Replace mode (insert mode off).
+INSERT_OFF = b"\x1b[4l"
 #: One redraw of the bar: label, bar, percentage, bytes, rate and time left.
 BAR = re.compile(
     r"f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
@@ -123,6 +125,13 @@ class ProgressBarTests(TerminalCase):
         self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
         # The bar is redrawn in place (\r), never wider than the terminal.
         _echo, drawn = shown.split(b"\r\n", 1)
+        # The terminal is in replace mode while the command runs (in insert mode, each
+        # \r redraw would push the last one right), in insert mode again at the prompt.
+        self.assertLess(
+            self.raw.rfind(b"\x1b[4h", 0, start), self.raw.rfind(INSERT_OFF, 0, start + 40)
+        )
+        self.assertNotIn(b"\x1b[4h", drawn.split(b"c> GET_FILE OK")[0])
+        yield wait_until(lambda: self.raw.endswith(PROMPT), what="the prompt, in insert mode")
         # The result line starts at the line's start, after the bar was erased.
         redraws, _after = drawn.split(b"\rc> GET_FILE OK\r\n", 1)
         bars = [seg.decode().rstrip() for seg in redraws.split(b"\r") if seg.strip()]
@@ -208,3 +217,11 @@ class InterruptTests(TerminalCase):
         self.assertIn(b"\rc> GET_FILE FAIL\r\n", self.raw)
         self.assertEqual(list(self.cwd.iterdir()), [])
         self.assertIsNone(self.indexer.users["alice"]["addr"])
+        self.assertTrue(self.raw.endswith(INSERT_OFF), self.raw[-60:])
+
+    @defer.inlineCallbacks
+    def test_the_terminal_is_left_in_replace_mode(self):
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        self.proc.write(b"\x04")
+        yield deadline(self.proc.ended)
+        self.assertTrue(self.raw.endswith(INSERT_OFF), self.raw[-60:])

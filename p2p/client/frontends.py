@@ -31,6 +31,8 @@ from twisted.internet import interfaces, protocol, stdio
 from zope.interface import implementer
 
 PROMPT = "c> "
+#: ECMA-48 "reset mode: IRM": the terminal back in replace mode, as it was before the shell.
+RESET_INSERT_MODE = b"\x1b[4l"
 #: Longest input line accepted (a description is at most 256 bytes; leave room).
 MAX_LINE = 64 * 1024
 
@@ -256,10 +258,14 @@ class ShellTerminal(recvline.HistoricRecvLine):
             self.characterReceived(buf, False)
 
     def lineReceived(self, line: bytes) -> None:
+        # Insert mode is for editing at the prompt only: a command's output (the
+        # progress bar's \r redraws above all) must overwrite, not push text right.
+        self.terminal.resetModes([insults.modes.IRM])
         self.submit(decode_line(line))
 
     def show_prompt(self) -> None:
-        """Draw the prompt and whatever has been typed so far."""
+        """Draw the prompt and whatever has been typed so far (in insert mode)."""
+        self.terminal.setModes([insults.modes.IRM])
         self.drawInputLine()
         self._back(self._columns(self.lineBuffer[self.lineBufferIndex :]))
 
@@ -361,6 +367,8 @@ def raw_terminal(fd: int = 0) -> Iterator[None]:
     try:
         yield
     finally:
+        if os.isatty(1):
+            write_all(1, RESET_INSERT_MODE)  # the user's next program expects replace mode
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         os.set_blocking(fd, True)
         with contextlib.suppress(OSError):

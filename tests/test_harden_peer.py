@@ -18,6 +18,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
@@ -293,3 +294,51 @@ class OverTCP(TestCase):
             return data
 
         self.assertEqual((yield self.blocking(fetch)), b"\0" + HELLO)
+
+
+class _Liar(Protocol):
+    """A malicious peer: answers any request with fixed bytes, then closes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.factory.answer)
+        self.transport.loseConnection()
+
+
+class HostilePeer(TestCase):
+    """The downloader against a peer that lies in its FETCH header."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def fetch_from(self, answer: bytes):
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory
+
+        from p2p.peer.download import download
+
+        factory = Factory.forProtocol(_Liar)
+        factory.answer = answer
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        dest = Path(self.mktemp()).resolve()
+        dest.mkdir()
+        try:
+            yield download(
+                "127.0.0.1", port.getHost().port, "x", dest / "out", reactor=reactor, timeout=5
+            )
+        except Exception as exc:
+            failure = exc
+        else:
+            self.fail("the download must fail")
+        self.assertEqual(sorted(os.listdir(dest)), [])
+        return failure
+
+    @defer.inlineCallbacks
+    def test_absurd_sizes_fail_cleanly(self):
+        """A 20-digit size (over 2**63) made posix_fallocate raise OverflowError."""
+        from p2p.peer.download import DownloadFailed
+
+        for size in (b"9" * 20, b"18446744073709551616", b"9223372036854775808"):
+            failure = yield self.fetch_from(b"\0" + size + b"\0" + b"data")
+            self.assertIsInstance(failure, DownloadFailed, size)
+            self.assertIn("no room", str(failure))

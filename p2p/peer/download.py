@@ -279,6 +279,8 @@ class _Download:
             return
         try:
             os.posix_fallocate(self.fd, 0, size)
+        except OverflowError as exc:  # a lying peer's 20-digit size, past off_t
+            raise OSError(errno.EFBIG, "larger than any file can be") from exc
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise

@@ -323,15 +323,15 @@ class HostilePeer(TestCase):
         dest = Path(self.mktemp()).resolve()
         dest.mkdir()
         try:
-            yield download(
+            got = yield download(
                 "127.0.0.1", port.getHost().port, "x", dest / "out", reactor=reactor, timeout=5
             )
         except Exception as exc:
-            failure = exc
-        else:
-            self.fail("the download must fail")
-        self.assertEqual(sorted(os.listdir(dest)), [])
-        return failure
+            self.assertEqual(sorted(os.listdir(dest)), [])  # nothing left on failure
+            return exc
+        self.assertEqual(sorted(os.listdir(dest)), ["out"])
+        self.assertEqual((dest / "out").stat().st_size, got)
+        return None
 
     @defer.inlineCallbacks
     def test_absurd_sizes_fail_cleanly(self):
@@ -342,3 +342,30 @@ class HostilePeer(TestCase):
             failure = yield self.fetch_from(b"\0" + size + b"\0" + b"data")
             self.assertIsInstance(failure, DownloadFailed, size)
             self.assertIn("no room", str(failure))
+
+    @defer.inlineCallbacks
+    def test_garbage_replies(self):
+        """Whatever a peer answers: a clean success or failure, never an unhandled error."""
+        from p2p.peer.download import DownloadFailed, NoSuchFile
+
+        answers = [
+            b"",
+            b"\0",
+            b"\1",
+            b"\2",
+            b"\3",
+            b"\x05",
+            b"\xff" * 10,
+            b"\0abc\0",
+            b"\0-1\0",
+            b"\0" + b"1" * 21,
+            b"\0 5\0xxxxx",
+            b"\0005\0xxxxx",
+            b"\03\0xxxxx",
+            b"\0\0",
+            b"\x00\xd9\xa3\0x",
+        ]
+        for answer in answers:
+            outcome = yield self.fetch_from(answer)
+            if outcome is not None:
+                self.assertIsInstance(outcome, (DownloadFailed, NoSuchFile), answer)

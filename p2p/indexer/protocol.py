@@ -354,7 +354,8 @@ class IndexerFactory(ServerFactory):
             self.store.rollback()
             self.directory.load()
         except sqlite3.Error:
-            self.log.failure("cannot reload the directory; refusing requests until it can")
+            if not self.stale:  # once, not once per refused request
+                self.log.failure("cannot reload the directory; refusing requests until it can")
             self.stale = True
             return False
         self.stale = False

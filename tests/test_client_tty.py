@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
-from p2p.peer.progress import ProgressBar
+from p2p.peer.progress import ProgressBar, columns_of
 from tests.support import deadline, spawn
 from tests.test_client_e2e import wait_until
 from tests.test_client_interop import ClassicIndexer
@@ -159,14 +159,15 @@ class BarWidthTests(TestCase):
     """The bar never reaches the terminal's last column, whatever its width."""
 
     def test_every_width(self):
-        for label in ("f from bob", "a-rather-long-file-name-for-a-bar.tar.gz from someone"):
+        labels = ("f from bob", "a-rather-long-file-name-for-a-bar.tar.gz from someone")
+        for label in (*labels, "日本語のとても長いファイル名です.txt from 山田"):
             for width in range(20, 140):
                 stream = io.StringIO()
                 clock = iter([0.0, 3.0, 3.0]).__next__
                 bar = ProgressBar(stream, 10**9, label, clock=clock, columns=lambda w=width: w)
                 bar.update(123456789)
                 line = stream.getvalue().lstrip("\r")
-                self.assertLess(len(line), width, (width, line))
+                self.assertLess(columns_of(line), width, (width, line))
                 if width >= 40:
                     self.assertIn("%", line)
                 if width >= 120:

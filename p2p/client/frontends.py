@@ -30,6 +30,8 @@ from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
 from zope.interface import implementer
 
+from p2p.peer.progress import columns_of
+
 PROMPT = "c> "
 #: ECMA-48 "reset mode: IRM": the terminal back in replace mode, as it was before the shell.
 RESET_INSERT_MODE = b"\x1b[4l"
@@ -286,9 +288,8 @@ class ShellTerminal(recvline.HistoricRecvLine):
 
 
 def _width(entry: bytes) -> int:
-    """Columns one line-buffer entry takes on screen: 2 for wide text, else 1."""
-    char = entry.decode("utf-8", "surrogateescape")[:1]
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    """Columns one line-buffer entry (a character and its combining marks) takes."""
+    return columns_of(entry.decode("utf-8", "surrogateescape")) or 1
 
 
 class _TerminalWriter:

@@ -8,6 +8,7 @@ The shell uses it only when stdout is a terminal.
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import TextIO
 
@@ -39,6 +40,27 @@ def _graphic(done: float, width: int) -> str:
     return f"[{'#' * filled}{' ' * (width - filled)}]"
 
 
+def columns_of(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (East Asian) characters 2, combining marks 0."""
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
+def _shorten(label: str, columns: int) -> str:
+    """``label`` cut to ``columns`` columns, ending in ``…`` when cut."""
+    if columns_of(label) <= columns:
+        return label
+    out, used = [], 1  # room for the ellipsis
+    for ch in label:
+        used += columns_of(ch)
+        if used > columns:
+            break
+        out.append(ch)
+    return "".join(out) + "…"
+
+
 def _fit(label: str, done: float | None, rest: list[str], width: int | None) -> str:
     """The bar's line, narrower than ``width``: a line that wraps cannot be redrawn
     in place with ``\\r``, so each redraw would add a row. To fit, the ``[###  ]``
@@ -46,19 +68,19 @@ def _fit(label: str, done: float | None, rest: list[str], width: int | None) -> 
     tail = "  ".join(rest)
     if done is not None:
         line = f"{label}  {_graphic(done, BAR_WIDTH)} {tail}"
-        if not width or len(line) < width:
+        if not width or columns_of(line) < width:
             return line
-        narrower = BAR_WIDTH - (len(line) - (width - 1))
+        narrower = BAR_WIDTH - (columns_of(line) - (width - 1))
         if narrower >= MIN_BAR_WIDTH:
             return f"{label}  {_graphic(done, narrower)} {tail}"
     line = f"{label}  {tail}"
-    if not width or len(line) < width:
+    if not width or columns_of(line) < width:
         return line
     limit = width - 1  # keep off the last column, where some terminals wrap early
     room = limit - len(tail) - 2
     if room >= 8:
-        return label[: room - 1] + "…" + "  " + tail
-    return (label[:7] + "…  " + tail)[:limit]
+        return _shorten(label, room) + "  " + tail
+    return _shorten(_shorten(label, 8) + "  " + tail, limit)
 
 
 class ProgressBar:
@@ -114,10 +136,10 @@ class ProgressBar:
         return _fit(self.label, done, parts, width)
 
     def _draw(self, line: str) -> None:
-        pad = max(self._width - len(line), 0)
+        pad = max(self._width - columns_of(line), 0)
         self.stream.write("\r" + line + " " * pad)
         self.stream.flush()
-        self._width = len(line)
+        self._width = columns_of(line)
 
     def finish(self) -> None:
         """Erase the bar and return the cursor to the start of the line."""

@@ -347,10 +347,25 @@ class PeerTransferTests(TestCase):
 
     @defer.inlineCallbacks
     def test_peer_error_code(self):
+        """2 to FETCH is asked again as GET_FILE; 2 again is a failure."""
         peer = yield self.fake(lambda op, fields, t: (t.write(b"\2"), t.loseConnection()))
         yield self.assertFailure(self.fetch("x", port=peer.port), DownloadFailed)
-        self.assertEqual(peer.seen, ["FETCH"])
+        self.assertEqual(peer.seen, ["FETCH", "GET_FILE"])
         self.assertEqual(leftovers(self.dest), [])
+
+    @defer.inlineCallbacks
+    def test_classic_peer_answering_2_to_fetch(self):
+        """A classic peer that answers an unknown FETCH with 2 still serves by GET_FILE."""
+
+        def classic(op, fields, t):
+            t.write(b"\0classic bytes" if op == "GET_FILE" else b"\2")
+            t.loseConnection()
+
+        peer = yield self.fake(classic)
+        size = yield self.fetch("x", port=peer.port)
+        self.assertEqual(size, len(b"classic bytes"))
+        self.assertEqual((self.dest / "out").read_bytes(), b"classic bytes")
+        self.assertEqual(peer.seen, ["FETCH", "GET_FILE"])
 
     @defer.inlineCallbacks
     def test_silent_peer_times_out(self):

@@ -93,6 +93,11 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
             if self.code != wire.PEER_OK:
                 if self.code == wire.PEER_NO_FILE:
                     self._stop(NoSuchFile(self.download.remote_name))
+                elif self.op == wire.FETCH and self.code == wire.PEER_ERROR:
+                    # A classic peer may answer an operation it does not know with
+                    # "any other error": ask again the classic way, which also
+                    # reports a real error of ours (2 again) as a failure.
+                    self._stop(_NoReply("FETCH answered 2"))
                 else:
                     self._stop(DownloadFailed(f"peer answered code {self.code}"))
                 return

@@ -161,9 +161,12 @@ class StartFailure(TestCase):
         other = spawn_twistd(
             self, "p2p-indexer", "--listen", f"tcp:{ix.port}:interface=127.0.0.1", "--db=:memory:"
         )
-        yield deadline(other.ended, 20)
+        code = yield deadline(other.ended, 20)
         self.assertIn("Couldn't listen", other.output())
+        said = f"s> indexer cannot listen on tcp:{ix.port}:interface=127.0.0.1: "
+        self.assertTrue(any(line.startswith(said) for line in other.lines), other.output())
         self.assertFalse(any(line.startswith("s> init server") for line in other.lines))
+        self.assertNotEqual(code, 0)  # a service manager sees the failure
 
 
 class Persistence(TestCase):

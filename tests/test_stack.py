@@ -214,5 +214,6 @@ class StackStartFailureTests(TestCase):
         )
         match = yield proc.wait_for_line(r"s> cannot start the stack: (.*)")
         self.assertIn(str(taken.getHost().port), match.group(1))
-        yield deadline(proc.ended, 15)
+        code = yield deadline(proc.ended, 15)
         self.assertNotIn("s> ready", "\n".join(proc.lines))
+        self.assertNotEqual(code, 0)

@@ -13,6 +13,7 @@ from twisted.internet import reactor as default_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.console import say
@@ -128,8 +129,13 @@ class IndexerService(Service):
         self.factory: IndexerFactory | None = None
         self.port = None
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        """Load the directory and listen, before twistd drops privileges.
+
+        A port that cannot be opened raises here, so twistd stops with the
+        error and a non-zero status instead of running without its service.
+        """
+        super().privilegedStartService()
         self.store.open()
         self.directory.load()
         self.factory = IndexerFactory(
@@ -137,7 +143,16 @@ class IndexerService(Service):
         )
         endpoint = serverFromString(self.reactor, self.listen)
         d = endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, self._failed)
+        if not d.called:  # an endpoint that listens later reports its failure then
+            d.addCallbacks(self._listening, self._failed)
+            return
+        outcome: list = []
+        d.addBoth(outcome.append)
+        if isinstance(outcome[0], Failure):
+            say(f"s> indexer cannot listen on {self.listen}: {outcome[0].getErrorMessage()}")
+            self.store.close()
+            outcome[0].raiseException()
+        self._listening(outcome[0])
 
     def _listening(self, port) -> None:
         self.port = port
@@ -152,7 +167,7 @@ class IndexerService(Service):
         shown = primary_address() if host in ("0.0.0.0", "::", "") else host
         say(f"s> init server {shown}:{address.port}")
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.log.failure("cannot listen on {listen}", failure, listen=self.listen)
         # At start-up the reactor is not running yet: stop it as soon as it is.
         self.reactor.callWhenRunning(self.reactor.stop)

@@ -33,13 +33,34 @@ class RpcReplyError(Exception):
         self.reply = reply
 
 
-class RpcClientProtocol(protocol.Protocol):
+class _Calls:
+    """The outstanding calls of one client, by XID (the stream and datagram clients)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, defer.Deferred] = {}
+        self._xids = itertools.count(random.getrandbits(31))
+
+    def _new_call(
+        self, prog: int, vers: int, proc: int, args: bytes, cred: rpc.OpaqueAuth, xid: int | None
+    ) -> tuple[defer.Deferred, bytes]:
+        """Register a call under a free (or the given) XID; its Deferred and its message."""
+        if xid is None:
+            xid = next(self._xids) & rpc.UINT32_MASK
+            while xid in self.pending:
+                xid = next(self._xids) & rpc.UINT32_MASK
+        if xid in self.pending:
+            raise ValueError(f"XID {xid} already outstanding")
+        d: defer.Deferred = defer.Deferred()
+        self.pending[xid] = d
+        return d, rpc.encode_call(rpc.Call(xid, prog, vers, proc, cred), args)
+
+
+class RpcClientProtocol(protocol.Protocol, _Calls):
     """Pipelined RPC calls on one stream connection."""
 
     def __init__(self, max_reply: int = MAX_REPLY) -> None:
+        _Calls.__init__(self)
         self.reader = RecordReader(max_reply, keep=64)
-        self.pending: dict[int, defer.Deferred] = {}
-        self._xids = itertools.count(random.getrandbits(31))
         self.lost: defer.Deferred = defer.Deferred()
 
     def call(
@@ -52,15 +73,10 @@ class RpcClientProtocol(protocol.Protocol):
         xid: int | None = None,
     ) -> defer.Deferred:
         """Send one call; fires with the result bytes of a SUCCESS reply."""
-        if xid is None:
-            xid = next(self._xids) & rpc.UINT32_MASK
-            while xid in self.pending:
-                xid = next(self._xids) & rpc.UINT32_MASK
-        if xid in self.pending:
-            return defer.fail(ValueError(f"XID {xid} already outstanding"))
-        d: defer.Deferred = defer.Deferred()
-        self.pending[xid] = d
-        message = rpc.encode_call(rpc.Call(xid, prog, vers, proc, cred), args)
+        try:
+            d, message = self._new_call(prog, vers, proc, args, cred, xid)
+        except ValueError as exc:
+            return defer.fail(exc)
         self.transport.write(encode_record(message))
         return d
 
@@ -99,13 +115,12 @@ def connect(reactor, endpoint: str) -> defer.Deferred:
     return clientFromString(reactor, endpoint).connect(RpcClientFactory())
 
 
-class RpcDatagramClient(protocol.DatagramProtocol):
+class RpcDatagramClient(protocol.DatagramProtocol, _Calls):
     """Calls over UDP to one server (tests and benchmarks): no retransmission here."""
 
     def __init__(self, host: str, port: int) -> None:
+        _Calls.__init__(self)
         self.address = (host, port)
-        self.pending: dict[int, defer.Deferred] = {}
-        self._xids = itertools.count(random.getrandbits(31))
 
     def send(self, message: bytes) -> None:
         self.transport.write(message, self.address)
@@ -119,12 +134,15 @@ class RpcDatagramClient(protocol.DatagramProtocol):
         cred: rpc.OpaqueAuth = rpc.NULL_AUTH,
         xid: int | None = None,
     ) -> defer.Deferred:
-        """Send one call datagram; fires with the decoded ``rpc.Reply``."""
-        if xid is None:
-            xid = next(self._xids) & rpc.UINT32_MASK
-        d: defer.Deferred = defer.Deferred()
-        self.pending[xid] = d
-        self.send(rpc.encode_call(rpc.Call(xid, prog, vers, proc, cred), args))
+        """Send one call datagram; fires with the decoded ``rpc.Reply``.
+
+        Unlike the stream client, an XID may be reused on purpose: tests send
+        the same call twice to check the server's retransmission cache.
+        """
+        if xid is not None:
+            self.pending.pop(xid, None)
+        d, message = self._new_call(prog, vers, proc, args, cred, xid)
+        self.send(message)
         return d
 
     def datagramReceived(self, data: bytes, addr) -> None:

@@ -226,9 +226,15 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def client_command(options: usage.Options) -> str:
-    """The command that starts a client against this stack."""
-    indexer = connect_to(options.parts["indexer"]["listen"])
+def client_command(
+    options: usage.Options, bound_indexer: Target | None = None, bound_wsdl: str | None = None
+) -> str:
+    """The command that starts a client against this stack.
+
+    ``bound_indexer`` and ``bound_wsdl`` are where the services really listen,
+    for endpoints whose port the options leave to the kernel (``tcp:0``).
+    """
+    indexer = connect_to(options.parts["indexer"]["listen"]) or bound_indexer
     time = connect_to(options.parts["time"]["listen"])
     client = Path(sys.executable).with_name("p2p-client")  # beside this Python, as in .venv/bin
     if not client.exists():
@@ -242,7 +248,28 @@ def client_command(options: usage.Options) -> str:
         words += ["-s", indexer.host, "-p", str(indexer.port)]
     if time is not None:
         words += ["--wsdl", f"http://{_url_host(time.host)}:{time.port}/?wsdl"]
+    elif bound_wsdl is not None:
+        words += ["--wsdl", bound_wsdl]
     return " ".join(words)
+
+
+def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
+    """Where the running indexer and time service listen (for ``tcp:0`` endpoints)."""
+    indexer, wsdl = None, None
+    services = list(top)
+    while services:
+        service = services.pop()
+        if isinstance(service, MultiService):
+            services.extend(service)
+        elif isinstance(service, indexer_service.IndexerService) and service.port is not None:
+            address = service.port.getHost()
+            host = getattr(address, "host", None)
+            if host is not None:
+                host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+                indexer = Target(host, address.port, "")
+        elif isinstance(service, time_service.TimeWebService) and "://" in (service.url or ""):
+            wsdl = service.url
+    return indexer, wsdl
 
 
 class StackService(MultiService):
@@ -305,7 +332,7 @@ class StackService(MultiService):
             with contextlib.suppress(ReactorNotRunning):  # the part may have stopped it already
                 reactor.stop()
             return
-        say(f"s> client: {client_command(self.options)}")
+        say(f"s> client: {client_command(self.options, *_bound_addresses(self))}")
         say("s> ready; Ctrl-C stops the stack")
 
 

@@ -217,3 +217,30 @@ class StackStartFailureTests(TestCase):
         code = yield deadline(proc.ended, 15)
         self.assertNotIn("s> ready", "\n".join(proc.lines))
         self.assertNotEqual(code, 0)
+
+
+class StackKernelPortsTests(TestCase):
+    """With ``tcp:0`` the printed client command names the ports really bound."""
+
+    @defer.inlineCallbacks
+    def test_client_command_names_bound_ports(self):
+        logger = free_tcp_udp_port()
+        proc = spawn_twistd(
+            self,
+            "p2p-stack",
+            "--indexer-listen=tcp:0:interface=127.0.0.1",
+            f"--logger-listen=tcp:{logger}:interface=127.0.0.1",
+            "--time-listen=tcp:0:interface=127.0.0.1",
+            "--no-rpcbind",
+            "--db=:memory:",
+        )
+        indexer = yield proc.wait_for_line(r"s> init server 127\.0\.0\.1:(\d+)")
+        wsdl = yield proc.wait_for_line(r"s> time service (\S+)")
+        command = yield proc.wait_for_line(r"s> client: (.+)$")
+        self.assertTrue(
+            command.group(1).endswith(
+                f"p2p-client -s 127.0.0.1 -p {indexer.group(1)} --wsdl {wsdl.group(1)}"
+            ),
+            command.group(1),
+        )
+        self.assertNotEqual(indexer.group(1), "0")

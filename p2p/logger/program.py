@@ -59,14 +59,13 @@ def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:
     return parse_relay_machinename(rpc.AuthSys.decode(call.cred.body).machinename)
 
 
-#: Unicode line and paragraph separators: not control characters, but str.splitlines(),
-#: JavaScript and many editors end a line there, so a record holding one reads as two.
-LINE_SEPARATORS = frozenset("\u2028\u2029")
-
-
 def valid_record(text: str) -> bool:
-    """One non-empty line without control characters (tab allowed) or line separators."""
-    return bool(text) and wire.check_text(text) and LINE_SEPARATORS.isdisjoint(text)
+    """One non-empty line without control characters (tab allowed) or line separators.
+
+    ``wire.LINE_SEPARATORS`` (U+2028/U+2029) end a line for str.splitlines(),
+    JavaScript and many editors, so a record holding one would read as two.
+    """
+    return bool(text) and wire.check_text(text) and wire.LINE_SEPARATORS.isdisjoint(text)
 
 
 class LoggerProgram:

@@ -26,6 +26,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import reflect, usage
 
+from p2p import wire
 from p2p.console import say
 from p2p.indexer import service as indexer_service
 from p2p.logger import service as logger_service
@@ -215,9 +216,9 @@ def connect_to(description: str) -> Target | None:
         return None
     interface = keywords.get("interface", positional[2] if len(positional) > 2 else "")
     if kind == "tcp":
-        host = interface if interface not in ("", "0.0.0.0") else "127.0.0.1"
+        host = wire.local_host(interface)
         return Target(host, int(port_text), f"tcp:host={host}:port={port_text}")
-    host = interface if interface not in ("", "::") else "::1"
+    host = wire.local_host(interface, unspecified="::1")
     escaped = host.replace(":", "\\:")
     return Target(host, int(port_text), f"tcp6:host={escaped}:port={port_text}")
 
@@ -265,8 +266,7 @@ def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
             address = service.port.getHost()
             host = getattr(address, "host", None)
             if host is not None:
-                host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-                indexer = Target(host, address.port, "")
+                indexer = Target(wire.local_host(host), address.port, "")
         elif isinstance(service, time_service.TimeWebService) and "://" in (service.url or ""):
             wsdl = service.url
     return indexer, wsdl

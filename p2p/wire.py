@@ -29,6 +29,18 @@ LOGGER_VERSION = 1
 LOGGER_PROC_NULL = 0
 LOGGER_PROC_LOG = 1
 
+
+def local_host(bound_host: str, unspecified: str = "127.0.0.1") -> str:
+    """Where a client on this host reaches a server bound to ``bound_host``.
+
+    A wildcard address becomes loopback of its family; an empty one (the
+    endpoint named no interface) becomes ``unspecified``.
+    """
+    if not bound_host:
+        return unspecified
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound_host, bound_host)
+
+
 #: How long a client may stay silent in the middle of a request (seconds).
 DEFAULT_TIMEOUT = 10.0
 #: Default cap on simultaneously open indexer connections.

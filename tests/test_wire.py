@@ -70,3 +70,12 @@ class CodesTests(TestCase):
             wire.audit_record("ana", "LIST_CONTENT", "01/02/2026 10:00:00", "bob"),
             "ana LIST_CONTENT 01/02/2026 10:00:00",
         )
+
+
+class LocalHostTests(TestCase):
+    def test_wildcards_become_loopback(self):
+        self.assertEqual(wire.local_host("0.0.0.0"), "127.0.0.1")
+        self.assertEqual(wire.local_host("::"), "::1")
+        self.assertEqual(wire.local_host(""), "127.0.0.1")
+        self.assertEqual(wire.local_host("", unspecified="::1"), "::1")
+        self.assertEqual(wire.local_host("10.0.0.5"), "10.0.0.5")

@@ -64,10 +64,7 @@ def wsdl_url(address: object) -> str:
     port = getattr(address, "port", None)
     if host is None or port is None:
         return f"{address} (not a TCP address)"
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
+    host = wire.local_host(host)
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/?wsdl"

@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 from twisted.internet import defer, protocol, reactor, task  # noqa: E402
 
 from p2p import wire  # noqa: E402
-from p2p.logger import client as rpc_client  # noqa: E402
-from p2p.logger import rpc  # noqa: E402
+from p2p.oncrpc import client as rpc_client  # noqa: E402
+from p2p.oncrpc import rpc  # noqa: E402
 
 RECORD = "benchuser PUBLISH some-file.txt 25/11/2026 12:00:00"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
-from p2p.peer.progress import ProgressBar, columns_of
+from p2p.client.progress import ProgressBar, columns_of
 from tests.support import deadline, spawn
 from tests.test_client_e2e import wait_until
 from tests.test_client_interop import ClassicIndexer

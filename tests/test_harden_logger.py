@@ -21,11 +21,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from p2p import wire
-from p2p.logger import rpc
+from p2p.logcontract import parse_relay_machinename
 from p2p.logger.audit import AuditLog
-from p2p.logger.program import LoggerProgram, parse_relay_machinename
-from p2p.logger.record import RecordReader, encode_record
-from p2p.logger.server import Dispatcher, RpcDatagramProtocol, RpcStreamProtocol
+from p2p.logger.program import LoggerProgram
+from p2p.oncrpc import rpc
+from p2p.oncrpc.record import RecordReader, encode_record
+from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamProtocol
 
 PROG = wire.LOGGER_PROGRAM
 VERS = wire.LOGGER_VERSION
@@ -590,7 +591,7 @@ class DecoderFuzzTests(unittest.TestCase):
                 rpc.AuthSys.decode(body)
 
     def test_decode_reply_and_client(self):
-        from p2p.logger.client import RpcClientProtocol, RpcReplyError
+        from p2p.oncrpc.client import RpcClientProtocol, RpcReplyError
 
         seeds = [
             rpc.encode_reply(rpc.success(5, rpc.pack_int(0))),
@@ -678,7 +679,7 @@ class PortmapperAnswerTests(unittest.TestCase):
     """A portmapper's GETPORT answer over 65535 is refused, not cut to 16 bits."""
 
     def answer_with(self, value: int):
-        from p2p.logger import portmap
+        from p2p.oncrpc import portmap
 
         self.patch(portmap, "pmap_call", lambda *a, **k: defer.succeed(rpc.pack_int(value)))
         self.connected: list = []
@@ -720,8 +721,8 @@ class ConcurrentWritersTests(unittest.TestCase):
 
         from twisted.internet import reactor
 
-        from p2p.logger import client
         from p2p.logger.service import Options, make_service
+        from p2p.oncrpc import client
 
         audit = Path(self.mktemp()).resolve()
         options = Options()

@@ -9,8 +9,8 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from p2p.indexer import relay as relay_module
 from p2p.indexer.service import IndexerService, Options, make_service
-from p2p.logger import relay as relay_module
 
 
 def parse(*argv: str) -> Options:

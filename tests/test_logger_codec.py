@@ -10,11 +10,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from p2p import wire
-from p2p.logger import rpc
+from p2p.logcontract import relay_machinename
 from p2p.logger.audit import AuditLog
-from p2p.logger.program import LoggerProgram, relay_machinename
-from p2p.logger.record import Oversized, RecordReader, encode_record
-from p2p.logger.server import (
+from p2p.logger.program import LoggerProgram
+from p2p.oncrpc import rpc
+from p2p.oncrpc.record import Oversized, RecordReader, encode_record
+from p2p.oncrpc.server import (
     Dispatcher,
     RpcDatagramProtocol,
     RpcStreamFactory,

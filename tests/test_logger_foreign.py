@@ -20,7 +20,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from p2p import wire
-from p2p.logger import rpc
+from p2p.oncrpc import rpc
 from tests.support import REPO, deadline, free_port, run_command, spawn_twistd
 
 LISTEN_LINE = r"s> logger program (0x[0-9a-f]+) version 1 (.*)"
@@ -262,7 +262,7 @@ class RpcbindTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_relay_finds_logger_through_rpcbind(self):
         """``make_relay(host=...)`` asks rpcbind (PMAPPROC_GETPORT) for the logger's TCP port."""
-        from p2p.logger.relay import make_relay
+        from p2p.indexer.relay import make_relay
         from tests.test_logger_relay import FakeStore, records
 
         program = unique_program()

@@ -11,10 +11,10 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from p2p import wire
+from p2p.indexer.relay import OutboxRelay, make_endpoint, make_relay
 from p2p.logger.audit import AuditLog
 from p2p.logger.program import LoggerProgram
-from p2p.logger.relay import OutboxRelay, make_endpoint, make_relay
-from p2p.logger.server import Dispatcher, RpcStreamFactory, RpcStreamProtocol
+from p2p.oncrpc.server import Dispatcher, RpcStreamFactory, RpcStreamProtocol
 from tests.support import deadline, free_port
 
 PROG = wire.LOGGER_PROGRAM

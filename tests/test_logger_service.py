@@ -9,8 +9,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from p2p import wire
-from p2p.logger import client, rpc
 from p2p.logger.service import Options, make_service
+from p2p.oncrpc import client, rpc
 
 
 def parse(*argv: str) -> Options:

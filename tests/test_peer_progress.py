@@ -6,7 +6,7 @@ import io
 
 from twisted.trial.unittest import TestCase
 
-from p2p.peer.progress import ProgressBar, human_bytes, human_duration
+from p2p.client.progress import ProgressBar, human_bytes, human_duration
 
 
 class FakeClock:

@@ -30,7 +30,7 @@ from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
 from zope.interface import implementer
 
-from p2p.peer.progress import columns_of
+from p2p.client.progress import columns_of
 
 PROMPT = "c> "
 #: ECMA-48 "reset mode: IRM": the terminal back in replace mode, as it was before the shell.

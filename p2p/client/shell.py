@@ -578,7 +578,7 @@ class _LazyProgress:
         if self.stream is None:
             return
         if self.bar is None:
-            from p2p.peer.progress import ProgressBar
+            from p2p.client.progress import ProgressBar
 
             columns = getattr(self.stream, "columns", None)
             self.bar = ProgressBar(self.stream, total, self.label, columns=columns)

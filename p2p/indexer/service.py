@@ -21,6 +21,7 @@ from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import Directory
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import SYNC_MODES, Store
+from p2p.logcontract import parse_program
 
 
 def _positive_float(value: str) -> float:
@@ -34,13 +35,6 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError("must be >= 1")
-    return number
-
-
-def _program(value: str) -> int:
-    number = int(value, 0)
-    if not wire.LOGGER_PROGRAM_MIN <= number <= wire.LOGGER_PROGRAM_MAX:
-        raise ValueError(f"must be in {wire.LOGGER_PROGRAM_MIN:#x}-{wire.LOGGER_PROGRAM_MAX:#x}")
     return number
 
 
@@ -88,7 +82,7 @@ class Options(usage.Options):
             None,
             f"{wire.LOGGER_PROGRAM:#x}",
             "ONC-RPC program number of the audit logger (decimal or 0x...).",
-            _program,
+            parse_program,
         ],
     ]
 
@@ -96,7 +90,7 @@ class Options(usage.Options):
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(f"--sync must be one of {', '.join(SYNC_MODES)}")
         if isinstance(self["logger-program"], str):  # the default, as shown in --help
-            self["logger-program"] = _program(self["logger-program"])
+            self["logger-program"] = parse_program(self["logger-program"])
         if not self["logger-host"]:
             self["logger-host"] = os.environ.get("LOGGER_HOST") or None
 
@@ -196,7 +190,7 @@ def make_service(options: Options, reactor=None) -> IService:
         reactor,
     ).setServiceParent(top)
     if options.audit:
-        from p2p.logger.relay import make_relay
+        from p2p.indexer.relay import make_relay
 
         make_relay(
             store,

@@ -15,42 +15,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from p2p import wire
-from p2p.logger import rpc
+from p2p.logcontract import LOG_ERROR, LOG_OK, parse_relay_machinename
 from p2p.logger.audit import AuditLog
-from p2p.logger.server import GarbageArgs, Program, null_procedure
+from p2p.oncrpc import rpc
+from p2p.oncrpc.server import GarbageArgs, Program, null_procedure
 
 log = Logger()
 
 #: Default longest message LOG accepts (an indexer record is under 1 KiB).
 DEFAULT_MAX_MESSAGE = 4096
-LOG_OK = 0
-LOG_ERROR = -1
 
 #: Most relay senders whose failed record the logger remembers (oldest forgotten first).
 MAX_FAILED_SENDERS = 1024
-
-#: AUTH_SYS machinename of a relay call: ``p2p-outbox:<sender id>:<outbox seq>``.
-RELAY_PREFIX = "p2p-outbox:"
-#: Most digits of a relay sequence number: the outbox's are SQLite integers (< 2**63).
-MAX_SEQ_DIGITS = 19
-
-
-def relay_machinename(sender: str, seq: int) -> str:
-    """The credential name a relay call carries (see ``relay``)."""
-    return f"{RELAY_PREFIX}{sender}:{seq}"
-
-
-def parse_relay_machinename(name: str) -> tuple[str, int] | None:
-    """``(sender, seq)`` of a relay credential, or None for any other client."""
-    if not name.startswith(RELAY_PREFIX):
-        return None
-    sender, sep, seq = name[len(RELAY_PREFIX) :].rpartition(":")
-    # ASCII digits only: str.isdigit() also accepts "²" (int() raises) and "٣" (int() takes).
-    if not sep or not sender or not (seq.isascii() and seq.isdigit()):
-        return None
-    if len(seq) > MAX_SEQ_DIGITS:
-        return None
-    return sender, int(seq)
 
 
 def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:

@@ -19,27 +19,22 @@ from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.console import say
-from p2p.logger import portmap, rpc
+from p2p.logcontract import parse_program
 from p2p.logger.audit import AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
-from p2p.logger.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
+from p2p.oncrpc import portmap, rpc
+from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
 
 log = Logger()
 
 DEFAULT_LISTEN = (f"tcp:{wire.LOGGER_PORT}", f"udp:{wire.LOGGER_PORT}")
 
 
-def parse_program(text: str) -> int:
-    """A program number in decimal or 0x hex, inside the user-defined range."""
+def _program(text: str) -> int:
     try:
-        number = int(text, 0)
-    except ValueError:
-        raise usage.UsageError(f"--program: not a number: {text!r}") from None
-    if not wire.LOGGER_PROGRAM_MIN <= number <= wire.LOGGER_PROGRAM_MAX:
-        raise usage.UsageError(
-            f"--program must be in {wire.LOGGER_PROGRAM_MIN:#x}-{wire.LOGGER_PROGRAM_MAX:#x}"
-        )
-    return number
+        return parse_program(text)
+    except ValueError as exc:
+        raise usage.UsageError(f"--program {exc}") from None
 
 
 def parse_udp(spec: str) -> tuple[int, str]:
@@ -78,7 +73,7 @@ class Options(usage.Options):
             None,
             f"{wire.LOGGER_PROGRAM:#x}",
             "RPC program number (0x20000000-0x3FFFFFFF).",
-            parse_program,
+            _program,
         ],
         ["audit-file", None, "p2p-audit.log", "File the records are appended to."],
         ["state-file", None, None, "Relay sequence journal (default: AUDIT-FILE.state)."],
@@ -116,7 +111,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if isinstance(self["program"], str):
-            self["program"] = parse_program(self["program"])
+            self["program"] = _program(self["program"])
         if not self["listen"]:
             self["listen"] = list(DEFAULT_LISTEN)
         if self["max-message"] < 1:

@@ -16,8 +16,8 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2p.logger import rpc
-from p2p.logger.record import RecordReader, encode_record
+from p2p.oncrpc import rpc
+from p2p.oncrpc.record import RecordReader, encode_record
 
 log = Logger()
 

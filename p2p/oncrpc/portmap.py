@@ -13,8 +13,8 @@ from twisted.internet import defer, interfaces
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from zope.interface import implementer
 
-from p2p.logger import rpc
-from p2p.logger.client import RpcClientFactory
+from p2p.oncrpc import rpc
+from p2p.oncrpc.client import RpcClientFactory
 
 PMAP_PORT = 111
 PMAP_PROG = 100000

@@ -19,8 +19,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p.logger import rpc
-from p2p.logger.record import Oversized, RecordReader, encode_record
+from p2p.oncrpc import rpc
+from p2p.oncrpc.record import Oversized, RecordReader, encode_record
 
 log = Logger()
 

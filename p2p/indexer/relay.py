@@ -13,7 +13,7 @@ the logger has answered 0; the user's reply never waits for any of it.
   in flight; each row is sent again only after a reconnection.
 * Every LOG call identifies the row: its XID is the seq (mod 2**32) and its
   AUTH_SYS credential's machinename is ``p2p-outbox:<sender id>:<seq>``
-  (``program.relay_machinename``), the sender id being the store's stable id.
+  (``logcontract.relay_machinename``), the sender id being the store's stable id.
 * The logger keeps, durably and before replying, the last seq it stored per
   sender (``audit.AuditLog``); a call with a seq not above it is answered 0
   without storing. So when the logger dies after storing a record but before
@@ -45,10 +45,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.logger import rpc
-from p2p.logger.client import RpcClientProtocol
-from p2p.logger.portmap import PortmapperEndpoint
-from p2p.logger.program import LOG_OK, relay_machinename
+from p2p.logcontract import LOG_OK, relay_machinename
+from p2p.oncrpc import rpc
+from p2p.oncrpc.client import RpcClientProtocol
+from p2p.oncrpc.portmap import PortmapperEndpoint
 
 log = Logger()
 

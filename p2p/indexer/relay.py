@@ -31,12 +31,23 @@ the logger has answered 0; the user's reply never waits for any of it.
   go on), so a logger that cannot write is not hammered. The logger, for its
   part, refuses a sender's later records while an earlier one failed, so a
   pipelined record never overtakes one that was not stored.
+
+States (an Automat machine; the diagram is in docs/architecture.md)
+------------------------------------------------------------------
+``stopped`` -> start -> ``connecting`` -> connected -> ``sending``, or
+``holding`` when the logger refused a record less than the refusal delay ago
+(``holding`` -> resume -> ``sending``). ``sending`` -> refused or stalled ->
+``dropping`` (the connection is being aborted; late replies on it are
+ignored). Losing the connection in any connected state -> ``connecting``
+(``ClientService`` reconnects after its backoff). stop -> ``stopped`` from
+anywhere. Acknowledgements and outbox growth only act in ``sending``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from automat import MethodicalMachine
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error, protocol
@@ -54,6 +65,9 @@ log = Logger()
 
 DEFAULT_WINDOW = 64
 DEFAULT_REPLY_TIMEOUT = 30.0
+#: Wait after the logger refuses a record: first, and at most (doubling in between).
+FIRST_REFUSAL_DELAY = 0.5
+MAX_REFUSAL_DELAY = 30.0
 
 
 class _RelayProtocol(RpcClientProtocol):
@@ -62,10 +76,10 @@ class _RelayProtocol(RpcClientProtocol):
         self.relay = relay
 
     def connectionMade(self) -> None:
-        self.relay._connected(self)
+        self.relay._connection_made(self)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.relay._disconnected(self, reason)
+        self.relay._connection_lost(self, reason)
         super().connectionLost(reason)
 
 
@@ -81,6 +95,8 @@ class _RelayFactory(protocol.Factory):
 
 class OutboxRelay(service.Service):
     """Delivers a store's outbox to the logger over one reconnecting TCP connection."""
+
+    _machine = MethodicalMachine()
 
     def __init__(
         self,
@@ -102,7 +118,8 @@ class OutboxRelay(service.Service):
         self.window = window
         self.reply_timeout = reply_timeout
         self.policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay)
-        self.proto: _RelayProtocol | None = None
+        self.sender = ""
+        self.proto: _RelayProtocol | None = None  # the connection of this state, if any
         self.inflight: OrderedDict[int, bool] = OrderedDict()  # seq -> acknowledged
         self.sent_through = 0  # highest seq sent on this connection
         self.acked_through = 0  # every seq up to here is acknowledged
@@ -110,74 +127,126 @@ class OutboxRelay(service.Service):
         self.delivered = 0  # acknowledged rows (diagnostics, tests)
         self._delete_call = None
         self._stall_call = None
+        self._resume_call = None
         self._client: ClientService | None = None
-        self._listening = False
         self._error_delay = 0.0  # grows while the logger keeps refusing records
         self._resume_at = 0.0
+        store.add_outbox_listener(self._outbox_grew)
 
-    # -- service
+    # -- states
 
-    def startService(self) -> None:
-        super().startService()
-        self.sender = self.store.sender_id
-        if not self._listening:
-            self.store.add_outbox_listener(self._pump)
-            self._listening = True
+    @_machine.state(initial=True)
+    def stopped(self) -> None:
+        """Not running: no connection, nothing sent."""
+
+    @_machine.state()
+    def connecting(self) -> None:
+        """Running; ``ClientService`` is (re)connecting to the logger."""
+
+    @_machine.state()
+    def holding(self) -> None:
+        """Connected, waiting out the delay after the logger refused a record."""
+
+    @_machine.state()
+    def sending(self) -> None:
+        """Connected: rows go out while the window has room, replies are counted."""
+
+    @_machine.state()
+    def dropping(self) -> None:
+        """The connection is being aborted; whatever still arrives on it is ignored."""
+
+    # -- inputs
+
+    @_machine.input()
+    def start(self) -> None:
+        """The service starts."""
+
+    @_machine.input()
+    def stop(self) -> None:
+        """The service stops."""
+
+    @_machine.input()
+    def connected(self, proto: _RelayProtocol) -> None:
+        """A connection to the logger is up."""
+
+    @_machine.input()
+    def connected_too_soon(self, proto: _RelayProtocol) -> None:
+        """A connection is up, but the logger refused a record moments ago."""
+
+    @_machine.input()
+    def resume(self) -> None:
+        """The delay after a refusal is over."""
+
+    @_machine.input()
+    def lost(self) -> None:
+        """The current connection is gone."""
+
+    @_machine.input()
+    def outbox_grew(self) -> None:
+        """New rows wait in the outbox."""
+
+    @_machine.input()
+    def acknowledged(self, seq: int) -> None:
+        """The logger answered 0 to row ``seq``."""
+
+    @_machine.input()
+    def refused(self, why: str) -> None:
+        """The logger answered a LOG call with -1 or an RPC error."""
+
+    @_machine.input()
+    def stalled(self) -> None:
+        """Calls are outstanding and no reply came for ``reply_timeout`` seconds."""
+
+    # -- outputs
+
+    @_machine.output()
+    def _start_client(self) -> None:
         self._client = ClientService(
             self.endpoint, _RelayFactory(self), retryPolicy=self.policy, clock=self.reactor
         )
         self._client.startService()
 
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
+    @_machine.output()
+    def _stop_client(self) -> defer.Deferred:
+        self._clear_connection()  # first: a connection lost while stopping is not news
         client, self._client = self._client, None
         d = client.stopService() if client is not None else defer.succeed(None)
 
         def finish(_):
-            self._cancel_stall()
-            if self._delete_call is not None and self._delete_call.active():
-                self._delete_call.cancel()
+            self._cancel("_delete_call")
             self._delete()
 
         return d.addBoth(finish)
 
-    # -- connection
-
-    def _connected(self, proto: _RelayProtocol) -> None:
+    @_machine.output()
+    def _adopt(self, proto: _RelayProtocol) -> None:
         log.info("audit relay connected to {peer}", peer=proto.transport.getPeer())
         self.proto = proto
         self.inflight.clear()
         self.sent_through = self.acked_through
-        wait = self._resume_at - self.reactor.seconds()
-        if wait > 0:  # the logger refused a record recently: give it time
-            self.reactor.callLater(wait, self._pump)
-        else:
-            self._pump()
 
-    def _disconnected(self, proto: _RelayProtocol, reason: Failure) -> None:
-        if proto is not self.proto:
-            return
+    @_machine.output()
+    def _wait_to_resume(self) -> None:
+        wait = max(self._resume_at - self.reactor.seconds(), 0.0)
+        self._resume_call = self.reactor.callLater(wait, self._resume)
+
+    @_machine.output()
+    def _forget_connection(self) -> None:
+        self._clear_connection()
+
+    def _clear_connection(self) -> None:
         self.proto = None
         self.inflight.clear()
         self.sent_through = self.acked_through
-        self._cancel_stall()
-        if self.running:
-            log.info("audit relay lost the logger: {why}", why=reason.getErrorMessage())
+        self._cancel("_stall_call")
+        self._cancel("_resume_call")
 
-    def _drop(self, why: str) -> None:
-        log.warn("audit relay dropping the connection: {why}", why=why)
-        if self.proto is not None:
-            self.proto.transport.abortConnection()
-
-    # -- sending
-
+    @_machine.output()
     def _pump(self) -> None:
         """Send pending rows while the window has room."""
         proto = self.proto
-        if proto is None or not self.running:
-            return
         room = self.window - len(self.inflight)
-        if room <= 0:
+        if proto is None or room <= 0:
             return
         rows = self.store.outbox_pending(self.sent_through, room)
         for seq, record in rows:
@@ -194,17 +263,11 @@ class OutboxRelay(service.Service):
             self.sent_through = seq
             d.addCallbacks(self._replied, self._call_failed, (seq, proto), None, (proto,))
         if rows and self._stall_call is None:
-            self._stall_call = self.reactor.callLater(self.reply_timeout, self._stalled)
+            self._stall_call = self.reactor.callLater(self.reply_timeout, self.stalled)
 
-    def _replied(self, body: bytes, seq: int, proto: _RelayProtocol) -> None:
-        if proto is not self.proto or seq not in self.inflight:
-            return
-        try:
-            result = rpc.unpack_int(body)
-        except rpc.MessageError:
-            result = None
-        if result != LOG_OK:
-            self._refused(f"logger answered {result} to record {seq}")
+    @_machine.output()
+    def _record_ack(self, seq: int) -> None:
+        if seq not in self.inflight:
             return
         self._error_delay = 0.0
         self.inflight[seq] = True
@@ -217,12 +280,101 @@ class OutboxRelay(service.Service):
             self.acked_through = first
             self.delivered += 1
             advanced = True
-        self._cancel_stall()
+        self._cancel("_stall_call")
         if self.inflight:
-            self._stall_call = self.reactor.callLater(self.reply_timeout, self._stalled)
+            self._stall_call = self.reactor.callLater(self.reply_timeout, self.stalled)
         if advanced and self._delete_call is None:
             self._delete_call = self.reactor.callLater(0, self._delete)
-        self._pump()
+
+    @_machine.output()
+    def _penalise(self, why: str) -> None:
+        self._error_delay = min(max(2 * self._error_delay, FIRST_REFUSAL_DELAY), MAX_REFUSAL_DELAY)
+        self._resume_at = self.reactor.seconds() + self._error_delay
+        log.warn(
+            "audit relay: {why}; sending again in {delay:.1f}s", why=why, delay=self._error_delay
+        )
+
+    @_machine.output()
+    def _report_stall(self) -> None:
+        self._stall_call = None
+        log.warn("audit relay: no reply from the logger in {t}s", t=self.reply_timeout)
+
+    @_machine.output()
+    def _abort(self) -> None:
+        if self.proto is not None:
+            self.proto.transport.abortConnection()
+
+    @_machine.output()
+    def _report_lost(self) -> None:
+        log.info("audit relay lost the logger")
+
+    # -- transitions
+
+    stopped.upon(start, enter=connecting, outputs=[_start_client])
+    connecting.upon(connected, enter=sending, outputs=[_adopt, _pump])
+    connecting.upon(connected_too_soon, enter=holding, outputs=[_adopt, _wait_to_resume])
+    holding.upon(resume, enter=sending, outputs=[_pump])
+    sending.upon(outbox_grew, enter=sending, outputs=[_pump])
+    sending.upon(acknowledged, enter=sending, outputs=[_record_ack, _pump])
+    sending.upon(refused, enter=dropping, outputs=[_penalise, _abort])
+    sending.upon(stalled, enter=dropping, outputs=[_report_stall, _abort])
+    for _state in (holding, sending, dropping):
+        _state.upon(lost, enter=connecting, outputs=[_forget_connection, _report_lost])
+    for _state in (connecting, holding, sending, dropping):
+        _state.upon(stop, enter=stopped, outputs=[_stop_client])
+    # What may still arrive where it no longer applies changes nothing.
+    for _state, _inputs in (
+        (stopped, (outbox_grew, stop)),
+        (connecting, (outbox_grew,)),
+        (holding, (outbox_grew,)),
+        (dropping, (outbox_grew, acknowledged, refused, stalled)),
+    ):
+        for _input in _inputs:
+            _state.upon(_input, enter=_state, outputs=[])
+    del _state, _inputs, _input
+
+    # -- service
+
+    def startService(self) -> None:
+        super().startService()
+        self.sender = self.store.sender_id  # known once the store is open
+        self.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        outcome = self.stop()  # the outputs' results: [Deferred] when it was running
+        return outcome[0] if outcome else defer.succeed(None)
+
+    # -- events from the connection, the calls, the store and the clock
+
+    def _connection_made(self, proto: _RelayProtocol) -> None:
+        if self._resume_at > self.reactor.seconds():
+            self.connected_too_soon(proto)
+        else:
+            self.connected(proto)
+
+    def _connection_lost(self, proto: _RelayProtocol, reason: Failure) -> None:
+        if proto is self.proto:
+            self.lost()
+
+    def _outbox_grew(self) -> None:
+        self.outbox_grew()
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        self.resume()
+
+    def _replied(self, body: bytes, seq: int, proto: _RelayProtocol) -> None:
+        if proto is not self.proto:
+            return
+        try:
+            result = rpc.unpack_int(body)
+        except rpc.MessageError:
+            result = None
+        if result == LOG_OK:
+            self.acknowledged(seq)
+        else:
+            self.refused(f"logger answered {result} to record {seq}")
 
     def _call_failed(self, failure: Failure, proto: _RelayProtocol) -> None:
         if proto is self.proto and not failure.check(
@@ -230,23 +382,13 @@ class OutboxRelay(service.Service):
         ):
             # An RPC error reply (GARBAGE_ARGS: the logger's --max-message is below
             # this record's size; PROG_UNAVAIL: wrong --program): retried, slowly.
-            self._refused(f"LOG call failed: {failure.getErrorMessage()}")
+            self.refused(f"LOG call failed: {failure.getErrorMessage()}")
 
-    def _refused(self, why: str) -> None:
-        self._error_delay = min(max(2 * self._error_delay, 0.5), 30.0)
-        self._resume_at = self.reactor.seconds() + self._error_delay
-        self._drop(f"{why}; sending again in {self._error_delay:.1f}s")
-
-    def _stalled(self) -> None:
-        self._stall_call = None
-        if self.inflight:
-            self._drop(f"no reply from the logger in {self.reply_timeout}s")
-
-    def _cancel_stall(self) -> None:
-        if self._stall_call is not None:
-            if self._stall_call.active():
-                self._stall_call.cancel()
-            self._stall_call = None
+    def _cancel(self, name: str) -> None:
+        call = getattr(self, name)
+        setattr(self, name, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _delete(self) -> None:
         self._delete_call = None

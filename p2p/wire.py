@@ -1,6 +1,6 @@
 """The classic wire format shared by every part of p2p.
 
-Everything here is the contract of ``shared/docs/protocol.md``: the NUL-terminated
+Everything here is the contract of ``docs/protocol.md``: the NUL-terminated
 string framing, the per-operation result codes, the field limits and their
 validation, the audit record and the date-time format. Every other module
 imports these names instead of restating them.

@@ -18,8 +18,9 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
-from p2p import wire
+from p2p import twisted_internals, wire
 from p2p.peer.download import DownloadFailed, NoSuchFile, download
+from p2p.peer.sender import SendfileProducer
 from p2p.peer.server import PeerServer
 from tests.support import deadline, exchange, spawn
 
@@ -472,7 +473,10 @@ class PeerTransferTests(TestCase):
         buffered += conn.transport._tempDataLen
         self.assertLess(sent, 32 * 1024 * 1024, "the sender did not stop")
         self.assertLessEqual(buffered, MEMORY_BOUND, "the server buffered file bytes")
-        if use_sendfile:
+        # sendfile unless P2P_PLAIN_TWISTED switched the fast path off; then chunks
+        sendfile = use_sendfile and twisted_internals.ENABLED
+        self.assertEqual(isinstance(conn.producer, SendfileProducer), sendfile)
+        if sendfile:
             self.assertEqual(buffered, 0)
 
     @defer.inlineCallbacks

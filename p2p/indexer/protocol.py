@@ -16,19 +16,15 @@ written in one go as well.
 from __future__ import annotations
 
 import re
-import socket
 import sqlite3
 
-from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p import wire
+from p2p import twisted_internals, wire
 from p2p.console import say
 from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
@@ -36,9 +32,6 @@ from p2p.indexer.store import Store
 
 _K = wire.FieldKind
 _CODES = [bytes((code,)) for code in range(256)]
-#: The reason given to a connection closed after its reply (shared: it has no traceback).
-_DONE = Failure(ConnectionDone("reply sent"))
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: The part of a large reply handed to the transport at a time (see :class:`_Rest`).
 REPLY_CHUNK = 64 * 1024
 
@@ -92,13 +85,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.factory.timeout)
-        transport = self.transport
-        if isinstance(transport, tcp.Server):
-            # A client sends its request right after connecting, so under load
-            # it is usually here already: read it now instead of one poll later.
-            # Nothing there (EAGAIN) costs one recv; an EOF or error stays
-            # readable (level-triggered) and is handled by the reactor as usual.
-            transport.doRead()
+        # The request has usually arrived already: read it now if we may.
+        twisted_internals.read_now(self.transport)
 
     def connectionLost(self, reason=None) -> None:
         self._done = True
@@ -178,30 +166,15 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     def reply(self, data: bytes) -> None:
         """Send the reply (code and listing) and close; the timeout still guards the write.
 
-        Fast path for TCP: a fresh connection's send buffer is empty, so the
-        reply almost always fits in one ``send``; then the connection is closed
-        at once instead of registering for writability and closing a poll later
-        (that round trip was a large share of the per-request cost).
+        The fast path (when allowed) sends it straight on the socket and closes
+        at once; what it could not send goes the plain way.
         """
         transport = self.transport
         if transport is None or not transport.connected or transport.disconnecting:
             return
-        if (
-            isinstance(transport, tcp.Server)
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-        ):
-            try:
-                # MSG_MORE holds the bytes for a moment, so the FIN of the close
-                # that follows leaves in the same segment: one packet, one wake-up.
-                sent = transport.socket.send(data, _MSG_MORE)
-            except OSError:
-                sent = 0  # let the transport's own write path see the error
-            if sent == len(data):
-                transport.connectionLost(_DONE)
-                return
-            if sent:
-                data = memoryview(data)[sent:]
+        data = twisted_internals.send_last(transport, data)
+        if data is None:
+            return
         if len(data) > REPLY_CHUNK:
             _Rest(transport, data).start()
             return

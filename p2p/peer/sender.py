@@ -6,13 +6,13 @@ one chunk of the file in this process.
 
 - ``SendfileProducer`` hands the kernel the work: ``os.sendfile`` from the
   file to the connected socket, no file bytes in user space at all. It runs
-  only when the socket is writable: after a short write it calls the
-  transport's ``startWriting()``; with an empty write buffer the transport's
-  ``doWrite`` then asks the producer to ``resumeProducing()`` again as soon as
-  the socket can take more (Twisted's ``FileDescriptor`` contract for pull
-  producers). Used for plain TCP and UNIX transports only.
+  only when the socket is writable: after a short write it asks the
+  transport to resume it once the socket can take more. Both steps reach
+  below Twisted's public API, so they come from ``p2p.twisted_internals``,
+  which offers them for plain TCP and UNIX transports only and not at all
+  under ``P2P_PLAIN_TWISTED=1``.
 - ``ChunkProducer`` reads ``CHUNK`` bytes with ``os.pread`` and writes them to
-  the transport; the fallback for any other transport (TLS, tests).
+  the transport; the public-API fallback for any other transport (TLS, tests).
 
 Each fires ``done`` with the number of file bytes sent, or fails with the
 reason (the connection went away, the file shrank under us).
@@ -26,8 +26,9 @@ from collections.abc import Callable
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
-from twisted.internet.tcp import Connection
 from zope.interface import implementer
+
+from p2p import twisted_internals
 
 #: Bytes read per ``resumeProducing`` by ``ChunkProducer``: the memory bound per connection.
 CHUNK = 256 * 1024
@@ -120,9 +121,11 @@ class ChunkProducer(_RangeProducer):
 class SendfileProducer(_RangeProducer):
     """``os.sendfile`` from the file into the socket whenever the socket is writable."""
 
-    def __init__(self, transport: Connection, *args, **kwargs) -> None:
+    def __init__(
+        self, transport: interfaces.ITransport, sock: socket.socket, *args, **kwargs
+    ) -> None:
         super().__init__(transport, *args, **kwargs)
-        self._socket: socket.socket = transport.getHandle()
+        self._socket = sock
 
     def resumeProducing(self) -> None:
         if self._finished:
@@ -147,9 +150,7 @@ class SendfileProducer(_RangeProducer):
         if not self.header and self.offset >= self.end:
             self._finish()
             return
-        # Ask the reactor to tell the transport when the socket is writable; its
-        # doWrite finds its own buffer empty and calls resumeProducing again.
-        self.transport.startWriting()
+        twisted_internals.resume_when_writable(self.transport)
 
     def _send_header(self) -> None:
         while self.header:
@@ -167,11 +168,7 @@ def make_producer(
     use_sendfile: bool = True,
 ) -> _RangeProducer:
     """The fastest producer this transport allows (sendfile on a plain socket)."""
-    plain_socket = (
-        use_sendfile
-        and hasattr(os, "sendfile")
-        and isinstance(transport, Connection)
-        and not getattr(transport, "TLS", False)
-    )
-    kind = SendfileProducer if plain_socket else ChunkProducer
-    return kind(transport, fd, offset, end, header, on_progress)
+    sock = twisted_internals.sendfile_socket(transport) if use_sendfile else None
+    if sock is None:
+        return ChunkProducer(transport, fd, offset, end, header, on_progress)
+    return SendfileProducer(transport, sock, fd, offset, end, header, on_progress)

@@ -1,0 +1,107 @@
+"""Every use of Twisted's private or internal API, each beside its plain-Twisted fallback.
+
+Nothing else in ``p2p`` may reach below Twisted's public interfaces: a service
+that wants a fast path asks this module, which answers with the fast path when
+it applies and otherwise with what plain Twisted would do (or tells the caller
+to do that itself). The fast paths rely on the socket transports of
+``twisted.internet.tcp`` (also the base of UNIX sockets) and on the
+``FileDescriptor`` contract between a transport and a pull producer; a Twisted
+release that changes them breaks only this module, and the test suite runs
+with and without it.
+
+``P2P_PLAIN_TWISTED=1`` in the environment switches every fast path off: the
+services then use public Twisted API only (``transport.write`` and
+``loseConnection``, ``registerProducer`` with a chunked pull producer). Any
+value other than empty or ``0`` counts. It is read once, at import, so child
+processes started with it (twistd, the client) run plain throughout.
+
+Fast paths:
+
+- the indexer reads a request as soon as its connection is accepted
+  (:func:`read_now`) and sends its one reply straight on the socket, closing
+  at once (:func:`send_last`);
+- the peer's file server hands a file to the kernel with ``os.sendfile``
+  (:func:`sendfile_socket`, :func:`resume_when_writable`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import interfaces, tcp
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+#: True unless ``P2P_PLAIN_TWISTED`` asks for plain Twisted (read once, at import).
+ENABLED: bool = os.environ.get("P2P_PLAIN_TWISTED", "") in ("", "0")
+
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: The reason given to a connection closed after its last bytes (shared: it has no traceback).
+_DONE = Failure(ConnectionDone("reply sent"))
+
+
+def read_now(transport: interfaces.ITransport) -> None:
+    """Read what a just-accepted TCP connection already holds, instead of one poll later.
+
+    A client sends its request right after connecting, so under load it is
+    usually there already. Nothing there (EAGAIN) costs one ``recv``; an EOF
+    or error stays readable and the reactor handles it as usual. Plain
+    Twisted: nothing to do, the reactor reads it at its next poll.
+    """
+    if ENABLED and isinstance(transport, tcp.Server):
+        transport.doRead()
+
+
+def send_last(transport: interfaces.ITransport, data: bytes) -> bytes | memoryview | None:
+    """Send a connection's last bytes straight on its socket; close it if they all went.
+
+    A fresh connection's send buffer is empty, so a short reply almost always
+    fits in one ``send``; the connection is then closed at once instead of
+    registering for writability and closing a poll later. ``MSG_MORE`` holds
+    the bytes for a moment, so the FIN of that close leaves in the same
+    segment. Returns None when the connection is closed, else what is left to
+    write the plain way (``transport.write`` then ``loseConnection``): all of
+    ``data`` when the fast path does not apply.
+    """
+    if not (
+        ENABLED
+        and isinstance(transport, tcp.Server)
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        return data
+    try:
+        sent = transport.socket.send(data, _MSG_MORE)
+    except OSError:
+        return data  # the transport's own write path sees the error
+    if sent == len(data):
+        transport.connectionLost(_DONE)
+        return None
+    return memoryview(data)[sent:] if sent else data
+
+
+def sendfile_socket(transport: interfaces.ITransport) -> socket.socket | None:
+    """The connected socket under a plain TCP or UNIX transport, for ``os.sendfile``.
+
+    None when the fast path is off or does not apply (TLS, a wrapped or test
+    transport, no ``os.sendfile``): the caller then writes through the
+    transport like any producer.
+    """
+    if not ENABLED or not hasattr(os, "sendfile"):
+        return None
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return None
+    return transport.getHandle()
+
+
+def resume_when_writable(transport: interfaces.ITransport) -> None:
+    """Have the transport call its pull producer's ``resumeProducing`` once the socket is writable.
+
+    The producer wrote on the socket itself (past the transport), so the
+    transport's buffer is empty; registering for writability makes the
+    reactor call the transport's ``doWrite``, which finds nothing to send and
+    asks the registered producer for more. Only for a transport that
+    :func:`sendfile_socket` accepted.
+    """
+    transport.startWriting()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,21 +239,57 @@ def client_command(
     """
     indexer = connect_to(options.parts["indexer"]["listen"]) or bound_indexer
     time = connect_to(options.parts["time"]["listen"])
-    client = Path(sys.executable).with_name("p2p-client")  # beside this Python, as in .venv/bin
-    if not client.exists():
-        shown = "p2p-client"
-    elif client.is_relative_to(Path.cwd()):
-        shown = str(client.relative_to(Path.cwd()))
-    else:
-        shown = str(client)
-    words = [shown]
+    # Beside this Python, as in .venv/bin, and absolute: the line works pasted anywhere.
+    client = Path(sys.executable).with_name("p2p-client")
+    words = [str(client.absolute()) if client.exists() else "p2p-client"]
     if indexer is not None:
         words += ["-s", indexer.host, "-p", str(indexer.port)]
     if time is not None:
         words += ["--wsdl", f"http://{_url_host(time.host)}:{time.port}/?wsdl"]
     elif bound_wsdl is not None:
         words += ["--wsdl", bound_wsdl]
-    return " ".join(words)
+    return shlex.join(words)
+
+
+#: The demo folder ``make run`` names: the stack fills it and prints a tour.
+DEMO_ENV = "P2P_DEMO_DIR"
+DEMO_FILE = "hello.txt"
+DEMO_BYTES = b"Hello from alice! This file came to you peer to peer.\n"
+
+
+def demo_tour(command: str, demo: Path) -> list[str]:
+    """Fill ``demo`` (alice's share holding one file, bob's empty one); the tour's lines.
+
+    Lines indented by four spaces are to be pasted: a shell command, or the
+    commands at a client's prompt. Every path is absolute, so they work from
+    any directory.
+    """
+    demo = demo.absolute()
+    alice, bob = demo / "alice", demo / "bob"
+    for folder in (alice, bob):
+        folder.mkdir(parents=True, exist_ok=True)
+    sample = alice / DEMO_FILE
+    if not sample.exists():
+        sample.write_bytes(DEMO_BYTES)
+    copy = bob / DEMO_FILE
+    return [
+        f"s> tour: in a second terminal, from any directory, alice shares {alice}:",
+        f"    {command} --share-dir {shlex.quote(str(alice))}",
+        "s> tour: at alice's c> prompt:",
+        "    REGISTER alice",
+        "    CONNECT alice",
+        f"    PUBLISH {DEMO_FILE} a file from the demo folder",
+        f"s> tour: in a third terminal, bob fetches it into {bob}:",
+        f"    {command} --share-dir {shlex.quote(str(bob))}",
+        "s> tour: at bob's c> prompt:",
+        "    REGISTER bob",
+        "    CONNECT bob",
+        "    LIST_USERS",
+        "    LIST_CONTENT alice",
+        f"    GET_FILE alice {DEMO_FILE} {copy}",
+        "    QUIT",
+        f"s> tour: then QUIT at alice's prompt, and: cat {shlex.quote(str(copy))}",
+    ]
 
 
 def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
@@ -332,8 +370,15 @@ class StackService(MultiService):
             with contextlib.suppress(ReactorNotRunning):  # the part may have stopped it already
                 reactor.stop()
             return
-        say(f"s> client: {client_command(self.options, *_bound_addresses(self))}")
+        command = client_command(self.options, *_bound_addresses(self))
+        say(f"s> client: {command}")
         say("s> ready; Ctrl-C stops the stack")
+        demo = os.environ.get(DEMO_ENV)
+        if demo:
+            try:
+                say("\n".join(demo_tour(command, Path(demo))))
+            except OSError as exc:
+                say(f"s> tour: cannot prepare the demo folder {demo}: {exc}")
 
 
 def make_service(options: usage.Options) -> IService:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 from io import BytesIO
 from pathlib import Path
@@ -103,9 +104,26 @@ class OptionsTests(TestCase):
 
     def test_client_command(self):
         command = stack.client_command(parse("--indexer-listen=tcp:1", "--time-listen=tcp:2"))
-        self.assertTrue(
-            command.endswith("p2p-client -s 127.0.0.1 -p 1 --wsdl http://127.0.0.1:2/?wsdl")
+        self.assertEqual(
+            client_arguments(command),
+            ["-s", "127.0.0.1", "-p", "1", "--wsdl", "http://127.0.0.1:2/?wsdl"],
         )
+
+    def test_client_command_pastes_anywhere(self):
+        """An absolute program path, and the URL quoted (``?`` is a glob to a shell)."""
+        command = stack.client_command(parse("--indexer-listen=tcp:1", "--time-listen=tcp:2"))
+        program = Path(shlex.split(command)[0])
+        self.assertTrue(program.is_absolute(), command)
+        self.assertEqual(program.name, "p2p-client")
+        self.assertIn("'http://127.0.0.1:2/?wsdl'", command)
+
+
+def client_arguments(command: str) -> list[str]:
+    """The words of a printed client command after the program, as a shell splits them."""
+    program, *arguments = shlex.split(command)
+    if Path(program).name != "p2p-client":
+        raise AssertionError(f"not a p2p-client command: {command}")
+    return arguments
 
 
 @defer.inlineCallbacks
@@ -148,12 +166,16 @@ class StackProcessTests(TestCase):
 
     def test_announces_everything(self):
         """Indexer, logger, WSDL and the client command are printed."""
-        self.assertTrue(
-            self.client_command.endswith(
-                f"p2p-client -s 127.0.0.1 -p {self.indexer} "
-                f"--wsdl http://127.0.0.1:{self.time}/?wsdl"
-            ),
-            self.client_command,
+        self.assertEqual(
+            client_arguments(self.client_command),
+            [
+                "-s",
+                "127.0.0.1",
+                "-p",
+                str(self.indexer),
+                "--wsdl",
+                f"http://127.0.0.1:{self.time}/?wsdl",
+            ],
         )
         out = "\n".join(self.proc.lines)
         self.assertIn(f"s> time service http://127.0.0.1:{self.time}/?wsdl", out)
@@ -237,10 +259,8 @@ class StackKernelPortsTests(TestCase):
         indexer = yield proc.wait_for_line(r"s> init server 127\.0\.0\.1:(\d+)")
         wsdl = yield proc.wait_for_line(r"s> time service (\S+)")
         command = yield proc.wait_for_line(r"s> client: (.+)$")
-        self.assertTrue(
-            command.group(1).endswith(
-                f"p2p-client -s 127.0.0.1 -p {indexer.group(1)} --wsdl {wsdl.group(1)}"
-            ),
-            command.group(1),
+        self.assertEqual(
+            client_arguments(command.group(1)),
+            ["-s", "127.0.0.1", "-p", indexer.group(1), "--wsdl", wsdl.group(1)],
         )
         self.assertNotEqual(indexer.group(1), "0")

@@ -32,9 +32,12 @@ lock:
 
 # The terminal shows the services' own lines (addresses, client command, records);
 # twistd's log goes to p2p-stack.log. Ctrl-C stops the stack cleanly.
+# P2P_DEMO_DIR: the stack fills demo/ (ignored by git: alice's share with
+# hello.txt, bob's empty one) and prints a tour to paste, absolute paths only.
+DEMO ?= $(CURDIR)/demo
 run: $(STAMP)
 	@echo "p2p-stack: twistd log in p2p-stack.log; options: make run ARGS='--help'"
-	$(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack $(ARGS)
+	P2P_DEMO_DIR='$(DEMO)' $(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack $(ARGS)
 
 # `python -m` puts the checkout first on sys.path: the suite tests this tree.
 test: $(STAMP)
@@ -53,4 +56,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info _trial_temp*
+	rm -rf $(VENV) build dist *.egg-info _trial_temp* demo

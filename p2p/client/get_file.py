@@ -1,0 +1,162 @@
+"""The GET_FILE command: find the owner's peer, fetch the file, print the outcome.
+
+The owner's address comes from LIST_USERS; the download itself is
+``p2p.peer.download`` (or whatever the shell was given), drawing a progress
+bar when stdout is a terminal. The destination is checked before anyone is
+asked anything. A running download can be cancelled (QUIT, Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from p2p import wire
+from p2p.client import results
+from p2p.client.commands import field_problem
+from p2p.client.progress import ProgressBar
+from p2p.client.session import Session, reason
+
+
+class GetFile:
+    """GET_FILE for one shell.
+
+    ``download(host, port, name, destination, progress=..., reactor=...,
+    timeout=...)`` fetches a file and fails with ``no_such_file`` when the
+    peer answers that the file does not exist.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        download: Callable[..., Deferred],
+        no_such_file: type[BaseException],
+        timeout: float,
+    ) -> None:
+        self.session = session
+        self.output = session.output
+        self.download = download
+        self.no_such_file = no_such_file
+        self.timeout = timeout
+        self._current: Deferred | None = None
+
+    def cancel(self) -> None:
+        """Drop the running download, if any (its command prints GET_FILE FAIL)."""
+        if self._current is not None:
+            self._current.cancel()
+
+    def _fail(self, why: str) -> None:
+        self.output.line(results.GET_FILE_FAIL)
+        self.output.note(f"GET_FILE: {why}")
+
+    @defer.inlineCallbacks
+    def __call__(self, owner: str, remote: str, local: str):
+        user = self.session.user
+        if user is None:
+            self._fail("no user is connected in this shell (CONNECT first)")
+            return
+        for value in (owner, remote):
+            problem = field_problem(value)
+            if problem:
+                self._fail(problem)
+                return
+        try:
+            destination = local_destination(remote, local)
+        except ValueError as exc:
+            self._fail(str(exc))
+            return
+        address = yield self._find_peer(user, owner)
+        if address is None:
+            self.output.line(results.GET_FILE_FAIL)
+            return
+        host, port = address
+        bar = _LazyProgress(self.output.progress_stream(), f"{remote} from {owner}")
+        self._current = self.download(
+            host,
+            port,
+            remote,
+            destination,
+            progress=bar.update,
+            reactor=self.session.reactor,
+            timeout=self.timeout,
+        )
+        try:
+            yield self._current
+        except self.no_such_file:
+            bar.finish()
+            self.output.line(results.GET_FILE_NO_FILE)
+            self.output.note(f"GET_FILE: {owner} has no file {remote} to share")
+            return
+        except Exception as exc:
+            bar.finish()
+            self._fail(f"download from {host}:{port} failed: {reason(exc)}")
+            return
+        finally:
+            self._current = None
+        bar.finish()
+        self.output.line(results.GET_FILE_OK)
+
+    @defer.inlineCallbacks
+    def _find_peer(self, user: str, owner: str):
+        """The (host, port) where ``owner`` serves files, from LIST_USERS; None if unknown."""
+        try:
+            code, rows = yield self.session.indexer.request("LIST_USERS", user)
+        except Exception as exc:
+            self.output.note(f"GET_FILE: the indexer could not be asked: {reason(exc)}")
+            return None
+        if code != wire.OK or rows is None:
+            self.output.note(f"GET_FILE: LIST_USERS was refused (code {code})")
+            return None
+        for name, ip, port in rows:
+            if name == owner:
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    self.output.note(f"GET_FILE: the indexer lists a bad port for {owner}")
+                    return None
+                return ip, int(port)
+        self.output.note(f"GET_FILE: {owner} is not connected")
+        return None
+
+
+def local_destination(remote: str, local: str) -> Path:
+    """Where GET_FILE writes: ``local``, or inside it under the remote name if it is
+    a directory (as ``cp`` does). ``~`` is expanded. Raises ValueError with the
+    reason when the file cannot go there, before anyone is asked anything."""
+    path = Path(local).expanduser()
+    if path.is_dir():
+        name = PurePosixPath(remote).name
+        if name in ("", ".", ".."):
+            raise ValueError(f"{local} is a directory; give a file name for {remote!r}")
+        path = path / name
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        why = f"{parent} is not a directory" if parent.exists() else f"no such directory {parent}"
+        raise ValueError(f"cannot save {local}: {why}")
+    return path
+
+
+class _LazyProgress:
+    """A progress bar created at the first update, when the total is known."""
+
+    def __init__(self, stream: Any | None, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.bar: ProgressBar | None = None
+
+    def update(self, received: int, total: int | None = None) -> None:
+        if self.stream is None:
+            return
+        if self.bar is None:
+            columns = getattr(self.stream, "columns", None)
+            self.bar = ProgressBar(self.stream, total, self.label, columns=columns)
+        self.bar.update(received, total)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            bar, self.bar = self.bar, None
+            bar.finish()

@@ -1,0 +1,189 @@
+"""The commands that ask the indexer: REGISTER, UNREGISTER, CONNECT, DISCONNECT,
+PUBLISH, DELETE, LIST_USERS, LIST_CONTENT.
+
+Each checks its arguments locally (a name the protocol cannot carry, no
+connected user), asks the indexer, prints the outcome line of
+:mod:`p2p.client.results` and updates the :class:`~p2p.client.session.Session`.
+Each returns a Deferred that fires when its lines are printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from p2p import wire
+from p2p.client import results
+from p2p.client.commands import field_problem
+from p2p.client.session import Session, quietly, reason
+
+
+class IndexerCommands:
+    """The indexer commands of one shell, over its session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.output = session.output
+
+    def table(self) -> dict[str, Callable[..., Deferred]]:
+        """Command name -> what runs it, for the shell's dispatch."""
+        return {
+            "REGISTER": self.register,
+            "UNREGISTER": self.unregister,
+            "CONNECT": self.connect,
+            "PUBLISH": self.publish,
+            "DELETE": self.delete,
+            "LIST_USERS": self.list_users,
+            "LIST_CONTENT": self.list_content,
+            "DISCONNECT": self.disconnect,
+        }
+
+    # --- helpers --------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _ask(self, op: str, user: str, *args: str | int):
+        """Ask the indexer; print the outcome line; fire with ``(code, rows)``.
+
+        ``code`` is None when the indexer could not be asked or answered badly.
+        """
+        try:
+            code, rows = yield self.session.indexer.request(op, user, *args)
+        except Exception as exc:
+            self.output.line(results.fail_line(op))
+            self.output.note(f"{op}: the indexer could not be asked: {reason(exc)}")
+            return None, None
+        self.output.line(results.outcome_line(op, code))
+        if code not in results.OUTCOMES[op][0]:
+            hint = results.HINTS.get(op, "")
+            self.output.note(f"{op}: the indexer refused the request (code {code}){hint}")
+        return code, rows
+
+    def _refused(self, op: str, value: str, kind: wire.FieldKind = wire.FieldKind.NAME) -> bool:
+        """Print the plain FAIL line if ``value`` cannot travel as a ``kind``; True if so."""
+        problem = field_problem(value, kind)
+        if problem:
+            self.output.line(results.fail_line(op))
+            self.output.note(f"{op}: {problem}")
+        return problem is not None
+
+    def _need_user(self, op: str) -> str | None:
+        """The connected user; without one, print ``op``'s NOT CONNECTED line."""
+        user = self.session.user
+        if user is None:
+            self.output.line(results.not_connected_line(op))
+            self.output.note(f"{op}: no user is connected in this shell (CONNECT first)")
+        return user
+
+    # --- commands -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def register(self, user: str):
+        if not self._refused("REGISTER", user):
+            yield self._ask("REGISTER", user)
+
+    @defer.inlineCallbacks
+    def unregister(self, user: str):
+        if not self._refused("UNREGISTER", user):
+            yield self._ask("UNREGISTER", user)
+
+    @defer.inlineCallbacks
+    def connect(self, user: str):
+        """Start the peer server first, then tell the indexer its port."""
+        session = self.session
+        if self._refused("CONNECT", user):
+            return
+        if session.user is not None:
+            if user == session.user:
+                self.output.line(results.outcome_line("CONNECT", wire.CONNECT.own))
+            else:
+                self.output.line(results.fail_line("CONNECT"))
+            self.output.note(f"CONNECT: this shell is already connected as {session.user}")
+            return
+        server = session.server_factory(
+            session.share_dir, session.is_published, reactor=session.reactor
+        )
+        try:
+            port = yield server.listen(session.peer_listen)
+        except Exception as exc:
+            self.output.line(results.fail_line("CONNECT"))
+            self.output.note(f"CONNECT: cannot listen on {session.peer_listen}: {reason(exc)}")
+            return
+        code, _rows = yield self._ask("CONNECT", user, port)
+        if code != wire.OK:
+            yield quietly(server.stop())
+            return
+        self.output.note(f"serving {session.share_dir} to peers on port {port}")
+        yield session.go_online(user, server)
+
+    @defer.inlineCallbacks
+    def disconnect(self, user: str):
+        session = self.session
+        if self._refused("DISCONNECT", user):
+            return
+        if session.user is None:
+            self.output.line(results.not_connected_line("DISCONNECT"))
+            self.output.note("DISCONNECT: no user is connected in this shell")
+            return
+        if user != session.user:
+            self.output.note(f"DISCONNECT: note that this shell is connected as {session.user}")
+        code, _rows = yield self._ask("DISCONNECT", user)
+        spec = wire.DISCONNECT
+        if user == session.user and code in (wire.OK, spec.no_user, spec.not_connected):
+            # The indexer no longer lists us: stop serving.
+            yield session.go_offline()
+
+    @defer.inlineCallbacks
+    def publish(self, name: str, description: str):
+        user = self._need_user("PUBLISH")
+        if user is None or self._refused("PUBLISH", name):
+            return
+        if self._refused("PUBLISH", description, wire.FieldKind.TEXT):
+            return
+        self._warn_if_not_shared(name)
+        code, _rows = yield self._ask("PUBLISH", user, name, description)
+        if code in (wire.OK, wire.PUBLISH.own) and self.session.user == user:
+            self.session.published.add(name)
+
+    def _warn_if_not_shared(self, name: str) -> None:
+        root = self.session.share_dir.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or path == root:
+            self.output.note(
+                f"PUBLISH: warning: {name} is not inside the share directory {root}; "
+                "peers asking for it will be refused"
+            )
+        elif not path.is_file():
+            self.output.note(
+                f"PUBLISH: warning: there is no file {name} in the share directory {root} (yet)"
+            )
+
+    @defer.inlineCallbacks
+    def delete(self, name: str):
+        user = self._need_user("DELETE")
+        if user is None or self._refused("DELETE", name):
+            return
+        code, _rows = yield self._ask("DELETE", user, name)
+        if code in (wire.OK, wire.DELETE.own) and self.session.user == user:
+            self.session.published.discard(name)
+
+    @defer.inlineCallbacks
+    def list_users(self):
+        user = self._need_user("LIST_USERS")
+        if user is None:
+            return
+        code, rows = yield self._ask("LIST_USERS", user)
+        if code == wire.OK:
+            for name, ip, port in rows:
+                self.output.line(results.user_row(name, ip, port))
+
+    @defer.inlineCallbacks
+    def list_content(self, owner: str):
+        user = self._need_user("LIST_CONTENT")
+        if user is None or self._refused("LIST_CONTENT", owner):
+            return
+        code, rows = yield self._ask("LIST_CONTENT", user, owner)
+        if code == wire.OK:
+            for name, description in rows:
+                self.output.line(results.content_row(name, description))

@@ -263,15 +263,15 @@ class RpcbindTests(unittest.TestCase):
     def test_relay_finds_logger_through_rpcbind(self):
         """``make_relay(host=...)`` asks rpcbind (PMAPPROC_GETPORT) for the logger's TCP port."""
         from p2p.indexer.relay import make_relay
-        from tests.test_logger_relay import FakeStore, records
+        from tests.test_logger_relay import Outbox, records
 
         program = unique_program()
         proc, _, _ports, audit = yield start_logger(self, program=program)
         yield proc.wait_for_line(r"s> rpcbind registered program")
-        store = FakeStore()
-        store.add(*records(0, 20))
-        relay = make_relay(store, None, "127.0.0.1", program, reactor)
+        outbox = Outbox(self)
+        outbox.add(0, 20)
+        relay = make_relay(outbox.store, None, "127.0.0.1", program, reactor)
         relay.startService()
         self.addCleanup(relay.stopService)
-        yield store.wait_empty()
+        yield outbox.wait_empty()
         self.assertEqual(audit.read_text().splitlines(), records(0, 20))

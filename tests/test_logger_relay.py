@@ -1,63 +1,72 @@
 """The indexer's audit relay against in-process loggers on 127.0.0.1.
 
-Order, exactly-once, the logger down then up, and the logger "killed" after
-storing a record but before its reply (the connection cut, the audit files
-reopened as a restarted logger would).
+Order, exactly-once, the logger down then up (the relay retrying with backoff),
+and the logger "killed" after storing a record but before its reply (the
+connection cut, the audit files reopened as a restarted logger would). The
+records come from a real directory writing into a real in-memory store.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor, task
 from twisted.trial import unittest
 
 from p2p import wire
+from p2p.indexer.directory import Directory
 from p2p.indexer.relay import OutboxRelay, make_endpoint, make_relay
+from p2p.indexer.store import Store
 from p2p.logger.audit import AuditLog
 from p2p.logger.program import LoggerProgram
 from p2p.oncrpc.server import Dispatcher, RpcStreamFactory, RpcStreamProtocol
-from tests.support import deadline, free_port
+from tests.support import hold_port, poll_until
 
 PROG = wire.LOGGER_PROGRAM
+DATETIME = "01/01/2026 10:00:00"
 
 
-class FakeStore:
-    """The outbox API of ``p2p.indexer.store.Store``, in memory."""
+class Outbox:
+    """The relay's real source: a directory auditing into a ``Store(":memory:")`` outbox."""
 
-    sender_id = "fake-sender-1"
+    def __init__(self, testcase: unittest.TestCase) -> None:
+        self.store = Store(":memory:")
+        self.store.open()
+        testcase.addCleanup(self.store.close)
+        self.directory = Directory(self.store, audit=True)
+        self.directory.load()
 
-    def __init__(self) -> None:
-        self.rows: dict[int, str] = {}
-        self.seq = 0
-        self.listeners = []
-        self._empty_waiters: list[defer.Deferred] = []
+    def add(self, start: int, stop: int) -> None:
+        """PUBLISH requests of ``user<start>`` .. ``user<stop - 1>``, one group commit.
 
-    def add(self, *records: str) -> None:
-        for record in records:
-            self.seq += 1
-            self.rows[self.seq] = record
-        for listener in self.listeners:
-            listener()
-
-    def outbox_pending(self, after_seq: int, limit: int) -> list[tuple[int, str]]:
-        return [(s, r) for s, r in sorted(self.rows.items()) if s > after_seq][:limit]
-
-    def outbox_delete_through(self, seq: int) -> None:
-        for s in [s for s in self.rows if s <= seq]:
-            del self.rows[s]
-        if not self.rows:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def add_outbox_listener(self, callback) -> None:
-        self.listeners.append(callback)
+        None of these users is registered: each request is refused, and
+        audited all the same (one outbox row each, ``records(start, stop)``).
+        """
+        for i in range(start, stop):
+            self.directory.handle(wire.PUBLISH, DATETIME, f"user{i}", [f"file{i}", "a file"])
+        self.store.commit()
 
     def wait_empty(self) -> defer.Deferred:
-        if not self.rows:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._empty_waiters.append(d)
-        return deadline(d)
+        return poll_until(lambda: self.store.outbox_count() == 0, what="an empty outbox")
+
+
+class AttemptsEndpoint:
+    """A client endpoint that notes when (on ``clock``) each connection attempt
+    starts, and counts the attempts refused."""
+
+    def __init__(self, wrapped, clock) -> None:
+        self.wrapped = wrapped
+        self.clock = clock
+        self.attempts: list[float] = []
+        self.refused = 0
+
+    def connect(self, factory) -> defer.Deferred:
+        self.attempts.append(self.clock.seconds())
+
+        def refused(failure):
+            failure.trap(error.ConnectionRefusedError)
+            self.refused += 1
+            return failure
+
+        return self.wrapped.connect(factory).addErrback(refused)
 
 
 class KillingProtocol(RpcStreamProtocol):
@@ -131,7 +140,10 @@ def relay_for(testcase, store, port: int, **kwargs) -> OutboxRelay:
 
 
 def records(start: int, stop: int) -> list[str]:
-    return [f"user{i} PUBLISH file{i} 01/01/2026 10:00:00" for i in range(start, stop)]
+    """The audit lines of ``Outbox.add(start, stop)``."""
+    return [
+        wire.audit_record(f"user{i}", "PUBLISH", DATETIME, f"file{i}") for i in range(start, stop)
+    ]
 
 
 class RelayTests(unittest.TestCase):
@@ -139,38 +151,60 @@ class RelayTests(unittest.TestCase):
     def test_in_order_exactly_once(self):
         logger = Logger(self, 0)
         logger.start()
-        store = FakeStore()
-        store.add(*records(0, 150))
-        relay = relay_for(self, store, logger.port, window=8)
-        store.add(*records(150, 300))
-        yield store.wait_empty()
+        outbox = Outbox(self)
+        outbox.add(0, 150)
+        relay = relay_for(self, outbox.store, logger.port, window=8)
+        outbox.add(150, 300)
+        yield outbox.wait_empty()
         self.assertEqual(logger.lines(), records(0, 300))
         self.assertEqual(relay.delivered, 300)
 
     @defer.inlineCallbacks
     def test_logger_down_then_up(self):
-        store = FakeStore()
-        port = free_port()
-        relay = relay_for(self, store, port, initial_delay=0.05, max_delay=0.2)
-        store.add(*records(0, 50))
-        # Nothing listens: the rows stay in the outbox, the relay keeps retrying.
-        yield deadline(_turns(20))
-        self.assertEqual(len(store.rows), 50)
+        """Refused, the relay tries again and again, each time after a longer
+        (jittered) delay on its clock, up to ``max_delay``; once the logger
+        listens, everything arrives, in order."""
+        clock = task.Clock()
+        port = hold_port(self)  # refuses connections until the logger listens there
+        outbox = Outbox(self)
+        endpoint = AttemptsEndpoint(
+            make_endpoint(reactor, f"tcp:host=127.0.0.1:port={port}", None, PROG), clock
+        )
+        relay = OutboxRelay(outbox.store, endpoint, PROG, clock, initial_delay=1.0, max_delay=4.0)
+        relay.startService()
+        self.addCleanup(relay.stopService)
+        outbox.add(0, 50)
+        for attempt in range(1, 7):
+            yield poll_until(lambda n=attempt: endpoint.refused == n, what=f"refusal {attempt}")
+            self.assertEqual(len(endpoint.attempts), attempt)
+            (retry,) = clock.getDelayedCalls()  # the reconnection, nothing else
+            delay = retry.getTime() - clock.seconds()
+            floor = min(1.0 * 1.5**attempt, 4.0)  # backoffPolicy, plus a jitter below 1 s
+            self.assertTrue(floor <= delay < floor + 1, (attempt, delay))
+            if attempt < 6:
+                clock.advance(delay)
         self.assertEqual(relay.delivered, 0)
+        self.assertEqual(outbox.store.outbox_count(), 50)
+        # The logger comes up on that address: the next attempt delivers everything.
         logger = Logger(self, port)
         logger.start()
-        store.add(*records(50, 100))
-        yield store.wait_empty()
+        outbox.add(50, 100)
+        clock.advance(delay)
+        self.assertEqual(len(endpoint.attempts), 7)
+        yield poll_until(lambda: relay.delivered == 100, what="100 records delivered")
+        clock.advance(0)  # the relay deletes the acknowledged rows on its next turn
+        self.assertEqual(outbox.store.outbox_count(), 0)
+        self.assertEqual(endpoint.refused, 6)
         self.assertEqual(logger.lines(), records(0, 100))
 
     @defer.inlineCallbacks
     def test_logger_killed_between_storing_and_replying(self):
         logger = Logger(self, 0)
-        store = FakeStore()
-        store.add(*records(0, 40))
+        outbox = Outbox(self)
+        outbox.add(0, 40)
         factory = logger.start(kill_after={10, 25})
-        relay_for(self, store, logger.port, window=4, initial_delay=0.05, max_delay=0.2)
-        yield store.wait_empty()
+        relay_for(self, outbox.store, logger.port, window=4, initial_delay=0.05, max_delay=0.2)
+        yield outbox.wait_empty()
         self.assertEqual(sorted(factory.killed), [10, 25])
         self.assertEqual(logger.lines(), records(0, 40))
 
@@ -178,16 +212,18 @@ class RelayTests(unittest.TestCase):
     def test_logger_restarted_after_kill(self):
         """Killed after storing; restarted from its files; no duplicate, no loss."""
         logger = Logger(self, 0)
-        store = FakeStore()
-        store.add(*records(0, 20))
+        outbox = Outbox(self)
+        outbox.add(0, 20)
         factory = logger.start(kill_after={7})
-        relay = relay_for(self, store, logger.port, window=4, initial_delay=0.05, max_delay=0.2)
-        yield wait_until(lambda: factory.killed)
+        relay = relay_for(
+            self, outbox.store, logger.port, window=4, initial_delay=0.05, max_delay=0.2
+        )
+        yield poll_until(lambda: factory.killed, what="the logger killed")
         yield logger.stop()  # the process is gone; its files stay
         self.assertEqual(logger.lines()[-1], records(6, 7)[0])  # stored, never acknowledged
-        store.add(*records(20, 30))
+        outbox.add(20, 30)
         logger.start()
-        yield store.wait_empty()
+        yield outbox.wait_empty()
         self.assertEqual(logger.lines(), records(0, 30))
         self.assertEqual(relay.acked_through, 30)
 
@@ -195,8 +231,8 @@ class RelayTests(unittest.TestCase):
     def test_silent_logger_is_dropped_and_retried(self):
         """A logger that accepts but never answers only delays delivery."""
         logger = Logger(self, 0)
-        store = FakeStore()
-        store.add(*records(0, 5))
+        outbox = Outbox(self)
+        outbox.add(0, 5)
         factory = logger.start()
         silent = []
 
@@ -208,8 +244,8 @@ class RelayTests(unittest.TestCase):
             return proto
 
         factory.buildProtocol = build
-        relay_for(self, store, logger.port, reply_timeout=0.3, initial_delay=0.05)
-        yield store.wait_empty()
+        relay_for(self, outbox.store, logger.port, reply_timeout=0.3, initial_delay=0.05)
+        yield outbox.wait_empty()
         self.assertEqual(len(silent), 1)
         self.assertEqual(logger.lines(), records(0, 5))
 
@@ -217,8 +253,8 @@ class RelayTests(unittest.TestCase):
     def test_logger_refusing_then_accepting(self):
         """-1 (the logger cannot write) only delays: the relay backs off and resends."""
         logger = Logger(self, 0)
-        store = FakeStore()
-        store.add(*records(0, 10))
+        outbox = Outbox(self)
+        outbox.add(0, 10)
         logger.start()
         real_store = logger.audit.store
         failures = []
@@ -230,16 +266,15 @@ class RelayTests(unittest.TestCase):
             return real_store(record, sender, seq)
 
         logger.audit.store = flaky
-        relay = relay_for(self, store, logger.port, window=4, initial_delay=0.05)
-        yield store.wait_empty()
+        relay = relay_for(self, outbox.store, logger.port, window=4, initial_delay=0.05)
+        yield outbox.wait_empty()
         self.assertEqual(failures, [4, 4])
         self.assertEqual(logger.lines(), records(0, 10))
         self.assertEqual(relay._error_delay, 0.0)
 
     @defer.inlineCallbacks
-    def test_with_real_store(self):
-        from p2p.indexer.store import Store
-
+    def test_store_on_disk_through_make_relay(self):
+        """The relay as the indexer builds it, on a store kept in a file."""
         logger = Logger(self, 0)
         logger.start()
         path = self.mktemp()
@@ -255,26 +290,6 @@ class RelayTests(unittest.TestCase):
         for text in records(30, 60):
             store.add_outbox(text)
             store.commit()
-        yield wait_until(lambda: store.outbox_count() == 0)
+        yield poll_until(lambda: store.outbox_count() == 0, what="an empty outbox")
         self.assertEqual(store.outbox_count(), 0)
         self.assertEqual(logger.lines(), records(0, 60))
-
-
-@defer.inlineCallbacks
-def wait_until(condition, timeout: float = 20.0):
-    """Poll ``condition`` every 10 ms until true; fail after ``timeout`` seconds."""
-    start = reactor.seconds()
-    while not condition():
-        if reactor.seconds() - start > timeout:
-            raise defer.TimeoutError("condition not reached")
-        yield _turns(1)
-
-
-def _turns(n: int) -> defer.Deferred:
-    """Let the reactor run ``n`` short rounds (a bounded wait for background work)."""
-    from twisted.internet import task
-
-    d = defer.succeed(None)
-    for _ in range(n):
-        d.addCallback(lambda _: task.deferLater(reactor, 0.01, lambda: None))
-    return d

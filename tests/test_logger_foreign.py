@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
-import socket
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -21,9 +19,7 @@ from twisted.trial import unittest
 
 from p2p import wire
 from p2p.oncrpc import rpc
-from tests.support import REPO, deadline, free_port, run_command, spawn_twistd
-
-LISTEN_LINE = r"s> logger program (0x[0-9a-f]+) version 1 (.*)"
+from tests.support import REPO, deadline, logger_ports, run_command, spawn_twistd
 
 
 def find_tool(name: str) -> str | None:
@@ -50,20 +46,15 @@ def unique_program() -> int:
     return 0x30000000 + random.getrandbits(24)
 
 
-def ports_of(line_rest: str) -> dict[str, int]:
-    return {kind: int(port) for kind, port in re.findall(r"(tcp|udp) [^ ]*:(\d+)", line_rest)}
-
-
 @defer.inlineCallbacks
 def start_logger(testcase, *options: str, program: int | None = None):
-    """A logger on 127.0.0.1 (TCP on a kernel-chosen port, UDP on a free port)."""
+    """A logger on 127.0.0.1, TCP and UDP on ports the kernel chose (read from its line)."""
     program = program or unique_program()
-    udp = free_port(socket.SOCK_DGRAM)
     args = [
         "--listen",
         "tcp:0:interface=127.0.0.1",
         "--listen",
-        f"udp:{udp}:interface=127.0.0.1",
+        "udp:0:interface=127.0.0.1",
         "--program",
         hex(program),
         *options,
@@ -71,8 +62,7 @@ def start_logger(testcase, *options: str, program: int | None = None):
     cwd = Path(testcase.mktemp())
     cwd.mkdir(parents=True)
     proc = spawn_twistd(testcase, "p2p-logger", *args, cwd=cwd)
-    match = yield proc.wait_for_line(LISTEN_LINE)
-    ports = ports_of(match.group(2))
+    ports = yield logger_ports(proc)
     return proc, program, ports, cwd / "p2p-audit.log"
 
 

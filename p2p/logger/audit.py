@@ -15,7 +15,17 @@ record is either stored and remembered, or neither. A record whose sequence
 number is not above the sender's last one is acknowledged without storing it.
 The journal is compacted (one line per sender, written aside and renamed) at
 start and whenever it grows past ``compact_at`` bytes (or past twice its
-compacted size, when that is larger).
+compacted size, when that is larger). While the service runs, the compacted
+copy is written by ``run_in_thread`` (the reactor's thread pool), so no caller
+waits for it; journal lines written meanwhile are appended to the copy before
+it replaces the journal.
+
+Any client can make up sender ids, so the memory of senders is bounded:
+beyond ``max_senders`` the sender that stored least recently is forgotten
+(with a warning). A live indexer relays all the time and stays remembered; a
+forgotten sender's next resend of an old record would be stored again, which
+only an idle sender could ever send. Bounding the senders bounds the journal
+too, so replaying it at start takes a bounded time.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -30,6 +42,9 @@ from twisted.logger import Logger
 from p2p.console import say
 
 log = Logger()
+
+#: Default bound on remembered relay senders (an indexer is one sender).
+DEFAULT_MAX_SENDERS = 10_000
 
 
 class AuditLog:
@@ -41,6 +56,8 @@ class AuditLog:
         state_path: str | os.PathLike | None = None,
         echo: bool = True,
         compact_at: int = 1 << 20,
+        max_senders: int = DEFAULT_MAX_SENDERS,
+        run_in_thread: Callable | None = None,
     ) -> None:
         self.path = Path(path)
         self.state_path = (
@@ -48,7 +65,14 @@ class AuditLog:
         )
         self.echo = echo
         self.compact_at = compact_at
-        self.last_seq: dict[str, int] = {}
+        self.max_senders = max_senders
+        #: ``f(function, *args)`` -> Deferred, for compaction off the reactor;
+        #: None compacts synchronously (unit tests, tools).
+        self.run_in_thread = run_in_thread
+        #: Last stored seq per sender, least recently stored first.
+        self.last_seq: OrderedDict[str, int] = OrderedDict()
+        self.forgotten = 0  # senders forgotten over max_senders (diagnostics, tests)
+        self._compacting: list[bytes] | None = None  # journal lines since the snapshot
         self._audit_fd: int | None = None
         self._state_fd: int | None = None
         self._state_size = 0
@@ -93,7 +117,7 @@ class AuditLog:
             entry = {"s": sender, "q": seq, "o": offset, "r": record}
             undo = (self._state_size, self.last_seq.get(sender))
             self._journal(entry)
-            self.last_seq[sender] = seq
+            self._remember(sender, seq)
         try:
             self._write_all(self._audit_fd, line)
         except OSError:
@@ -106,12 +130,30 @@ class AuditLog:
         self.stored += 1
         if self.echo:
             say(record)
-        if self._state_size > self._compact_limit:
-            try:
-                self._compact()
-            except OSError as exc:  # the record is stored; compaction is retried later
-                log.warn("cannot compact the relay journal: {exc}", exc=exc)
+        if self._state_size > self._compact_limit and self._compacting is None:
+            if self.run_in_thread is None:
+                try:
+                    self._compact()
+                except OSError as exc:  # the record is stored; compaction is retried later
+                    log.warn("cannot compact the relay journal: {exc}", exc=exc)
+            else:
+                self._compact_in_thread()
         return True
+
+    def _remember(self, sender: str, seq: int) -> None:
+        """Record ``seq`` as ``sender``'s last, forgetting the stalest sender over the bound."""
+        self.last_seq[sender] = seq
+        self.last_seq.move_to_end(sender)
+        while len(self.last_seq) > self.max_senders:
+            old, _ = self.last_seq.popitem(last=False)
+            self.forgotten += 1
+            if self.forgotten & (self.forgotten - 1) == 0:  # 1, 2, 4, 8...: no log flood
+                log.warn(
+                    "relay senders over --max-senders {n}: forgot {old} ({count} forgotten so far)",
+                    n=self.max_senders,
+                    old=old,
+                    count=self.forgotten,
+                )
 
     @staticmethod
     def _truncate(fd: int, size: int) -> None:
@@ -122,6 +164,8 @@ class AuditLog:
         assert self._state_fd is not None
         self._truncate(self._state_fd, size)
         self._state_size = size
+        if self._compacting:
+            self._compacting.pop()  # that line is not in the journal any more
         if previous is None:
             self.last_seq.pop(sender, None)
         else:
@@ -151,6 +195,8 @@ class AuditLog:
             self._truncate(self._state_fd, self._state_size)  # no torn journal line
             raise
         self._state_size += len(data)
+        if self._compacting is not None:
+            self._compacting.append(data)
 
     def _replay(self) -> None:
         try:
@@ -164,7 +210,7 @@ class AuditLog:
                 sender, seq = str(entry["s"]), int(entry["q"])
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line: that record was never stored
-            self.last_seq[sender] = max(seq, self.last_seq.get(sender, -1))
+            self._remember(sender, max(seq, self.last_seq.get(sender, -1)))
             last_entry = entry
         if last_entry is not None and "o" in last_entry:
             self._redo(last_entry)
@@ -186,21 +232,57 @@ class AuditLog:
         if self.echo:
             say(str(entry["r"]))
 
-    def _compact(self) -> None:
-        data = "".join(
+    def _snapshot(self) -> bytes:
+        """The compacted journal: one line per remembered sender, stalest first."""
+        return "".join(
             json.dumps({"s": s, "q": q}, separators=(",", ":")) + "\n"
-            for s, q in sorted(self.last_seq.items())
+            for s, q in self.last_seq.items()
         ).encode("utf-8")
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        with open(tmp, "wb") as f:
+
+    @property
+    def _tmp_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".tmp")
+
+    def _write_aside(self, data: bytes) -> None:
+        with open(self._tmp_path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+
+    def _compact(self) -> None:
+        """Compact now, on the calling thread (at open, or without a thread pool)."""
+        data = self._snapshot()
+        self._write_aside(data)
+        self._install(len(data))
+
+    def _compact_in_thread(self) -> None:
+        """Write the compacted copy in a thread; install it back on the reactor."""
+        data = self._snapshot()
+        self._compacting = []
+
+        def install(_):
+            since, self._compacting = self._compacting, None
+            if self._state_fd is None:  # closed meanwhile
+                return
+            extra = b"".join(since)
+            with open(self._tmp_path, "ab") as f:
+                f.write(extra)
+            self._install(len(data) + len(extra))
+
+        def failed(failure):
+            self._compacting = None
+            log.warn("cannot compact the relay journal: {why}", why=failure.getErrorMessage())
+
+        d = self.run_in_thread(self._write_aside, data)
+        d.addCallback(install).addErrback(failed)
+
+    def _install(self, size: int) -> None:
+        """Make the written-aside copy the journal and append to it from now on."""
+        os.replace(self._tmp_path, self.state_path)
         if self._state_fd is not None:
             os.close(self._state_fd)
         self._state_fd = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._state_size = len(data)
+        self._state_size = size
         # With many senders the compacted journal alone can pass compact_at: compact
         # again only once it has doubled, or every record would rewrite it all.
-        self._compact_limit = max(self.compact_at, 2 * len(data))
+        self._compact_limit = max(self.compact_at, 2 * size)

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from p2p import wire
 from p2p.console import say
 from p2p.logcontract import parse_program
-from p2p.logger.audit import AuditLog
+from p2p.logger.audit import DEFAULT_MAX_SENDERS, AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
 from p2p.oncrpc import portmap, rpc
 from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
@@ -84,6 +84,14 @@ class Options(usage.Options):
             "Longest LOG message in bytes; longer is GARBAGE_ARGS.",
             int,
         ],
+        [
+            "max-senders",
+            None,
+            DEFAULT_MAX_SENDERS,
+            "Relay senders remembered for exactly-once delivery; beyond it the one "
+            "that stored least recently is forgotten (any client can make up senders).",
+            int,
+        ],
         ["rpcbind-host", None, "127.0.0.1", "Where the portmapper to register with runs."],
         [
             "max-connections",
@@ -114,6 +122,8 @@ class Options(usage.Options):
             self["program"] = _program(self["program"])
         if not self["listen"]:
             self["listen"] = list(DEFAULT_LISTEN)
+        if self["max-senders"] < 1:
+            raise usage.UsageError("--max-senders must be positive")
         if self["max-message"] < 1:
             raise usage.UsageError("--max-message must be positive")
         if self["max-connections"] < 1:
@@ -168,7 +178,12 @@ class LoggerService(service.Service):
         self.reactor = reactor
         self.options = options
         self.program_number: int = options["program"]
-        self.audit = AuditLog(options["audit-file"], options["state-file"])
+        self.audit = AuditLog(
+            options["audit-file"],
+            options["state-file"],
+            max_senders=options["max-senders"],
+            run_in_thread=threads.deferToThread,
+        )
         self.logger = LoggerProgram(self.audit, self.program_number, options["max-message"])
         if options["fsync"]:
             self.logger.durable = FsyncGroup(reactor, self.audit.fsync)

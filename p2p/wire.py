@@ -9,6 +9,7 @@ imports these names instead of restating them.
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -150,7 +151,8 @@ class FieldKind(Enum):
 
     OP = "op"
     DATETIME = "datetime"
-    NAME = "name"  # user and file names: no whitespace, no control characters
+    USER = "user"  # user names: as NAME, and no look-alikes (NFC, no format characters)
+    NAME = "name"  # file names: no whitespace, no control characters
     TEXT = "text"  # descriptions: any printable UTF-8, spaces allowed
     PORT = "port"
     OFFSET = "offset"
@@ -159,6 +161,7 @@ class FieldKind(Enum):
 LIMITS: dict[FieldKind, int] = {
     FieldKind.OP: MAX_OP,
     FieldKind.DATETIME: MAX_DATETIME,
+    FieldKind.USER: MAX_NAME,
     FieldKind.NAME: MAX_NAME,
     FieldKind.TEXT: MAX_DESCRIPTION,
     FieldKind.PORT: MAX_PORT_FIELD,
@@ -186,6 +189,20 @@ def check_name(text: str) -> bool:
     return bool(text) and not any(ch.isspace() or _is_control(ch) for ch in text)
 
 
+def check_user(text: str) -> bool:
+    """True for a valid user name: a valid name, in Unicode NFC, without format characters.
+
+    Format characters (category Cf: zero-width space and joiners, bidi controls
+    such as U+202E) and unnormalised forms let two names that look the same on
+    every screen be different names, so one user could pass for another.
+    """
+    return (
+        check_name(text)
+        and unicodedata.is_normalized("NFC", text)
+        and not any(unicodedata.category(ch) == "Cf" for ch in text)
+    )
+
+
 def check_text(text: str) -> bool:
     """True for a valid description (non-empty, no control characters but tab)."""
     return bool(text) and not any(_is_control(ch) and ch != "\t" for ch in text)
@@ -211,6 +228,10 @@ def decode_field(raw: bytes, kind: FieldKind) -> str | int:
         raise BadField(f"{kind.value}: not UTF-8") from exc
     if kind is FieldKind.NAME and not check_name(text):
         raise BadField(f"name has whitespace or control characters: {text!r}")
+    if kind is FieldKind.USER and not check_user(text):
+        raise BadField(
+            f"user name is not NFC, or has whitespace, control or format characters: {text!r}"
+        )
     if kind is FieldKind.TEXT and not check_text(text):
         raise BadField(f"text has control characters: {text!r}")
     if kind in (FieldKind.OP, FieldKind.DATETIME) and any(
@@ -243,7 +264,7 @@ class OpSpec:
     @property
     def fields(self) -> tuple[FieldKind, ...]:
         """Every field of the request after OP: DATETIME, USER, then the arguments."""
-        return (FieldKind.DATETIME, FieldKind.NAME, *self.args)
+        return (FieldKind.DATETIME, FieldKind.USER, *self.args)
 
     @property
     def codes(self) -> tuple[int, ...]:

@@ -9,22 +9,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.client.indexer_client import IndexerClient
-from tests.support import DEADLINE, deadline, free_port, spawn, spawn_twistd, wait_for_port
-
-
-@defer.inlineCallbacks
-def wait_until(condition, timeout: float = DEADLINE, what: str = "condition"):
-    """Poll ``condition`` every 10 ms until true; fail after ``timeout`` seconds."""
-    start = reactor.seconds()
-    while not condition():
-        if reactor.seconds() - start > timeout:
-            raise defer.TimeoutError(f"{what} not met in {timeout}s")
-        yield task.deferLater(reactor, 0.01, lambda: None)
+from tests.support import (
+    DEADLINE,
+    deadline,
+    hold_port,
+    indexer_port,
+    poll_until,
+    spawn,
+    spawn_twistd,
+    time_url,
+)
 
 
 class ShellProcess:
@@ -64,10 +63,10 @@ class ShellProcess:
         before = len(self.proc.lines)
         self.proc.write(command.encode("utf-8") + b"\n")
         try:
-            yield wait_until(
+            yield poll_until(
                 lambda: len(self.proc.lines) >= before + count or self.proc.exited,
                 timeout,
-                f"{count} lines after {command!r}",
+                what=f"{count} lines after {command!r}",
             )
         except defer.TimeoutError as exc:
             raise defer.TimeoutError(f"{exc}\n{self.proc.output()}") from None
@@ -91,34 +90,34 @@ class Stack:
 
     def __init__(self, testcase: TestCase) -> None:
         self.testcase = testcase
-        self.port = free_port()
+        self.port: int | None = None
         self.indexer = None
-        self.time_port = free_port()
+        self._wsdl: str | None = None
         self.time = None
 
     @property
     def wsdl(self) -> str:
-        return f"http://127.0.0.1:{self.time_port}/?wsdl"
+        """The time service's WSDL URL; without one, an address that refuses connections."""
+        if self._wsdl is None:
+            self._wsdl = f"http://127.0.0.1:{hold_port(self.testcase)}/?wsdl"
+        return self._wsdl
 
     @defer.inlineCallbacks
     def start_indexer(self):
+        """Start an indexer: on ``tcp:0`` the first time, then on the port it printed."""
+        listen = f"tcp:{self.port or 0}:interface=127.0.0.1"
         self.indexer = spawn_twistd(
-            self.testcase,
-            "p2p-indexer",
-            "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
-            "--db",
-            ":memory:",
+            self.testcase, "p2p-indexer", "--listen", listen, "--db", ":memory:"
         )
-        yield self.indexer.wait_for_line(r"s> init server")
-        yield wait_for_port(self.port)
+        port = yield indexer_port(self.indexer)
+        self.testcase.assertIn(self.port, (None, port))
+        self.port = port
 
     @defer.inlineCallbacks
     def start_time(self):
-        self.time = spawn_twistd(
-            self.testcase, "p2p-time", "--listen", f"tcp:{self.time_port}:interface=127.0.0.1"
-        )
-        yield wait_for_port(self.time_port)
+        assert self._wsdl is None, "start the time service before asking for its URL"
+        self.time = spawn_twistd(self.testcase, "p2p-time", "--listen", "tcp:0:interface=127.0.0.1")
+        self._wsdl = yield time_url(self.time)
 
     def shell(self, name: str, cwd=None, share=None) -> ShellProcess:
         return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd, share)
@@ -305,7 +304,7 @@ class TerminalTests(TestCase):
         @defer.inlineCallbacks
         def type_keys(keys: bytes, result: str, times: int = 1):
             proc.write(keys)
-            yield wait_until(lambda: count(result) >= times, what=result)
+            yield poll_until(lambda: count(result) >= times, what=result)
 
         return stack, proc, type_keys
 

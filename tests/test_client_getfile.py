@@ -12,8 +12,7 @@ from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor
 
-from tests.support import deadline
-from tests.test_client_e2e import wait_until
+from tests.support import deadline, poll_until
 from tests.test_client_interop import InteropTestCase
 from tests.test_client_tty import _TricklingPeer
 
@@ -106,7 +105,7 @@ class GetFileTests(InteropTestCase):
         a = yield self.online()
         fake = self.fake_peer(cut=False)
         a.proc.write(f"GET_FILE {fake} big.bin big.bin\n".encode())
-        yield wait_until(lambda: self.leftovers(a.cwd), what="a download in progress")
+        yield poll_until(lambda: self.leftovers(a.cwd), what="a download in progress")
         a.proc.signal("TERM")
         code = yield deadline(a.proc.ended)
         self.assertEqual(code, 0, a.proc.output())

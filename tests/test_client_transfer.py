@@ -15,8 +15,8 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from tests.support import deadline
-from tests.test_client_e2e import Stack, wait_until
+from tests.support import deadline, poll_until
+from tests.test_client_e2e import Stack
 
 MiB = 1024 * 1024
 #: Seconds allowed for one large transfer on a busy two-core machine.
@@ -134,12 +134,12 @@ class TwoClientTests(TransferTestCase):
         def receiving() -> bool:
             return any(p.stat().st_size > 0 for p in bob.cwd.glob(".huge.bin.*.part"))
 
-        yield wait_until(receiving, what="bytes arriving at bob")
+        yield poll_until(receiving, what="bytes arriving at bob")
         # Freeze bob so the transfer cannot finish first, kill alice, let bob go on.
         bob.proc.signal("STOP")
         yield alice.proc.kill()
         bob.proc.signal(signal.SIGCONT)
-        yield wait_until(lambda: len(bob.lines) > before, BIG_DEADLINE, "bob's verdict")
+        yield poll_until(lambda: len(bob.lines) > before, BIG_DEADLINE, what="bob's verdict")
         self.assertEqual(bob.lines[before:], ["c> GET_FILE FAIL"], bob.proc.output())
         self.assertFalse((bob.cwd / "huge.bin").exists())
         self.assertEqual(list(bob.cwd.glob(".huge.bin.*")), [])

@@ -16,8 +16,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from p2p.client.progress import ProgressBar, columns_of
-from tests.support import deadline, spawn
-from tests.test_client_e2e import wait_until
+from tests.support import deadline, poll_until, spawn
 from tests.test_client_interop import ClassicIndexer
 
 #: The prompt as drawn in the terminal (insert mode on, then ``c> ``).
@@ -86,9 +85,9 @@ class TerminalCase(TestCase):
 
         Keys wait for the first prompt: before it the terminal is still in cooked
         mode, where the kernel, not the shell, edits the line."""
-        yield wait_until(lambda: PROMPT in self.raw, what="the first prompt")
+        yield poll_until(lambda: PROMPT in self.raw, what="the first prompt")
         self.proc.write(keys)
-        d = wait_until(lambda: self.raw.count(result.encode()) >= times, what=f"{result!r}")
+        d = poll_until(lambda: self.raw.count(result.encode()) >= times, what=f"{result!r}")
 
         def show(failure):
             failure.trap(defer.TimeoutError)
@@ -131,7 +130,7 @@ class ProgressBarTests(TerminalCase):
             self.raw.rfind(b"\x1b[4h", 0, start), self.raw.rfind(INSERT_OFF, 0, start + 40)
         )
         self.assertNotIn(b"\x1b[4h", drawn.split(b"c> GET_FILE OK")[0])
-        yield wait_until(lambda: self.raw.endswith(PROMPT), what="the prompt, in insert mode")
+        yield poll_until(lambda: self.raw.endswith(PROMPT), what="the prompt, in insert mode")
         # The result line starts at the line's start, after the bar was erased.
         redraws, _after = drawn.split(b"\rc> GET_FILE OK\r\n", 1)
         bars = [seg.decode().rstrip() for seg in redraws.split(b"\r") if seg.strip()]

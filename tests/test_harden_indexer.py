@@ -19,11 +19,12 @@ import random
 import socket
 import unicodedata
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
-from tests.support import exchange, free_port, spawn_twistd, wait_for_port
+from tests.support import deadline, exchange, indexer_port, spawn_twistd
 from tests.test_indexer_protocol import DT, Harness
 
 OPS = list(wire.OPS)
@@ -546,23 +547,49 @@ def _blocking_client(port: int, actions) -> bytes:
         return actions(s)
 
 
+class _Slowloris(protocol.Protocol):
+    """Sends ``request`` one byte every ``pace`` seconds; ``closed`` fires with
+    ``(bytes sent, bytes received)`` when the connection ends."""
+
+    def __init__(self, request: bytes, pace: float) -> None:
+        self.request = request
+        self.pace = pace
+        self.sent = 0
+        self.received = b""
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.sender = task.LoopingCall(self._one_byte)
+        self.sender.start(self.pace)
+
+    def _one_byte(self) -> None:
+        if self.sent < len(self.request):
+            self.transport.write(self.request[self.sent : self.sent + 1])
+            self.sent += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason) -> None:
+        self.sender.stop()
+        self.closed.callback((self.sent, self.received))
+
+
 class EndToEnd(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
     def start(self, *options: str):
-        port = free_port()
         proc = spawn_twistd(
             self,
             "p2p-indexer",
             "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
+            "tcp:0:interface=127.0.0.1",
             "--db",
             ":memory:",
             *options,
         )
-        yield proc.wait_for_line(r"s> init server")
-        yield wait_for_port(port)
+        port = yield indexer_port(proc)
         return port, proc
 
     @defer.inlineCallbacks
@@ -574,27 +601,14 @@ class EndToEnd(TestCase):
     def test_slowloris_is_cut_and_others_served(self):
         port, proc = yield self.start("--timeout", "0.5")
         request = wire.encode_request("REGISTER", DT, "slow")
-
-        def slowloris(s: socket.socket) -> tuple[bytes, float]:
-            import time
-
-            started = time.monotonic()
-            try:
-                for byte in request:
-                    s.sendall(bytes([byte]))
-                    # Pacing of the attack (not a wait): each byte well inside the
-                    # timeout, the whole request far beyond it.
-                    time.sleep(0.2)
-                    if time.monotonic() - started > 5:
-                        break
-                reply = s.recv(10)
-            except OSError:
-                reply = b"reset"
-            return reply, time.monotonic() - started
-
-        reply, elapsed = yield threads.deferToThread(_blocking_client, port, slowloris)
-        self.assertIn(reply, (b"", b"reset"))
-        self.assertLess(elapsed, 3.0)  # cut near the 0.5 s timeout, not after the request
+        # The attack's pace: each byte well inside the timeout, the whole
+        # request (about 7 s) far beyond it.
+        slow = _Slowloris(request, 0.2)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), slow)
+        self.addCleanup(lambda: slow.transport.connected and slow.transport.abortConnection())
+        sent, received = yield deadline(slow.closed, 3.0)  # cut near the 0.5 s timeout
+        self.assertEqual(received, b"")
+        self.assertLess(sent, len(request), "cut before the request was complete")
         yield self.well_behaved(port, "fast")
         self.assertNotRegex(proc.output(), "Traceback|Unhandled")
 

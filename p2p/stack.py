@@ -381,11 +381,11 @@ class StackService(MultiService):
                 say(f"s> tour: cannot prepare the demo folder {demo}: {exc}")
 
 
-def make_service(options: usage.Options) -> IService:
+def makeService(options: usage.Options) -> IService:
     """The stack: one MultiService holding the logger, the indexer and the time service."""
     stack = StackService(options)
     for part, module in PARTS.items():
-        child = module.make_service(options.parts[part])
+        child = module.makeService(options.parts[part])
         if not child.name:
             child.setName(part)
         child.setServiceParent(stack)

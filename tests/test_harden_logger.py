@@ -721,7 +721,7 @@ class ConcurrentWritersTests(unittest.TestCase):
 
         from twisted.internet import reactor
 
-        from p2p.logger.service import Options, make_service
+        from p2p.logger.service import Options, makeService
         from p2p.oncrpc import client
 
         audit = Path(self.mktemp()).resolve()
@@ -732,7 +732,7 @@ class ConcurrentWritersTests(unittest.TestCase):
                 *("--no-rpcbind", "--audit-file", str(audit), "--max-message", "300"),
             ]
         )
-        service = make_service(options)
+        service = makeService(options)
         service.audit.echo = False
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())

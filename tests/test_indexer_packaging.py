@@ -36,7 +36,8 @@ class Wheel(TestCase):
         names = set(zipfile.ZipFile(wheel).namelist())
         for plugin in PLUGINS:
             self.assertIn(plugin, names)
-        self.assertIn("p2p/plugin.py", names)
+        self.assertIn("p2p/listening.py", names)
+        self.assertIn("p2p/twisted_internals.py", names)
         self.assertIn("p2p/logger/logger.x", names)
         self.assertIn("p2p/indexer/service.py", names)
         self.assertIn("p2p/wire.py", names)

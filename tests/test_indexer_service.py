@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.indexer import relay as relay_module
-from p2p.indexer.service import IndexerService, Options, make_service
+from p2p.indexer.service import IndexerService, Options, makeService
 
 
 def parse(*argv: str) -> Options:
@@ -69,7 +69,7 @@ class OptionsTests(TestCase):
 
 class MakeServiceTests(TestCase):
     def test_without_logger(self) -> None:
-        top = make_service(parse("--db=:memory:", "--listen=tcp:0"))
+        top = makeService(parse("--db=:memory:", "--listen=tcp:0"))
         [child] = list(top)
         self.assertIsInstance(child, IndexerService)
         self.assertFalse(child.directory.audit)
@@ -84,7 +84,7 @@ class MakeServiceTests(TestCase):
         # The real module, patched: replacing sys.modules does not reach the import system.
         self.patch(relay_module, "make_relay", make_relay)
         options = parse("--db=:memory:", "--logger=tcp:host=127.0.0.1:port=1")
-        top = make_service(options)
+        top = makeService(options)
         indexer, relay = list(top)
         self.assertIsInstance(relay, Service)
         self.assertTrue(indexer.directory.audit)

@@ -9,7 +9,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from p2p import wire
-from p2p.logger.service import Options, make_service
+from p2p.logger.service import Options, makeService
 from p2p.oncrpc import client, rpc
 
 
@@ -70,7 +70,7 @@ class ServiceTests(unittest.TestCase):
             "--program",
             "0x20000777",
         )
-        service = make_service(options)
+        service = makeService(options)
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
         yield service.ready

@@ -29,6 +29,7 @@ from p2p.console import say
 from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
 from p2p.indexer.store import Store
+from p2p.listening import ConnectionCap
 
 _K = wire.FieldKind
 _CODES = [bytes((code,)) for code in range(256)]
@@ -39,6 +40,7 @@ REPLY_CHUNK = 64 * 1024
 # a subset of what ``wire.decode_field`` accepts for that kind; anything else
 # takes the full check there.
 _FAST = {
+    _K.USER: re.compile(b"[!-~]{1,%d}" % wire.LIMITS[_K.USER]).fullmatch,
     _K.NAME: re.compile(b"[!-~]{1,%d}" % wire.LIMITS[_K.NAME]).fullmatch,
     _K.TEXT: re.compile(b"[\t -~]{1,%d}" % wire.LIMITS[_K.TEXT]).fullmatch,
     _K.DATETIME: re.compile(b"[ -~]{1,%d}" % wire.LIMITS[_K.DATETIME]).fullmatch,
@@ -218,7 +220,7 @@ class _Rest:
         self.data = memoryview(b"")
 
 
-class IndexerFactory(ServerFactory):
+class IndexerFactory(ConnectionCap, ServerFactory):
     """Shared state of all connections: the directory, the cap, the group commit."""
 
     noisy = False
@@ -238,8 +240,6 @@ class IndexerFactory(ServerFactory):
         self.timeout = timeout
         self.max_connections = max_connections
         self.policy = policy or AddressPolicy("127.0.0.1")
-        self.open_connections = 0
-        self.refused_connections = 0
         self._replies: list[tuple[IndexerProtocol, bytes]] = []
         self._lines: list[str] = []
         self._flush_call = None
@@ -251,14 +251,7 @@ class IndexerFactory(ServerFactory):
 
     def buildProtocol(self, addr) -> IndexerProtocol | None:
         """A protocol, or None (the port closes the socket at once) beyond the cap."""
-        if self.open_connections >= self.max_connections:
-            self.refused_connections += 1
-            return None
-        self.open_connections += 1
-        return IndexerProtocol(self)
-
-    def connection_closed(self) -> None:
-        self.open_connections -= 1
+        return IndexerProtocol(self) if self.admit(addr) else None
 
     # --- Requests -----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """``twistd p2p-indexer``: options and the service tree.
 
-:func:`make_service` returns a MultiService holding the listening indexer and,
+:func:`makeService` returns a MultiService holding the listening indexer and,
 when a logger is configured, the relay that delivers the audit outbox to it.
 """
 
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as default_reactor
-from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.console import say
@@ -21,21 +19,8 @@ from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import Directory
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import SYNC_MODES, Store
+from p2p.listening import ListeningService, positive_float, positive_int
 from p2p.logcontract import parse_program
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be > 0")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be >= 1")
-    return number
 
 
 class Options(usage.Options):
@@ -54,14 +39,14 @@ class Options(usage.Options):
             None,
             wire.DEFAULT_TIMEOUT,
             "Seconds a client has to send its whole request (and read the reply).",
-            _positive_float,
+            positive_float,
         ],
         [
             "max-connections",
             None,
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open connections beyond which new ones are closed at once.",
-            _positive_int,
+            positive_int,
         ],
         [
             "sync",
@@ -100,10 +85,10 @@ class Options(usage.Options):
         return bool(self["logger"] or self["logger-host"])
 
 
-class IndexerService(Service):
+class IndexerService(ListeningService):
     """Opens the store, loads the directory, listens; commits and closes on stop."""
 
-    log = Logger()
+    label = "indexer"
 
     def __init__(
         self,
@@ -114,42 +99,30 @@ class IndexerService(Service):
         max_connections: int,
         reactor=None,
     ) -> None:
-        self.listen = listen
+        super().__init__(listen, reactor=reactor if reactor is not None else default_reactor)
         self.store = store
         self.directory = directory
         self.timeout = timeout
         self.max_connections = max_connections
-        self.reactor = reactor if reactor is not None else default_reactor
-        self.factory: IndexerFactory | None = None
-        self.port = None
 
     def privilegedStartService(self) -> None:
         """Load the directory and listen, before twistd drops privileges.
 
-        A port that cannot be opened raises here, so twistd stops with the
-        error and a non-zero status instead of running without its service.
+        A port that cannot be opened raises here (with the store closed again),
+        so twistd stops with the error and a non-zero status.
         """
-        super().privilegedStartService()
         self.store.open()
         self.directory.load()
         self.factory = IndexerFactory(
             self.directory, self.reactor, self.timeout, self.max_connections
         )
-        endpoint = serverFromString(self.reactor, self.listen)
-        d = endpoint.listen(self.factory)
-        if not d.called:  # an endpoint that listens later reports its failure then
-            d.addCallbacks(self._listening, self._failed)
-            return
-        outcome: list = []
-        d.addBoth(outcome.append)
-        if isinstance(outcome[0], Failure):
-            say(f"s> indexer cannot listen on {self.listen}: {outcome[0].getErrorMessage()}")
+        try:
+            super().privilegedStartService()
+        except Exception:
             self.store.close()
-            outcome[0].raiseException()
-        self._listening(outcome[0])
+            raise
 
-    def _listening(self, port) -> None:
-        self.port = port
+    def listening(self, port: IListeningPort) -> None:
         address = port.getHost()
         host = getattr(address, "host", None)
         if host is None:  # a UNIX socket
@@ -161,21 +134,15 @@ class IndexerService(Service):
         shown = primary_address() if host in ("0.0.0.0", "::", "") else host
         say(f"s> init server {shown}:{address.port}")
 
-    def _failed(self, failure: Failure) -> None:
-        self.log.failure("cannot listen on {listen}", failure, listen=self.listen)
-        # At start-up the reactor is not running yet: stop it as soon as it is.
-        self.reactor.callWhenRunning(self.reactor.stop)
-
     def stopService(self):
-        super().stopService()
-        d = self.port.stopListening() if self.port is not None else None
+        d = super().stopService()
         if self.factory is not None:
             self.factory.stop()
         self.store.close()
         return d
 
 
-def make_service(options: Options, reactor=None) -> IService:
+def makeService(options: Options, reactor=None) -> IService:
     """The indexer (and the audit relay when a logger is configured) as one service."""
     reactor = reactor if reactor is not None else default_reactor
     store = Store(options["db"], sync=options["sync"])

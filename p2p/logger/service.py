@@ -1,6 +1,6 @@
 """``twistd p2p-logger``: the audit logger serving LOG on TCP and UDP.
 
-Options and ``make_service`` follow the service contract of the rules, so the
+Options and ``makeService`` follow the service contract of the rules, so the
 all-in-one stack can compose this service. At start the service opens the
 audit file, listens on every ``--listen`` address, prints where it listens and
 registers its ports with the local portmapper (unless ``--no-rpcbind``); at
@@ -12,13 +12,13 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.console import say
+from p2p.listening import listen, positive_int
 from p2p.logcontract import parse_program
 from p2p.logger.audit import DEFAULT_MAX_SENDERS, AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
@@ -82,7 +82,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_MESSAGE,
             "Longest LOG message in bytes; longer is GARBAGE_ARGS.",
-            int,
+            positive_int,
         ],
         [
             "max-senders",
@@ -90,7 +90,7 @@ class Options(usage.Options):
             DEFAULT_MAX_SENDERS,
             "Relay senders remembered for exactly-once delivery; beyond it the one "
             "that stored least recently is forgotten (any client can make up senders).",
-            int,
+            positive_int,
         ],
         ["rpcbind-host", None, "127.0.0.1", "Where the portmapper to register with runs."],
         [
@@ -98,7 +98,7 @@ class Options(usage.Options):
             None,
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open TCP connections beyond which new ones are closed at once.",
-            int,
+            positive_int,
         ],
     ]
 
@@ -122,12 +122,6 @@ class Options(usage.Options):
             self["program"] = _program(self["program"])
         if not self["listen"]:
             self["listen"] = list(DEFAULT_LISTEN)
-        if self["max-senders"] < 1:
-            raise usage.UsageError("--max-senders must be positive")
-        if self["max-message"] < 1:
-            raise usage.UsageError("--max-message must be positive")
-        if self["max-connections"] < 1:
-            raise usage.UsageError("--max-connections must be positive")
 
 
 def _describe(kind: str, address) -> str:
@@ -206,19 +200,12 @@ class LoggerService(service.Service):
                 listening.maxPacketSize = 65536  # any datagram up to the UDP maximum, whole
                 self.ports.append(("udp", listening))
             else:
-                endpoint = serverFromString(self.reactor, spec)
                 factory = RpcStreamFactory(
                     self.dispatcher, self.max_record, self.options["max-connections"]
                 )
-                d = endpoint.listen(factory)
-                results: list = []
-                d.addBoth(results.append)
-                if results and isinstance(results[0], Failure):
-                    results[0].raiseException()  # twistd reports it and exits
-                if results:
-                    self.ports.append(("tcp", results[0]))
-                else:
-                    waits.append(d.addCallback(lambda p: self.ports.append(("tcp", p))))
+                # raises at once when the port is taken: twistd reports it and exits
+                d = listen(self.reactor, spec, factory)
+                waits.append(d.addCallback(lambda p: self.ports.append(("tcp", p))))
         defer.gatherResults(waits, consumeErrors=True).addCallback(self._listening)
 
     def _listening(self, _=None) -> defer.Deferred:
@@ -286,6 +273,6 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
 
 
-def make_service(options: Options) -> service.IService:
+def makeService(options: Options) -> service.IService:
     """The logger as a twistd service."""
     return LoggerService(options)

@@ -19,6 +19,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from p2p.listening import ConnectionCap
 from p2p.oncrpc import rpc
 from p2p.oncrpc.record import Oversized, RecordReader, encode_record
 
@@ -185,7 +186,7 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         factory = getattr(self, "factory", None)
         if factory is not None:
-            factory.open_connections -= 1
+            factory.connection_closed()
 
     # IPushProducer: the transport tells us when its write buffer is full.
     def pauseProducing(self) -> None:
@@ -198,7 +199,7 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
 
-class RpcStreamFactory(protocol.Factory):
+class RpcStreamFactory(ConnectionCap, protocol.Factory):
     """Builds ``RpcStreamProtocol``s; refuses connections beyond ``max_connections``."""
 
     noisy = False
@@ -209,13 +210,10 @@ class RpcStreamFactory(protocol.Factory):
         self.dispatcher = dispatcher
         self.max_record = max_record
         self.max_connections = max_connections
-        self.open_connections = 0
 
     def buildProtocol(self, addr) -> RpcStreamProtocol | None:
-        if self.open_connections >= self.max_connections:
-            log.warn("refusing {addr}: {n} connections open", addr=addr, n=self.open_connections)
+        if not self.admit(addr):
             return None
-        self.open_connections += 1
         proto = RpcStreamProtocol(self.dispatcher, self.max_record)
         proto.factory = self
         return proto

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
+from p2p.listening import ConnectionCap, listen
 from p2p.peer.sender import make_producer
 from p2p.peer.share import NotShared, open_shared
 
@@ -71,6 +72,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
+        self.server.factory.connection_closed()
         self.server._connections.discard(self)
         waiters, self.server._lost_waiters = self.server._lost_waiters, []
         for waiter in waiters:
@@ -221,14 +223,16 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         self.producer.start().addBoth(finished)
 
 
-class _Factory(protocol.Factory):
+class _Factory(ConnectionCap, protocol.Factory):
     def __init__(self, server: PeerServer) -> None:
         self.server = server
 
+    @property
+    def max_connections(self) -> int:
+        return self.server.max_connections
+
     def buildProtocol(self, addr) -> PeerRequestProtocol | None:
-        if len(self.server._connections) >= self.server.max_connections:
-            return None  # over the cap: the connection is closed at once
-        return PeerRequestProtocol(self.server)
+        return PeerRequestProtocol(self.server) if self.admit(addr) else None
 
 
 class PeerServer:
@@ -268,13 +272,14 @@ class PeerServer:
 
     def listen(self, endpoint: str) -> Deferred[int]:
         """Listen on a server endpoint string (``tcp:0:interface=0.0.0.0``); fires with the port."""
-        server = endpoints.serverFromString(self.reactor, endpoint)
 
         def listening(port):
             self._port = port
             return getattr(port.getHost(), "port", 0)
 
-        return server.listen(self.factory).addCallback(listening)
+        return defer.maybeDeferred(listen, self.reactor, endpoint, self.factory).addCallback(
+            listening
+        )
 
     def stop(self) -> Deferred[None]:
         """Stop listening and drop every open transfer; fires when all are closed."""

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
 from p2p import wire
 from p2p.console import say
+from p2p.listening import CappedWrappingFactory, ListeningService, positive_int
 from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
 
 log = Logger()
@@ -47,15 +45,13 @@ class Options(usage.Options):
             None,
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open connections beyond which new ones are closed at once.",
-            int,
+            positive_int,
         ],
     ]
 
     def postOptions(self) -> None:
         if self["max-body"] < 1024:
             raise usage.UsageError("--max-body must be at least 1024 bytes")
-        if self["max-connections"] < 1:
-            raise usage.UsageError("--max-connections must be at least 1")
 
 
 def wsdl_url(address: object) -> str:
@@ -70,60 +66,34 @@ def wsdl_url(address: object) -> str:
     return f"http://{host}:{port}/?wsdl"
 
 
-class TimeWebService(StreamServerEndpointService):
+class TimeWebService(ListeningService):
     """The listening site; says its WSDL URL once the port is open.
 
-    A port that cannot be opened fails ``startService`` at once, so ``twistd``
-    exits with the error instead of running without its service.
+    A port that cannot be opened fails at start, so ``twistd`` exits with the
+    error instead of running without its service.
     """
 
-    _raiseSynchronously = True
+    label = "time service"
 
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, site: IProtocolFactory, description: str
-    ) -> None:
-        super().__init__(endpoint, site)
-        self.description = description
+    def __init__(self, description: str, site: IProtocolFactory, reactor=None) -> None:
+        super().__init__(description, site, reactor)
         self.url: str | None = None
 
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as exc:
-            say(f"s> time service cannot listen on {self.description}: {exc}")
-            raise
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: IListeningPort) -> IListeningPort:
+    def listening(self, port: IListeningPort) -> None:
         self.url = wsdl_url(port.getHost())
         say(f"s> time service {self.url}")
         log.info("time service listening at {url}", url=self.url)
-        return port
 
 
-class CappedFactory(WrappingFactory):
-    """Wraps a factory; connections beyond ``limit`` open at once are closed unanswered."""
-
-    def __init__(self, wrapped: IProtocolFactory, limit: int) -> None:
-        super().__init__(wrapped)
-        self.limit = limit
-
-    def buildProtocol(self, addr):
-        if len(self.protocols) >= self.limit:
-            return None  # the port closes the new socket
-        return super().buildProtocol(addr)
-
-
-def make_service(options: Options) -> IService:
+def makeService(options: Options) -> IService:
     """The time service for ``options`` (not started)."""
     from twisted.internet import reactor
 
-    endpoint = endpoints.serverFromString(reactor, options["listen"])
     site = make_site(reactor, max_body=options["max-body"], inline=bool(options["inline"]))
     # Slow clients (one byte a minute) each hold a connection: cap them, so
     # they can use up a slot each but never the process's file descriptors.
     service = TimeWebService(
-        endpoint, CappedFactory(site, options["max-connections"]), options["listen"]
+        options["listen"], CappedWrappingFactory(site, options["max-connections"]), reactor
     )
     service.setName("time")
     return service

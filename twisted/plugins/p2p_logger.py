@@ -1,9 +1,13 @@
-"""twistd plugin ``p2p-logger`` (the service itself lives in ``p2p.logger.service``)."""
+"""twistd plugin ``p2p-logger`` (the service itself lives in ``p2p.logger.service``).
 
-from p2p.plugin import LazyServiceMaker
+``ServiceMaker`` imports that module only when this plugin is the one run.
+"""
 
-logger = LazyServiceMaker(
-    "p2p-logger",
-    "ONC-RPC audit logger: LOG over TCP and UDP, audit file, rpcbind registration.",
+from twisted.application.service import ServiceMaker
+
+logger = ServiceMaker(
+    "p2p audit logger",
     "p2p.logger.service",
+    "ONC-RPC audit logger: LOG over TCP and UDP, audit file, rpcbind registration.",
+    "p2p-logger",
 )

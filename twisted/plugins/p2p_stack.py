@@ -1,9 +1,13 @@
-"""twistd plugin ``p2p-stack`` (the service itself lives in ``p2p.stack``)."""
+"""twistd plugin ``p2p-stack`` (the service itself lives in ``p2p.stack``).
 
-from p2p.plugin import LazyServiceMaker
+``ServiceMaker`` imports that module only when this plugin is the one run.
+"""
 
-stack = LazyServiceMaker(
-    "p2p-stack",
-    "The indexer, the audit logger and the SOAP time service in one process.",
+from twisted.application.service import ServiceMaker
+
+stack = ServiceMaker(
+    "p2p stack",
     "p2p.stack",
+    "The indexer, the audit logger and the SOAP time service in one process.",
+    "p2p-stack",
 )

@@ -1,9 +1,13 @@
-"""twistd plugin ``p2p-time`` (the service itself lives in ``p2p.timews.service``)."""
+"""twistd plugin ``p2p-time`` (the service itself lives in ``p2p.timews.service``).
 
-from p2p.plugin import LazyServiceMaker
+``ServiceMaker`` imports that module only when this plugin is the one run.
+"""
 
-time = LazyServiceMaker(
-    "p2p-time",
-    "SOAP 1.1 get_time service (Spyne in twisted.web), WSDL at /?wsdl.",
+from twisted.application.service import ServiceMaker
+
+time = ServiceMaker(
+    "p2p time service",
     "p2p.timews.service",
+    "SOAP 1.1 get_time service (Spyne in twisted.web), WSDL at /?wsdl.",
+    "p2p-time",
 )

@@ -1,0 +1,187 @@
+"""How every p2p server listens: one helper, one service, one connection cap, one option check.
+
+- :func:`listen` listens on an endpoint description and raises at once when
+  the port cannot be opened (TCP and UNIX endpoints listen synchronously), so
+  a service calling it while twistd starts makes twistd exit non-zero with
+  the error instead of running without its server.
+- :class:`ListeningService` is that, as a twistd service: it listens before
+  privileges are dropped, says where it listens (each service words its own
+  line), says why it cannot, and stops listening at stop.
+- :class:`ConnectionCap` counts a factory's open connections and refuses new
+  ones beyond ``max_connections``: ``buildProtocol`` returns None, so the port
+  closes the new socket at once, unanswered. :class:`CappedWrappingFactory`
+  puts the same cap in front of a factory whose protocols we do not write
+  (twisted.web's ``Site``).
+- :func:`positive_int` and :func:`positive_float` coerce ``usage.Options``
+  parameters that must be at least 1 / above 0.
+
+Public Twisted API only; this module imports nothing of the services.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+
+from p2p.console import say
+
+log = Logger()
+
+
+def positive_int(text: str) -> int:
+    """An option value that must be a whole number of at least 1."""
+    number = int(text)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def positive_float(text: str) -> float:
+    """An option value that must be a number above 0."""
+    number = float(text)
+    if not number > 0:  # also refuses NaN
+        raise ValueError("must be > 0")
+    return number
+
+
+def listen(reactor, description: str, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+    """Listen on a server endpoint description; fires with the listening port.
+
+    A failure already known when the endpoint returns (the port is taken, the
+    address is not ours: TCP and UNIX endpoints know at once) is raised here
+    rather than left in the Deferred, so a caller starting under twistd stops
+    twistd with the error. An endpoint that listens later fails the Deferred.
+    """
+    d = serverFromString(reactor, description).listen(factory)
+    outcome: list = []
+
+    def seen(result):
+        outcome.append(result)
+        return result
+
+    d.addBoth(seen)
+    if outcome and isinstance(outcome[0], Failure):
+        d.addErrback(lambda _: None)  # raised below instead
+        outcome[0].raiseException()
+    return d
+
+
+class ListeningService(Service):
+    """A twistd service that listens on ``description`` with ``factory``.
+
+    It listens in ``privilegedStartService`` (a low port works before twistd
+    drops privileges), or in ``startService`` when started without it. A port
+    that cannot be opened raises there, after :meth:`cannot_listen` has said
+    why; one that fails later is logged and stops the reactor. Subclasses say
+    where they listen in :meth:`listening` and may set ``factory`` in their own
+    ``privilegedStartService`` before calling this one.
+    """
+
+    #: Who is listening, for the ``s> ... cannot listen on ...`` line.
+    label = "service"
+
+    def __init__(
+        self, description: str, factory: IProtocolFactory | None = None, reactor=None
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        #: The listening port, once it is open.
+        self.port: IListeningPort | None = None
+        self._listen_called = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen_called = True
+        try:
+            d = listen(self.reactor, self.description, self.factory)
+        except Exception:
+            self.cannot_listen(Failure())
+            raise
+        d.addCallbacks(self._listening, self._failed_later)
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._listen_called:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        self._listen_called = False
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening) if port is not None else None
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.listening(port)
+
+    def _failed_later(self, failure: Failure) -> None:
+        self.cannot_listen(failure)
+        log.failure("cannot listen on {description}", failure, description=self.description)
+        # At start-up the reactor is not running yet: stop it as soon as it is.
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+    def listening(self, port: IListeningPort) -> None:
+        """The port is open: say where (``port.getHost()``). Override."""
+
+    def cannot_listen(self, failure: Failure) -> None:
+        """Say on the terminal why the port could not be opened (twistd's log may be a file)."""
+        say(f"s> {self.label} cannot listen on {self.description}: {failure.getErrorMessage()}")
+
+
+class ConnectionCap:
+    """Mixin for a protocol factory: at most ``max_connections`` open at once.
+
+    The factory's ``buildProtocol`` asks :meth:`admit` first and returns None
+    when refused (the port then closes the new socket at once, unanswered);
+    each admitted connection's end must call :meth:`connection_closed`.
+    """
+
+    max_connections: int
+    #: Connections admitted and not yet closed.
+    open_connections = 0
+    #: Connections refused since the start.
+    refused_connections = 0
+    _refusing = False
+
+    def admit(self, addr: object) -> bool:
+        """Count a new connection in, or refuse it when the cap is reached."""
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            if not self._refusing:  # once per spell at the cap, not once per connection
+                self._refusing = True
+                log.warn(
+                    "{n} connections open: refusing new ones (first: {addr})",
+                    n=self.open_connections,
+                    addr=addr,
+                )
+            return False
+        self._refusing = False
+        self.open_connections += 1
+        return True
+
+    def connection_closed(self) -> None:
+        """An admitted connection has ended."""
+        self.open_connections -= 1
+
+
+class CappedWrappingFactory(ConnectionCap, WrappingFactory):
+    """Wraps a factory whose protocols do not report their end; caps its connections."""
+
+    def __init__(self, wrapped: IProtocolFactory, max_connections: int) -> None:
+        super().__init__(wrapped)
+        self.max_connections = max_connections
+
+    def buildProtocol(self, addr):
+        return super().buildProtocol(addr) if self.admit(addr) else None
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        self.connection_closed()

@@ -7,14 +7,23 @@ import signal
 from io import BytesIO
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from p2p import stack, wire
-from tests.support import deadline, exchange, free_port, free_tcp_udp_port, spawn_twistd
+from tests.support import (
+    deadline,
+    exchange,
+    hold_port,
+    indexer_port,
+    poll_until,
+    spawn_twistd,
+    time_url,
+    url_port,
+)
 
 GET_TIME = (
     b'<?xml version="1.0"?><e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"'
@@ -126,40 +135,52 @@ def client_arguments(command: str) -> list[str]:
     return arguments
 
 
-@defer.inlineCallbacks
-def wait_for_text(path: Path, text: str, timeout: float = 20.0):
-    """Poll ``path`` until it contains ``text``, in short steps, up to ``timeout``."""
-    start = reactor.seconds()
-    while True:
-        if path.exists() and text in path.read_text("utf-8", "replace"):
-            return
-        if reactor.seconds() - start > timeout:
-            seen = path.read_text("utf-8", "replace") if path.exists() else "(no file)"
-            raise defer.TimeoutError(f"{text!r} not in {path} after {timeout}s: {seen!r}")
-        yield task.deferLater(reactor, 0.05, lambda: None)
+def wait_for_text(path: Path, text: str, timeout: float = 20.0) -> defer.Deferred:
+    """Fire once ``path`` contains ``text``; fail after ``timeout``."""
+    return poll_until(
+        lambda: path.exists() and text in path.read_text("utf-8", "replace"),
+        timeout,
+        0.05,
+        f"{text!r} in {path}",
+    )
+
+
+def logger_listen(testcase: TestCase) -> tuple[int, list[str]]:
+    """The logger's TCP port and the stack's options: TCP there, UDP on ``udp:0``.
+
+    The indexer is told where the logger is before the logger listens, so its
+    TCP port cannot be the kernel's choice at listen time: the test holds one
+    (bound, not listening) and the logger listens beside that socket.
+    """
+    port = hold_port(testcase)
+    return port, [
+        f"--logger-listen=tcp:{port}:interface=127.0.0.1",
+        "--logger-listen=udp:0:interface=127.0.0.1",
+    ]
 
 
 class StackProcessTests(TestCase):
-    """``twistd p2p-stack`` as a real process on free ports."""
+    """``twistd p2p-stack`` as a real process, on ports read from what it prints."""
 
     @defer.inlineCallbacks
     def setUp(self):
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir(parents=True)
-        self.indexer, self.logger, self.time = free_port(), free_tcp_udp_port(), free_port()
         self.audit = self.dir / "audit.log"
+        self.logger, listen_logger = logger_listen(self)
         self.proc = spawn_twistd(
             self,
             "p2p-stack",
-            f"--indexer-listen=tcp:{self.indexer}:interface=127.0.0.1",
-            f"--logger-listen=tcp:{self.logger}:interface=127.0.0.1",
-            f"--logger-listen=udp:{self.logger}:interface=127.0.0.1",
-            f"--time-listen=tcp:{self.time}:interface=127.0.0.1",
+            "--indexer-listen=tcp:0:interface=127.0.0.1",
+            *listen_logger,
+            "--time-listen=tcp:0:interface=127.0.0.1",
             "--no-rpcbind",
             f"--audit-file={self.audit}",
             f"--db={self.dir / 'indexer.db'}",
             cwd=self.dir,
         )
+        self.indexer = yield indexer_port(self.proc)
+        self.time = url_port((yield time_url(self.proc)))
         match = yield self.proc.wait_for_line(r"s> client: (.+)$")
         self.client_command = match.group(1)
         yield self.proc.wait_for_line(r"s> ready")
@@ -224,13 +245,12 @@ class StackStartFailureTests(TestCase):
     def test_indexer_port_taken(self):
         taken = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
-        logger = free_tcp_udp_port()
         proc = spawn_twistd(
             self,
             "p2p-stack",
             f"--indexer-listen=tcp:{taken.getHost().port}:interface=127.0.0.1",
-            f"--logger-listen=tcp:{logger}:interface=127.0.0.1",
-            f"--time-listen=tcp:{free_port()}:interface=127.0.0.1",
+            *logger_listen(self)[1],
+            "--time-listen=tcp:0:interface=127.0.0.1",
             "--no-rpcbind",
             "--db=:memory:",
         )
@@ -246,12 +266,11 @@ class StackKernelPortsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_client_command_names_bound_ports(self):
-        logger = free_tcp_udp_port()
         proc = spawn_twistd(
             self,
             "p2p-stack",
             "--indexer-listen=tcp:0:interface=127.0.0.1",
-            f"--logger-listen=tcp:{logger}:interface=127.0.0.1",
+            *logger_listen(self)[1],
             "--time-listen=tcp:0:interface=127.0.0.1",
             "--no-rpcbind",
             "--db=:memory:",

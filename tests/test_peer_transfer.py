@@ -405,7 +405,7 @@ class PeerTransferTests(TestCase):
         def full(self, data):
             raise OSError(28, "No space left on device")
 
-        self.patch(module._Download, "write", full)
+        self.patch(module._PartFile, "write", full)
         self.put("f", b"x" * 100_000)
         yield self.assertFailure(self.fetch("f"), DownloadFailed)
         self.assertEqual(leftovers(self.dest), [])
@@ -474,7 +474,7 @@ class PeerTransferTests(TestCase):
         self.assertLess(sent, 32 * 1024 * 1024, "the sender did not stop")
         self.assertLessEqual(buffered, MEMORY_BOUND, "the server buffered file bytes")
         # sendfile unless P2P_PLAIN_TWISTED switched the fast path off; then chunks
-        sendfile = use_sendfile and twisted_internals.ENABLED
+        sendfile = use_sendfile and twisted_internals.enabled("sendfile")
         self.assertEqual(isinstance(conn.producer, SendfileProducer), sendfile)
         if sendfile:
             self.assertEqual(buffered, 0)

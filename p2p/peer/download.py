@@ -2,15 +2,33 @@
 
 protocol.md section 2. The downloader asks with ``FETCH`` (offset 0) first: the
 size that comes back tells a finished transfer from a cut one and feeds the
-progress bar. A peer that closes without a reply byte does not know FETCH, so
-the download is retried with the classic ``GET_FILE`` on a new connection, where
-a clean close after code 0 marks the end. So is a FETCH answered with code 0
-and no size at all: a loosely written classic peer that serves a short file
-whatever the operation.
+progress bar. A peer that does not know FETCH is asked again with the classic
+``GET_FILE`` on a new connection, where a clean close after code 0 marks the
+end. "Does not know FETCH" is: it closes or stays silent without a reply byte,
+answers 2 ("any other error", which a classic peer may give an operation it
+does not know), or answers 0 without a well-formed size (a loosely written
+classic peer that serves a short file whatever the operation).
 
 Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
 either holds the whole file or is untouched.
+
+The download is an Automat state machine; its states, and the inputs that
+move it (from the connection, the file and the caller)::
+
+    idle ──start──▶ fetch_connecting ──connected──▶ fetch_requesting
+    fetch_requesting ──answered_ok──▶ fetch_receiving_size ──sized──▶ fetch_receiving_bytes
+    fetch_receiving_bytes ──all_received──▶ fetch_received_all ──closed/lost──▶ storing
+    fetch_requesting ──closed/lost/timed_out/answered_error──▶ get_file_connecting
+    fetch_receiving_size ──closed/lost/malformed──▶ get_file_connecting
+    get_file_connecting ──connected──▶ get_file_requesting ──answered_ok──▶ get_file_receiving_bytes
+    get_file_receiving_bytes ──closed──▶ storing ──stored──▶ done
+    any *_requesting ──answered_no_file──▶ failed (NoSuchFile)
+    any other trouble (unreachable, a cut, a timeout once bytes flow, a lying
+    peer, a disk error, cancel) ──▶ failed (DownloadFailed, CancelledError)
+
+Leaving a connection's states hangs it up: the connection is dropped and
+nothing it reports afterwards reaches the machine.
 """
 
 from __future__ import annotations
@@ -21,9 +39,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
-from twisted.internet import endpoints, error, protocol
-from twisted.internet.defer import Deferred
+from automat import TypeMachineBuilder
+from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -45,237 +66,22 @@ class DownloadFailed(Exception):
     """Anything else: peer unreachable or gone, cut transfer, peer error, disk error."""
 
 
-class _NoReply(Exception):
-    """The peer closed (or stayed silent) without a reply byte: it may not know FETCH."""
+# --- the temporary file --------------------------------------------------------
 
 
-class _PeerClient(protocol.Protocol, TimeoutMixin):
-    """One request (FETCH or GET_FILE) and its reply, written into ``download``'s file."""
+class _PartFile:
+    """The hidden ``.<name>.*.part`` file beside the destination.
 
-    def __init__(self, download: _Download, op: str) -> None:
-        self.download = download
-        self.op = op
-        self.code: int | None = None
-        self.head = b""  # the FETCH size field while it arrives
-        self.size: int | None = None  # FETCH: bytes announced
-        self.received = 0
-        self.outcome: BaseException | None = None  # decided before the connection closed
+    Written as bytes arrive, then either renamed over the destination
+    (:meth:`store`) or removed (:meth:`discard`). Raises OSError on disk trouble.
+    """
 
-    def connectionMade(self) -> None:
-        self.download.connected(self)
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = RECV_SIZE
-        self.setTimeout(self.download.timeout)
-        fields = [self.op, self.download.remote_name]
-        if self.op == wire.FETCH:
-            fields.append(0)
-        self.transport.write(wire.encode_fields(*fields))
-
-    def timeoutConnection(self) -> None:
-        if self.code is None:
-            self._stop(_NoReply("no reply"))
-        else:
-            self._stop(DownloadFailed(f"no data for {self.download.timeout:g} s"))
-
-    def _stop(self, outcome: BaseException) -> None:
-        """Decide the outcome now and drop the connection."""
-        if self.outcome is None:
-            self.outcome = outcome
-        self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.outcome is not None:
-            return
-        self.resetTimeout()
-        if self.code is None:
-            self.code = data[0]
-            data = data[1:]
-            if self.code != wire.PEER_OK:
-                if self.code == wire.PEER_NO_FILE:
-                    self._stop(NoSuchFile(self.download.remote_name))
-                elif self.op == wire.FETCH and self.code == wire.PEER_ERROR:
-                    # A classic peer may answer an operation it does not know with
-                    # "any other error": ask again the classic way, which also
-                    # reports a real error of ours (2 again) as a failure.
-                    self._stop(_NoReply("FETCH answered 2"))
-                else:
-                    self._stop(DownloadFailed(f"peer answered code {self.code}"))
-                return
-        if self.op == wire.FETCH and self.size is None:
-            try:
-                field, data = wire.take_field(self.head + data, wire.MAX_OFFSET_FIELD)
-                if field is None:
-                    self.head = data
-                    return
-                self.size = wire.decode_field(field, wire.FieldKind.OFFSET)
-            except (wire.FieldTooLong, wire.BadField):
-                # Not a FETCH reply: a peer that ignored the operation. Try GET_FILE.
-                self._stop(_NoReply("malformed FETCH reply"))
-                return
-            self.head = b""
-            try:
-                self.download.reserve(self.size)
-            except OSError as exc:
-                self._stop(DownloadFailed(f"no room for {self.size} bytes: {exc}"))
-                return
-            self.download.report(0, self.size, force=True)
-        if not data:
-            return
-        self.received += len(data)
-        if self.size is not None and self.received > self.size:
-            self._stop(DownloadFailed("peer sent more than the size it announced"))
-            return
-        try:
-            self.download.write(data)
-        except OSError as exc:
-            self._stop(DownloadFailed(f"cannot write the file: {exc}"))
-            return
-        self.download.report(self.received, self.size)
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.setTimeout(None)
-        self.download.finished(self, self._verdict(reason))
-
-    def _verdict(self, reason: Failure) -> BaseException | None:
-        """None for a complete transfer, else the exception the download fails with."""
-        if self.outcome is not None:
-            return self.outcome
-        if self.code is None:
-            return _NoReply("closed without a reply byte")
-        if self.size is not None:
-            if self.received == self.size:
-                return None
-            return DownloadFailed(f"cut after {self.received} of {self.size} bytes")
-        if self.op == wire.FETCH:
-            # A classic peer serving a short file whatever the operation: try GET_FILE.
-            return _NoReply("closed before the FETCH size arrived")
-        if reason.check(error.ConnectionDone):
-            return None  # GET_FILE ends with a clean close
-        return DownloadFailed(f"connection lost: {reason.value}")
-
-
-class _Download:
-    """One download: the temporary file, the attempts, the outcome."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        remote_name: str,
-        destination: Path,
-        progress: Progress | None,
-        reactor,
-        timeout: float,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.remote_name = remote_name
-        self.destination = Path(destination)
-        self.progress = progress
-        self.reactor = reactor
-        self.timeout = timeout
-        self.result: Deferred[int] = Deferred(self._cancel)
-        self.fd: int | None = None
-        self.temp: str | None = None
-        self.client: _PeerClient | None = None
-        self.connecting: Deferred | None = None
-        self.last_report = float("-inf")
-        self.cancelled = False
-
-    # --- life cycle --------------------------------------------------------
-
-    def start(self) -> Deferred[int]:
-        try:
-            self.fd, self.temp = tempfile.mkstemp(
-                dir=self.destination.parent, prefix=f".{self.destination.name}.", suffix=".part"
-            )
-        except OSError as exc:
-            self.result.errback(
-                DownloadFailed(f"cannot create a file beside {self.destination}: {exc}")
-            )
-            return self.result
-        self._attempt(wire.FETCH)
-        return self.result
-
-    def _attempt(self, op: str) -> None:
-        endpoint = endpoints.HostnameEndpoint(
-            self.reactor, self.host, self.port, timeout=self.timeout
+    def __init__(self, destination: Path) -> None:
+        self.destination = destination
+        self.fd: int | None
+        self.fd, self.path = tempfile.mkstemp(
+            dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
         )
-        self.connecting = endpoints.connectProtocol(endpoint, _PeerClient(self, op))
-        self.connecting.addErrback(self._unreachable)
-
-    def connected(self, client: _PeerClient) -> None:
-        self.connecting = None
-        self.client = client
-
-    def _unreachable(self, reason: Failure) -> None:
-        self.connecting = None
-        if self.cancelled:
-            return
-        self._fail(DownloadFailed(f"cannot reach {self.host}:{self.port}: {reason.value}"))
-
-    def finished(self, client: _PeerClient, verdict: BaseException | None) -> None:
-        """A connection closed with ``verdict`` (None: complete)."""
-        self.client = None
-        if self.result.called:
-            return
-        if isinstance(verdict, _NoReply):
-            if client.op == wire.FETCH:
-                self._restart_as_get_file()
-                return
-            verdict = DownloadFailed(f"peer {verdict}")
-        if verdict is not None:
-            self._fail(verdict)
-            return
-        self._complete(client.received)
-
-    def _restart_as_get_file(self) -> None:
-        try:
-            os.ftruncate(self.fd, 0)
-            os.lseek(self.fd, 0, os.SEEK_SET)
-        except OSError as exc:
-            self._fail(DownloadFailed(f"cannot reuse the temporary file: {exc}"))
-            return
-        self._attempt(wire.GET_FILE)
-
-    def _complete(self, received: int) -> None:
-        try:
-            os.fchmod(self.fd, 0o666 & ~_umask())
-            os.close(self.fd)
-            self.fd = None
-            os.replace(self.temp, self.destination)
-        except OSError as exc:
-            self._fail(DownloadFailed(f"cannot move the file into place: {exc}"))
-            return
-        self.temp = None
-        self.report(received, received, force=True)
-        self.result.callback(received)
-
-    def _fail(self, exc: BaseException) -> None:
-        self._cleanup()
-        if not self.result.called:
-            self.result.errback(exc)
-
-    def _cleanup(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
-        if self.temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.temp)
-            self.temp = None
-
-    def _cancel(self, _result: Deferred) -> None:
-        """``result.cancel()``: drop the connection and the temporary file."""
-        self.cancelled = True
-        self._cleanup()
-        if self.connecting is not None:
-            self.connecting.cancel()
-        if self.client is not None:
-            self.client.transport.abortConnection()
-
-    # --- data --------------------------------------------------------------
 
     def reserve(self, size: int) -> None:
         """Allocate the file's blocks up front: a full disk fails now, and the
@@ -295,19 +101,454 @@ class _Download:
         while view:
             view = view[os.write(self.fd, view) :]
 
-    def report(self, received: int, total: int | None, force: bool = False) -> None:
-        if self.progress is None:
-            return
-        now = self.reactor.seconds()
-        if force or now - self.last_report >= PROGRESS_INTERVAL:
-            self.last_report = now
-            self.progress(received, total)
+    def store(self) -> None:
+        """Give the file the usual permissions and rename it over the destination."""
+        os.fchmod(self.fd, 0o666 & ~_umask())
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.path, self.destination)
+        self.path = None
+
+    def discard(self) -> None:
+        """Close and remove the file (idempotent; nothing is left behind)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
 
 
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# --- the machine's inputs ------------------------------------------------------
+
+
+class _Events(Protocol):
+    """What can happen to a download: the inputs of its state machine."""
+
+    def start(self) -> None:
+        "Begin: ask with FETCH."
+
+    def connected(self) -> None:
+        "The connection is up and the request was sent."
+
+    def unreachable(self, reason: Failure) -> None:
+        "The connection attempt failed."
+
+    def data_received(self, data: bytes) -> None:
+        "Bytes from the peer."
+
+    def answered_ok(self, rest: bytes) -> None:
+        "Reply code 0, with the bytes that followed it."
+
+    def answered_no_file(self) -> None:
+        "Reply code 1: no such file, or not shared."
+
+    def answered_error(self, code: int) -> None:
+        "Reply code 2: any other error (or, from a classic peer, 'what is FETCH?')."
+
+    def answered_unknown(self, code: int) -> None:
+        "Any other reply code."
+
+    def sized(self, size: int, rest: bytes) -> None:
+        "The FETCH size field, with the bytes that followed it."
+
+    def malformed(self) -> None:
+        "A FETCH reply whose size field is not one: the peer ignored the operation."
+
+    def all_received(self) -> None:
+        "As many bytes as the FETCH size announced."
+
+    def closed(self) -> None:
+        "The peer closed the connection cleanly."
+
+    def lost(self, reason: Failure) -> None:
+        "The connection ended otherwise (reset, aborted)."
+
+    def timed_out(self) -> None:
+        "The peer said nothing for ``timeout`` seconds."
+
+    def broken(self, why: str) -> None:
+        "The transfer cannot go on: a disk error, or a peer breaking its word."
+
+    def stored(self) -> None:
+        "The file is in place at the destination."
+
+    def cancel(self) -> None:
+        "The caller cancelled the download's Deferred."
+
+
+# --- the connection ------------------------------------------------------------
+
+
+class _PeerClient(protocol.Protocol, TimeoutMixin):
+    """One connection to the peer: sends one request, then tells the machine
+    what happens on the connection, until the machine hangs it up."""
+
+    def __init__(self, events: _Events, request: bytes, timeout: float, reactor: Any) -> None:
+        self.events: _Events | None = events
+        self.request = request
+        self.timeout = timeout
+        self.callLater = reactor.callLater  # TimeoutMixin: the download's clock
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = RECV_SIZE
+        self.setTimeout(self.timeout)
+        self.transport.write(self.request)
+        if self.events is not None:
+            self.events.connected()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.events is not None and data:
+            self.resetTimeout()
+            self.events.data_received(data)
+
+    def timeoutConnection(self) -> None:
+        if self.events is not None:
+            self.events.timed_out()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        events, self.events = self.events, None
+        if events is None:
+            return
+        if reason.check(error.ConnectionDone):
+            events.closed()
+        else:
+            events.lost(reason)
+
+    def unreachable(self, reason: Failure) -> None:
+        """The connection attempt failed (errback of the attempt)."""
+        events, self.events = self.events, None
+        if events is not None:
+            events.unreachable(reason)
+
+    def hang_up(self) -> None:
+        """Report nothing more and drop the connection, if there is one."""
+        self.events = None
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+# --- the download: what the transitions act on -----------------------------------
+
+
+class _Download:
+    """One download's data and actions; the machine decides which run when."""
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        where: str,
+        remote_name: str,
+        part: _PartFile,
+        progress: Progress | None,
+        reactor: Any,
+        timeout: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.where = where
+        self.remote_name = remote_name
+        self.part = part
+        self.progress = progress
+        self.reactor = reactor
+        self.timeout = timeout
+        self.events: _Events
+        self.result: Deferred[int] = Deferred(lambda _d: self.events.cancel())
+        self.client: _PeerClient | None = None
+        self.attempt: Deferred | None = None
+        self.head = b""  # the FETCH size field while it arrives
+        self.size = 0  # FETCH: bytes announced
+        self.received = 0
+        self.last_report = float("-inf")
+
+    def connect(self, op: str) -> None:
+        """Open a new connection that asks ``op`` for the file."""
+        fields: list[str | int] = [op, self.remote_name]
+        if op == wire.FETCH:
+            fields.append(0)
+        self.client = _PeerClient(
+            self.events, wire.encode_fields(*fields), self.timeout, self.reactor
+        )
+        self.attempt = endpoints.connectProtocol(self.endpoint, self.client)
+        self.attempt.addErrback(self.client.unreachable)
+
+    def hang_up(self) -> None:
+        """Drop the current connection or connection attempt."""
+        client, self.client = self.client, None
+        attempt, self.attempt = self.attempt, None
+        if client is not None:
+            client.hang_up()
+        if attempt is not None and not attempt.called:
+            attempt.cancel()
+
+    def take(self, events: _Events, data: bytes) -> bool:
+        """Write bytes of the file; False (and ``broken``) if the disk refused them."""
+        try:
+            self.part.write(data)
+        except OSError as exc:
+            events.broken(f"cannot write the file: {exc}")
+            return False
+        self.received += len(data)
+        return True
+
+    def report(self, total: int | None, force: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = self.reactor.seconds()
+        if force or now - self.last_report >= PROGRESS_INTERVAL:
+            self.last_report = now
+            self.progress(self.received, total)
+
+    def fail(self, exc: BaseException) -> None:
+        self.hang_up()
+        self.part.discard()
+        if not self.result.called:
+            self.result.errback(exc)
+
+    def succeed(self) -> None:
+        self.report(self.received, force=True)
+        self.result.callback(self.received)
+
+
+# --- the machine ------------------------------------------------------------------
+
+_machine = TypeMachineBuilder(_Events, _Download)
+idle = _machine.state("idle")
+fetch_connecting = _machine.state("fetch_connecting")
+fetch_requesting = _machine.state("fetch_requesting")
+fetch_receiving_size = _machine.state("fetch_receiving_size")
+fetch_receiving_bytes = _machine.state("fetch_receiving_bytes")
+fetch_received_all = _machine.state("fetch_received_all")
+get_file_connecting = _machine.state("get_file_connecting")
+get_file_requesting = _machine.state("get_file_requesting")
+get_file_receiving_bytes = _machine.state("get_file_receiving_bytes")
+storing = _machine.state("storing")
+done = _machine.state("done")
+failed = _machine.state("failed")
+
+_LIVE = (
+    fetch_connecting,
+    fetch_requesting,
+    fetch_receiving_size,
+    fetch_receiving_bytes,
+    fetch_received_all,
+    get_file_connecting,
+    get_file_requesting,
+    get_file_receiving_bytes,
+)
+
+
+@idle.upon(_Events.start).to(fetch_connecting)
+def _ask_with_fetch(events: _Events, d: _Download) -> None:
+    d.connect(wire.FETCH)
+
+
+@fetch_requesting.upon(_Events.answered_error).to(get_file_connecting)
+@fetch_requesting.upon(_Events.closed).to(get_file_connecting)
+@fetch_requesting.upon(_Events.lost).to(get_file_connecting)
+@fetch_requesting.upon(_Events.timed_out).to(get_file_connecting)
+@fetch_receiving_size.upon(_Events.malformed).to(get_file_connecting)
+@fetch_receiving_size.upon(_Events.closed).to(get_file_connecting)
+@fetch_receiving_size.upon(_Events.lost).to(get_file_connecting)
+def _ask_with_get_file(events: _Events, d: _Download, *_why: object) -> None:
+    # Nothing was written yet: no state before the size leads here.
+    d.hang_up()
+    d.head = b""
+    d.connect(wire.GET_FILE)
+
+
+@fetch_connecting.upon(_Events.connected).to(fetch_requesting)
+@get_file_connecting.upon(_Events.connected).to(get_file_requesting)
+def _wait_for_reply(events: _Events, d: _Download) -> None:
+    pass
+
+
+@fetch_connecting.upon(_Events.unreachable).to(failed)
+@get_file_connecting.upon(_Events.unreachable).to(failed)
+def _unreachable(events: _Events, d: _Download, reason: Failure) -> None:
+    d.fail(DownloadFailed(f"cannot reach {d.where}: {reason.value}"))
+
+
+@fetch_requesting.upon(_Events.data_received).loop()
+@get_file_requesting.upon(_Events.data_received).loop()
+def _read_code(events: _Events, d: _Download, data: bytes) -> None:
+    code, rest = data[0], data[1:]
+    if code == wire.PEER_OK:
+        events.answered_ok(rest)
+    elif code == wire.PEER_NO_FILE:
+        events.answered_no_file()
+    elif code == wire.PEER_ERROR:
+        events.answered_error(code)
+    else:
+        events.answered_unknown(code)
+
+
+@fetch_requesting.upon(_Events.answered_no_file).to(failed)
+@get_file_requesting.upon(_Events.answered_no_file).to(failed)
+def _no_such_file(events: _Events, d: _Download) -> None:
+    d.fail(NoSuchFile(d.remote_name))
+
+
+@fetch_requesting.upon(_Events.answered_unknown).to(failed)
+@get_file_requesting.upon(_Events.answered_error).to(failed)
+@get_file_requesting.upon(_Events.answered_unknown).to(failed)
+def _peer_error(events: _Events, d: _Download, code: int) -> None:
+    d.fail(DownloadFailed(f"peer answered code {code}"))
+
+
+@get_file_requesting.upon(_Events.closed).to(failed)
+@get_file_requesting.upon(_Events.lost).to(failed)
+def _closed_without_reply(events: _Events, d: _Download, *_why: object) -> None:
+    d.fail(DownloadFailed("peer closed without a reply byte"))
+
+
+@get_file_requesting.upon(_Events.timed_out).to(failed)
+def _no_reply(events: _Events, d: _Download) -> None:
+    d.fail(DownloadFailed(f"peer sent no reply in {d.timeout:g} s"))
+
+
+@fetch_requesting.upon(_Events.answered_ok).to(fetch_receiving_size)
+@fetch_receiving_size.upon(_Events.data_received).loop()
+def _read_size(events: _Events, d: _Download, data: bytes) -> None:
+    try:
+        field, rest = wire.take_field(d.head + data, wire.MAX_OFFSET_FIELD)
+        if field is None:
+            d.head = rest
+            return
+        size = wire.decode_field(field, wire.FieldKind.OFFSET)
+    except (wire.FieldTooLong, wire.BadField):
+        events.malformed()
+        return
+    d.head = b""
+    events.sized(size, rest)
+
+
+@fetch_receiving_size.upon(_Events.sized).to(fetch_receiving_bytes)
+def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
+    try:
+        d.part.reserve(size)
+    except OSError as exc:
+        events.broken(f"no room for {size} bytes: {exc}")
+        return
+    d.size = size
+    d.report(size, force=True)
+    _take_fetch_bytes(events, d, rest)
+
+
+@fetch_receiving_bytes.upon(_Events.data_received).loop()
+def _take_fetch_bytes(events: _Events, d: _Download, data: bytes) -> None:
+    if d.received + len(data) > d.size:
+        events.broken("peer sent more than the size it announced")
+    elif d.take(events, data):
+        d.report(d.size)
+        if d.received == d.size:
+            events.all_received()
+
+
+@fetch_receiving_bytes.upon(_Events.all_received).to(fetch_received_all)
+def _wait_for_close(events: _Events, d: _Download) -> None:
+    pass
+
+
+@fetch_received_all.upon(_Events.data_received).to(failed)
+def _too_much(events: _Events, d: _Download, data: bytes) -> None:
+    d.fail(DownloadFailed("peer sent more than the size it announced"))
+
+
+@fetch_receiving_bytes.upon(_Events.closed).to(failed)
+@fetch_receiving_bytes.upon(_Events.lost).to(failed)
+def _cut(events: _Events, d: _Download, *_why: object) -> None:
+    d.fail(DownloadFailed(f"cut after {d.received} of {d.size} bytes"))
+
+
+@get_file_requesting.upon(_Events.answered_ok).to(get_file_receiving_bytes)
+@get_file_receiving_bytes.upon(_Events.data_received).loop()
+def _take_get_file_bytes(events: _Events, d: _Download, data: bytes) -> None:
+    if d.take(events, data):
+        d.report(None)
+
+
+@get_file_receiving_bytes.upon(_Events.lost).to(failed)
+def _lost(events: _Events, d: _Download, reason: Failure) -> None:
+    d.fail(DownloadFailed(f"connection lost: {reason.value}"))
+
+
+@fetch_receiving_size.upon(_Events.timed_out).to(failed)
+@fetch_receiving_bytes.upon(_Events.timed_out).to(failed)
+@fetch_received_all.upon(_Events.timed_out).to(failed)
+@get_file_receiving_bytes.upon(_Events.timed_out).to(failed)
+def _stalled(events: _Events, d: _Download) -> None:
+    d.fail(DownloadFailed(f"no data for {d.timeout:g} s"))
+
+
+@fetch_received_all.upon(_Events.closed).to(storing)
+@fetch_received_all.upon(_Events.lost).to(storing)
+@get_file_receiving_bytes.upon(_Events.closed).to(storing)
+def _store(events: _Events, d: _Download, *_why: object) -> None:
+    d.hang_up()
+    try:
+        d.part.store()
+    except OSError as exc:
+        events.broken(f"cannot move the file into place: {exc}")
+        return
+    events.stored()
+
+
+@storing.upon(_Events.stored).to(done)
+def _done(events: _Events, d: _Download) -> None:
+    d.succeed()
+
+
+@fetch_receiving_bytes.upon(_Events.broken).to(failed)
+@get_file_receiving_bytes.upon(_Events.broken).to(failed)
+@storing.upon(_Events.broken).to(failed)
+def _broken(events: _Events, d: _Download, why: str) -> None:
+    d.fail(DownloadFailed(why))
+
+
+def _cancelled(events: _Events, d: _Download) -> None:
+    d.fail(CancelledError())
+
+
+for _state in _LIVE:
+    _state.upon(_Events.cancel).to(failed)(_cancelled)
+
+_Machine = _machine.build()
+
+
+# --- the public entry point ---------------------------------------------------------
+
+
+def start(
+    endpoint: IStreamClientEndpoint,
+    where: str,
+    remote_name: str,
+    destination: Path,
+    progress: Progress | None,
+    reactor: Any,
+    timeout: float,
+) -> Deferred[int]:
+    """Run one download over connections from ``endpoint`` (``where`` names it
+    in messages); see :func:`download`."""
+    destination = Path(destination)
+    try:
+        part = _PartFile(destination)
+    except OSError as exc:
+        return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
+    d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout)
+    d.events = _Machine(d)
+    d.events.start()
+    return d.result
 
 
 def download(
@@ -330,4 +571,5 @@ def download(
     """
     if reactor is None:
         from twisted.internet import reactor
-    return _Download(host, port, remote_name, destination, progress, reactor, timeout).start()
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return start(endpoint, f"{host}:{port}", remote_name, destination, progress, reactor, timeout)

@@ -11,9 +11,11 @@ with and without it.
 
 ``P2P_PLAIN_TWISTED=1`` in the environment switches every fast path off: the
 services then use public Twisted API only (``transport.write`` and
-``loseConnection``, ``registerProducer`` with a chunked pull producer). Any
-value other than empty or ``0`` counts. It is read once, at import, so child
-processes started with it (twistd, the client) run plain throughout.
+``loseConnection``, ``registerProducer`` with a chunked pull producer). A
+comma-separated list of fast path names (``P2P_PLAIN_TWISTED=read_now``)
+switches off just those, to measure one at a time; any other value switches
+off all. It is read once, at import, so child processes started with it
+(twistd, the client) run plain throughout.
 
 Fast paths:
 
@@ -33,8 +35,27 @@ from twisted.internet import interfaces, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-#: True unless ``P2P_PLAIN_TWISTED`` asks for plain Twisted (read once, at import).
-ENABLED: bool = os.environ.get("P2P_PLAIN_TWISTED", "") in ("", "0")
+#: The names of the fast paths below.
+FAST_PATHS = frozenset({"read_now", "send_last", "sendfile"})
+
+
+def _enabled(setting: str) -> frozenset[str]:
+    """The fast paths left on by a ``P2P_PLAIN_TWISTED`` value."""
+    setting = setting.strip()
+    if setting in ("", "0"):
+        return FAST_PATHS
+    off = {name.strip() for name in setting.split(",")}
+    return FAST_PATHS - off if off <= FAST_PATHS else frozenset()
+
+
+#: The fast paths in use (all unless ``P2P_PLAIN_TWISTED`` says otherwise; read once, at import).
+ENABLED: frozenset[str] = _enabled(os.environ.get("P2P_PLAIN_TWISTED", ""))
+
+
+def enabled(name: str) -> bool:
+    """Whether the fast path ``name`` is in use in this process."""
+    return name in ENABLED
+
 
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 #: The reason given to a connection closed after its last bytes (shared: it has no traceback).
@@ -49,7 +70,7 @@ def read_now(transport: interfaces.ITransport) -> None:
     or error stays readable and the reactor handles it as usual. Plain
     Twisted: nothing to do, the reactor reads it at its next poll.
     """
-    if ENABLED and isinstance(transport, tcp.Server):
+    if "read_now" in ENABLED and isinstance(transport, tcp.Server):
         transport.doRead()
 
 
@@ -65,7 +86,7 @@ def send_last(transport: interfaces.ITransport, data: bytes) -> bytes | memoryvi
     ``data`` when the fast path does not apply.
     """
     if not (
-        ENABLED
+        "send_last" in ENABLED
         and isinstance(transport, tcp.Server)
         and not transport.dataBuffer
         and not transport._tempDataBuffer
@@ -88,7 +109,7 @@ def sendfile_socket(transport: interfaces.ITransport) -> socket.socket | None:
     transport, no ``os.sendfile``): the caller then writes through the
     transport like any producer.
     """
-    if not ENABLED or not hasattr(os, "sendfile"):
+    if "sendfile" not in ENABLED or not hasattr(os, "sendfile"):
         return None
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None

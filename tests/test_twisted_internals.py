@@ -50,6 +50,25 @@ class PlainTransports(TestCase):
         self.assertIsNone(twisted_internals.sendfile_socket(StringTransport()))
 
 
+class Switch(TestCase):
+    """What P2P_PLAIN_TWISTED leaves on."""
+
+    def test_values(self) -> None:
+        every = twisted_internals.FAST_PATHS
+        self.assertEqual(twisted_internals._enabled(""), every)
+        self.assertEqual(twisted_internals._enabled("0"), every)
+        self.assertEqual(twisted_internals._enabled("1"), frozenset())
+        self.assertEqual(twisted_internals._enabled("yes"), frozenset())
+        self.assertEqual(twisted_internals._enabled("read_now"), every - {"read_now"})
+        self.assertEqual(twisted_internals._enabled("read_now, sendfile"), frozenset({"send_last"}))
+        self.assertEqual(twisted_internals._enabled("read_now,typo"), frozenset())
+
+    def test_one_path_off(self) -> None:
+        self.patch(twisted_internals, "ENABLED", frozenset({"sendfile"}))
+        self.assertTrue(twisted_internals.enabled("sendfile"))
+        self.assertFalse(twisted_internals.enabled("send_last"))
+
+
 class RealSockets(TestCase):
     """A real loopback connection: the fast paths apply, unless switched off."""
 
@@ -79,7 +98,8 @@ class RealSockets(TestCase):
         return client, server
 
     def switch(self, enabled: bool) -> None:
-        self.patch(twisted_internals, "ENABLED", enabled)
+        on = twisted_internals.FAST_PATHS if enabled else frozenset()
+        self.patch(twisted_internals, "ENABLED", on)
 
     @defer.inlineCallbacks
     def test_read_now_reads_what_is_there(self):

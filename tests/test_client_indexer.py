@@ -14,7 +14,7 @@ from p2p.client.indexer_client import (
     ReplyCut,
     _RequestProtocol,
 )
-from tests.support import deadline, free_port
+from tests.support import deadline, hold_port
 
 
 def stamp():
@@ -151,7 +151,7 @@ class IndexerClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_nobody_listening(self) -> None:
-        client = IndexerClient("127.0.0.1", free_port(), stamp, timeout=5)
+        client = IndexerClient("127.0.0.1", hold_port(self), stamp, timeout=5)
         with self.assertRaises(Exception) as caught:
             yield deadline(client.request("REGISTER", "alice"), 10)
         self.assertNotIsInstance(caught.exception, defer.TimeoutError)

@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
-from tests.support import exchange, free_port
+from tests.support import exchange, hold_port
 from tests.test_client_e2e import ShellProcess
 
 DATETIME = re.compile(rb"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d")
@@ -187,7 +187,7 @@ class InteropTestCase(TestCase):
         self.addCleanup(listening.stopListening)
         self.port = listening.getHost().port
         # No time service: the client stamps with the local clock, in the same format.
-        self.wsdl = f"http://127.0.0.1:{free_port()}/?wsdl"
+        self.wsdl = f"http://127.0.0.1:{hold_port(self)}/?wsdl"  # refuses connections
 
     def shell(self, name: str, share: Path | None = None) -> ShellProcess:
         return ShellProcess(self, name, self.port, self.wsdl, share=share)

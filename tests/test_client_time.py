@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 from p2p import wire
 from p2p.client import time_client
 from p2p.client.time_client import TimeClient, wsdl_url
-from tests.support import deadline, free_port, spawn_twistd, wait_for_port
+from tests.support import deadline, hold_port, spawn_twistd, time_url
 
 DATETIME = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d$")
 
@@ -29,7 +29,7 @@ class FallbackTests(TestCase):
     @defer.inlineCallbacks
     def test_unreachable_service_warns_once_and_uses_the_local_clock(self) -> None:
         warnings: list[str] = []
-        url = f"http://127.0.0.1:{free_port()}/?wsdl"
+        url = f"http://127.0.0.1:{hold_port(self)}/?wsdl"  # refuses connections
         client = TimeClient(url, warnings.append, timeout=2, retry_after=0)
         first = yield deadline(client.now())
         second = yield deadline(client.now())
@@ -80,11 +80,10 @@ class FallbackTests(TestCase):
 class RealServiceTests(TestCase):
     @defer.inlineCallbacks
     def test_time_from_the_real_service(self) -> None:
-        port = free_port()
-        spawn_twistd(self, "p2p-time", "--listen", f"tcp:{port}:interface=127.0.0.1")
-        yield wait_for_port(port)
+        service = spawn_twistd(self, "p2p-time", "--listen", "tcp:0:interface=127.0.0.1")
+        url = yield time_url(service)
         warnings: list[str] = []
-        client = TimeClient(f"http://127.0.0.1:{port}/?wsdl", warnings.append)
+        client = TimeClient(url, warnings.append)
         stamp = yield deadline(client.now())
         self.assertRegex(stamp, DATETIME)
         wire.decode_field(stamp.encode(), wire.FieldKind.DATETIME)

@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 from p2p import wire
 from p2p.indexer.address import primary_address
 from p2p.indexer.store import Store
-from tests.support import deadline, free_port, spawn_twistd
+from tests.support import deadline, hold_port, spawn_twistd
 
 DT = "17/12/2014 13:20:35"
 
@@ -211,7 +211,7 @@ class Audit(TestCase):
         """With a logger configured, each request leaves one record, even while it is down."""
         cwd = Path(self.mktemp())
         cwd.mkdir(parents=True)
-        dead = f"tcp:host=127.0.0.1:port={free_port()}"
+        dead = f"tcp:host=127.0.0.1:port={hold_port(self)}"  # refuses connections
         ix = yield start_indexer(self, "--logger", dead, cwd=cwd)
         codes = yield ix.codes(
             ("REGISTER", "alice"), ("REGISTER", "alice"), ("CONNECT", "alice", 5000)
@@ -302,10 +302,8 @@ class BadInput(TestCase):
         bad = yield self.ix.open()
         bad.transport.write(wire.encode_fields("PUBLISH", DT, "alice", "newfile") + b"half")
         yield self.assert_unchanged_and_serving()
-        start = reactor.seconds()
-        reply = yield deadline(bad.closed, 5)
-        self.assertEqual(reply, b"")  # cut, no reply
-        self.assertLess(reactor.seconds() - start, 4)
+        reply = yield deadline(bad.closed, 4)  # cut after the 0.5 s timeout, not much later
+        self.assertEqual(reply, b"")  # no reply
         yield self.assert_unchanged_and_serving()
 
     @defer.inlineCallbacks

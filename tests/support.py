@@ -333,39 +333,3 @@ __all__ = [
     "time_url",
     "url_port",
 ]
-
-
-# --- Being removed (bind-close-reuse races); kept until the last test stops using them.
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
-    for _ in range(50):
-        port = free_port(socket.SOCK_STREAM, host)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free for both TCP and UDP")
-
-
-@defer.inlineCallbacks
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = DEADLINE):
-    start = reactor.seconds()
-    while True:
-        try:
-            creator = protocol.ClientCreator(reactor, protocol.Protocol)
-            proto = yield creator.connectTCP(host, port, timeout=2)
-            proto.transport.loseConnection()
-            return None
-        except (error.ConnectError, error.TimeoutError):
-            if reactor.seconds() - start > timeout:
-                raise defer.TimeoutError(f"nothing listening on {host}:{port}") from None
-            yield task.deferLater(reactor, 0.05, lambda: None)

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -22,7 +22,7 @@ from p2p import twisted_internals, wire
 from p2p.peer.download import DownloadFailed, NoSuchFile, download
 from p2p.peer.sender import SendfileProducer
 from p2p.peer.server import PeerServer
-from tests.support import deadline, exchange, spawn
+from tests.support import deadline, exchange, poll_until, spawn
 
 #: A peer server in a child process, serving every file of the directory in argv[1].
 CHILD_SERVER = """
@@ -37,17 +37,6 @@ reactor.run()
 
 #: "At most a few hundred KiB of the file in memory per connection."
 MEMORY_BOUND = 512 * 1024
-
-
-def poll(condition, timeout: float = 20.0, interval: float = 0.02) -> defer.Deferred:
-    """Fire once ``condition()`` is true; fail with TimeoutError after ``timeout``."""
-
-    @defer.inlineCallbacks
-    def wait():
-        while not condition():
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return deadline(wait(), timeout)
 
 
 def open_files() -> set[str]:
@@ -270,7 +259,7 @@ class PeerTransferTests(TestCase):
         self.server.request_timeout = 0.3
         reply = yield self.raw(b"GET_FILE\0half")
         self.assertEqual(reply, b"")
-        yield poll(lambda: not self.server.connections)
+        yield poll_until(lambda: not self.server.connections)
 
     # --- fake peers ------------------------------------------------------------
 
@@ -454,9 +443,9 @@ class PeerTransferTests(TestCase):
         self.addCleanup(stalled.close)
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         stalled.sendall(wire.encode_fields("FETCH", "huge", 0))
-        yield poll(lambda: any(c.producer for c in self.server.connections))
+        yield poll_until(lambda: any(c.producer for c in self.server.connections))
         (conn,) = self.server.connections
-        yield poll(lambda: conn.producer.sent > 0)
+        yield poll_until(lambda: conn.producer.sent > 0)
         # Wait until the sender has made no progress for ten polls in a row.
         quiet = {"polls": 0, "sent": -1}
 
@@ -467,7 +456,7 @@ class PeerTransferTests(TestCase):
                 quiet.update(polls=0, sent=conn.producer.sent)
             return quiet["polls"] >= 10
 
-        yield poll(stopped)
+        yield poll_until(stopped)
         sent = conn.producer.sent
         buffered = len(conn.transport.dataBuffer) - conn.transport.offset
         buffered += conn.transport._tempDataLen
@@ -487,11 +476,13 @@ class PeerTransferTests(TestCase):
         fds_before = open_files()
         leaving = socket.create_connection(("127.0.0.1", self.port))
         leaving.sendall(wire.encode_fields("FETCH", "huge", 0))
-        yield poll(lambda: any(c.producer and c.producer.sent for c in self.server.connections))
+        yield poll_until(
+            lambda: any(c.producer and c.producer.sent for c in self.server.connections)
+        )
         leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         self.assertEqual(leaving.recv(1), b"\0")  # already waiting in the socket
         leaving.close()  # with unread data: a reset, as a killed downloader would
-        yield poll(lambda: not self.server.connections)
+        yield poll_until(lambda: not self.server.connections)
         self.assertEqual(open_files() - fds_before, set())
 
     def test_stalled_downloader_sendfile(self):
@@ -568,6 +559,6 @@ class ChildPeerTests(TestCase):
             return len(samples) >= 10 and max(samples[-10:]) == min(samples[-10:])
 
         with contextlib.suppress(defer.TimeoutError):  # still changing: the bound decides
-            yield poll(steady, timeout=10, interval=0.05)
+            yield poll_until(steady, timeout=10, interval=0.05)
         grown = max(samples) - before
         self.assertLess(grown, 4 * 1024 * 1024, f"server RSS grew by {grown} bytes")

@@ -1,8 +1,12 @@
-"""The shell's behaviour with a fake indexer, a fake peer server and a fake downloader.
+"""The shell's behaviour against the real indexer, in memory, with a fake peer
+server and a fake downloader.
 
 Every output line of protocol.md section 5, the "no connected user" rule, the
 plain FAIL line for an unreachable indexer, local refusal of arguments the
-protocol cannot carry, and the peer server's lifecycle.
+protocol cannot carry, and the peer server's lifecycle. The indexer is the real
+one (its protocol, directory and an in-memory store) asked through the real
+client's request and reply code; only what a real indexer cannot do on demand
+(an unknown code, a cut reply, being unreachable or slow) is injected.
 """
 
 from __future__ import annotations
@@ -10,13 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
-from p2p.client.indexer_client import IndexerError, ReplyCut
+from p2p.client.indexer_client import LISTING_COLUMNS, IndexerError, _RequestProtocol
 from p2p.client.shell import Shell
+from p2p.indexer import protocol as indexer_protocol
+from p2p.indexer.directory import Directory
+from p2p.indexer.protocol import IndexerFactory
+from p2p.indexer.store import Store
+
+DT = "17/12/2014 13:20:35"
 
 
 class FakeOutput:
@@ -34,21 +47,73 @@ class FakeOutput:
         return None
 
 
-class FakeIndexer:
-    """Answers from a script: op -> (code, rows), an exception, or a Deferred."""
+class LoopbackIndexer:
+    """The real indexer in memory, asked the way ``IndexerClient`` asks it.
 
-    def __init__(self) -> None:
+    Each request is sent by the client's own request protocol, read by a real
+    ``IndexerProtocol`` of an ``IndexerFactory`` over ``Directory(Store(":memory:"))``,
+    and its reply parsed by the client's protocol again, on string transports,
+    within the call: answers are synchronous, as the shell tests need.
+
+    ``faults[op]`` stands in for what a real indexer does not do on demand:
+    reply bytes (read by the client's parser: an unknown code, a cut reply) or
+    an exception (the indexer unreachable). ``hold(op)`` keeps the next ``op``
+    unanswered until the returned Deferred is fired.
+    """
+
+    def __init__(self, testcase: TestCase) -> None:
+        self.clock = MemoryReactorClock()
+        self.store = Store(":memory:")
+        self.store.open()
+        testcase.addCleanup(self.store.close)
+        self.directory = Directory(self.store)
+        self.directory.load()
+        self.factory = IndexerFactory(self.directory, self.clock)
+        self.said: list[str] = []
+        testcase.patch(indexer_protocol, "say", self.said.append)
         self.requests: list[tuple] = []
-        self.replies: dict[str, object] = {}
+        self.faults: dict[str, bytes | Exception] = {}
+        self._held: dict[str, Deferred] = {}
 
     def request(self, op: str, user: str, *args):
+        """What the shell calls: fires with ``(code, rows or None)``."""
         self.requests.append((op, user, *args))
-        reply = self.replies.get(op, (wire.OK, [] if op.startswith("LIST") else None))
-        if isinstance(reply, Deferred):
-            return reply
-        if isinstance(reply, Exception):
-            return defer.fail(reply)
-        return defer.succeed(reply)
+        held = self._held.pop(op, None)
+        if held is not None:
+            return held.addCallback(lambda _: self._ask(op, user, *args))
+        return self._ask(op, user, *args)
+
+    def hold(self, op: str) -> Deferred:
+        """The next ``op`` waits, unanswered, until the returned Deferred fires."""
+        self._held[op] = Deferred()
+        return self._held[op]
+
+    def _ask(self, op: str, user: str, *args) -> Deferred:
+        fault = self.faults.get(op)
+        if isinstance(fault, Exception):
+            return defer.fail(fault)
+        client = _RequestProtocol(wire.encode_request(op, DT, user, *args), LISTING_COLUMNS.get(op))
+        sent = StringTransport()
+        client.makeConnection(sent)
+        reply = fault if fault is not None else self.serve(sent.value())
+        if reply:
+            client.dataReceived(reply)
+        client.connectionLost(Failure(ConnectionDone()))
+        return client.finished
+
+    def serve(self, request: bytes, peer: str = "127.0.0.1") -> bytes:
+        """One connection to the real indexer: ``request`` in, every reply byte out."""
+        address = IPv4Address("TCP", peer, 40000)
+        server = self.factory.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        server.makeConnection(transport)
+        server.dataReceived(request)
+        self.clock.advance(0)  # the group commit, then the reply
+        return transport.value()
+
+    def other(self, op: str, user: str, *args, peer: str = "127.0.0.1") -> int:
+        """A request from another client, behind the shell's back; its reply code."""
+        return self.serve(wire.encode_request(op, DT, user, *args), peer)[0]
 
     def ops(self) -> list[str]:
         return [r[0] for r in self.requests]
@@ -84,7 +149,7 @@ class NoSuchFile(Exception):
 class ShellTestCase(TestCase):
     def setUp(self) -> None:
         self.output = FakeOutput()
-        self.indexer = FakeIndexer()
+        self.indexer = LoopbackIndexer(self)
         self.servers: list[FakeServer] = []
         self.downloads: list[tuple] = []
         self.download_result: object = 7
@@ -124,20 +189,25 @@ class ShellTestCase(TestCase):
         return self.output.lines[before:]
 
     def connect(self, user: str = "alice") -> None:
+        """``user`` registered (by anyone) and connected through the shell."""
+        self.indexer.other("REGISTER", user)
         self.assertEqual(self.send(f"CONNECT {user}"), ["c> CONNECT OK"])
         self.indexer.requests.clear()
 
 
 class SimpleCommandTests(ShellTestCase):
     def check_codes(self, command: str, op: str, expected: dict[int, str], fail: str) -> None:
+        """Every code of ``op``, as reply bytes read by the client, gets its line; an
+        unknown code, an unreachable indexer and a reply cut short get ``fail``."""
+        empty = wire.encode_listing([]) if op in LISTING_COLUMNS else b""
         for code, line in expected.items():
-            self.indexer.replies[op] = (code, [] if code == wire.OK else None)
+            self.indexer.faults[op] = wire.encode_code(code) + (empty if code == wire.OK else b"")
             self.assertEqual(self.send(command), [line], (command, code))
-        self.indexer.replies[op] = (99, None)
+        self.indexer.faults[op] = wire.encode_code(99)
         self.assertEqual(self.send(command), [fail])
-        self.indexer.replies[op] = IndexerError("refused")
+        self.indexer.faults[op] = IndexerError("refused")
         self.assertEqual(self.send(command), [fail])
-        self.indexer.replies[op] = ReplyCut("cut")
+        self.indexer.faults[op] = b""  # closed before the first reply byte
         self.assertEqual(self.send(command), [fail])
 
     def test_register(self) -> None:
@@ -220,13 +290,17 @@ class SimpleCommandTests(ShellTestCase):
 
     def test_listings_are_tab_indented(self) -> None:
         self.connect()
-        users = [("alice", "10.0.0.1", "4242"), ("bob", "::1", "7")]
-        self.indexer.replies["LIST_USERS"] = (0, users)
+        for op, *args in (
+            ("REGISTER",),
+            ("CONNECT", 7),
+            ("PUBLISH", "a.txt", "first file"),
+            ("PUBLISH", "b", "x"),
+        ):
+            self.assertEqual(self.indexer.other(op, "bob", *args, peer="10.0.0.2"), 0)
         self.assertEqual(
             self.send("LIST_USERS"),
-            ["c> LIST_USERS OK", "\talice 10.0.0.1 4242", "\tbob ::1 7"],
+            ["c> LIST_USERS OK", "\talice 127.0.0.1 4242", "\tbob 10.0.0.2 7"],
         )
-        self.indexer.replies["LIST_CONTENT"] = (0, [("a.txt", "first file"), ("b", "x")])
         self.assertEqual(
             self.send("LIST_CONTENT bob"),
             ["c> LIST_CONTENT OK", '\ta.txt "first file"', '\tb "x"'],
@@ -242,6 +316,74 @@ class SimpleCommandTests(ShellTestCase):
         lines = self.send("help")
         self.assertTrue(any(line.startswith("GET_FILE <user>") for line in lines))
         self.assertEqual(self.indexer.requests, [])
+
+
+class RealAnswerTests(ShellTestCase):
+    """The codes the real indexer gives in each state, and the line each becomes."""
+
+    def test_register_and_unregister(self) -> None:
+        self.assertEqual(self.send("REGISTER alice"), ["c> REGISTER OK"])
+        self.assertEqual(self.send("REGISTER alice"), ["c> USERNAME IN USE"])
+        self.assertEqual(self.send("UNREGISTER bob"), ["c> USER DOES NOT EXIST"])
+        self.assertEqual(self.send("CONNECT alice"), ["c> CONNECT OK"])
+        self.assertEqual(self.send("UNREGISTER alice"), ["c> UNREGISTER FAIL"])  # connected
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT OK"])
+        self.assertEqual(self.send("UNREGISTER alice"), ["c> UNREGISTER OK"])
+        self.assertEqual(self.indexer.directory.users, {})
+
+    def test_publish_delete_and_the_listings(self) -> None:
+        self.connect()
+        self.assertEqual(self.send("PUBLISH f.txt a description"), ["c> PUBLISH OK"])
+        self.assertEqual(
+            self.send("PUBLISH f.txt again"), ["c> PUBLISH FAIL, CONTENT ALREADY PUBLISHED"]
+        )
+        self.assertEqual(self.send("DELETE g.txt"), ["c> DELETE FAIL, CONTENT NOT PUBLISHED"])
+        self.assertEqual(
+            self.send("LIST_CONTENT bob"), ["c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST"]
+        )
+        self.assertEqual(
+            self.send("LIST_CONTENT alice"), ["c> LIST_CONTENT OK", '\tf.txt "a description"']
+        )
+        self.assertEqual(self.send("DELETE f.txt"), ["c> DELETE OK"])
+        self.assertEqual(self.send("LIST_CONTENT alice"), ["c> LIST_CONTENT OK"])
+        self.assertEqual(self.send("LIST_USERS"), ["c> LIST_USERS OK", "\talice 127.0.0.1 4242"])
+
+    def test_user_disconnected_then_gone_behind_the_shells_back(self) -> None:
+        self.connect()
+        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)
+        for command, line in (
+            ("PUBLISH f x", "c> PUBLISH FAIL, USER NOT CONNECTED"),
+            ("DELETE f", "c> DELETE FAIL, USER NOT CONNECTED"),
+            ("LIST_USERS", "c> LIST_USERS FAIL, USER NOT CONNECTED"),
+            ("LIST_CONTENT alice", "c> LIST_CONTENT FAIL, USER NOT CONNECTED"),
+        ):
+            self.assertEqual(self.send(command), [line], command)
+        self.assertEqual(self.indexer.other("UNREGISTER", "alice"), 0)
+        for command, line in (
+            ("PUBLISH f x", "c> PUBLISH FAIL, USER DOES NOT EXIST"),
+            ("DELETE f", "c> DELETE FAIL, USER DOES NOT EXIST"),
+            ("LIST_USERS", "c> LIST_USERS FAIL, USER DOES NOT EXIST"),
+            ("LIST_CONTENT alice", "c> LIST_CONTENT FAIL, USER DOES NOT EXIST"),
+        ):
+            self.assertEqual(self.send(command), [line], command)
+        # Each line is the indexer's answer, not a local refusal.
+        ops = ["PUBLISH", "DELETE", "LIST_USERS", "LIST_CONTENT"]
+        self.assertEqual(self.indexer.ops(), ops + ops)
+
+    def test_an_indexer_in_error_gets_the_plain_fail_lines(self) -> None:
+        self.connect()
+        self.indexer.factory.stop()  # from now on every request gets its error code
+        for command, line in (
+            ("REGISTER bob", "c> REGISTER FAIL"),
+            ("UNREGISTER bob", "c> UNREGISTER FAIL"),
+            ("PUBLISH f x", "c> PUBLISH FAIL"),
+            ("DELETE f", "c> DELETE FAIL"),
+            ("LIST_USERS", "c> LIST_USERS FAIL"),
+            ("LIST_CONTENT alice", "c> LIST_CONTENT FAIL"),
+            ("DISCONNECT alice", "c> DISCONNECT FAIL"),
+        ):
+            self.assertEqual(self.send(command), [line], command)
+        self.assertEqual(len(self.indexer.requests), 7)
 
 
 class NotConnectedTests(ShellTestCase):
@@ -279,7 +421,13 @@ class BadArgumentTests(ShellTestCase):
 
 class ConnectTests(ShellTestCase):
     def test_connect_starts_the_server_first_and_sends_its_port(self) -> None:
-        self.indexer.replies["LIST_CONTENT"] = (0, [("old.txt", "from before")])
+        for op, *args in (
+            ("REGISTER",),
+            ("CONNECT", 1),
+            ("PUBLISH", "old.txt", "from before"),
+            ("DISCONNECT",),
+        ):
+            self.assertEqual(self.indexer.other(op, "alice", *args), 0)
         self.assertEqual(self.send("connect alice"), ["c> CONNECT OK"])
         [server] = self.servers
         self.assertTrue(server.listening)
@@ -293,16 +441,19 @@ class ConnectTests(ShellTestCase):
         self.assertFalse(server.is_published("other.txt"))
 
     def test_failed_connect_stops_the_server(self) -> None:
-        for code, line in (
-            (1, "c> CONNECT FAIL, USER DOES NOT EXIST"),
-            (2, "c> USER ALREADY CONNECTED"),
-            (3, "c> CONNECT FAIL"),
-        ):
-            self.indexer.replies["CONNECT"] = (code, None)
+        def cannot_connect(line: str) -> None:
             self.assertEqual(self.send("CONNECT alice"), [line])
             self.assertTrue(self.servers[-1].stopped)
             self.assertIsNone(self.shell.user)
-        self.indexer.replies["CONNECT"] = IndexerError("down")
+
+        cannot_connect("c> CONNECT FAIL, USER DOES NOT EXIST")  # 1
+        self.indexer.other("REGISTER", "alice")
+        self.indexer.other("CONNECT", "alice", 9)
+        cannot_connect("c> USER ALREADY CONNECTED")  # 2
+        self.indexer.factory.stop()  # answers every request with its error code
+        cannot_connect("c> CONNECT FAIL")  # 3
+        self.assertEqual(self.indexer.ops(), ["CONNECT"] * 3)
+        self.indexer.faults["CONNECT"] = IndexerError("down")
         self.assertEqual(self.send("CONNECT alice"), ["c> CONNECT FAIL"])
         self.assertTrue(self.servers[-1].stopped)
 
@@ -352,21 +503,25 @@ class ConnectTests(ShellTestCase):
         self.assertFalse(self.servers[0].is_published("anything"))
 
     def test_disconnect_failures(self) -> None:
-        for code, line, still in (
-            (3, "c> DISCONNECT FAIL", True),
-            (1, "c> DISCONNECT FAIL / USER DOES NOT EXIST", False),
-        ):
-            self.connect()
-            self.indexer.replies["DISCONNECT"] = (code, None)
-            self.assertEqual(self.send("DISCONNECT alice"), [line])
-            self.assertEqual(self.shell.user is not None, still)
-            if still:
-                self.indexer.replies["DISCONNECT"] = (0, None)
-                self.send("DISCONNECT alice")
         self.connect()
-        self.indexer.replies["DISCONNECT"] = (2, None)
+        self.indexer.faults["DISCONNECT"] = wire.encode_code(3)  # any other error
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL"])
+        self.assertEqual(self.shell.user, "alice")
+        del self.indexer.faults["DISCONNECT"]
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT OK"])
+        # Gone behind the shell's back: disconnected and unregistered by another client.
+        self.connect()
+        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)
+        self.assertEqual(self.indexer.other("UNREGISTER", "alice"), 0)
+        self.assertEqual(
+            self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL / USER DOES NOT EXIST"]
+        )
+        self.assertIsNone(self.shell.user)
+        # Only disconnected behind its back.
+        self.connect()
+        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)
         self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL / USER NOT CONNECTED"])
-        self.indexer.replies["DISCONNECT"] = IndexerError("down")
+        self.indexer.faults["DISCONNECT"] = IndexerError("down")
         self.connect()
         self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT FAIL"])
         self.assertEqual(self.shell.user, "alice")
@@ -376,10 +531,9 @@ class GetFileTests(ShellTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.connect()
-        self.indexer.replies["LIST_USERS"] = (
-            0,
-            [("bobby", "10.0.0.9", "1"), ("bob", "10.0.0.2", "5555")],
-        )
+        for user, peer, port in (("bobby", "10.0.0.9", 1), ("bob", "10.0.0.2", 5555)):
+            self.assertEqual(self.indexer.other("REGISTER", user), 0)
+            self.assertEqual(self.indexer.other("CONNECT", user, port, peer=peer), 0)
 
     def test_ok(self) -> None:
         self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
@@ -397,10 +551,12 @@ class GetFileTests(ShellTestCase):
 
     def test_owner_not_connected_or_listing_refused(self) -> None:
         self.assertEqual(self.send("GET_FILE bo r l"), ["c> GET_FILE FAIL"])
-        self.indexer.replies["LIST_USERS"] = (2, None)
+        self.indexer.faults["LIST_USERS"] = IndexerError("down")
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
-        self.indexer.replies["LIST_USERS"] = IndexerError("down")
+        del self.indexer.faults["LIST_USERS"]
+        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)  # LIST_USERS answers 2
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        self.assertEqual(self.indexer.ops(), ["LIST_USERS"] * 3)
         self.assertEqual(self.downloads, [])
 
     def test_commands_wait_for_a_running_download(self) -> None:
@@ -409,8 +565,16 @@ class GetFileTests(ShellTestCase):
         self.assertEqual(self.send("GET_FILE bob r l", "LIST_USERS"), [])
         self.assertTrue(self.shell.busy)
         pending.callback(3)
-        self.assertEqual(self.output.lines[-4:-3], ["c> GET_FILE OK"])
-        self.assertEqual(self.output.lines[-3], "c> LIST_USERS OK")
+        self.assertEqual(
+            self.output.lines[-5:],
+            [
+                "c> GET_FILE OK",
+                "c> LIST_USERS OK",
+                "\talice 127.0.0.1 4242",
+                "\tbobby 10.0.0.9 1",
+                "\tbob 10.0.0.2 5555",
+            ],
+        )
 
     def test_quit_cancels_a_running_download_and_disconnects(self) -> None:
         cancelled = []
@@ -438,19 +602,18 @@ class EndingTests(ShellTestCase):
         self.assertTrue(self.shell.ended.called)
 
     def test_end_of_input_runs_queued_lines_then_quits(self) -> None:
-        slow: Deferred = Deferred()
-        self.indexer.replies["REGISTER"] = slow
+        slow = self.indexer.hold("REGISTER")
         self.send("REGISTER alice", "CONNECT alice")
         self.shell.end_of_input()
         self.assertFalse(self.shell.ended.called)
-        slow.callback((0, None))
+        slow.callback(None)
         self.assertEqual(self.output.lines, ["c> REGISTER OK", "c> CONNECT OK"])
         self.assertEqual(self.indexer.ops()[-1], "DISCONNECT")
         self.assertTrue(self.shell.ended.called)
 
     def test_shutdown_is_idempotent_and_survives_a_dead_indexer(self) -> None:
         self.connect()
-        self.indexer.replies["DISCONNECT"] = IndexerError("down")
+        self.indexer.faults["DISCONNECT"] = IndexerError("down")
         first = self.shell.shutdown()
         second = self.shell.shutdown()
         self.assertTrue(first.called and second.called)
@@ -463,9 +626,8 @@ class EndingTests(ShellTestCase):
         self.shell.on_idle = lambda: prompts.append(True)
         self.send("HELP")
         self.assertEqual(len(prompts), 1)
-        slow: Deferred = Deferred()
-        self.indexer.replies["REGISTER"] = slow
+        slow = self.indexer.hold("REGISTER")
         self.send("REGISTER a", "REGISTER b")
         self.assertEqual(len(prompts), 1)
-        slow.callback((0, None))
+        slow.callback(None)
         self.assertEqual(len(prompts), 2)

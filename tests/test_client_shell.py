@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -24,12 +23,7 @@ from twisted.trial.unittest import TestCase
 from p2p import wire
 from p2p.client.indexer_client import LISTING_COLUMNS, IndexerError, _RequestProtocol
 from p2p.client.shell import Shell
-from p2p.indexer import protocol as indexer_protocol
-from p2p.indexer.directory import Directory
-from p2p.indexer.protocol import IndexerFactory
-from p2p.indexer.store import Store
-
-DT = "17/12/2014 13:20:35"
+from tests.test_indexer_protocol import DT, Harness
 
 
 class FakeOutput:
@@ -62,15 +56,9 @@ class LoopbackIndexer:
     """
 
     def __init__(self, testcase: TestCase) -> None:
-        self.clock = MemoryReactorClock()
-        self.store = Store(":memory:")
-        self.store.open()
-        testcase.addCleanup(self.store.close)
-        self.directory = Directory(self.store)
-        self.directory.load()
-        self.factory = IndexerFactory(self.directory, self.clock)
-        self.said: list[str] = []
-        testcase.patch(indexer_protocol, "say", self.said.append)
+        self.harness = Harness(testcase)  # the indexer's own test bench
+        self.directory = self.harness.directory
+        self.factory = self.harness.factory
         self.requests: list[tuple] = []
         self.faults: dict[str, bytes | Exception] = {}
         self._held: dict[str, Deferred] = {}
@@ -95,25 +83,15 @@ class LoopbackIndexer:
         client = _RequestProtocol(wire.encode_request(op, DT, user, *args), LISTING_COLUMNS.get(op))
         sent = StringTransport()
         client.makeConnection(sent)
-        reply = fault if fault is not None else self.serve(sent.value())
+        reply = fault if fault is not None else self.harness.send(sent.value())[0]
         if reply:
             client.dataReceived(reply)
         client.connectionLost(Failure(ConnectionDone()))
         return client.finished
 
-    def serve(self, request: bytes, peer: str = "127.0.0.1") -> bytes:
-        """One connection to the real indexer: ``request`` in, every reply byte out."""
-        address = IPv4Address("TCP", peer, 40000)
-        server = self.factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
-        server.makeConnection(transport)
-        server.dataReceived(request)
-        self.clock.advance(0)  # the group commit, then the reply
-        return transport.value()
-
     def other(self, op: str, user: str, *args, peer: str = "127.0.0.1") -> int:
         """A request from another client, behind the shell's back; its reply code."""
-        return self.serve(wire.encode_request(op, DT, user, *args), peer)[0]
+        return self.harness.request(op, user, *args, peer=peer)[0]
 
     def ops(self) -> list[str]:
         return [r[0] for r in self.requests]

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from p2p.client.progress import ProgressBar, human_bytes, human_duration
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class ProgressBarTests(TestCase):
     def setUp(self) -> None:
         self.stream = io.StringIO()
-        self.clock = FakeClock()
+        self.clock = Clock()
+        self.clock.advance(100)
 
     def bar(self, total: int | None) -> ProgressBar:
-        return ProgressBar(self.stream, total, "file.bin", clock=self.clock)
+        return ProgressBar(self.stream, total, "file.bin", clock=self.clock.seconds)
 
     def test_known_total(self) -> None:
         bar = self.bar(100 * 1024 * 1024)
-        self.clock.now += 2
+        self.clock.advance(2)
         bar.update(50 * 1024 * 1024)
         line = self.stream.getvalue()
         self.assertTrue(line.startswith("\rfile.bin"))
@@ -39,7 +33,7 @@ class ProgressBarTests(TestCase):
 
     def test_unknown_total(self) -> None:
         bar = self.bar(None)
-        self.clock.now += 1
+        self.clock.advance(1)
         bar.update(2048)
         line = self.stream.getvalue()
         self.assertIn("2.0 KiB", line)
@@ -50,7 +44,7 @@ class ProgressBarTests(TestCase):
     def test_at_most_ten_redraws_a_second(self) -> None:
         bar = self.bar(1000)
         for i in range(100):
-            self.clock.now += 0.01  # 100 updates over one second
+            self.clock.advance(0.01)  # 100 updates over one second
             bar.update(i * 10)
         self.assertLessEqual(self.stream.getvalue().count("\r"), 11)
         self.assertGreaterEqual(self.stream.getvalue().count("\r"), 9)
@@ -69,11 +63,11 @@ class ProgressBarTests(TestCase):
 
     def test_shorter_line_overwrites_longer(self) -> None:
         bar = self.bar(None)
-        self.clock.now += 1
+        self.clock.advance(1)
         bar.update(1024**3)
         first = self.stream.getvalue()
         bar.label = "x"
-        self.clock.now += 1
+        self.clock.advance(1)
         bar.update(1024**3)
         second = self.stream.getvalue()[len(first) :]
         self.assertEqual(len(second), len(first))  # padded with spaces

@@ -89,6 +89,16 @@ class CommandQueueTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertFalse(self.queue.ended.called)
 
+    def test_a_failing_idle_callback_does_not_stop_the_queue(self) -> None:
+        def broken() -> None:
+            raise OSError("terminal gone")
+
+        self.queue.on_idle = broken
+        self.queue.submit("a")
+        self.queue.submit("b")
+        self.assertEqual(self.rec.ran, ["a", "b"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
     def test_a_slow_failure_is_reported_too(self) -> None:
         self.rec.slow["slow"] = gate = Deferred()
         self.queue.submit("slow")

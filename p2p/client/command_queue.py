@@ -74,10 +74,16 @@ class CommandQueue:
             finally:
                 self._running = False
             if not self._lines.pending:
-                self.on_idle()
+                self._idle()
         self.finished = True
         self._lines.pending.clear()
         self.ended.callback(None)
+
+    def _idle(self) -> None:
+        try:
+            self.on_idle()
+        except Exception:  # a broken prompt must not stop the commands
+            self.log.failure("the idle callback failed")
 
     def _unexpected(self, failure: Failure) -> None:
         self.log.failure("command failed unexpectedly", failure)

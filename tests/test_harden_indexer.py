@@ -32,7 +32,7 @@ SEED = 20261125
 
 # --- The reference model (protocol.md section 1, independent of p2p.wire's checks) ---
 
-LIMIT = {"op": 32, "datetime": 64, "name": 256, "text": 256}
+LIMIT = {"op": 32, "datetime": 64, "user": 256, "name": 256, "text": 256}
 
 
 def _utf8(raw: bytes) -> str | None:
@@ -57,6 +57,10 @@ def model_valid(kind: str, raw: bytes) -> bool:
         return False
     if kind == "name":
         return not any(ch.isspace() or _cc(ch) for ch in text)
+    if kind == "user":  # a name, and no look-alike: NFC, no format (Cf) characters
+        return not any(
+            ch.isspace() or _cc(ch) or unicodedata.category(ch) == "Cf" for ch in text
+        ) and unicodedata.is_normalized("NFC", text)
     if kind == "text":
         return not any(_cc(ch) and ch != "\t" for ch in text)
     # DATETIME ends up in an audit record, which the logger stores as one line.
@@ -193,7 +197,7 @@ def random_name(rng: random.Random, valid: bool) -> bytes:
 def random_field(rng: random.Random, kind: str, valid: bool) -> bytes:
     if kind == "port":
         return rng.choice(PORTS_OK if valid else PORTS_BAD)
-    if kind == "name":
+    if kind in ("user", "name"):
         return random_name(rng, valid)
     if kind == "text":
         if valid:
@@ -247,12 +251,12 @@ class Fuzz(TestCase):
             op = rng.choice(OPS)
             valid = rng.random() < 0.75
             fields = [op.encode()]
-            kinds = ["datetime", "name", *ARG_KINDS[op]]
+            kinds = ["datetime", "user", *ARG_KINDS[op]]
             bad_at = rng.randrange(len(kinds)) if not valid else -1
             for j, kind in enumerate(kinds):
                 if j == bad_at:
                     fields.append(random_field(rng, kind, False))
-                elif kind == "name" and rng.random() < 0.9:
+                elif kind in ("user", "name") and rng.random() < 0.9:
                     fields.append(rng.choice(pool))
                 else:
                     fields.append(random_field(rng, kind, True))

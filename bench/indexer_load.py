@@ -7,6 +7,8 @@ with plain blocking sockets. Prints requests per second and the number of
 unexpected reply codes (which must be 0).
 
     python bench/indexer_load.py --spawn --clients 8 --seconds 10
+    python bench/indexer_load.py --spawn --compare-plain --rounds 3 --seconds 5
+    python bench/indexer_load.py --spawn --compare-plain --plain read_now
     python bench/indexer_load.py --host 127.0.0.1 --port 9090
 """
 
@@ -18,6 +20,7 @@ import os
 import re
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,8 +101,11 @@ def preload(db_path: str, users: int) -> None:
     store.close()
 
 
-def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
-    """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port."""
+def spawn_indexer(workdir: str, sync: str, plain: str = "") -> tuple[subprocess.Popen, int]:
+    """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port.
+
+    ``plain``: its ``P2P_PLAIN_TWISTED`` (``1``: without the Twisted fast paths).
+    """
     args = [
         *TWISTD,
         "-n",
@@ -114,6 +120,7 @@ def spawn_indexer(workdir: str, sync: str) -> tuple[subprocess.Popen, int]:
         sync,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env["P2P_PLAIN_TWISTED"] = plain
     started = time.time()
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -139,6 +146,97 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def measure(args: argparse.Namespace, plain: str = "") -> dict:
+    """One run: start the indexer if asked, run the clients, return the figures."""
+    server = None
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.spawn:
+            if args.preload:
+                preload(os.path.join(workdir, "bench.db"), args.preload)
+            server, args.port = spawn_indexer(workdir, args.sync, plain)
+        try:
+            out: multiprocessing.Queue = multiprocessing.Queue()
+            start = time.time() + 0.5
+            procs = [
+                multiprocessing.Process(
+                    target=client, args=(i, (args.host, args.port), args.seconds, start, out)
+                )
+                for i in range(args.clients)
+            ]
+            server_cpu = cpu_seconds(server.pid) if server is not None else float("nan")
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            for p in procs:
+                p.start()
+            results = [out.get() for _ in procs]
+            for p in procs:
+                p.join()
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client_cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+            if server is not None:
+                server_cpu = cpu_seconds(server.pid) - server_cpu
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+                server._drain.wait()
+    total = sum(r[0] for r in results)
+    first = next((r[2] for r in results if r[2] is not None), None)
+    return {
+        "total": total,
+        "rate": total / args.seconds,
+        "unexpected": sum(r[1] for r in results),
+        "server_us": server_cpu / total * 1e6 if total else float("nan"),
+        "client_us": client_cpu / total * 1e6 if total else float("nan"),
+        "first": first,
+    }
+
+
+def report(args: argparse.Namespace, run: dict) -> None:
+    print(
+        f"clients={args.clients} seconds={args.seconds:g} requests={run['total']} "
+        f"requests/s={run['rate']:.0f} unexpected={run['unexpected']}"
+    )
+    if run["total"]:
+        print(
+            f"CPU per request: server {run['server_us']:.0f} us, "
+            f"clients {run['client_us']:.0f} us (user+system)"
+        )
+    if run["first"] is not None:
+        print(f"first unexpected: request={run['first'][0]!r} reply={run['first'][1]!r}")
+
+
+def compare_plain(args: argparse.Namespace) -> int:
+    """Alternate runs with Twisted fast paths on and off (P2P_PLAIN_TWISTED=--plain)."""
+    runs: dict[str, list[dict]] = {"fast paths": [], "plain Twisted": []}
+    for round_ in range(1, args.rounds + 1):
+        for label, plain in (("fast paths", ""), ("plain Twisted", args.plain)):
+            run = measure(args, plain)
+            runs[label].append(run)
+            print(
+                f"round {round_}  {label:13s} {run['rate']:7.0f} requests/s  "
+                f"server {run['server_us']:.0f} us/request  unexpected={run['unexpected']}"
+            )
+    print(
+        f"\n{args.clients} clients, {args.seconds:g} s per run, {args.rounds} rounds, "
+        f"plain = P2P_PLAIN_TWISTED={args.plain}:"
+    )
+    median = {}
+    for label, values in runs.items():
+        rates = [r["rate"] for r in values]
+        cpu = [r["server_us"] for r in values]
+        median[label] = (statistics.median(rates), statistics.median(cpu))
+        print(
+            f"  {label:13s} median {median[label][0]:7.0f} requests/s "
+            f"(best {max(rates):.0f}), server {median[label][1]:.0f} us/request"
+        )
+    fast, plain = median["fast paths"], median["plain Twisted"]
+    print(
+        f"  fast / plain: {fast[0] / plain[0] - 1:+.0%} requests/s, "
+        f"{fast[1] / plain[1] - 1:+.0%} server CPU per request"
+    )
+    return 1 if any(r["unexpected"] for values in runs.values() for r in values) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -150,54 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preload", type=int, default=0, help="with --spawn: users (3 files each) already stored"
     )
-    args = parser.parse_args(argv)
-
-    server = None
-    with tempfile.TemporaryDirectory() as workdir:
-        if args.spawn:
-            if args.preload:
-                preload(os.path.join(workdir, "bench.db"), args.preload)
-            server, args.port = spawn_indexer(workdir, args.sync)
-        try:
-            out: multiprocessing.Queue = multiprocessing.Queue()
-            start = time.time() + 0.5
-            procs = [
-                multiprocessing.Process(
-                    target=client, args=(i, (args.host, args.port), args.seconds, start, out)
-                )
-                for i in range(args.clients)
-            ]
-            server_cpu = cpu_seconds(server.pid) if server is not None else float("nan")
-            for p in procs:
-                p.start()
-            results = [out.get() for _ in procs]
-            for p in procs:
-                p.join()
-            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-            client_cpu = usage.ru_utime + usage.ru_stime
-            if server is not None:
-                server_cpu = cpu_seconds(server.pid) - server_cpu
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait()
-                server._drain.wait()
-    total = sum(r[0] for r in results)
-    unexpected = sum(r[1] for r in results)
-    print(
-        f"clients={args.clients} seconds={args.seconds:g} requests={total} "
-        f"requests/s={total / args.seconds:.0f} unexpected={unexpected}"
+    parser.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="with --spawn: alternate runs with and without the Twisted fast paths",
     )
-    if total:
-        print(
-            f"CPU per request: server {server_cpu / total * 1e6:.0f} us, "
-            f"clients {client_cpu / total * 1e6:.0f} us (user+system)"
-        )
-    for r in results:
-        if r[2] is not None:
-            print(f"first unexpected: request={r[2][0]!r} reply={r[2][1]!r}")
-            break
-    return 1 if unexpected else 0
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare-plain (3)")
+    parser.add_argument(
+        "--plain",
+        default="1",
+        help="with --compare-plain: P2P_PLAIN_TWISTED of the plain runs "
+        "(1: all fast paths off, or names such as read_now)",
+    )
+    args = parser.parse_args(argv)
+    if args.compare_plain:
+        if not args.spawn:
+            parser.error("--compare-plain needs --spawn")
+        return compare_plain(args)
+    run = measure(args)
+    report(args, run)
+    return 1 if run["unexpected"] else 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ Two processes each time, on 127.0.0.1:
   ``p2p.peer.download.download()`` (FETCH, temporary file, rename).
 
 Rounds alternate raw and peer so both see the same machine state; the best of
-each is compared and printed as a ratio. Never run as a test.
+each is compared and printed as a ratio. ``--compare-plain`` adds a second peer
+server started with ``P2P_PLAIN_TWISTED=1`` (no sendfile) to every round, and
+the servers' CPU time per GiB is printed. Never run as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
+    .venv/bin/python bench/transfer.py --compare-plain   # and without sendfile
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.indexer_load import cpu_seconds  # noqa: E402
 
 RAW_SENDER = """
 import socket, sys
@@ -63,8 +68,9 @@ def make_source(path: Path, size: int) -> None:
             left -= f.write(block[: min(left, len(block))])
 
 
-def start_child(code: str, *args: str) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def start_child(code: str, *args: str, plain: bool = False) -> tuple[subprocess.Popen, int]:
+    """Start a child process; ``plain``: without the Twisted fast paths (P2P_PLAIN_TWISTED=1)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), P2P_PLAIN_TWISTED="1" if plain else "")
     child = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -136,6 +142,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="raw/peer pairs to run (3)")
     parser.add_argument("--dir", help="working directory (default: a temporary one)")
     parser.add_argument("--verify", action="store_true", help="compare SHA-256 of every copy")
+    parser.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also a peer without the Twisted fast paths (no sendfile), in the same rounds",
+    )
     opts = parser.parse_args()
 
     size = opts.size_mb * 1024 * 1024
@@ -150,7 +161,15 @@ def main() -> None:
         os.sync()
         raw_child, raw_port = start_child(RAW_SENDER, str(source))
         peer_child, peer_port = start_child(PEER_SERVER, str(share))
+        children = [raw_child, peer_child]
         rates: dict[str, list[float]] = {"raw copy": [], "raw discard": [], "peer": []}
+        senders = {"peer": peer_child}
+        if opts.compare_plain:
+            plain_child, plain_port = start_child(PEER_SERVER, str(share), plain=True)
+            children.append(plain_child)
+            rates["peer plain"] = []
+            senders["peer plain"] = plain_child
+        server_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
             for round_ in range(1, opts.rounds + 1):
                 runs = [
@@ -158,8 +177,14 @@ def main() -> None:
                     ("raw copy", raw_copy, raw_port, dest / "raw.bin"),
                     ("peer", peer_download, peer_port, dest / "peer.bin"),
                 ]
+                if opts.compare_plain:
+                    runs.append(("peer plain", peer_download, plain_port, dest / "peer.bin"))
                 for label, run, port, out in runs:
+                    sender = senders.get(label)
+                    cpu = cpu_seconds(sender.pid) if sender else 0.0
                     got, seconds = run(port, out)
+                    if sender:
+                        server_cpu[label].append(cpu_seconds(sender.pid) - cpu)
                     if got != size:
                         raise SystemExit(f"{label}: got {got} of {size} bytes")
                     if expected and out is not None and sha256(out) != expected:
@@ -171,7 +196,7 @@ def main() -> None:
                         out.unlink()
                     os.sync()  # no dirty pages from one run slow the next one down
         finally:
-            for child in (raw_child, peer_child):
+            for child in children:
                 child.kill()
                 child.wait()
     from twisted.internet import reactor
@@ -188,6 +213,17 @@ def main() -> None:
         print(
             f"  peer / {base:11s} = {best['peer'] / best[base]:.0%} (best)"
             f"  {median['peer'] / median[base]:.0%} (median)"
+        )
+    if opts.compare_plain:
+        print(
+            f"  peer / peer plain = {best['peer'] / best['peer plain']:.0%} (best)"
+            f"  {median['peer'] / median['peer plain']:.0%} (median)"
+        )
+    gib = size / 2**30
+    for label, values in server_cpu.items():
+        print(
+            f"  server CPU, {label:10s}: median {statistics.median(values) / gib:.2f} s per GiB "
+            f"(user+system; runs: {', '.join(f'{v / gib:.2f}' for v in values)})"
         )
 
 

@@ -21,7 +21,7 @@ Public Twisted API only; this module imports nothing of the services.
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
@@ -96,6 +96,7 @@ class ListeningService(Service):
         #: The listening port, once it is open.
         self.port: IListeningPort | None = None
         self._listen_called = False
+        self._waiting: Deferred | None = None  # an endpoint that has not answered yet
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -105,6 +106,8 @@ class ListeningService(Service):
         except Exception:
             self.cannot_listen(Failure())
             raise
+        if not d.called:
+            self._waiting = d
         d.addCallbacks(self._listening, self._failed_later)
 
     def startService(self) -> None:
@@ -115,14 +118,21 @@ class ListeningService(Service):
     def stopService(self) -> Deferred | None:
         super().stopService()
         self._listen_called = False
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()  # stopped before the endpoint answered: never listen
         port, self.port = self.port, None
         return maybeDeferred(port.stopListening) if port is not None else None
 
     def _listening(self, port: IListeningPort) -> None:
+        self._waiting = None
         self.port = port
         self.listening(port)
 
     def _failed_later(self, failure: Failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError):
+            return  # stopped while waiting
         self.cannot_listen(failure)
         log.failure("cannot listen on {description}", failure, description=self.description)
         # At start-up the reactor is not running yet: stop it as soon as it is.

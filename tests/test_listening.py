@@ -157,8 +157,20 @@ class Service(TestCase):
         [line] = self.lines
         self.assertTrue(line.startswith("s> test service cannot listen on later:: "), line)
         self.assertEqual([e["log_level"] for e in events], [LogLevel.critical])
-        reactor.run()  # the stop waits for the reactor to run
-        self.assertFalse(reactor.running)
+        # the stop waits for the reactor to run
+        self.assertEqual(reactor.whenRunningHooks, [(reactor.stop, (), {})])
+
+    def test_stopped_before_the_endpoint_answered(self) -> None:
+        """The pending listen is cancelled: no port, no error, the reactor is left alone."""
+        later = LaterEndpoint()
+        self.patch(listening, "serverFromString", lambda reactor, description: later)
+        reactor = MemoryReactor()
+        service = Says("later:", protocol.Factory(), reactor)
+        service.startService()
+        service.stopService()
+        self.assertTrue(later.d.called)
+        self.assertEqual((service.heard, self.lines, service.port), ([], [], None))
+        self.assertEqual(reactor.whenRunningHooks, [])  # nobody asked it to stop
 
     def test_listening_later(self) -> None:
         later = LaterEndpoint()

@@ -103,6 +103,13 @@ class Service(TestCase):
         self.lines: list[str] = []
         self.patch(listening, "say", self.lines.append)
 
+    def later_service(self) -> tuple[LaterEndpoint, MemoryReactor, Says]:
+        """A service on an endpoint that answers when the test says."""
+        later = LaterEndpoint()
+        self.patch(listening, "serverFromString", lambda reactor, description: later)
+        reactor = MemoryReactor()
+        return later, reactor, Says("later:", protocol.Factory(), reactor)
+
     def test_privileged_start_listens_once(self) -> None:
         reactor = MemoryReactor()
         service = Says("tcp:9090", protocol.Factory(), reactor)
@@ -145,10 +152,7 @@ class Service(TestCase):
         self.assertIsNone(service.port)
 
     def test_failing_later_stops_the_reactor(self) -> None:
-        later = LaterEndpoint()
-        self.patch(listening, "serverFromString", lambda reactor, description: later)
-        reactor = MemoryReactor()
-        service = Says("later:", protocol.Factory(), reactor)
+        later, reactor, service = self.later_service()
         service.privilegedStartService()
         self.assertEqual(self.lines, [])
         with capturedLogs() as events:
@@ -162,10 +166,7 @@ class Service(TestCase):
 
     def test_stopped_before_the_endpoint_answered(self) -> None:
         """The pending listen is cancelled: no port, no error, the reactor is left alone."""
-        later = LaterEndpoint()
-        self.patch(listening, "serverFromString", lambda reactor, description: later)
-        reactor = MemoryReactor()
-        service = Says("later:", protocol.Factory(), reactor)
+        later, reactor, service = self.later_service()
         service.startService()
         service.stopService()
         self.assertTrue(later.d.called)
@@ -173,9 +174,7 @@ class Service(TestCase):
         self.assertEqual(reactor.whenRunningHooks, [])  # nobody asked it to stop
 
     def test_listening_later(self) -> None:
-        later = LaterEndpoint()
-        self.patch(listening, "serverFromString", lambda reactor, description: later)
-        service = Says("later:", protocol.Factory(), MemoryReactor())
+        later, _reactor, service = self.later_service()
         service.privilegedStartService()
         self.assertIsNone(service.port)
         later.d.callback(MemoryReactor().listenTCP(5555, protocol.Factory()))

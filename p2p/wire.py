@@ -44,6 +44,10 @@ def local_host(bound_host: str, unspecified: str = "127.0.0.1") -> str:
 
 #: How long a client may stay silent in the middle of a request (seconds).
 DEFAULT_TIMEOUT = 10.0
+#: After refusing bad input with its error code, how long a server half-closes and
+#: drops what the sender still sends before closing (seconds): closing on unread
+#: bytes makes the kernel send a reset, which can destroy the code in flight.
+REFUSAL_DRAIN = 2.0
 #: Default cap on simultaneously open indexer connections.
 DEFAULT_MAX_CONNECTIONS = 1024
 

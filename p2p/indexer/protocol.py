@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from twisted.internet.interfaces import IPullProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -157,11 +157,23 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         return False
 
     def _refuse(self) -> None:
-        """Bad input: the operation's error code (none for an unknown OP), then close."""
+        """Bad input: the operation's error code (none for an unknown OP), then close.
+
+        After a code the connection is half-closed (the code, then our FIN) and
+        what the sender still sends is read and dropped for ``wire.REFUSAL_DRAIN``
+        seconds, then the connection is cut: closing on unread bytes would reset
+        it, and a reset can destroy the code before the sender reads it.
+        """
         self._done = True
-        if self._op is not None:
-            self.transport.write(_CODES[self._op.error])
-        self.transport.loseConnection()
+        if self._op is None:
+            self.transport.loseConnection()
+            return
+        self.transport.write(_CODES[self._op.error])
+        if IHalfCloseableDescriptor.providedBy(self.transport):
+            self.transport.loseWriteConnection()
+            self.setTimeout(wire.REFUSAL_DRAIN)
+        else:
+            self.transport.loseConnection()
 
     # --- Replying ------------------------------------------------------------
 

@@ -232,48 +232,47 @@ class AuditLog:
         if self.echo:
             say(str(entry["r"]))
 
-    def _snapshot(self) -> bytes:
-        """The compacted journal: one line per remembered sender, stalest first."""
-        return "".join(
-            json.dumps({"s": s, "q": q}, separators=(",", ":")) + "\n"
-            for s, q in self.last_seq.items()
-        ).encode("utf-8")
-
     @property
     def _tmp_path(self) -> Path:
         return self.state_path.with_name(self.state_path.name + ".tmp")
 
-    def _write_aside(self, data: bytes) -> None:
+    def _write_aside(self, senders: list[tuple[str, int]]) -> int:
+        """Write the compacted journal (one line per sender, stalest first) aside; its size.
+
+        Thread-safe: it reads only ``senders``, a copy taken on the reactor.
+        """
+        data = "".join(
+            json.dumps({"s": s, "q": q}, separators=(",", ":")) + "\n" for s, q in senders
+        ).encode("utf-8")
         with open(self._tmp_path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        return len(data)
 
     def _compact(self) -> None:
         """Compact now, on the calling thread (at open, or without a thread pool)."""
-        data = self._snapshot()
-        self._write_aside(data)
-        self._install(len(data))
+        self._install(self._write_aside(list(self.last_seq.items())))
 
     def _compact_in_thread(self) -> None:
-        """Write the compacted copy in a thread; install it back on the reactor."""
-        data = self._snapshot()
+        """Encode and write the compacted copy in a thread; install it back on the reactor."""
+        senders = list(self.last_seq.items())  # a cheap copy; the encoding is the thread's
         self._compacting = []
 
-        def install(_):
+        def install(size: int) -> None:
             since, self._compacting = self._compacting, None
             if self._state_fd is None:  # closed meanwhile
                 return
             extra = b"".join(since)
             with open(self._tmp_path, "ab") as f:
                 f.write(extra)
-            self._install(len(data) + len(extra))
+            self._install(size + len(extra))
 
         def failed(failure):
             self._compacting = None
             log.warn("cannot compact the relay journal: {why}", why=failure.getErrorMessage())
 
-        d = self.run_in_thread(self._write_aside, data)
+        d = self.run_in_thread(self._write_aside, senders)
         d.addCallback(install).addErrback(failed)
 
     def _install(self, size: int) -> None:

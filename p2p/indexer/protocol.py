@@ -39,9 +39,10 @@ REPLY_CHUNK = 64 * 1024
 # Fast acceptance of the common, plain-ASCII fields. Each pattern accepts only
 # a subset of what ``wire.decode_field`` accepts for that kind; anything else
 # takes the full check there.
+_PRINTABLE_ASCII_NAME = re.compile(b"[!-~]{1,%d}" % wire.MAX_NAME).fullmatch
 _FAST = {
-    _K.USER: re.compile(b"[!-~]{1,%d}" % wire.LIMITS[_K.USER]).fullmatch,
-    _K.NAME: re.compile(b"[!-~]{1,%d}" % wire.LIMITS[_K.NAME]).fullmatch,
+    _K.USER: _PRINTABLE_ASCII_NAME,  # printable ASCII is NFC and holds no format character
+    _K.NAME: _PRINTABLE_ASCII_NAME,
     _K.TEXT: re.compile(b"[\t -~]{1,%d}" % wire.LIMITS[_K.TEXT]).fullmatch,
     _K.DATETIME: re.compile(b"[ -~]{1,%d}" % wire.LIMITS[_K.DATETIME]).fullmatch,
 }

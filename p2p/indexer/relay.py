@@ -220,10 +220,10 @@ class OutboxRelay(service.Service):
 
     @_machine.output()
     def _adopt(self, proto: _RelayProtocol) -> None:
+        # Nothing is in flight here: every way into ``connecting`` went through
+        # ``_clear_connection`` (or is the start, with nothing sent yet).
         log.info("audit relay connected to {peer}", peer=proto.transport.getPeer())
         self.proto = proto
-        self.inflight.clear()
-        self.sent_through = self.acked_through
 
     @_machine.output()
     def _wait_to_resume(self) -> None:

@@ -287,12 +287,33 @@ PUBLISH = OpSpec(
 DELETE = OpSpec("DELETE", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
 LIST_USERS = OpSpec("LIST_USERS", (), error=3, no_user=1, not_connected=2)
 LIST_CONTENT = OpSpec("LIST_CONTENT", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
+#: Extension: LIST_USERS with each user's key fingerprint (``-`` when the name is unclaimed).
+LIST_PEERS = OpSpec("LIST_PEERS", (), error=3, no_user=1, not_connected=2)
 
-OPS: dict[str, OpSpec] = {
+#: The classic operations (protocol.md section 1), frozen.
+CLASSIC_OPS: dict[str, OpSpec] = {
     op.name: op
     for op in (REGISTER, UNREGISTER, CONNECT, DISCONNECT, PUBLISH, DELETE, LIST_USERS, LIST_CONTENT)
 }
+#: Every operation the indexer serves: the classic ones and the extensions.
+OPS: dict[str, OpSpec] = {**CLASSIC_OPS, LIST_PEERS.name: LIST_PEERS}
 OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
+
+#: Operations that change nothing (what ``--classic read-only`` still serves).
+READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS"})
+#: Shown in LIST_PEERS for a name that no key has claimed.
+UNCLAIMED = "-"
+
+# --- TLS (extension: protocol.md, "TLS and claimed names") -------------------
+
+#: First byte of a TLS handshake record: a connection starting with it speaks TLS.
+TLS_HANDSHAKE = 0x16
+#: A key fingerprint: SHA-256 of the certificate's SubjectPublicKeyInfo, in lowercase hex.
+FINGERPRINT_LENGTH = 64
+#: Seconds the indexer keeps an idle TLS connection open between requests.
+TLS_IDLE_TIMEOUT = 60.0
+#: Seconds our client keeps an idle TLS connection to the indexer (below the indexer's).
+CLIENT_IDLE = 20.0
 
 #: Operations whose audit record carries the file name.
 AUDIT_FILE_OPS = frozenset({"PUBLISH", "DELETE"})

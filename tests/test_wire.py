@@ -59,7 +59,10 @@ class CodesTests(TestCase):
             "LIST_USERS": (0, 1, 2, 3),
             "LIST_CONTENT": (0, 1, 2, 3, 4),
         }
-        self.assertEqual({name: op.codes for name, op in wire.OPS.items()}, expected)
+        self.assertEqual({name: op.codes for name, op in wire.CLASSIC_OPS.items()}, expected)
+        # The extensions: LIST_PEERS answers exactly as LIST_USERS does.
+        self.assertEqual(set(wire.OPS) - set(wire.CLASSIC_OPS), {"LIST_PEERS"})
+        self.assertEqual(wire.LIST_PEERS.codes, expected["LIST_USERS"])
 
     def test_audit_record(self):
         self.assertEqual(

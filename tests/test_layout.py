@@ -21,6 +21,7 @@ FLOORS = {
     "console": 0,
     "logcontract": 0,
     "listening": 0,
+    "tls": 0,
     "twisted_internals": 0,
     "oncrpc": 0,
     "indexer": 1,

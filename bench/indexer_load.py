@@ -3,12 +3,21 @@
 Each client process runs, for T seconds, full life cycles of users with unique
 names: REGISTER, CONNECT, PUBLISH x3, LIST_CONTENT, LIST_USERS, DELETE x3,
 DISCONNECT, UNREGISTER -- one TCP connection per request, as the protocol says,
-with plain blocking sockets. Prints requests per second and the number of
-unexpected reply codes (which must be 0).
+with plain blocking sockets. Prints requests per second, the round trip each
+request took as its client saw it (p50, p99), and the number of unexpected
+reply codes (which must be 0).
+
+``--compare-tls`` runs the same load, in the same run, three ways: classic
+plaintext (a connection per request); TLS as our client speaks it (protocol.md
+section 6: one TLS 1.3 connection per client process, presenting its own
+identity, so every name it registers is claimed, requests one after another on
+it); and TLS with a full handshake per request (what the persistent connection
+saves).
 
     python bench/indexer_load.py --spawn --clients 8 --seconds 10
     python bench/indexer_load.py --spawn --compare-plain --rounds 3 --seconds 5
     python bench/indexer_load.py --spawn --compare-plain --plain read_now
+    python bench/indexer_load.py --spawn --compare-tls --rounds 3 --seconds 5
     python bench/indexer_load.py --host 127.0.0.1 --port 9090
 """
 
@@ -20,6 +29,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -52,9 +62,82 @@ def request(address: tuple[str, int], data: bytes) -> bytes:
     return reply
 
 
-def client(index: int, address: tuple[str, int], seconds: float, start: float, out) -> None:
-    """Run life cycles until the deadline; report (requests, unexpected codes)."""
+#: Ways the load clients talk to the indexer (--compare-tls).
+MODES = ("plaintext", "tls", "tls-handshake-each")
+#: Fields per row after code 0 of the listing operations.
+_COLUMNS = {"LIST_USERS": 3, "LIST_CONTENT": 2, "LIST_PEERS": 4}
+
+
+def tls_context(pem_path: str) -> ssl.SSLContext:
+    """TLS 1.3 presenting the identity in ``pem_path``; the indexer's key is not checked
+    (the bench measures cost, and a pin check is one comparison per handshake)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(pem_path)
+    return ctx
+
+
+def read_reply(sock: socket.socket, columns: int) -> bytes:
+    """One self-delimiting reply on a connection that stays open: the code, and after
+    code 0 of a listing its count and rows (``columns`` fields each; 0: no listing)."""
+    data = b""
+    while True:
+        if data and (data[0] != wire.OK or not columns):
+            return data
+        # Complete fields: all but the unterminated tail; the first is the count.
+        fields = data[1:].split(b"\0")
+        if len(fields) > 1 and fields[0].isdigit() and len(fields) - 2 >= int(fields[0]) * columns:
+            return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+class Talker:
+    """Sends one request and returns its reply, the way ``mode`` says."""
+
+    def __init__(self, mode: str, address: tuple[str, int], ctx: ssl.SSLContext | None) -> None:
+        self.mode = mode
+        self.address = address
+        self.ctx = ctx
+        self.conn: ssl.SSLSocket | None = None
+
+    def _tls(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(self.address)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.ctx.wrap_socket(raw)
+
+    def __call__(self, op: str, data: bytes) -> bytes:
+        if self.mode == "plaintext":
+            return request(self.address, data)
+        if self.mode == "tls-handshake-each":
+            with self._tls() as conn:
+                conn.sendall(data)
+                return read_reply(conn, _COLUMNS.get(op, 0))
+        if self.conn is None:
+            self.conn = self._tls()
+        self.conn.sendall(data)
+        return read_reply(self.conn, _COLUMNS.get(op, 0))
+
+
+def client(
+    index: int,
+    address: tuple[str, int],
+    seconds: float,
+    start: float,
+    out,
+    mode: str = "plaintext",
+    pem: str | None = None,
+) -> None:
+    """Run life cycles until the deadline; report (requests, unexpected codes, first
+    unexpected, round-trip samples in seconds)."""
     enc = wire.encode_request
+    talk = Talker(mode, address, tls_context(pem) if pem else None)
+    clock = time.perf_counter
+    samples: list[float] = []
     port = 20000 + index
     done = unexpected = 0
     n = 0
@@ -75,13 +158,15 @@ def client(index: int, address: tuple[str, int], seconds: float, start: float, o
         steps += [(enc("DELETE", DATETIME, user, f), 0) for f in files]
         steps += [(enc("DISCONNECT", DATETIME, user), 0), (enc("UNREGISTER", DATETIME, user), 0)]
         for data, expected in steps:
-            reply = request(address, data)
+            began = clock()
+            reply = talk(data[: data.index(b"\0")].decode(), data)
+            samples.append(clock() - began)
             done += 1
             if not reply or reply[0] != expected:
                 unexpected += 1
                 if first_unexpected is None:
                     first_unexpected = (data, reply[:20])
-    out.put((done, unexpected, first_unexpected))
+    out.put((done, unexpected, first_unexpected, samples))
 
 
 def preload(db_path: str, users: int) -> None:
@@ -146,10 +231,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(args: argparse.Namespace, plain: str = "") -> dict:
+def measure(args: argparse.Namespace, plain: str = "", mode: str = "plaintext") -> dict:
     """One run: start the indexer if asked, run the clients, return the figures."""
     server = None
     with tempfile.TemporaryDirectory() as workdir:
+        pems: list[str | None] = [None] * args.clients
+        if mode != "plaintext":
+            from p2p.tls import Identity
+
+            for i in range(args.clients):
+                pems[i] = os.path.join(workdir, f"client{i}.pem")
+                Path(pems[i]).write_bytes(Identity.generate().to_pem())
         if args.spawn:
             if args.preload:
                 preload(os.path.join(workdir, "bench.db"), args.preload)
@@ -159,7 +251,8 @@ def measure(args: argparse.Namespace, plain: str = "") -> dict:
             start = time.time() + 0.5
             procs = [
                 multiprocessing.Process(
-                    target=client, args=(i, (args.host, args.port), args.seconds, start, out)
+                    target=client,
+                    args=(i, (args.host, args.port), args.seconds, start, out, mode, pems[i]),
                 )
                 for i in range(args.clients)
             ]
@@ -181,7 +274,10 @@ def measure(args: argparse.Namespace, plain: str = "") -> dict:
                 server._drain.wait()
     total = sum(r[0] for r in results)
     first = next((r[2] for r in results if r[2] is not None), None)
+    samples = sorted(x for r in results for x in r[3])
     return {
+        "p50_ms": samples[len(samples) // 2] * 1e3 if samples else float("nan"),
+        "p99_ms": samples[int(len(samples) * 0.99)] * 1e3 if samples else float("nan"),
         "total": total,
         "rate": total / args.seconds,
         "unexpected": sum(r[1] for r in results),
@@ -196,6 +292,9 @@ def report(args: argparse.Namespace, run: dict) -> None:
         f"clients={args.clients} seconds={args.seconds:g} requests={run['total']} "
         f"requests/s={run['rate']:.0f} unexpected={run['unexpected']}"
     )
+    print(
+        f"round trip as the clients saw it: p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms"
+    )
     if run["total"]:
         print(
             f"CPU per request: server {run['server_us']:.0f} us, "
@@ -205,36 +304,59 @@ def report(args: argparse.Namespace, run: dict) -> None:
         print(f"first unexpected: request={run['first'][0]!r} reply={run['first'][1]!r}")
 
 
-def compare_plain(args: argparse.Namespace) -> int:
-    """Alternate runs with Twisted fast paths on and off (P2P_PLAIN_TWISTED=--plain)."""
-    runs: dict[str, list[dict]] = {"fast paths": [], "plain Twisted": []}
+def compare(args: argparse.Namespace, variants: list[tuple[str, str, str]]) -> dict:
+    """Alternate runs of each (label, P2P_PLAIN_TWISTED, mode) for ``args.rounds`` rounds;
+    print each run and the medians; return {label: (requests/s, server us/request, p50, p99)}."""
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     for round_ in range(1, args.rounds + 1):
-        for label, plain in (("fast paths", ""), ("plain Twisted", args.plain)):
-            run = measure(args, plain)
+        for label, plain, mode in variants:
+            run = measure(args, plain, mode)
             runs[label].append(run)
             print(
-                f"round {round_}  {label:13s} {run['rate']:7.0f} requests/s  "
-                f"server {run['server_us']:.0f} us/request  unexpected={run['unexpected']}"
+                f"round {round_}  {label:18s} {run['rate']:7.0f} requests/s  "
+                f"server {run['server_us']:.0f} us/request  p50 {run['p50_ms']:.2f} ms  "
+                f"p99 {run['p99_ms']:.2f} ms  unexpected={run['unexpected']}"
             )
-    print(
-        f"\n{args.clients} clients, {args.seconds:g} s per run, {args.rounds} rounds, "
-        f"plain = P2P_PLAIN_TWISTED={args.plain}:"
-    )
+    print(f"\n{args.clients} clients, {args.seconds:g} s per run, {args.rounds} rounds:")
     median = {}
     for label, values in runs.items():
         rates = [r["rate"] for r in values]
-        cpu = [r["server_us"] for r in values]
-        median[label] = (statistics.median(rates), statistics.median(cpu))
-        print(
-            f"  {label:13s} median {median[label][0]:7.0f} requests/s "
-            f"(best {max(rates):.0f}), server {median[label][1]:.0f} us/request"
+        median[label] = tuple(
+            statistics.median(r[key] for r in values)
+            for key in ("rate", "server_us", "p50_ms", "p99_ms")
         )
+        rate, cpu, p50, p99 = median[label]
+        print(
+            f"  {label:18s} median {rate:7.0f} requests/s (best {max(rates):.0f}), "
+            f"server {cpu:.0f} us/request, round trip p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+        )
+    args.failed = any(r["unexpected"] for values in runs.values() for r in values)
+    return median
+
+
+def compare_plain(args: argparse.Namespace) -> int:
+    """Alternate runs with Twisted fast paths on and off (P2P_PLAIN_TWISTED=--plain)."""
+    print(f"plain = P2P_PLAIN_TWISTED={args.plain}")
+    median = compare(
+        args, [("fast paths", "", "plaintext"), ("plain Twisted", args.plain, "plaintext")]
+    )
     fast, plain = median["fast paths"], median["plain Twisted"]
     print(
         f"  fast / plain: {fast[0] / plain[0] - 1:+.0%} requests/s, "
         f"{fast[1] / plain[1] - 1:+.0%} server CPU per request"
     )
-    return 1 if any(r["unexpected"] for values in runs.values() for r in values) else 0
+    return 1 if args.failed else 0
+
+
+def compare_tls(args: argparse.Namespace) -> int:
+    """Classic plaintext beside TLS as our client speaks it (and a handshake per request)."""
+    median = compare(args, [(mode, "", mode) for mode in MODES])
+    plain, tls = median["plaintext"], median["tls"]
+    print(
+        f"  TLS / plaintext: {tls[0] / plain[0]:.0%} of the requests/s "
+        f"(target: at least 50%), round trip p50 {tls[2] / plain[2]:.2f}x"
+    )
+    return 1 if args.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,14 +375,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --spawn: alternate runs with and without the Twisted fast paths",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="with --compare-plain (3)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare-* (3)")
     parser.add_argument(
         "--plain",
         default="1",
         help="with --compare-plain: P2P_PLAIN_TWISTED of the plain runs "
         "(1: all fast paths off, or names such as read_now)",
     )
+    parser.add_argument(
+        "--compare-tls",
+        action="store_true",
+        help="with --spawn: plaintext beside TLS (persistent, and a handshake per request)",
+    )
     args = parser.parse_args(argv)
+    if args.compare_tls:
+        if not args.spawn:
+            parser.error("--compare-tls needs --spawn")
+        return compare_tls(args)
     if args.compare_plain:
         if not args.spawn:
             parser.error("--compare-plain needs --spawn")

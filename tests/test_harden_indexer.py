@@ -76,6 +76,7 @@ ARG_KINDS = {
     "DELETE": ("name",),
     "LIST_USERS": (),
     "LIST_CONTENT": ("name",),
+    "LIST_PEERS": (),
 }
 ERROR = {"REGISTER": 2, "UNREGISTER": 2, "CONNECT": 3, "DISCONNECT": 3}
 
@@ -134,6 +135,8 @@ class Model:
             return b"\0"
         if op == "LIST_USERS":
             return b"\0" + _listing((n, a[0], a[1]) for n, a in self.connected.items())
+        if op == "LIST_PEERS":  # no request here has an identity: every name is unclaimed
+            return b"\0" + _listing((n, a[0], a[1], "-") for n, a in self.connected.items())
         if op == "LIST_CONTENT":
             if args[0] not in self.users:
                 return b"\3"

@@ -5,6 +5,15 @@ then its own check), changes memory and writes the same change through to the
 store, and returns the reply code (plus the listing after 0 for the two LIST
 operations). Every lookup is a dict access, so an operation costs the same with
 ten users or a hundred thousand; only the listings grow with what they list.
+
+Claimed names (docs/protocol.md, "Extension: TLS, claimed names, LIST_PEERS"):
+each request comes with the ``identity`` of its connection, the fingerprint of
+the client certificate it presented over TLS (None: plaintext, or no
+certificate). A REGISTER with an identity claims the name for it; from then on
+a request naming that user is refused with its "any other error" code unless
+its identity is the claim. Requests without identity are further limited by
+the ``classic`` policy: ``allow`` (all), ``read-only`` (wire.READ_OPS only) or
+``deny`` (none). A refused request changes nothing and is audited as usual.
 """
 
 from __future__ import annotations
@@ -16,18 +25,30 @@ Address = tuple[str, int]
 #: A reply: the code and the bytes that follow it (the listing after 0, else empty).
 Result = tuple[int, bytes]
 
+#: ``--classic`` policies: the operations served to a request without identity.
+CLASSIC_POLICIES: dict[str, frozenset[str]] = {
+    "allow": frozenset(wire.OPS),
+    "read-only": wire.READ_OPS,
+    "deny": frozenset(),
+}
+
 
 class Directory:
     """Users (connected or not) with the files each one published."""
 
-    def __init__(self, store: Store, audit: bool = False) -> None:
+    def __init__(self, store: Store, audit: bool = False, classic: str = "allow") -> None:
+        if classic not in CLASSIC_POLICIES:
+            raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
         self.store = store
         #: Write one audit record per request into the store's outbox.
         self.audit = audit
+        #: The operations served to requests without identity (``--classic``).
+        self.classic_ops = CLASSIC_POLICIES[classic]
         self.users: dict[str, UserRow] = {}
         #: Connected users and their addresses, in connection order (LIST_USERS).
         self.connected: dict[str, Address] = {}
-        self._users_listing: bytes | None = None
+        #: The listings of LIST_USERS and LIST_PEERS, kept until ``connected`` changes.
+        self._listings: dict[bool, bytes] = {}
         self._handlers = {
             wire.REGISTER.name: self._register,
             wire.UNREGISTER.name: self._unregister,
@@ -37,31 +58,45 @@ class Directory:
             wire.DELETE.name: self._delete,
             wire.LIST_USERS.name: self._list_users,
             wire.LIST_CONTENT.name: self._list_content,
+            wire.LIST_PEERS.name: self._list_peers,
         }
 
     def load(self) -> None:
         """Replace memory with what the store holds (at start, or after a failed commit)."""
         self.users = self.store.load()
         self.connected = {n: u.address for n, u in self.users.items() if u.address is not None}
-        self._users_listing = None
+        self._listings.clear()
 
     def handle(
-        self, op: wire.OpSpec, datetime: str, user: str, args: list, address: Address | None = None
+        self,
+        op: wire.OpSpec,
+        datetime: str,
+        user: str,
+        args: list,
+        address: Address | None = None,
+        identity: str | None = None,
     ) -> tuple[int, bytes]:
         """Apply one well-formed request; return its code and the bytes after it.
 
-        The common checks come first, in the order of the codes, as ``op``
+        First the identity: a request without one outside the ``classic``
+        policy, or naming a user claimed by another identity, gets the error
+        code. Then the common checks, in the order of the codes, as ``op``
         declares them (user exists, then connected); the operation's handler
         then runs its own check. ``args`` are the decoded arguments;
-        ``address`` is what CONNECT records.
+        ``address`` is what CONNECT records; ``identity`` is the fingerprint of
+        the connection's client certificate (None without one).
         """
         row = self.users.get(user)
-        if row is None and op.no_user is not None:
+        if (identity is None and op.name not in self.classic_ops) or (
+            row is not None and row.identity is not None and row.identity != identity
+        ):
+            code, body = op.error, b""
+        elif row is None and op.no_user is not None:
             code, body = op.no_user, b""
         elif op.not_connected is not None and row.address is None:
             code, body = op.not_connected, b""
         else:
-            code, body = self._handlers[op.name](user, row, args, address)
+            code, body = self._handlers[op.name](user, row, args, address, identity)
         if self.audit:
             file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
             self.store.add_outbox(wire.audit_record(user, op.name, datetime, file_name))
@@ -70,42 +105,56 @@ class Directory:
     # --- Each operation's own part: (code, body) ------------------------------
     # ``row`` is the user's entry: None only for REGISTER (which has no "user
     # does not exist" code); connected whenever ``op.not_connected`` exists.
+    # ``identity`` matters only to REGISTER: the checks in ``handle`` did the rest.
 
     def _register(
-        self, user: str, row: UserRow | None, args: list, address: Address | None
+        self,
+        user: str,
+        row: UserRow | None,
+        args: list,
+        address: Address | None,
+        identity: str | None,
     ) -> Result:
         if row is not None:
             return wire.REGISTER.own, b""
-        self.users[user] = UserRow()
-        self.store.add_user(user)
+        self.users[user] = UserRow(identity=identity)
+        self.store.add_user(user, identity)
         return wire.OK, b""
 
-    def _unregister(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _unregister(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         if row.address is not None:  # refused while connected
             return wire.UNREGISTER.error, b""
         del self.users[user]
         self.store.remove_user(user)
         return wire.OK, b""
 
-    def _connect(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _connect(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         if row.address is not None:
             return wire.CONNECT.own, b""
         if address is None:
             return wire.CONNECT.error, b""
         row.address = address
         self.connected[user] = address
-        self._users_listing = None
+        self._listings.clear()
         self.store.set_address(user, address)
         return wire.OK, b""
 
-    def _disconnect(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _disconnect(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         row.address = None
         del self.connected[user]
-        self._users_listing = None
+        self._listings.clear()
         self.store.set_address(user, None)
         return wire.OK, b""
 
-    def _publish(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _publish(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         name, description = args
         if name in row.files:
             return wire.PUBLISH.own, b""
@@ -113,7 +162,9 @@ class Directory:
         self.store.add_file(user, name, description)
         return wire.OK, b""
 
-    def _delete(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _delete(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         name = args[0]
         if name not in row.files:
             return wire.DELETE.own, b""
@@ -121,14 +172,36 @@ class Directory:
         self.store.remove_file(user, name)
         return wire.OK, b""
 
-    def _list_users(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
-        if self._users_listing is None:
-            self._users_listing = wire.encode_listing(
-                (name, ip, port) for name, (ip, port) in self.connected.items()
-            )
-        return wire.OK, self._users_listing
+    def _list_users(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        return wire.OK, self._connected_listing(claims=False)
 
-    def _list_content(self, user: str, row: UserRow, args: list, address: Address | None) -> Result:
+    def _list_peers(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """LIST_USERS with each user's claim: its fingerprint, or wire.UNCLAIMED."""
+        return wire.OK, self._connected_listing(claims=True)
+
+    def _connected_listing(self, claims: bool) -> bytes:
+        """The connected users as LIST_USERS lists them (with ``claims``: as LIST_PEERS).
+
+        Kept until ``connected`` changes: a crowd asking for the listing costs one encoding.
+        """
+        listing = self._listings.get(claims)
+        if listing is None:
+            users = self.users
+            listing = self._listings[claims] = wire.encode_listing(
+                (name, ip, port, users[name].identity or wire.UNCLAIMED)
+                if claims
+                else (name, ip, port)
+                for name, (ip, port) in self.connected.items()
+            )
+        return listing
+
+    def _list_content(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
         owner = self.users.get(args[0])
         if owner is None:
             return wire.LIST_CONTENT.own, b""

@@ -9,6 +9,13 @@ Every table is keyed so each change is one indexed statement, whatever the
 number of users. The outbox holds audit records written in the same
 transaction as the request they describe; the logger relay reads and deletes
 them through :meth:`Store.outbox_pending` and :meth:`Store.outbox_delete_through`.
+
+A user may be *claimed*: its ``identity`` is the key fingerprint of the TLS
+certificate that registered it (NULL for a name registered classically).
+Databases written before claims existed gain the column when opened.
+
+Everything the directory, the relay and ``p2p-admin`` need goes through the
+methods of :class:`Store`, so another database can stand behind the same ones.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     ip TEXT,
-    port INTEGER
+    port INTEGER,
+    identity TEXT
 );
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY,
@@ -48,10 +56,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 @dataclass(slots=True)
 class UserRow:
-    """One user as loaded: the address when connected, the published files in order."""
+    """One user as loaded: the address when connected, the published files in order.
+
+    ``identity`` is the fingerprint that claimed the name (None: unclaimed).
+    """
 
     address: tuple[str, int] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    identity: str | None = None
 
 
 class Store:
@@ -87,6 +99,9 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={SYNC_MODES[self.sync]}")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+        if "identity" not in columns:  # a database of a version without claims
+            db.execute("ALTER TABLE users ADD COLUMN identity TEXT")
         row = db.execute("SELECT value FROM meta WHERE key = 'sender_id'").fetchone()
         if row is None:
             self._sender_id = uuid.uuid4().hex
@@ -116,13 +131,29 @@ class Store:
     def load(self) -> dict[str, UserRow]:
         """Every user with address and files, as the directory keeps them in memory."""
         users: dict[str, UserRow] = {}
-        for name, ip, port in self.db.execute("SELECT name, ip, port FROM users ORDER BY rowid"):
-            users[name] = UserRow(address=(ip, port) if ip is not None else None)
+        for name, ip, port, identity in self.db.execute(
+            "SELECT name, ip, port, identity FROM users ORDER BY rowid"
+        ):
+            users[name] = _row(ip, port, identity)
         for user, name, description in self.db.execute(
             "SELECT user, name, description FROM files ORDER BY id"
         ):
             users[user].files[name] = description
         return users
+
+    def user(self, name: str) -> UserRow | None:
+        """One user with address, claim and files (None if there is no such user)."""
+        found = self.db.execute(
+            "SELECT ip, port, identity FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        if found is None:
+            return None
+        row = _row(*found)
+        for file_name, description in self.db.execute(
+            "SELECT name, description FROM files WHERE user = ? ORDER BY id", (name,)
+        ):
+            row.files[file_name] = description
+        return row
 
     # --- Changes (inside the current group transaction) -----------------------
 
@@ -138,10 +169,12 @@ class Store:
         """True while changes wait for :meth:`commit`."""
         return self._in_transaction
 
-    def add_user(self, name: str) -> None:
-        self._begin().execute("INSERT INTO users (name) VALUES (?)", (name,))
+    def add_user(self, name: str, identity: str | None = None) -> None:
+        """A new user, offline, claimed by ``identity`` (a fingerprint) or unclaimed."""
+        self._begin().execute("INSERT INTO users (name, identity) VALUES (?, ?)", (name, identity))
 
     def remove_user(self, name: str) -> None:
+        """The user, its files and its claim."""
         db = self._begin()
         db.execute("DELETE FROM files WHERE user = ?", (name,))
         db.execute("DELETE FROM users WHERE name = ?", (name,))
@@ -232,3 +265,8 @@ class Store:
     def iter_users(self) -> Iterator[tuple[str, str | None, int | None]]:
         """Raw user rows (tests and diagnostics)."""
         yield from self.db.execute("SELECT name, ip, port FROM users ORDER BY rowid")
+
+
+def _row(ip: str | None, port: int | None, identity: str | None) -> UserRow:
+    """A user row from its columns (no files yet)."""
+    return UserRow(address=(ip, port) if ip is not None else None, identity=identity)

@@ -7,6 +7,7 @@ output or a process exit, with a deadline.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import socket
@@ -230,6 +231,21 @@ def _chain(d: Deferred) -> Deferred:
     return out
 
 
+def is_client(args: Sequence[str]) -> bool:
+    """Whether ``args`` runs our client (``p2p-client`` or ``python -m p2p.client``)."""
+    if Path(args[0]).name == "p2p-client":
+        return True
+    modules = ("p2p.client", "p2p.client.main")
+    return any(a == "-m" and b in modules for a, b in itertools.pairwise(args))
+
+
+def fresh_home(testcase: TestCase) -> Path:
+    """A new, empty ``$P2P_HOME`` for one client (its identities and known indexers)."""
+    home = Path(testcase.mktemp()).resolve()
+    home.mkdir(mode=0o700, parents=True)
+    return home
+
+
 def spawn(
     testcase: TestCase,
     args: Sequence[str],
@@ -238,7 +254,14 @@ def spawn(
     name: str | None = None,
     usePTY: bool = False,
 ) -> ServiceProcess:
-    """Start ``args`` as a child process, stopped (SIGKILL-safe) when the test ends."""
+    """Start ``args`` as a child process, stopped (SIGKILL-safe) when the test ends.
+
+    A client gets its own fresh ``P2P_HOME`` unless ``env`` names one, so no
+    test ever reads or writes the real ``~/.config/p2p``; clients acting for
+    the same user share theirs by passing it.
+    """
+    if is_client(args) and "P2P_HOME" not in (env or {}):
+        env = {**(env or {}), "P2P_HOME": str(fresh_home(testcase))}
     proc = ServiceProcess(name or Path(args[0]).name)
     reactor.spawnProcess(
         proc,
@@ -322,8 +345,10 @@ __all__ = [
     "child_env",
     "deadline",
     "exchange",
+    "fresh_home",
     "hold_port",
     "indexer_port",
+    "is_client",
     "kill_on_cleanup",
     "logger_ports",
     "poll_until",

@@ -13,10 +13,13 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from p2p.client.home import Home
 from p2p.client.indexer_client import IndexerClient
+from p2p.tls import Identity, write_private
 from tests.support import (
     DEADLINE,
     deadline,
+    fresh_home,
     hold_port,
     indexer_port,
     poll_until,
@@ -27,15 +30,28 @@ from tests.support import (
 
 
 class ShellProcess:
-    """One ``python -m p2p.client`` child whose stdin is a pipe."""
+    """One ``python -m p2p.client`` child whose stdin is a pipe.
+
+    ``home`` is its ``P2P_HOME`` (default: a fresh one); two shells acting for
+    the same user on one machine share theirs. ``extra`` are more options.
+    """
 
     def __init__(
-        self, testcase: TestCase, name: str, indexer_port: int, wsdl: str, cwd=None, share=None
+        self,
+        testcase: TestCase,
+        name: str,
+        indexer_port: int,
+        wsdl: str,
+        cwd=None,
+        share=None,
+        home=None,
+        extra=(),
     ):
         self.testcase = testcase
         self.cwd = Path(cwd or testcase.mktemp()).resolve()
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.share = Path(share).resolve() if share else self.cwd
+        self.home = Path(home) if home is not None else fresh_home(testcase)
         argv = [
             sys.executable,
             "-m",
@@ -50,8 +66,10 @@ class ShellProcess:
             str(self.share),
             "--peer-listen",
             "tcp:0:interface=127.0.0.1",
+            *extra,
         ]
-        self.proc = spawn(testcase, argv, cwd=self.cwd, name=name)
+        env = {"P2P_HOME": str(self.home)}
+        self.proc = spawn(testcase, argv, cwd=self.cwd, env=env, name=name)
 
     @property
     def lines(self) -> list[str]:
@@ -86,7 +104,11 @@ class ShellProcess:
 
 
 class Stack:
-    """A real indexer and, optionally, a real time service, for one test."""
+    """A real indexer and, optionally, a real time service, for one test.
+
+    The indexer keeps one TLS key across restarts (``tls_key``), as a real one
+    does with its database, so the clients' pinned key stays right.
+    """
 
     def __init__(self, testcase: TestCase) -> None:
         self.testcase = testcase
@@ -94,6 +116,8 @@ class Stack:
         self.indexer = None
         self._wsdl: str | None = None
         self.time = None
+        self.tls_key = new_key_file(testcase)
+        self.fingerprint: str | None = None
 
     @property
     def wsdl(self) -> str:
@@ -103,12 +127,25 @@ class Stack:
         return self._wsdl
 
     @defer.inlineCallbacks
-    def start_indexer(self):
-        """Start an indexer: on ``tcp:0`` the first time, then on the port it printed."""
+    def start_indexer(self, tls_key: Path | None = None):
+        """Start an indexer: on ``tcp:0`` the first time, then on the port it printed;
+        with the stack's TLS key unless given another."""
         listen = f"tcp:{self.port or 0}:interface=127.0.0.1"
+        key = str(tls_key or self.tls_key)
         self.indexer = spawn_twistd(
-            self.testcase, "p2p-indexer", "--listen", listen, "--db", ":memory:"
+            self.testcase,
+            "p2p-indexer",
+            "--listen",
+            listen,
+            "--db",
+            ":memory:",
+            "--tls-key",
+            key,
+            "--tls-cert",
+            key,
         )
+        match = yield self.indexer.wait_for_line(r"TLS key fingerprint ([0-9a-f]{64})")
+        self.fingerprint = match.group(1)
         port = yield indexer_port(self.indexer)
         self.testcase.assertIn(self.port, (None, port))
         self.port = port
@@ -119,15 +156,33 @@ class Stack:
         self.time = spawn_twistd(self.testcase, "p2p-time", "--listen", "tcp:0:interface=127.0.0.1")
         self._wsdl = yield time_url(self.time)
 
-    def shell(self, name: str, cwd=None, share=None) -> ShellProcess:
-        return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd, share)
+    def shell(self, name: str, cwd=None, share=None, home=None, extra=()) -> ShellProcess:
+        return ShellProcess(self.testcase, name, self.port, self.wsdl, cwd, share, home, extra)
 
-    def raw(self, op: str, user: str, *args):
-        """A request straight to the indexer, as another program would send it."""
+    @defer.inlineCallbacks
+    def raw(self, op: str, user: str, *args, home: Path | None = None):
+        """A request straight to the indexer: as a classic program would send it, or
+        over TLS with the identities kept in ``home`` (a shell's P2P_HOME)."""
         client = IndexerClient(
-            "127.0.0.1", self.port, lambda: defer.succeed(wire.format_datetime()), timeout=5
+            "127.0.0.1",
+            self.port,
+            lambda: defer.succeed(wire.format_datetime()),
+            timeout=5,
+            home=Home(home) if home is not None else None,
+            use_tls=home is not None,
         )
-        return deadline(client.request(op, user, *args))
+        try:
+            result = yield deadline(client.request(op, user, *args))
+        finally:
+            yield client.close()
+        return result
+
+
+def new_key_file(testcase: TestCase) -> Path:
+    """A PEM file with a new TLS key and certificate (for ``--tls-key``/``--tls-cert``)."""
+    path = Path(testcase.mktemp()).resolve()
+    write_private(path, Identity.generate("p2p-indexer").to_pem())
+    return path
 
 
 class CommandLineTests(TestCase):
@@ -141,7 +196,7 @@ class CommandLineTests(TestCase):
     @defer.inlineCallbacks
     def test_every_command_and_line(self):
         a = self.stack.shell("alice")
-        b = self.stack.shell("bob")
+        b = self.stack.shell("bob", home=a.home)  # a registers bob for b: one machine
         yield a.check("REGISTER alice", "c> REGISTER OK")
         yield a.check("REGISTER alice", "c> USERNAME IN USE")
         yield a.check("register bob", "c> REGISTER OK")
@@ -175,7 +230,7 @@ class CommandLineTests(TestCase):
             self.assertTrue(0 < int(line.split(" ")[2]) < 65536)
 
         # The indexer forgets alice's connection behind the shell's back: its code 2.
-        code, _ = yield self.stack.raw("DISCONNECT", "alice")
+        code, _ = yield self.stack.raw("DISCONNECT", "alice", home=a.home)
         self.assertEqual(code, wire.OK)
         yield a.check("PUBLISH h.txt x", "c> PUBLISH FAIL, USER NOT CONNECTED")
         yield a.check("DELETE f.txt", "c> DELETE FAIL, USER NOT CONNECTED")
@@ -240,7 +295,7 @@ class CommandLineTests(TestCase):
     @defer.inlineCallbacks
     def test_end_of_input_disconnects(self):
         a = self.stack.shell("alice")
-        b = self.stack.shell("bob")
+        b = self.stack.shell("bob", home=a.home)  # a registers bob for b: one machine
         yield a.check("REGISTER alice", "c> REGISTER OK")
         yield a.check("REGISTER bob", "c> REGISTER OK")
         yield a.check("CONNECT alice", "c> CONNECT OK")
@@ -296,7 +351,9 @@ class TerminalTests(TestCase):
         cwd.mkdir()
         argv = [sys.executable, "-m", "p2p.client", "-s", "127.0.0.1", "-p", str(stack.port)]
         argv += ["--wsdl", stack.wsdl, "--peer-listen", "tcp:0:interface=127.0.0.1"]
-        proc = spawn(self, argv, cwd=cwd, name="tty-shell", usePTY=True)
+        self.home = fresh_home(self)
+        env = {"P2P_HOME": str(self.home)}
+        proc = spawn(self, argv, cwd=cwd, env=env, name="tty-shell", usePTY=True)
 
         def count(text: str) -> int:
             return sum(line.endswith(text) for line in proc.lines)
@@ -314,7 +371,7 @@ class TerminalTests(TestCase):
         self.assertEqual(code, 0, proc.output())
         self.assertTrue(any("disconnected alice" in line for line in proc.lines), proc.output())
         self.assertFalse(any("Traceback" in line for line in proc.lines), proc.output())
-        code, _ = yield stack.raw("DISCONNECT", "alice")
+        code, _ = yield stack.raw("DISCONNECT", "alice", home=self.home)
         self.assertEqual(code, wire.DISCONNECT.not_connected)
 
     @defer.inlineCallbacks

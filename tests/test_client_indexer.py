@@ -122,7 +122,7 @@ class IndexerClientTests(TestCase):
     @defer.inlineCallbacks
     def test_one_request_per_connection(self) -> None:
         port = self.serve(wire.encode_code(0) + wire.encode_listing([("f", "d")]), 4)
-        client = IndexerClient("127.0.0.1", port, stamp, timeout=5)
+        client = IndexerClient("127.0.0.1", port, stamp, timeout=5, use_tls=False)
         result = yield deadline(client.request("LIST_CONTENT", "alice", "bob"))
         self.assertEqual(result, (0, [("f", "d")]))
         result = yield deadline(client.request("LIST_CONTENT", "alice", "carol"))
@@ -137,7 +137,7 @@ class IndexerClientTests(TestCase):
     @defer.inlineCallbacks
     def test_port_is_sent_as_decimal(self) -> None:
         port = self.serve(b"\x00", 4)
-        client = IndexerClient("127.0.0.1", port, stamp, timeout=5)
+        client = IndexerClient("127.0.0.1", port, stamp, timeout=5, use_tls=False)
         result = yield deadline(client.request("CONNECT", "alice", 4242))
         self.assertEqual(result, (0, None))
         self.assertTrue(self.factory.received[0].endswith(b"alice\x004242\x00"))
@@ -145,7 +145,7 @@ class IndexerClientTests(TestCase):
     @defer.inlineCallbacks
     def test_silent_indexer_times_out(self) -> None:
         port = self.serve(None, 3)
-        client = IndexerClient("127.0.0.1", port, stamp, timeout=0.3)
+        client = IndexerClient("127.0.0.1", port, stamp, timeout=0.3, use_tls=False)
         with self.assertRaises(IndexerError):
             yield deadline(client.request("REGISTER", "alice"), 10)
 

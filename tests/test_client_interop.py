@@ -226,8 +226,8 @@ class ClassicIndexerTests(InteropTestCase):
         alice_port = int(match.group(1))
         reply = yield exchange(alice_port, b"GET_FILE\0notes.txt\0")
         self.assertEqual(reply, b"\x01")  # listening, and not serving what is not published
-        # CONNECT asks LIST_CONTENT of itself (to serve what it published before).
-        self.assertRequest(sent[-1], b"LIST_CONTENT", b"alice", b"alice")
+        # CONNECT asks nothing more: what the indexer lists never decides what is served.
+        self.assertIs(sent[-1], connects[-1])
 
         yield a.check("UNREGISTER alice", "c> UNREGISTER FAIL")
         self.assertRequest(sent[-1], b"UNREGISTER", b"alice")
@@ -277,6 +277,11 @@ class ClassicIndexerTests(InteropTestCase):
         self.assertEqual(len(sent), count, "QUIT with nobody connected asks nothing")
         # Nothing but result lines on stdout: the 31 checked above.
         self.assertEqual(len(a.lines), 31, a.proc.output())
+        # One note that names are not protected here, and no identity kept for it.
+        notes = [line for line in a.proc.errlines if "does not speak TLS" in line]
+        self.assertEqual(len(notes), 1, a.proc.output())
+        self.assertIn("not protected", notes[0])
+        self.assertFalse((a.home / "identities").exists() and any(a.home.glob("identities/*")))
         for raw in sent:  # every field of every request NUL-terminated, nothing more
             self.assertTrue(raw.endswith(b"\0"), raw)
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from p2p.client.home import Home
 from p2p.client.indexer_client import LISTING_COLUMNS, IndexerError, _RequestProtocol
 from p2p.client.shell import Shell
 from tests.test_indexer_protocol import DT, Harness
@@ -60,12 +61,17 @@ class LoopbackIndexer:
         self.directory = self.harness.directory
         self.factory = self.harness.factory
         self.requests: list[tuple] = []
+        self.identities: list = []  # the identity= of each request
         self.faults: dict[str, bytes | Exception] = {}
         self._held: dict[str, Deferred] = {}
 
-    def request(self, op: str, user: str, *args):
+    #: It answers as our indexer over TLS would (REGISTER keeps a new identity).
+    classic = False
+
+    def request(self, op: str, user: str, *args, identity=None):
         """What the shell calls: fires with ``(code, rows or None)``."""
         self.requests.append((op, user, *args))
+        self.identities.append(identity)
         held = self._held.pop(op, None)
         if held is not None:
             return held.addCallback(lambda _: self._ask(op, user, *args))
@@ -134,6 +140,7 @@ class ShellTestCase(TestCase):
         self.share = Path(self.mktemp())
         self.share.mkdir()
         self.reactor = MemoryReactorClock()
+        self.home = Home(self.mktemp())
 
         def server_factory(share_dir, is_published, reactor=None):
             server = FakeServer(share_dir, is_published, reactor)
@@ -157,6 +164,7 @@ class ShellTestCase(TestCase):
             server_factory=server_factory,
             download=download,
             no_such_file=NoSuchFile,
+            home=self.home,
         )
 
     def send(self, *lines: str) -> list[str]:
@@ -399,6 +407,9 @@ class BadArgumentTests(ShellTestCase):
 
 class ConnectTests(ShellTestCase):
     def test_connect_starts_the_server_first_and_sends_its_port(self) -> None:
+        # Someone published in alice's name at the indexer (the private-key attack);
+        # this client published mine.txt from this share directory in an earlier session,
+        # and theirs.txt from another directory.
         for op, *args in (
             ("REGISTER",),
             ("CONNECT", 1),
@@ -406,16 +417,18 @@ class ConnectTests(ShellTestCase):
             ("DISCONNECT",),
         ):
             self.assertEqual(self.indexer.other(op, "alice", *args), 0)
+        self.home.add_published("alice", self.share, "mine.txt")
+        self.home.add_published("alice", self.mktemp(), "theirs.txt")
         self.assertEqual(self.send("connect alice"), ["c> CONNECT OK"])
         [server] = self.servers
         self.assertTrue(server.listening)
         self.assertEqual(server.endpoint, "tcp:0")
-        self.assertEqual(
-            self.indexer.requests,
-            [("CONNECT", "alice", 4242), ("LIST_CONTENT", "alice", "alice")],
-        )
+        # Only CONNECT: what the indexer lists never decides what is served.
+        self.assertEqual(self.indexer.requests, [("CONNECT", "alice", 4242)])
         self.assertEqual(self.shell.user, "alice")
-        self.assertTrue(server.is_published("old.txt"))
+        self.assertTrue(server.is_published("mine.txt"))
+        self.assertFalse(server.is_published("old.txt"))
+        self.assertFalse(server.is_published("theirs.txt"))
         self.assertFalse(server.is_published("other.txt"))
 
     def test_failed_connect_stops_the_server(self) -> None:

@@ -115,7 +115,7 @@ class TwoClientTests(TransferTestCase):
         yield alice.check("PUBLISH kept.txt survives", "c> PUBLISH OK")
         yield alice.check("DISCONNECT alice", "c> DISCONNECT OK")
         yield alice.quit()
-        again = self.stack.shell("alice", cwd=alice.cwd)
+        again = self.stack.shell("alice", cwd=alice.cwd, home=alice.home)
         yield again.check("CONNECT alice", "c> CONNECT OK")
         yield bob.check("GET_FILE alice kept.txt k.txt", "c> GET_FILE OK")
         self.assertEqual((bob.cwd / "k.txt").read_bytes(), b"still here")

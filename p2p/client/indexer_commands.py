@@ -3,13 +3,18 @@ PUBLISH, DELETE, LIST_USERS, LIST_CONTENT.
 
 Each checks its arguments locally (a name the protocol cannot carry, no
 connected user), asks the indexer, prints the outcome line of
-:mod:`p2p.client.results` and updates the :class:`~p2p.client.session.Session`.
-Each returns a Deferred that fires when its lines are printed.
+:mod:`p2p.client.results` and updates the :class:`~p2p.client.session.Session`
+and the client's home: REGISTER claims the name with the user's identity (made
+on the spot, kept only if the indexer registered it over TLS), UNREGISTER
+forgets it, PUBLISH and DELETE keep the record of what the peer server may
+serve. Each returns a Deferred that fires when its lines are printed.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -18,6 +23,7 @@ from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
 from p2p.client.session import Session, quietly, reason
+from p2p.tls import Identity
 
 
 class IndexerCommands:
@@ -43,13 +49,14 @@ class IndexerCommands:
     # --- helpers --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _ask(self, op: str, user: str, *args: str | int):
+    def _ask(self, op: str, user: str, *args: str | int, **how: Any):
         """Ask the indexer; print the outcome line; fire with ``(code, rows)``.
 
         ``code`` is None when the indexer could not be asked or answered badly.
+        ``how`` goes to the indexer client (``identity=``).
         """
         try:
-            code, rows = yield self.session.indexer.request(op, user, *args)
+            code, rows = yield self.session.indexer.request(op, user, *args, **how)
         except Exception as exc:
             self.output.line(results.fail_line(op))
             self.output.note(f"{op}: the indexer could not be asked: {reason(exc)}")
@@ -68,6 +75,14 @@ class IndexerCommands:
             self.output.note(f"{op}: {problem}")
         return problem is not None
 
+    def _home(self, op: str, change: Callable[[], Any]) -> Any:
+        """Run ``change`` on the home; if it fails, say so (the command's line is printed)."""
+        try:
+            return change()
+        except Exception as exc:
+            self.output.note(f"{op}: cannot update {self.session.home.path}: {reason(exc)}")
+            return None
+
     def _need_user(self, op: str) -> str | None:
         """The connected user; without one, print ``op``'s NOT CONNECTED line."""
         user = self.session.user
@@ -80,13 +95,46 @@ class IndexerCommands:
 
     @defer.inlineCallbacks
     def register(self, user: str):
-        if not self._refused("REGISTER", user):
-            yield self._ask("REGISTER", user)
+        """Register ``user``, claiming it with its identity (kept, or new).
+
+        A new identity is kept only if the indexer registered the name over
+        TLS: only then does the name belong to it. Against a classic indexer
+        nothing is kept.
+        """
+        if self._refused("REGISTER", user):
+            return
+        home = self.session.home
+        try:
+            kept = home.identity(user)
+        except Exception as exc:
+            self.output.line(results.fail_line("REGISTER"))
+            self.output.note(f"REGISTER: {reason(exc)}")
+            return
+        identity = kept if kept is not None else Identity.generate()
+        code, _rows = yield self._ask("REGISTER", user, identity=identity)
+        if kept is not None or code != wire.OK or getattr(self.session.indexer, "classic", True):
+            return
+        if self._home("REGISTER", lambda: home.create_identity(user, identity)):
+            self.output.note(
+                f"REGISTER: {user} is claimed by the key {identity.fingerprint}, kept in "
+                f"{home.identity_file(user)}: whoever holds that file is {user} for the "
+                "indexer (p2p-client --export-identity moves it to another machine)"
+            )
 
     @defer.inlineCallbacks
     def unregister(self, user: str):
-        if not self._refused("UNREGISTER", user):
-            yield self._ask("UNREGISTER", user)
+        if self._refused("UNREGISTER", user):
+            return
+        code, _rows = yield self._ask("UNREGISTER", user)
+        if code == wire.OK:
+            home = self.session.home
+
+            def forget() -> bool:
+                home.forget_identity(user)
+                home.clear_published(user)
+                return True
+
+            self._home("UNREGISTER", forget)
 
     @defer.inlineCallbacks
     def connect(self, user: str):
@@ -101,8 +149,15 @@ class IndexerCommands:
                 self.output.line(results.fail_line("CONNECT"))
             self.output.note(f"CONNECT: this shell is already connected as {session.user}")
             return
+        try:
+            identity = session.home.identity(user)
+        except Exception as exc:
+            self.output.line(results.fail_line("CONNECT"))
+            self.output.note(f"CONNECT: {reason(exc)}")
+            return
+        extra = {"identity": identity} if _takes(session.server_factory, "identity") else {}
         server = session.server_factory(
-            session.share_dir, session.is_published, reactor=session.reactor
+            session.share_dir, session.is_published, reactor=session.reactor, **extra
         )
         try:
             port = yield server.listen(session.peer_listen)
@@ -115,7 +170,7 @@ class IndexerCommands:
             yield quietly(server.stop())
             return
         self.output.note(f"serving {session.share_dir} to peers on port {port}")
-        yield session.go_online(user, server)
+        session.go_online(user, server)
 
     @defer.inlineCallbacks
     def disconnect(self, user: str):
@@ -143,8 +198,9 @@ class IndexerCommands:
             return
         self._warn_if_not_shared(name)
         code, _rows = yield self._ask("PUBLISH", user, name, description)
-        if code in (wire.OK, wire.PUBLISH.own) and self.session.user == user:
-            self.session.published.add(name)
+        if code in (wire.OK, wire.PUBLISH.own):
+            session = self.session
+            self._home("PUBLISH", lambda: session.home.add_published(user, session.share_dir, name))
 
     def _warn_if_not_shared(self, name: str) -> None:
         root = self.session.share_dir.resolve()
@@ -165,8 +221,11 @@ class IndexerCommands:
         if user is None or self._refused("DELETE", name):
             return
         code, _rows = yield self._ask("DELETE", user, name)
-        if code in (wire.OK, wire.DELETE.own) and self.session.user == user:
-            self.session.published.discard(name)
+        if code in (wire.OK, wire.DELETE.own):
+            session = self.session
+            self._home(
+                "DELETE", lambda: session.home.remove_published(user, session.share_dir, name)
+            )
 
     @defer.inlineCallbacks
     def list_users(self):
@@ -187,3 +246,16 @@ class IndexerCommands:
         if code == wire.OK:
             for name, description in rows:
                 self.output.line(results.content_row(name, description))
+
+
+def _takes(factory: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``factory`` accepts the keyword argument ``keyword``."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == keyword and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )

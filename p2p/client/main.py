@@ -1,10 +1,14 @@
 """``p2p-client``: the command-line entry point of the interactive shell.
 
-Wires the pieces together: options, the time client, the indexer client, the
-shell, and the input front end (an editable prompt in a terminal, plain lines
-from a pipe). Every way of ending (QUIT, end of input, Ctrl-C, Ctrl-D, SIGTERM)
-stops the reactor, and a before-shutdown trigger disconnects the connected user
-and stops the peer server first.
+Wires the pieces together: options, the client's home (``$P2P_HOME``), the
+time client, the indexer client, the shell, and the input front end (an
+editable prompt in a terminal, plain lines from a pipe). Every way of ending
+(QUIT, end of input, Ctrl-C, Ctrl-D, SIGTERM) stops the reactor, and a
+before-shutdown trigger disconnects the connected user and stops the peer
+server first.
+
+``--export-identity USER FILE`` and ``--import-identity FILE`` move a user's
+identity between homes (machines) and exit without starting the shell.
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ from twisted.python import usage
 
 from p2p import wire
 from p2p.client.frontends import StdioOutput, attach_pipe, attach_terminal, raw_terminal
+from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
 from p2p.client.shell import Shell
 from p2p.client.time_client import TimeClient, wsdl_url
+from p2p.tls import is_fingerprint
 
 
 class Options(usage.Options):
     """Command-line options of ``p2p-client``."""
 
-    synopsis = "p2p-client -s HOST -p PORT [options]"
+    synopsis = (
+        "p2p-client -s HOST -p PORT [options]\n"
+        "       p2p-client --export-identity USER FILE\n"
+        "       p2p-client --import-identity FILE [--replace-identity]"
+    )
     longdesc = (
         "The p2p shell: register, connect, publish and fetch files. "
         "Type HELP at the c> prompt for the commands."
@@ -59,8 +69,29 @@ class Options(usage.Options):
         ["timeout", None, wire.DEFAULT_TIMEOUT, "Seconds to wait for the indexer.", float],
         ["download-timeout", None, 30.0, "Seconds a peer may stay silent during GET_FILE.", float],
         ["time-timeout", None, 5.0, "Seconds to wait for the time service.", float],
+        [
+            "indexer-fingerprint",
+            None,
+            None,
+            "The key fingerprint the indexer must have (64 hex digits, as it prints at "
+            "start); pinned in $P2P_HOME/known_indexers instead of the one met first.",
+        ],
+        [
+            "export-identity",
+            None,
+            None,
+            "Write USER's identity (private key!) to FILE (mode 0600) and exit: "
+            "--export-identity USER FILE.",
+        ],
+        [
+            "import-identity",
+            None,
+            None,
+            "Keep the identity exported to FILE in $P2P_HOME and exit.",
+        ],
     ]
     optFlags = [
+        ["replace-identity", None, "With --import-identity: replace another kept identity."],
         ["no-edit", None, "Read plain lines even when stdin is a terminal."],
         ["verbose", "v", "Log internal events to stderr."],
     ]
@@ -72,7 +103,25 @@ class Options(usage.Options):
         print(f"p2p-client {version('p2p')}")
         sys.exit(0)
 
+    def parseArgs(self, *args: str) -> None:
+        if self["export-identity"] is not None and len(args) == 1:
+            self["export-file"] = args[0]
+        elif self["export-identity"] is not None:
+            raise usage.UsageError("--export-identity takes a user and a file: USER FILE")
+        elif args:
+            raise usage.UsageError(f"unexpected arguments: {' '.join(args)}")
+
     def postOptions(self) -> None:
+        if self["export-identity"] is not None and self["import-identity"] is not None:
+            raise usage.UsageError("--export-identity and --import-identity go one at a time")
+        fingerprint = self["indexer-fingerprint"]
+        if fingerprint is not None:
+            fingerprint = fingerprint.replace(":", "").lower()
+            if not is_fingerprint(fingerprint):
+                raise usage.UsageError(
+                    f"--indexer-fingerprint {self['indexer-fingerprint']}: not 64 hex digits"
+                )
+            self["indexer-fingerprint"] = fingerprint
         if not 0 < self["port"] < 65536:
             raise usage.UsageError(f"not a TCP port: {self['port']}")
         share = Path(self["share-dir"])
@@ -98,6 +147,36 @@ def _start_logging(note, verbose: bool) -> None:
     )
 
 
+def move_identity(options: Options, home: Home) -> int:
+    """``--export-identity`` / ``--import-identity``: do it, say it on stderr; the exit code."""
+    say = sys.stderr.write
+    try:
+        if options["export-identity"] is not None:
+            user = options["export-identity"]
+            path = home.export_identity(user, options["export-file"])
+            fingerprint = home.identity(user).fingerprint
+            say(
+                f"p2p-client: exported the identity of {user} (key {fingerprint}) to {path}.\n"
+                f"p2p-client: that file holds {user}'s PRIVATE KEY (mode 0600): whoever has it "
+                f"can act as {user}. Carry it privately, import it with "
+                f"'p2p-client --import-identity {path}', then delete it.\n"
+            )
+            return 0
+        user = home.import_identity(options["import-identity"], options["replace-identity"])
+    except IdentityExists as exc:
+        say(f"p2p-client: not imported: {exc}; pass --replace-identity to replace it\n")
+        return 1
+    except (HomeError, OSError) as exc:
+        say(f"p2p-client: {exc}\n")
+        return 1
+    fingerprint = home.identity(user).fingerprint
+    say(
+        f"p2p-client: imported the identity of {user} (key {fingerprint}) "
+        f"into {home.identity_file(user)}\n"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the shell until QUIT, end of input, Ctrl-C/Ctrl-D or SIGTERM."""
     options = Options()
@@ -107,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"{options}\np2p-client: {exc}\n")
         sys.exit(2)
 
+    home = Home()
+    if options["export-identity"] is not None or options["import-identity"] is not None:
+        sys.exit(move_identity(options, home))
+
     from twisted.internet import reactor
 
     output = StdioOutput()
@@ -115,7 +198,14 @@ def main(argv: list[str] | None = None) -> None:
         wsdl_url(options["wsdl"]), output.note, reactor=reactor, timeout=options["time-timeout"]
     )
     indexer = IndexerClient(
-        options["server"], options["port"], clock.now, reactor=reactor, timeout=options["timeout"]
+        options["server"],
+        options["port"],
+        clock.now,
+        reactor=reactor,
+        timeout=options["timeout"],
+        home=home,
+        fingerprint=options["indexer-fingerprint"],
+        note=output.note,
     )
     shell = Shell(
         indexer,
@@ -124,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_listen=options["peer-listen"],
         reactor=reactor,
         download_timeout=options["download-timeout"],
+        home=home,
     )
 
     def stop(_ignored: object = None) -> None:

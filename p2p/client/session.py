@@ -1,9 +1,11 @@
-"""One shell's standing with the indexer: the connected user, what that user
-published, and the peer server that serves it.
+"""One shell's standing with the indexer: the connected user, its peer server,
+and the local state (identities, what was published from here) in its home.
 
 The commands read and change this state; the peer server asks
-:meth:`Session.is_published` before serving a file. A shell has at most one
-connected user (protocol.md section 5).
+:meth:`Session.is_published` before serving a file, which reads the record of
+what this client published (never the indexer's listing: anyone could publish
+in a user's name there). A shell has at most one connected user (protocol.md
+section 5).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2p import wire
+from p2p.client.home import Home
 
 
 class Output(Protocol):
@@ -30,16 +33,23 @@ class Output(Protocol):
 
 
 class Indexer(Protocol):
-    """Asks the indexer one operation; fires with ``(code, rows)``."""
+    """Asks the indexer one operation; fires with ``(code, rows)``.
 
-    def request(self, op: str, user: str, *args: str | int) -> Deferred: ...
+    ``identity=`` (keyword) names the identity the request is made with
+    (default: the one kept for ``user``); ``classic`` is True once the indexer
+    is known to speak only the classic protocol.
+    """
+
+    classic: bool
+
+    def request(self, op: str, user: str, *args: str | int, **kw: Any) -> Deferred: ...
 
 
 class Session:
-    """The connected user (or None), the names it published and its peer server.
+    """The connected user (or None), its peer server, and the client's home.
 
-    ``server_factory(share_dir, is_published, reactor=...)`` builds the peer
-    file server started by CONNECT.
+    ``server_factory(share_dir, is_published, reactor=..., identity=...)`` builds
+    the peer file server started by CONNECT (``identity`` only if it takes it).
     """
 
     log = Logger()
@@ -52,8 +62,10 @@ class Session:
         peer_listen: str,
         reactor: Any,
         server_factory: Callable[..., Any],
+        home: Home | None = None,
     ) -> None:
         self.indexer = indexer
+        self.home = home if home is not None else Home()
         self.output = output
         self.share_dir = Path(share_dir)
         self.peer_listen = peer_listen
@@ -61,38 +73,30 @@ class Session:
         self.server_factory = server_factory
         #: The user this shell is connected as, or None.
         self.user: str | None = None
-        #: Files the connected user has published (what the peer server may serve).
-        self.published: set[str] = set()
         self.server: Any = None
 
     def is_published(self, name: str) -> bool:
-        """Whether the peer server may serve ``name`` (the connected user published it)."""
-        return self.user is not None and name in self.published
+        """Whether the peer server may serve ``name``: the connected user published it
+        from this share directory with this client (the record in the home)."""
+        user = self.user
+        if user is None:
+            return False
+        try:
+            return name in self.home.published(user, self.share_dir)
+        except Exception:
+            self.log.failure("cannot read what {user} published", user=user)
+            return False
 
-    @defer.inlineCallbacks
-    def go_online(self, user: str, server: Any):
-        """``user`` is connected and ``server`` serves its files; learn what it
-        published in earlier sessions, to serve those too."""
+    def go_online(self, user: str, server: Any) -> None:
+        """``user`` is connected and ``server`` serves its files."""
         self.user = user
         self.server = server
-        self.published = set()
-        try:
-            code, rows = yield self.indexer.request("LIST_CONTENT", user, user)
-        except Exception as exc:
-            self.output.note(f"could not list the files {user} published before: {reason(exc)}")
-            return
-        if code != wire.OK or rows is None:
-            self.output.note(f"could not list the files {user} published before (code {code})")
-            return
-        if self.user == user:
-            self.published.update(row[0] for row in rows)
 
     @defer.inlineCallbacks
     def go_offline(self):
         """No user is connected any more: forget it and stop serving."""
         server, self.server = self.server, None
         self.user = None
-        self.published = set()
         if server is not None:
             yield quietly(server.stop())
 

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from p2p.client import commands
 from p2p.client.command_queue import CommandQueue, Quit
 from p2p.client.get_file import GetFile
+from p2p.client.home import Home
 from p2p.client.indexer_commands import IndexerCommands
 from p2p.client.session import Indexer, Output, Session
 
@@ -34,8 +35,10 @@ from p2p.client.session import Indexer, Output, Session
 class Shell:
     """One user's session: commands in, lines out.
 
-    ``server_factory(share_dir, is_published, reactor=...)`` builds the peer file
-    server; ``download(host, port, name, destination, progress=..., reactor=...,
+    ``home`` is the client's local state (identities, known indexers, what was
+    published from here; default ``$P2P_HOME``).
+    ``server_factory(share_dir, is_published, reactor=..., identity=...)`` builds the
+    peer file server; ``download(host, port, name, destination, progress=..., reactor=...,
     timeout=...)`` fetches a file; ``no_such_file`` is the exception ``download``
     raises when the peer answers that the file does not exist. They default to
     ``p2p.peer``'s.
@@ -52,6 +55,7 @@ class Shell:
         download: Callable[..., Deferred] | None = None,
         no_such_file: type[BaseException] | None = None,
         download_timeout: float = 30.0,
+        home: Home | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -62,7 +66,9 @@ class Shell:
 
             no_such_file = NoSuchFile
         self.output = output
-        self.session = Session(indexer, output, share_dir, peer_listen, reactor, server_factory)
+        self.session = Session(
+            indexer, output, share_dir, peer_listen, reactor, server_factory, home
+        )
         self._get_file = GetFile(self.session, download, no_such_file, download_timeout)
         self._commands: dict[str, Callable[..., Any]] = {
             **IndexerCommands(self.session).table(),
@@ -138,14 +144,17 @@ class Shell:
     # --- ending -------------------------------------------------------------
 
     def shutdown(self) -> Deferred:
-        """Cancel a running download, disconnect the connected user and stop the
-        peer server (once; idempotent).
+        """Cancel a running download, disconnect the connected user, stop the
+        peer server and close the connections to the indexer (once; idempotent).
 
         Used by QUIT, end of input, Ctrl-C/Ctrl-D and SIGTERM alike.
         """
         if self._shutdown is None:
             self._get_file.cancel()
             self._shutdown = self.session.close()
+            close = getattr(self.session.indexer, "close", None)
+            if close is not None:
+                self._shutdown.addCallback(lambda _: close())
         return _chain(self._shutdown)
 
 

@@ -56,6 +56,15 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
+def share_and_destination(case: TestCase) -> tuple[Path, Path]:
+    """A fresh share directory and download directory, side by side in the test's temp dir."""
+    base = Path(case.mktemp()).resolve()
+    share, dest = base / "share", base / "dest"
+    share.mkdir(parents=True)
+    dest.mkdir()
+    return share, dest
+
+
 class FakePeer(protocol.Protocol):
     """A scripted peer: ``behave(op, fields, transport)`` once the request arrived."""
 
@@ -86,12 +95,8 @@ class PeerTransferTests(TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        base = Path(self.mktemp()).resolve()
-        self.share = base / "share"
-        self.dest = base / "dest"
-        self.share.mkdir(parents=True)
-        self.dest.mkdir()
-        self.outside = base / "outside.txt"
+        self.share, self.dest = share_and_destination(self)
+        self.outside = self.share.parent / "outside.txt"
         self.outside.write_bytes(b"secret")
         self.published: set[str] = set()
         self.server = PeerServer(self.share, self.published.__contains__, reactor)

@@ -29,6 +29,12 @@ move it (from the connection, the file and the caller)::
 
 Leaving a connection's states hangs it up: the connection is dropped and
 nothing it reports afterwards reaches the machine.
+
+Given the owner's fingerprint (LIST_PEERS), every connection is TLS and the
+peer's key is checked during the handshake, before the request leaves: a
+connection that ends before its handshake completed (``refused``) fails the
+download at once, with :class:`WrongPeer` when the key was not the expected
+one (a hijacked address), without asking again with GET_FILE.
 """
 
 from __future__ import annotations
@@ -44,11 +50,12 @@ from typing import Any, Protocol
 from automat import TypeMachineBuilder
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from p2p import wire
+from p2p import tls, wire
 
 #: Bytes asked of the socket per read: fewer, larger reads make a transfer cheaper.
 RECV_SIZE = 1024 * 1024
@@ -64,6 +71,15 @@ class NoSuchFile(Exception):
 
 class DownloadFailed(Exception):
     """Anything else: peer unreachable or gone, cut transfer, peer error, disk error."""
+
+
+class WrongPeer(DownloadFailed):
+    """The peer's key is not the owner's: whoever answers at that address is someone else."""
+
+    def __init__(self, where: str, mismatch: tls.FingerprintMismatch) -> None:
+        super().__init__(f"the peer at {where} is not the expected one: {mismatch}")
+        self.where = where
+        self.mismatch = mismatch
 
 
 # --- the temporary file --------------------------------------------------------
@@ -175,6 +191,9 @@ class _Events(Protocol):
     def timed_out(self) -> None:
         "The peer said nothing for ``timeout`` seconds."
 
+    def refused(self, why: BaseException) -> None:
+        "A TLS connection ended before its handshake completed (``why``: a wrong key, or not TLS)."
+
     def broken(self, why: str) -> None:
         "The transfer cannot go on: a disk error, or a peer breaking its word."
 
@@ -188,19 +207,34 @@ class _Events(Protocol):
 # --- the connection ------------------------------------------------------------
 
 
+@implementer(IHandshakeListener)
 class _PeerClient(protocol.Protocol, TimeoutMixin):
     """One connection to the peer: sends one request, then tells the machine
-    what happens on the connection, until the machine hangs it up."""
+    what happens on the connection, until the machine hangs it up.
 
-    def __init__(self, events: _Events, request: bytes, timeout: float, reactor: Any) -> None:
+    Over TLS (``verify``: the connection's :class:`p2p.tls.ClientOptions`) the
+    request waits in the TLS layer until the handshake has checked the peer's key.
+    """
+
+    def __init__(
+        self,
+        events: _Events,
+        request: bytes,
+        timeout: float,
+        reactor: Any,
+        verify: tls.ClientOptions | None = None,
+    ) -> None:
         self.events: _Events | None = events
         self.request = request
         self.timeout = timeout
         self.callLater = reactor.callLater  # TimeoutMixin: the download's clock
+        self.verify = verify
+        self.secured = False
 
     def connectionMade(self) -> None:
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = RECV_SIZE
+        socket_transport = getattr(self.transport, "transport", self.transport)  # under TLS
+        if hasattr(socket_transport, "bufferSize"):
+            socket_transport.bufferSize = RECV_SIZE
         self.setTimeout(self.timeout)
         self.transport.write(self.request)
         if self.events is not None:
@@ -215,12 +249,18 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
         if self.events is not None:
             self.events.timed_out()
 
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: the peer holds the expected key."""
+        self.secured = True
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
         events, self.events = self.events, None
         if events is None:
             return
-        if reason.check(error.ConnectionDone):
+        if self.verify is not None and not self.secured:
+            events.refused(self.verify.explain(reason.value))
+        elif reason.check(error.ConnectionDone):
             events.closed()
         else:
             events.lost(reason)
@@ -254,8 +294,10 @@ class _Download:
         progress: Progress | None,
         reactor: Any,
         timeout: float,
+        verify: tls.ClientOptions | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.verify = verify
         self.where = where
         self.remote_name = remote_name
         self.part = part
@@ -277,7 +319,7 @@ class _Download:
         if op == wire.FETCH:
             fields.append(0)
         self.client = _PeerClient(
-            self.events, wire.encode_fields(*fields), self.timeout, self.reactor
+            self.events, wire.encode_fields(*fields), self.timeout, self.reactor, self.verify
         )
         self.attempt = endpoints.connectProtocol(self.endpoint, self.client)
         self.attempt.addErrback(self.client.unreachable)
@@ -520,8 +562,16 @@ def _cancelled(events: _Events, d: _Download) -> None:
     d.fail(CancelledError())
 
 
+def _refused(events: _Events, d: _Download, why: BaseException) -> None:
+    if isinstance(why, tls.FingerprintMismatch):
+        d.fail(WrongPeer(d.where, why))
+    else:
+        d.fail(DownloadFailed(f"no TLS session with {d.where}: {why}"))
+
+
 for _state in _LIVE:
     _state.upon(_Events.cancel).to(failed)(_cancelled)
+    _state.upon(_Events.refused).to(failed)(_refused)
 
 _Machine = _machine.build()
 
@@ -537,15 +587,17 @@ def start(
     progress: Progress | None,
     reactor: Any,
     timeout: float,
+    verify: tls.ClientOptions | None = None,
 ) -> Deferred[int]:
     """Run one download over connections from ``endpoint`` (``where`` names it
-    in messages); see :func:`download`."""
+    in messages; ``verify``: the TLS options ``endpoint`` checks the peer with,
+    if any); see :func:`download`."""
     destination = Path(destination)
     try:
         part = _PartFile(destination)
     except OSError as exc:
         return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
-    d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout)
+    d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify)
     d.events = _Machine(d)
     d.events.start()
     return d.result
@@ -559,6 +611,7 @@ def download(
     progress: Progress | None = None,
     reactor=None,
     timeout: float = 30.0,
+    expected_fingerprint: str | None = None,
 ) -> Deferred[int]:
     """Download ``remote_name`` from the peer at ``host:port`` into ``destination``.
 
@@ -568,8 +621,18 @@ def download(
     gets ``(received, total or None)`` as bytes arrive, at most every 0.1 s
     and once at the end. ``timeout`` bounds the connection attempt and any
     silence of the peer. Cancelling the Deferred drops the transfer.
+
+    With ``expected_fingerprint`` (the owner's, from LIST_PEERS) the download
+    goes over TLS and a peer whose key has another fingerprint is refused
+    during the handshake, before the request is sent: :class:`WrongPeer`.
+    Without it, plaintext, as classic peers speak.
     """
     if reactor is None:
         from twisted.internet import reactor
     endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    return start(endpoint, f"{host}:{port}", remote_name, destination, progress, reactor, timeout)
+    verify = None
+    if expected_fingerprint is not None:
+        verify = tls.client_options(expected_fingerprint)
+        endpoint = endpoints.wrapClientTLS(verify, endpoint)
+    where = f"{host}:{port}"
+    return start(endpoint, where, remote_name, destination, progress, reactor, timeout, verify)

@@ -15,6 +15,16 @@ timeout) is dropped once ``request_deadline`` has passed since it connected;
 a transfer that makes no progress for ``idle_timeout`` (a stalled downloader)
 is dropped too. The file is streamed by a pull producer (``sender.py``), so a
 slow downloader never makes this process hold more than one chunk of the file.
+
+Given an identity (the user this shell is connected as), the same port also
+speaks TLS (extension, protocol.md "TLS, claimed names, LIST_PEERS"): a
+connection whose first byte starts a TLS handshake gets a TLS 1.3 server
+presenting that identity's certificate, and inside it the same one request as
+above; any other first byte is the classic plaintext protocol, unchanged, so
+classic downloaders keep working. Every guard applies to both alike: the
+request timeouts run from the first byte (before it, a silence of
+``request_timeout`` is cut too), the cap counts each connection once, and the
+``sendfile`` fast path never applies to TLS (the bytes must be encrypted here).
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p import wire
+from p2p import tls, wire
 from p2p.listening import ConnectionCap, listen
 from p2p.peer.sender import make_producer
 from p2p.peer.share import NotShared, open_shared
@@ -62,11 +72,18 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         self.producer = None
         self.answered = False
         self.callLater = server.reactor.callLater  # TimeoutMixin's clock
+        #: The sniffing protocol this request waits behind until the first byte, if any.
+        self.outer: protocol.Protocol | None = None
+
+    def abort(self) -> None:
+        """Drop the connection now, whether or not its first byte has arrived."""
+        holder = self if self.transport is not None else self.outer
+        if holder is not None and holder.transport is not None:
+            holder.transport.abortConnection()
 
     # --- connection life ---------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.server._connections.add(self)
         self._since = self.server.reactor.seconds()
         self.setTimeout(min(self.server.request_timeout, self.server.request_deadline))
 
@@ -96,7 +113,8 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         """Log one event of this connection, prefixed with the requester's address."""
         peer = self.transport.getPeer()
         where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.log.info("peer {peer}: " + fmt, peer=where, **fields)
+        link = "tls" if tls.is_tls(self.transport) else "plain"
+        self.log.info("peer {peer} ({link}): " + fmt, peer=where, link=link, **fields)
 
     # --- request -----------------------------------------------------------
 
@@ -232,11 +250,30 @@ class _Factory(ConnectionCap, protocol.Factory):
         return self.server.max_connections
 
     def buildProtocol(self, addr) -> PeerRequestProtocol | None:
-        return PeerRequestProtocol(self.server) if self.admit(addr) else None
+        if not self.admit(addr):
+            return None
+        request = PeerRequestProtocol(self.server)
+        self.server._connections.add(request)  # from now on, until connectionLost
+        return request
+
+
+class _Sniffing(tls.SniffingFactory):
+    """TLS or plaintext by the first byte; each request learns the connection it waits
+    behind, so that :meth:`PeerServer.stop` can drop it before its first byte too."""
+
+    def buildProtocol(self, addr) -> protocol.Protocol | None:
+        sniffer = super().buildProtocol(addr)
+        if sniffer is not None:
+            sniffer.inner.outer = sniffer
+        return sniffer
 
 
 class PeerServer:
-    """Serves the published files of one user from ``share_dir`` to other peers."""
+    """Serves the published files of one user from ``share_dir`` to other peers.
+
+    With ``identity`` (the user's :class:`p2p.tls.Identity`) the port serves
+    TLS as that user beside classic plaintext; without it, plaintext only.
+    """
 
     def __init__(
         self,
@@ -249,6 +286,7 @@ class PeerServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
         use_sendfile: bool = True,
+        identity: tls.Identity | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -260,7 +298,17 @@ class PeerServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.use_sendfile = use_sendfile
+        self.identity = identity
+        #: Builds (and caps) the request protocols, plaintext or inside TLS.
         self.factory = _Factory(self)
+        #: What the port listens with: ``factory`` itself, or TLS sniffing in front of it.
+        self.listening_factory: protocol.Factory = (
+            self.factory
+            if identity is None
+            else _Sniffing(
+                self.factory, tls.server_options(identity), reactor, timeout=request_timeout
+            )
+        )
         self._port = None
         self._connections: set[PeerRequestProtocol] = set()
         self._lost_waiters: list[Callable[[], None]] = []
@@ -277,9 +325,9 @@ class PeerServer:
             self._port = port
             return getattr(port.getHost(), "port", 0)
 
-        return defer.maybeDeferred(listen, self.reactor, endpoint, self.factory).addCallback(
-            listening
-        )
+        return defer.maybeDeferred(
+            listen, self.reactor, endpoint, self.listening_factory
+        ).addCallback(listening)
 
     def stop(self) -> Deferred[None]:
         """Stop listening and drop every open transfer; fires when all are closed."""
@@ -288,7 +336,7 @@ class PeerServer:
             defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
         )
         for conn in list(self._connections):
-            conn.transport.abortConnection()
+            conn.abort()
         return stopped.addCallback(lambda _: self._all_closed())
 
     def _all_closed(self) -> Deferred[None]:

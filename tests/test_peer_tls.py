@@ -1,0 +1,332 @@
+"""The peer server and the downloader over TLS (issue 8, item 5), on 127.0.0.1.
+
+A PeerServer given an identity serves TLS and classic plaintext on one port;
+a download given the owner's fingerprint goes over TLS and refuses any other
+key before its request leaves (the hijack of the issue: the indexer lists
+bob's fingerprint, the address serves mallory's key and mallory's file). A
+recording relay between downloader and peer shows what a listener on the
+path sees. The guards (timeouts, cap, stop) hold for TLS connections too,
+checked on a fake clock where the socket does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import TestCase
+
+from p2p import tls, wire
+from p2p.peer.download import DownloadFailed, NoSuchFile, WrongPeer, download
+from p2p.peer.server import PeerServer
+from tests.support import _UntilClosed, deadline, exchange, poll_until
+from tests.test_peer_transfer import share_and_destination
+
+ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
+
+#: Identities are slow-ish to make; a few shared by every test are enough.
+BOB = tls.Identity.generate("bob")
+MALLORY = tls.Identity.generate("mallory")
+
+
+class _Half(protocol.Protocol):
+    """One side of the relay: forwards what it receives to the other side, records it."""
+
+    def __init__(self, relay: RecordingRelay) -> None:
+        self.relay = relay
+        self.other: _Half | None = None
+        self.pending: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.captured.append(data)
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def connectionLost(self, reason) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.loseConnection()
+
+
+class RecordingRelay(protocol.Factory):
+    """A TCP relay to ``127.0.0.1:target`` keeping every byte that passes, both ways."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.captured: list[bytes] = []
+
+    def buildProtocol(self, addr) -> _Half:
+        near = _Half(self)
+        far = _Half(self)
+        near.other, far.other = far, near
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.target)
+
+        def joined(_):
+            for data in near.pending:
+                far.transport.write(data)
+            near.pending.clear()
+            if near.transport is None or not near.transport.connected:
+                far.transport.loseConnection()
+
+        endpoints.connectProtocol(endpoint, far).addCallbacks(
+            joined, lambda _: near.transport.loseConnection()
+        )
+        return near
+
+    @property
+    def seen(self) -> bytes:
+        return b"".join(self.captured)
+
+
+class PeerTLSTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.share, self.dest = share_and_destination(self)
+        self.asked: list[str] = []
+        self.server = self.serve(self.share, BOB)
+        self.port = yield self.server.listen("tcp:0:interface=127.0.0.1")
+
+    def serve(self, share: Path, identity: tls.Identity | None, **kwargs) -> PeerServer:
+        def published(name: str) -> bool:
+            self.asked.append(name)
+            return (share / name).exists()
+
+        server = PeerServer(share, published, reactor, identity=identity, **kwargs)
+        self.addCleanup(server.stop)
+        return server
+
+    def fetch(self, name: str, port: int | None = None, fingerprint: str | None = None):
+        return deadline(
+            download(
+                "127.0.0.1",
+                port or self.port,
+                name,
+                self.dest / "out",
+                expected_fingerprint=fingerprint,
+            ),
+            60,
+        )
+
+    def record_sendfile(self) -> list[int]:
+        """Count the server's ``os.sendfile`` calls from now on."""
+        calls: list[int] = []
+        real = os.sendfile
+
+        def counting(*args):
+            calls.append(args[0])
+            return real(*args)
+
+        self.patch(os, "sendfile", counting)
+        return calls
+
+    # --- TLS downloads -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def check_tls_roundtrip(self, data: bytes):
+        (self.share / "file.bin").write_bytes(data)
+        sendfile_calls = self.record_sendfile()
+        got = yield self.fetch("file.bin", fingerprint=BOB.fingerprint)
+        self.assertEqual(got, len(data))
+        self.assertEqual((self.dest / "out").read_bytes(), data)
+        self.assertEqual(os.listdir(self.dest), ["out"])
+        self.assertEqual(sendfile_calls, [], "sendfile must never run on a TLS connection")
+
+    def test_tls_empty_file(self):
+        return self.check_tls_roundtrip(b"")
+
+    def test_tls_small_file(self):
+        return self.check_tls_roundtrip(b"hello\0world\n" * 10)
+
+    def test_tls_a_few_megabytes(self):
+        return self.check_tls_roundtrip(os.urandom(1 << 20) * 3 + b"tail")
+
+    @defer.inlineCallbacks
+    def test_tls_no_such_file(self):
+        yield self.assertFailure(self.fetch("nothing.txt", fingerprint=BOB.fingerprint), NoSuchFile)
+        self.assertEqual(os.listdir(self.dest), [])
+
+    # --- classic plaintext on the same port --------------------------------------
+
+    @defer.inlineCallbacks
+    def test_classic_get_file_on_the_same_port(self):
+        (self.share / "song.ogg").write_bytes(b"la la la")
+        reply = yield exchange(self.port, wire.encode_fields("GET_FILE", "song.ogg"))
+        self.assertEqual(reply, b"\0la la la")
+        reply = yield exchange(self.port, wire.encode_fields("FETCH", "song.ogg", 3))
+        self.assertEqual(reply, b"\x008\0la la")
+
+    @defer.inlineCallbacks
+    def test_plaintext_download_still_uses_sendfile(self):
+        """The fast path stays for plaintext (and the check above can fail)."""
+        data = os.urandom(300_000)
+        (self.share / "file.bin").write_bytes(data)
+        sendfile_calls = self.record_sendfile()
+        yield self.fetch("file.bin")
+        self.assertEqual((self.dest / "out").read_bytes(), data)
+        self.assertNotEqual(sendfile_calls, [])
+
+    # --- the hijacked address --------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_hijacked_address_is_refused_and_nothing_is_written(self):
+        """The indexer lists bob's fingerprint; mallory answers at the address."""
+        evil = Path(self.mktemp()).resolve()
+        evil.mkdir()
+        (evil / "report.txt").write_bytes(b"MALWARE from mallory")
+        mallory = self.serve(evil, MALLORY)
+        mallory_port = yield mallory.listen("tcp:0:interface=127.0.0.1")
+        (self.dest / "out").write_bytes(b"kept")
+        self.asked.clear()
+        failure = yield self.assertFailure(
+            self.fetch("report.txt", mallory_port, BOB.fingerprint), WrongPeer
+        )
+        self.assertIsInstance(failure, DownloadFailed)
+        self.assertEqual(failure.mismatch.expected, BOB.fingerprint)
+        self.assertEqual(failure.mismatch.got, MALLORY.fingerprint)
+        self.assertIn(f"127.0.0.1:{mallory_port}", str(failure))
+        self.assertEqual(os.listdir(self.dest), ["out"])
+        self.assertEqual((self.dest / "out").read_bytes(), b"kept")
+        self.assertEqual(self.asked, [], "the request must not reach the impostor")
+        # The same address with mallory's own fingerprint works: only the key decided.
+        yield self.fetch("report.txt", mallory_port, MALLORY.fingerprint)
+        self.assertEqual((self.dest / "out").read_bytes(), b"MALWARE from mallory")
+
+    @defer.inlineCallbacks
+    def test_a_plaintext_peer_where_tls_is_expected_is_refused(self):
+        plain = self.serve(self.share, None)
+        plain_port = yield plain.listen("tcp:0:interface=127.0.0.1")
+        (self.share / "a.txt").write_bytes(b"abc")
+        failure = yield self.assertFailure(
+            self.fetch("a.txt", plain_port, BOB.fingerprint), DownloadFailed
+        )
+        self.assertNotIsInstance(failure, WrongPeer)
+        self.assertIn("no TLS session", str(failure))
+        self.assertEqual(os.listdir(self.dest), [])
+
+    # --- what a listener on the path sees --------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_capture_holds_neither_the_name_nor_the_bytes(self):
+        name = "secret-plans.txt"
+        data = b"the file bytes themselves, " * 2000
+        (self.share / name).write_bytes(data)
+        relay = RecordingRelay(self.port)
+        listening = reactor.listenTCP(0, relay, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        yield self.fetch(name, listening.getHost().port, BOB.fingerprint)
+        self.assertEqual((self.dest / "out").read_bytes(), data)
+        seen = relay.seen
+        self.assertGreater(len(seen), len(data))  # it did record the transfer
+        self.assertNotIn(name.encode(), seen)
+        self.assertNotIn(b"the file bytes", seen)
+        self.assertNotIn(b"FETCH", seen)
+        # The same relay does see a plaintext download: the checks above can fail.
+        relay.captured.clear()
+        (self.dest / "out").unlink()
+        yield self.fetch(name, listening.getHost().port)
+        self.assertIn(name.encode(), relay.seen)
+        self.assertIn(b"the file bytes", relay.seen)
+
+    # --- guards ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_silent_tls_connection_is_cut(self):
+        quick = self.serve(self.share, BOB, request_timeout=0.3)
+        quick_port = yield quick.listen("tcp:0:interface=127.0.0.1")
+        reply = yield exchange(quick_port, bytes([wire.TLS_HANDSHAKE]), timeout=10)
+        self.assertEqual(reply, b"")
+        yield poll_until(lambda: not quick.connections, what="the connection dropped")
+        self.assertEqual(quick.factory.open_connections, 0)
+
+    @defer.inlineCallbacks
+    def test_stop_drops_a_connection_before_its_first_byte(self):
+        proto = yield endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), _UntilClosed()
+        )
+        yield poll_until(lambda: self.server.connections, what="the connection accepted")
+        yield deadline(self.server.stop(), 10)
+        received = yield deadline(proto.done, 10)
+        self.assertEqual(received, b"")
+        self.assertEqual(self.server.factory.open_connections, 0)
+
+
+class PeerTLSClockTests(TestCase):
+    """The guards on a fake clock: the server's own side of a TLS connection."""
+
+    def setUp(self) -> None:
+        self.share = Path(self.mktemp())
+        self.share.mkdir()
+        self.clock = MemoryReactorClock()
+        self.server = PeerServer(
+            self.share,
+            lambda name: True,
+            self.clock,
+            request_timeout=5,
+            request_deadline=12,
+            idle_timeout=7,
+            identity=BOB,
+        )
+
+    def connect(self):
+        proto = self.server.listening_factory.buildProtocol(ADDR)
+        transport = StringTransport(peerAddress=ADDR)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_only_a_handshake_byte_then_silence_is_cut(self):
+        proto, transport = self.connect()
+        proto.dataReceived(bytes([wire.TLS_HANDSHAKE]))
+        self.assertEqual(len(self.server.connections), 1)
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnected)
+        proto.connectionLost(protocol.connectionDone)
+        self.assertEqual(self.server.factory.open_connections, 0)
+        self.assertEqual(self.server.connections, frozenset())
+
+    def test_a_trickled_handshake_is_cut_by_the_request_timeout(self):
+        """Handshake bytes are no request bytes: they never restart the request timer."""
+        proto, transport = self.connect()
+        proto.dataReceived(bytes([wire.TLS_HANDSHAKE]))
+        # A partial ClientHello, a byte every few seconds: never complete.
+        for byte in b"\x03\x01\x02\x00\x01\x00\x01\xfc":
+            self.clock.advance(4)
+            if transport.disconnected:
+                break
+            proto.dataReceived(bytes([byte]))
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.clock.seconds(), 8)  # the first tick past 5 s
+
+    def test_no_first_byte_is_cut_too(self):
+        _proto, transport = self.connect()
+        self.clock.advance(5.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_each_connection_counts_once_against_the_cap(self):
+        self.server.max_connections = 2
+        first, _ = self.connect()
+        second, _ = self.connect()
+        second.dataReceived(bytes([wire.TLS_HANDSHAKE]))
+        self.assertEqual(self.server.factory.open_connections, 2)
+        self.assertIsNone(self.server.listening_factory.buildProtocol(ADDR))
+        first.connectionLost(protocol.connectionDone)
+        second.connectionLost(protocol.connectionDone)
+        self.assertEqual(self.server.factory.open_connections, 0)
+        self.assertIsNotNone(self.server.listening_factory.buildProtocol(ADDR))
+
+    def test_plaintext_through_the_sniffer_is_served_as_before(self):
+        (self.share / "hello.txt").write_bytes(b"hello")
+        proto, transport = self.connect()
+        proto.dataReceived(wire.encode_fields("GET_FILE", "hello.txt"))
+        for _ in range(100):
+            if transport.producer is None:
+                break
+            transport.producer.resumeProducing()
+        self.assertEqual(transport.value(), b"\0hello")

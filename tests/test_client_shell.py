@@ -20,10 +20,16 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from p2p import wire
+from p2p import tls, wire
 from p2p.client.home import Home
-from p2p.client.indexer_client import LISTING_COLUMNS, IndexerError, _RequestProtocol
+from p2p.client.indexer_client import (
+    LISTING_COLUMNS,
+    IndexerError,
+    UnknownOperation,
+    _RequestProtocol,
+)
 from p2p.client.shell import Shell
+from p2p.peer.download import WrongPeer
 from tests.test_indexer_protocol import DT, Harness
 
 
@@ -136,6 +142,7 @@ class ShellTestCase(TestCase):
         self.indexer = LoopbackIndexer(self)
         self.servers: list[FakeServer] = []
         self.downloads: list[tuple] = []
+        self.checked: list[dict] = []  # the keywords beyond the classic ones, per download
         self.download_result: object = 7
         self.share = Path(self.mktemp())
         self.share.mkdir()
@@ -147,8 +154,11 @@ class ShellTestCase(TestCase):
             self.servers.append(server)
             return server
 
-        def download(host, port, name, destination, progress=None, reactor=None, timeout=None):
+        def download(
+            host, port, name, destination, progress=None, reactor=None, timeout=None, **checked
+        ):
             self.downloads.append((host, port, name, destination))
+            self.checked.append(checked)
             if isinstance(self.download_result, Exception):
                 return defer.fail(self.download_result)
             if isinstance(self.download_result, Deferred):
@@ -527,9 +537,51 @@ class GetFileTests(ShellTestCase):
             self.assertEqual(self.indexer.other("CONNECT", user, port, peer=peer), 0)
 
     def test_ok(self) -> None:
+        """bob registered classically: unclaimed (``-``), so a plaintext download."""
         self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
         self.assertEqual(self.downloads, [("10.0.0.2", 5555, "r.bin", Path("l.bin"))])
-        self.assertEqual(self.indexer.requests, [("LIST_USERS", "alice")])
+        self.assertEqual(self.checked, [{}])
+        self.assertEqual(self.indexer.requests, [("LIST_PEERS", "alice")])
+
+    def list_peers(self, *rows: tuple[str, str, int, str]) -> None:
+        """The next LIST_PEERS answers these rows."""
+        self.indexer.faults["LIST_PEERS"] = wire.encode_code(wire.OK) + wire.encode_listing(rows)
+
+    def test_a_claimed_owner_is_downloaded_from_with_its_key_checked(self) -> None:
+        key = "ab" * 32
+        self.list_peers(("bob", "10.0.0.2", 5555, key))
+        self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
+        self.assertEqual(self.downloads, [("10.0.0.2", 5555, "r.bin", Path("l.bin"))])
+        self.assertEqual(self.checked, [{"expected_fingerprint": key}])
+
+    def test_a_peer_with_another_key_fails_and_says_who_it_is_not(self) -> None:
+        self.list_peers(("bob", "10.0.0.2", 5555, "ab" * 32))
+        self.download_result = WrongPeer(
+            "10.0.0.2:5555", tls.FingerprintMismatch("ab" * 32, "cd" * 32)
+        )
+        before = len(self.output.notes)
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        [note] = self.output.notes[before:]  # one line on stderr
+        self.assertIn("the peer at 10.0.0.2:5555 is not bob", note)
+        self.assertIn("its key differs from the one the indexer lists", note)
+
+    def test_a_bad_fingerprint_in_the_listing_is_no_address(self) -> None:
+        self.list_peers(("bob", "10.0.0.2", 5555, "not-a-key"))
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
+        self.assertEqual(self.downloads, [])
+
+    def test_a_classic_indexer_is_asked_with_list_users(self) -> None:
+        # It does not know LIST_PEERS (closes without a reply byte): asked again classically.
+        self.indexer.faults["LIST_PEERS"] = UnknownOperation("what is LIST_PEERS?")
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE OK"])
+        self.assertEqual(self.indexer.ops(), ["LIST_PEERS", "LIST_USERS"])
+        self.assertEqual(self.checked, [{}])
+        # Known to be classic: LIST_USERS at once.
+        self.indexer.requests.clear()
+        self.indexer.classic = True
+        self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE OK"])
+        self.assertEqual(self.indexer.ops(), ["LIST_USERS"])
+        self.assertEqual(self.checked, [{}, {}])
 
     def test_no_such_file(self) -> None:
         self.download_result = NoSuchFile()
@@ -542,12 +594,12 @@ class GetFileTests(ShellTestCase):
 
     def test_owner_not_connected_or_listing_refused(self) -> None:
         self.assertEqual(self.send("GET_FILE bo r l"), ["c> GET_FILE FAIL"])
-        self.indexer.faults["LIST_USERS"] = IndexerError("down")
+        self.indexer.faults["LIST_PEERS"] = IndexerError("down")
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
-        del self.indexer.faults["LIST_USERS"]
-        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)  # LIST_USERS answers 2
+        del self.indexer.faults["LIST_PEERS"]
+        self.assertEqual(self.indexer.other("DISCONNECT", "alice"), 0)  # LIST_PEERS answers 2
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE FAIL"])
-        self.assertEqual(self.indexer.ops(), ["LIST_USERS"] * 3)
+        self.assertEqual(self.indexer.ops(), ["LIST_PEERS"] * 3)
         self.assertEqual(self.downloads, [])
 
     def test_commands_wait_for_a_running_download(self) -> None:

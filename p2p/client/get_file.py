@@ -1,9 +1,15 @@
 """The GET_FILE command: find the owner's peer, fetch the file, print the outcome.
 
-The owner's address comes from LIST_USERS; the download itself is
-``p2p.peer.download`` (or whatever the shell was given), drawing a progress
-bar when stdout is a terminal. The destination is checked before anyone is
-asked anything. A running download can be cancelled (QUIT, Ctrl-C, SIGTERM).
+The owner's address and key fingerprint come from LIST_PEERS (extension);
+from a classic indexer, which does not know it, the address comes from
+LIST_USERS and every owner counts as unclaimed. An owner with a fingerprint
+is downloaded from over TLS, and a peer holding another key is refused (the
+address was hijacked, or the owner moved and someone else took the port);
+an unclaimed owner (``-``) is downloaded from in plaintext, as classic peers
+speak. The download itself is ``p2p.peer.download`` (or whatever the shell
+was given), drawing a progress bar when stdout is a terminal. The
+destination is checked before anyone is asked anything. A running download
+can be cancelled (QUIT, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ from p2p.client import results
 from p2p.client.commands import field_problem
 from p2p.client.progress import ProgressBar
 from p2p.client.session import Session, reason
+from p2p.tls import FingerprintMismatch, is_fingerprint
+
+try:
+    from p2p.client.indexer_client import UnknownOperation
+except ImportError:  # an indexer client without the extension ops' error
+    from p2p.client.indexer_client import ReplyCut as UnknownOperation
 
 
 class GetFile:
@@ -73,8 +85,10 @@ class GetFile:
         if address is None:
             self.output.line(results.GET_FILE_FAIL)
             return
-        host, port = address
+        host, port, fingerprint = address
         bar = _LazyProgress(self.output.progress_stream(), f"{remote} from {owner}")
+        # Only a claimed owner's download is TLS; a fake download need not know the keyword.
+        checked = {} if fingerprint is None else {"expected_fingerprint": fingerprint}
         self._current = self.download(
             host,
             port,
@@ -83,6 +97,7 @@ class GetFile:
             progress=bar.update,
             reactor=self.session.reactor,
             timeout=self.timeout,
+            **checked,
         )
         try:
             yield self._current
@@ -92,6 +107,13 @@ class GetFile:
             self.output.note(f"GET_FILE: {owner} has no file {remote} to share")
             return
         except Exception as exc:
+            if _wrong_key(exc):
+                bar.finish()
+                self._fail(
+                    f"the peer at {host}:{port} is not {owner} (its key differs from the one "
+                    f"the indexer lists for {owner}); nothing was kept"
+                )
+                return
             bar.finish()
             self._fail(f"download from {host}:{port} failed: {reason(exc)}")
             return
@@ -102,23 +124,46 @@ class GetFile:
 
     @defer.inlineCallbacks
     def _find_peer(self, user: str, owner: str):
-        """The (host, port) where ``owner`` serves files, from LIST_USERS; None if unknown."""
+        """``(host, port, fingerprint or None)`` where ``owner`` serves files; None if unknown.
+
+        LIST_PEERS, or LIST_USERS from a classic indexer (no fingerprints there).
+        """
+        indexer = self.session.indexer
+        op = "LIST_USERS" if getattr(indexer, "classic", False) else "LIST_PEERS"
         try:
-            code, rows = yield self.session.indexer.request("LIST_USERS", user)
+            try:
+                code, rows = yield indexer.request(op, user)
+            except UnknownOperation:
+                op = "LIST_USERS"
+                code, rows = yield indexer.request(op, user)
         except Exception as exc:
             self.output.note(f"GET_FILE: the indexer could not be asked: {reason(exc)}")
             return None
         if code != wire.OK or rows is None:
-            self.output.note(f"GET_FILE: LIST_USERS was refused (code {code})")
+            self.output.note(f"GET_FILE: {op} was refused (code {code})")
             return None
-        for name, ip, port in rows:
-            if name == owner:
-                if not port.isdigit() or not 0 < int(port) < 65536:
-                    self.output.note(f"GET_FILE: the indexer lists a bad port for {owner}")
-                    return None
-                return ip, int(port)
+        for name, ip, port, *claim in rows:
+            if name != owner:
+                continue
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                self.output.note(f"GET_FILE: the indexer lists a bad port for {owner}")
+                return None
+            fingerprint = claim[0] if claim else wire.UNCLAIMED
+            if fingerprint == wire.UNCLAIMED:
+                return ip, int(port), None
+            if not is_fingerprint(fingerprint):
+                self.output.note(f"GET_FILE: the indexer lists a bad key fingerprint for {owner}")
+                return None
+            return ip, int(port), fingerprint
         self.output.note(f"GET_FILE: {owner} is not connected")
         return None
+
+
+def _wrong_key(exc: BaseException) -> bool:
+    """Whether a download failed because the peer's key is not the owner's."""
+    return isinstance(exc, FingerprintMismatch) or isinstance(
+        getattr(exc, "mismatch", None), FingerprintMismatch
+    )
 
 
 def local_destination(remote: str, local: str) -> Path:

@@ -1,4 +1,5 @@
-"""The indexer's wire side: one request per TCP connection (protocol.md section 1).
+"""The indexer's wire side: one request per TCP connection (protocol.md section 1), or
+any number, one after another, on a TLS connection (the TLS extension).
 
 :class:`IndexerProtocol` reads ``OP``, ``DATETIME``, ``USER`` and the
 operation's arguments as NUL-terminated fields, checking each against its limit
@@ -11,6 +12,15 @@ Group commit: the factory collects the replies of one reactor turn, commits
 their changes in one SQLite transaction, and only then writes the reply bytes,
 so every acknowledged change is durable. The operator lines of the turn are
 written in one go as well.
+
+Over TLS (:func:`p2p.tls.is_tls`; the service's :class:`p2p.tls.SniffingFactory`
+routes each connection) the connection stays open after a reply: the protocol
+stops reading while a request waits for its reply, hands the reply to the
+transport as its producer (a chunk at a time, no further while the transport's
+buffer is full), then reads the next request. Between requests the connection
+may stay silent for ``wire.TLS_IDLE_TIMEOUT``; within one, the usual timeout
+applies. Each request comes with the connection's identity, the fingerprint of
+its client certificate (:func:`p2p.tls.peer_fingerprint`).
 """
 
 from __future__ import annotations
@@ -18,7 +28,12 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IPullProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IPullProducer,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -30,6 +45,7 @@ from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
 from p2p.indexer.store import Store
 from p2p.listening import ConnectionCap
+from p2p.tls import is_tls, peer_fingerprint
 
 _K = wire.FieldKind
 _CODES = [bytes((code,)) for code in range(256)]
@@ -71,8 +87,20 @@ _PLANS: dict[bytes, tuple[wire.OpSpec, tuple[_Field, ...]]] = {
 }
 
 
+@implementer(IPushProducer)  # of its replies, over TLS
 class IndexerProtocol(Protocol, TimeoutMixin):
-    """Reads one request, hands it to the factory, and writes the reply it is given."""
+    """Reads one request, hands it to the factory, and writes the reply it is given.
+
+    Over TLS it then reads the next request, and so on (see the module's doc).
+    """
+
+    #: Over TLS: serve requests one after another instead of closing after one.
+    keep_open = False
+    _identity: str | None = None
+    _idle = False  # between requests on a kept connection: the idle timeout runs
+    _pending = b""  # bytes after a request that waits for its reply (kept connection)
+    _out: memoryview | None = None  # the reply not yet handed to the transport (kept)
+    _paused = False  # the transport's buffer is full: hand it no more (kept)
 
     def __init__(self, factory: IndexerFactory) -> None:
         self.factory = factory
@@ -87,6 +115,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     # --- Connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if is_tls(self.transport):
+            self.keep_open = True
+            self.transport.registerProducer(self, True)
         self.setTimeout(self.factory.timeout)
         # The request has usually arrived already: read it now if we may.
         twisted_internals.read_now(self.transport)
@@ -97,9 +128,19 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self.factory.connection_closed()
 
     def timeoutConnection(self) -> None:
-        """Silent for too long (mid-request, or not reading its reply): cut it."""
+        """Silent for too long (mid-request, idle, or not reading its reply): cut it."""
         self._done = True
         self.transport.abortConnection()
+
+    @property
+    def identity(self) -> str | None:
+        """The fingerprint of the connection's client certificate (None: plaintext, or none).
+
+        Asked when a request is complete: by then the TLS handshake is over.
+        """
+        if self.keep_open and self._identity is None:
+            self._identity = peer_fingerprint(self.transport)
+        return self._identity
 
     # --- Reading -------------------------------------------------------------
 
@@ -111,7 +152,12 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         never longer than the longest field.
         """
         if self._done:
+            if self.keep_open:  # the next request, already: read after this reply
+                self._pending += data
             return
+        if self._idle:  # a new request starts: it has the usual time
+            self._idle = False
+            self.setTimeout(self.factory.timeout)
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
@@ -126,6 +172,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
                     self._buffer = data[start:]
                 return
             if self._take(data[start:end]):
+                if self.keep_open:
+                    self._pending = data[end + 1 :]
                 return
             start = end + 1
 
@@ -152,6 +200,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
             self.factory.note(f"s> {op.name} FROM {values[1]}")
         if count == len(fields):
             self._done = True
+            if self.keep_open:  # no next request before this one's reply
+                self.transport.pauseProducing()
             self.factory.submit(self, op, values)
             return True
         self._limit = fields[count].limit
@@ -166,6 +216,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         it, and a reset can destroy the code before the sender reads it.
         """
         self._done = True
+        if self.keep_open:
+            self._close_kept(None if self._op is None else _CODES[self._op.error])
+            return
         if self._op is None:
             self.transport.loseConnection()
             return
@@ -187,6 +240,10 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         transport = self.transport
         if transport is None or not transport.connected or transport.disconnecting:
             return
+        if self.keep_open:
+            self._out = memoryview(data)
+            self._hand_over()
+            return
         data = twisted_internals.send_last(transport, data)
         if data is None:
             return
@@ -199,6 +256,59 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     @property
     def op(self) -> wire.OpSpec | None:
         return self._op
+
+    # --- A kept (TLS) connection ----------------------------------------------
+
+    def _hand_over(self) -> None:
+        """Write the reply a chunk at a time while the transport takes more; once all of
+        it is written, read the next request.
+
+        A listing is one shared bytes object: written whole, every connection
+        would hold its own copy in its buffer (see :class:`_Rest`).
+        """
+        out = self._out
+        while out and not self._paused:
+            self.transport.write(bytes(out[:REPLY_CHUNK]))
+            out = self._out = out[REPLY_CHUNK:]
+        if out is not None and not out and not self._paused:
+            self._out = None
+            self._next_request()
+
+    def _next_request(self) -> None:
+        """Start over for the next request, with what already came of it."""
+        self._buffer = b""
+        self._limit = wire.MAX_OP
+        self._op = None
+        self._fields = ()
+        self._values = []
+        self._done = False
+        self._idle = True
+        self.setTimeout(self.factory.idle_timeout)
+        pending, self._pending = self._pending, b""
+        self.transport.resumeProducing()
+        if pending:
+            self.dataReceived(pending)
+
+    def _close_kept(self, last: bytes | None) -> None:
+        """Write ``last`` (if any) and close the TLS connection (it waits for no producer)."""
+        self._out = None
+        self.transport.unregisterProducer()
+        if last is not None:
+            self.transport.write(last)
+        self.transport.loseConnection()
+
+    # IPushProducer: the transport's buffer is full, then empty again.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._out is not None:
+            self._hand_over()
+
+    def stopProducing(self) -> None:
+        self._out = None
 
 
 @implementer(IPullProducer)
@@ -251,6 +361,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.store: Store = directory.store
         self.reactor = reactor
         self.timeout = timeout
+        #: How long a kept (TLS) connection may stay silent between requests.
+        self.idle_timeout = wire.TLS_IDLE_TIMEOUT
         self.max_connections = max_connections
         self.policy = policy or AddressPolicy("127.0.0.1")
         self._replies: list[tuple[IndexerProtocol, bytes]] = []
@@ -287,7 +399,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
             address = (self.policy.record_ip(source), args[0])
         try:
-            code, body = self.directory.handle(op, datetime, user, args, address)
+            code, body = self.directory.handle(op, datetime, user, args, address, proto.identity)
         except sqlite3.Error:
             self.log.failure("store write failed; answering with the error code")
             self._recover()

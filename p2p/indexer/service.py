@@ -2,11 +2,17 @@
 
 :func:`makeService` returns a MultiService holding the listening indexer and,
 when a logger is configured, the relay that delivers the audit outbox to it.
+
+The indexer speaks TLS and the classic protocol on one port. Its TLS identity
+comes from ``--tls-key``/``--tls-cert``, or else from ``<db>.tls.pem``, made on
+the first start and reused after (a fresh one each start with ``:memory:``).
+While it runs it holds the database's lock, so ``p2p-admin`` waits for it to stop.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as default_reactor
@@ -16,11 +22,15 @@ from twisted.python import usage
 from p2p import wire
 from p2p.console import say
 from p2p.indexer.address import AddressPolicy, primary_address
-from p2p.indexer.directory import Directory
+from p2p.indexer.directory import CLASSIC_POLICIES, Directory
 from p2p.indexer.protocol import IndexerFactory
-from p2p.indexer.store import SYNC_MODES, Store
+from p2p.indexer.store import MEMORY, SYNC_MODES, Store, lock_database, unlock_database
 from p2p.listening import ListeningService, positive_float, positive_int
 from p2p.logcontract import parse_program
+from p2p.tls import Identity, SniffingFactory, server_options, write_private
+
+#: What the indexer prints at start, before its ``s> init server`` line.
+FINGERPRINT_LINE = "p2p-indexer: TLS key fingerprint {}"
 
 
 class Options(usage.Options):
@@ -28,8 +38,9 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "The p2p indexer: one request per TCP connection, directory in memory, "
-        "every change committed to SQLite before its reply byte."
+        "The p2p indexer: one request per TCP connection (or several over TLS, on the "
+        "same port), directory in memory, every change committed to SQLite before its "
+        "reply byte."
     )
     optParameters = [
         ["listen", "l", f"tcp:{wire.INDEXER_PORT}", "Server endpoint to listen on."],
@@ -69,11 +80,39 @@ class Options(usage.Options):
             "ONC-RPC program number of the audit logger (decimal or 0x...).",
             parse_program,
         ],
+        ["tls-key", None, None, "PEM file of the indexer's TLS private key (with --tls-cert)."],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM file of the indexer's TLS certificate (with --tls-key). Without both, "
+            "the key is kept in <db>.tls.pem, made on the first start.",
+        ],
+        [
+            "classic",
+            None,
+            "allow",
+            "Requests without a client certificate (classic clients): allow (all), "
+            "read-only (LIST_USERS, LIST_CONTENT, LIST_PEERS only) or deny.",
+        ],
     ]
+
+    #: The identity given by --tls-key/--tls-cert (None: the one beside the database).
+    identity: Identity | None = None
 
     def postOptions(self) -> None:
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(f"--sync must be one of {', '.join(SYNC_MODES)}")
+        if self["classic"] not in CLASSIC_POLICIES:
+            raise usage.UsageError(f"--classic must be one of {', '.join(CLASSIC_POLICIES)}")
+        key, cert = self["tls-key"], self["tls-cert"]
+        if (key is None) != (cert is None):
+            raise usage.UsageError("--tls-key and --tls-cert go together: give both or neither")
+        if key is not None:
+            try:
+                self.identity = Identity.from_files(Path(key), Path(cert))
+            except (OSError, ValueError) as exc:
+                raise usage.UsageError(f"--tls-key/--tls-cert: {exc}") from exc
         if isinstance(self["logger-program"], str):  # the default, as shown in --help
             self["logger-program"] = parse_program(self["logger-program"])
         if not self["logger-host"]:
@@ -98,28 +137,48 @@ class IndexerService(ListeningService):
         timeout: float,
         max_connections: int,
         reactor=None,
+        identity: Identity | None = None,
     ) -> None:
         super().__init__(listen, reactor=reactor if reactor is not None else default_reactor)
         self.store = store
         self.directory = directory
         self.timeout = timeout
         self.max_connections = max_connections
+        #: The TLS identity (None until started, unless given).
+        self.identity = identity
+        #: The factory of the indexer's protocol (``factory`` is the TLS sniffer around it).
+        self.indexer: IndexerFactory | None = None
+        self._lock: int | None = None
 
     def privilegedStartService(self) -> None:
-        """Load the directory and listen, before twistd drops privileges.
+        """Lock and load the database, take the TLS identity, and listen, before twistd
+        drops privileges.
 
-        A port that cannot be opened raises here (with the store closed again),
-        so twistd stops with the error and a non-zero status.
+        A database in use by another process, an unusable identity file or a
+        port that cannot be opened raises here (with the store closed and the
+        lock given back), so twistd stops with the error and a non-zero status.
         """
-        self.store.open()
-        self.directory.load()
-        self.factory = IndexerFactory(
-            self.directory, self.reactor, self.timeout, self.max_connections
-        )
         try:
-            super().privilegedStartService()
+            self._lock = lock_database(self.store.path)
+            self.store.open()
+            self.directory.load()
+            if self.identity is None:
+                self.identity = database_identity(self.store.path)
+            say(FINGERPRINT_LINE.format(self.identity.fingerprint))
+            self.indexer = IndexerFactory(
+                self.directory, self.reactor, self.timeout, self.max_connections
+            )
+            self.factory = SniffingFactory(
+                self.indexer, server_options(self.identity), self.reactor, self.timeout
+            )
+        except Exception as exc:
+            say(f"s> {self.label} cannot start: {exc}")
+            self._release()
+            raise
+        try:
+            super().privilegedStartService()  # says itself why it cannot listen
         except Exception:
-            self.store.close()
+            self._release()
             raise
 
     def listening(self, port: IListeningPort) -> None:
@@ -129,24 +188,52 @@ class IndexerService(ListeningService):
             name = getattr(address, "name", address)
             say(f"s> init server {os.fsdecode(name) if isinstance(name, bytes) else name}")
             return
-        self.factory.policy = AddressPolicy(host)
+        self.indexer.policy = AddressPolicy(host)
         # Bound to every interface: show the address other hosts would use.
         shown = primary_address() if host in ("0.0.0.0", "::", "") else host
         say(f"s> init server {shown}:{address.port}")
 
     def stopService(self):
         d = super().stopService()
-        if self.factory is not None:
-            self.factory.stop()
-        self.store.close()
+        if self.indexer is not None:
+            self.indexer.stop()
+        self._release()
         return d
+
+    def _release(self) -> None:
+        """Close the store, then give back the database's lock."""
+        self.store.close()
+        unlock_database(self._lock)
+        self._lock = None
+
+
+def database_identity(db: str) -> Identity:
+    """The identity kept beside the database (``<db>.tls.pem``), made on first use.
+
+    ``:memory:`` keeps nothing: a new identity each time. A file there that is
+    not an identity raises ValueError naming it (the operator decides what to
+    do with it: it is never overwritten).
+    """
+    if db == MEMORY:
+        return Identity.generate()
+    path = Path(f"{db}.tls.pem")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        identity = Identity.generate("p2p-indexer")
+        write_private(path, identity.to_pem())
+        return identity
+    try:
+        return Identity.from_pem(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def makeService(options: Options, reactor=None) -> IService:
     """The indexer (and the audit relay when a logger is configured) as one service."""
     reactor = reactor if reactor is not None else default_reactor
     store = Store(options["db"], sync=options["sync"])
-    directory = Directory(store, audit=options.audit)
+    directory = Directory(store, audit=options.audit, classic=options["classic"])
     top = MultiService()
     IndexerService(
         options["listen"],
@@ -155,6 +242,7 @@ def makeService(options: Options, reactor=None) -> IService:
         options["timeout"],
         options["max-connections"],
         reactor,
+        identity=options.identity,
     ).setServiceParent(top)
     if options.audit:
         from p2p.indexer.relay import make_relay

@@ -20,6 +20,8 @@ methods of :class:`Store`, so another database can stand behind the same ones.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,6 +54,35 @@ CREATE TABLE IF NOT EXISTS outbox (
     record TEXT NOT NULL
 );
 """
+
+
+class DatabaseBusy(Exception):
+    """Another process (an indexer, ``p2p-admin``) holds the database's lock."""
+
+
+def lock_database(path: str) -> int | None:
+    """Take the exclusive lock of the database at ``path`` (``<path>.lock``); its fd.
+
+    The indexer holds it while it runs, ``p2p-admin`` while it changes the
+    database, so neither changes rows under the other's feet. The lock goes
+    with the process (``kill -9`` too). None for :data:`MEMORY`, which no other
+    process can open. Raises :class:`DatabaseBusy` when it is held.
+    """
+    if path == MEMORY:
+        return None
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DatabaseBusy(f"{path} is in use by another process (its lock {path}.lock)") from None
+    return fd
+
+
+def unlock_database(fd: int | None) -> None:
+    """Give back what :func:`lock_database` took."""
+    if fd is not None:
+        os.close(fd)
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from p2p import tls, wire
 from p2p.peer.download import DownloadFailed, NoSuchFile, WrongPeer, download
 from p2p.peer.server import PeerServer
+from tests.recording_relay import RecordingRelay
 from tests.support import _UntilClosed, deadline, exchange, poll_until
 from tests.test_peer_transfer import share_and_destination
 
@@ -30,56 +31,6 @@ ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
 #: Identities are slow-ish to make; a few shared by every test are enough.
 BOB = tls.Identity.generate("bob")
 MALLORY = tls.Identity.generate("mallory")
-
-
-class _Half(protocol.Protocol):
-    """One side of the relay: forwards what it receives to the other side, records it."""
-
-    def __init__(self, relay: RecordingRelay) -> None:
-        self.relay = relay
-        self.other: _Half | None = None
-        self.pending: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.relay.captured.append(data)
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write(data)
-        else:
-            self.pending.append(data)
-
-    def connectionLost(self, reason) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.loseConnection()
-
-
-class RecordingRelay(protocol.Factory):
-    """A TCP relay to ``127.0.0.1:target`` keeping every byte that passes, both ways."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.captured: list[bytes] = []
-
-    def buildProtocol(self, addr) -> _Half:
-        near = _Half(self)
-        far = _Half(self)
-        near.other, far.other = far, near
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.target)
-
-        def joined(_):
-            for data in near.pending:
-                far.transport.write(data)
-            near.pending.clear()
-            if near.transport is None or not near.transport.connected:
-                far.transport.loseConnection()
-
-        endpoints.connectProtocol(endpoint, far).addCallbacks(
-            joined, lambda _: near.transport.loseConnection()
-        )
-        return near
-
-    @property
-    def seen(self) -> bytes:
-        return b"".join(self.captured)
 
 
 class PeerTLSTests(TestCase):
@@ -216,12 +167,10 @@ class PeerTLSTests(TestCase):
         name = "secret-plans.txt"
         data = b"the file bytes themselves, " * 2000
         (self.share / name).write_bytes(data)
-        relay = RecordingRelay(self.port)
-        listening = reactor.listenTCP(0, relay, interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        yield self.fetch(name, listening.getHost().port, BOB.fingerprint)
+        relay = RecordingRelay(self, "127.0.0.1", self.port)
+        yield self.fetch(name, relay.listening_port, BOB.fingerprint)
         self.assertEqual((self.dest / "out").read_bytes(), data)
-        seen = relay.seen
+        seen = bytes(relay.captured)
         self.assertGreater(len(seen), len(data))  # it did record the transfer
         self.assertNotIn(name.encode(), seen)
         self.assertNotIn(b"the file bytes", seen)
@@ -229,9 +178,9 @@ class PeerTLSTests(TestCase):
         # The same relay does see a plaintext download: the checks above can fail.
         relay.captured.clear()
         (self.dest / "out").unlink()
-        yield self.fetch(name, listening.getHost().port)
-        self.assertIn(name.encode(), relay.seen)
-        self.assertIn(b"the file bytes", relay.seen)
+        yield self.fetch(name, relay.listening_port)
+        self.assertIn(name.encode(), relay.captured)
+        self.assertIn(b"the file bytes", relay.captured)
 
     # --- guards ------------------------------------------------------------------
 

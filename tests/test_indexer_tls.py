@@ -255,7 +255,13 @@ def tls_client(testcase: TestCase, port: int, expected: str, identity: tls.Ident
         tls.client_options(expected, identity), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     )
     client = yield connectProtocol(endpoint, TLSClient())
-    testcase.addCleanup(lambda: client.transport.abortConnection() or client.closed)
+
+    def close() -> defer.Deferred:
+        if not client.closed.called:
+            client.transport.abortConnection()
+        return client.closed
+
+    testcase.addCleanup(close)
     return client
 
 

@@ -496,3 +496,17 @@ class OptionTests(TestCase):
 
     def test_unknown_classic_policy(self) -> None:
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--classic", "sometimes"])
+
+
+class Deadline(TestCase):
+    def test_counted_from_the_accept(self) -> None:
+        """The sniffer starts the protocol at the first byte: the time before counts too."""
+        h = Harness(self)
+        for transport in (StringTransport(), FakeTLSTransport()):
+            proto = h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            h.clock.advance(4)  # silent until its first byte
+            proto.makeConnection(transport)
+            h.clock.advance(wire.DEFAULT_TIMEOUT - 4 - 0.1)
+            self.assertFalse(transport.disconnecting)
+            h.clock.advance(0.2)
+            self.assertTrue(transport.disconnecting)

@@ -105,6 +105,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     def __init__(self, factory: IndexerFactory) -> None:
         self.factory = factory
         self.callLater = factory.reactor.callLater  # TimeoutMixin's clock
+        #: When the connection was accepted (built then; started at its first byte).
+        self._accepted = factory.reactor.seconds()
         self._buffer = b""  # the start of a field whose NUL has not arrived
         self._limit = wire.MAX_OP  # the limit of that field
         self._op: wire.OpSpec | None = None
@@ -118,7 +120,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         if is_tls(self.transport):
             self.keep_open = True
             self.transport.registerProducer(self, True)
-        self.setTimeout(self.factory.timeout)
+        # The first request (and the TLS handshake) has the usual time since the accept.
+        waited = self.factory.reactor.seconds() - self._accepted
+        self.setTimeout(max(self.factory.timeout - waited, 0.0))
         # The request has usually arrived already: read it now if we may.
         twisted_internals.read_now(self.transport)
 

@@ -510,3 +510,11 @@ class Deadline(TestCase):
             self.assertFalse(transport.disconnecting)
             h.clock.advance(0.2)
             self.assertTrue(transport.disconnecting)
+
+    def test_no_delay_on_tls(self) -> None:
+        """The first reply must not wait behind the session tickets for a delayed ACK."""
+        calls = []
+        transport = FakeTLSTransport()
+        transport.setTcpNoDelay = calls.append
+        Harness(self).factory.buildProtocol(None).makeConnection(transport)
+        self.assertEqual(calls, [True])

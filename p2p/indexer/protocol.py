@@ -120,6 +120,11 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         if is_tls(self.transport):
             self.keep_open = True
             self.transport.registerProducer(self, True)
+            # TLS 1.3 sends its session tickets apart from the first reply: without
+            # this, Nagle holds that reply until the client's delayed ACK (40 ms).
+            set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+            if set_no_delay is not None:
+                set_no_delay(True)
         # The first request (and the TLS handshake) has the usual time since the accept.
         waited = self.factory.reactor.seconds() - self._accepted
         self.setTimeout(max(self.factory.timeout - waited, 0.0))

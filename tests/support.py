@@ -293,8 +293,15 @@ def spawn_twistd(
 def run_command(
     args: Sequence[str], cwd: str | Path | None = None, env: dict[str, str] | None = None
 ) -> Deferred:
-    """Run a command to completion; fires with ``(stdout, stderr, exit code)``."""
+    """Run a command to completion; fires with ``(stdout, stderr, exit code)``.
+
+    Our client must be given its ``P2P_HOME`` (e.g. :func:`fresh_home`): no test
+    may touch the real ``~/.config/p2p``.
+    """
     from twisted.internet.utils import getProcessOutputAndValue
+
+    if is_client(args) and "P2P_HOME" not in (env or {}):
+        raise ValueError("run_command: give the client a P2P_HOME (tests.support.fresh_home)")
 
     return getProcessOutputAndValue(
         args[0],

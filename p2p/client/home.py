@@ -75,7 +75,7 @@ class Home:
 
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else default_home()
-        self._cache: dict[Path, tuple[int, Any]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
 
     # --- paths ---------------------------------------------------------------
 
@@ -99,10 +99,12 @@ class Home:
     def _read(self, path: Path, parse: Callable[[bytes], Any], missing: Any) -> Any:
         """``parse`` of the file's bytes, remembered until the file changes."""
         try:
-            stamp = path.stat().st_mtime_ns
+            st = path.stat()
         except FileNotFoundError:
             self._cache.pop(path, None)
             return missing
+        # Every write is a new file renamed in place: a new inode, whatever the clock says.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]

@@ -350,6 +350,9 @@ class ChangedKeyTests(TestCase):
         self.assertEqual(len(warning), 1, a.proc.output())
         self.assertIn(f"remove the line '127.0.0.1:{stack.port} {first}' from {known}", warning[0])
         self.assertIn(f"--indexer-fingerprint {second}", warning[0])
+        yield a.check("UNREGISTER alice", "c> UNREGISTER FAIL")  # each refusal says it again
+        self.assertEqual(sum(line.startswith("WARNING") for line in a.proc.errlines), 2)
+        self.assertIsNotNone(Home(a.home).identity("alice"))  # UNREGISTER did not happen
         self.assertEqual(known.read_text(), f"127.0.0.1:{stack.port} {first}\n")
         # The fix: the new key given explicitly (same home), then remembered.
         b = stack.shell("alice", home=a.home, extra=["--indexer-fingerprint", second.upper()])

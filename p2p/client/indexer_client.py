@@ -295,7 +295,6 @@ class IndexerClient:
         self.classic = not use_tls
         self._channels: dict[str | None, _Channel] = {}
         self._locks: dict[str | None, DeferredLock] = {}
-        self._told: set[str] = set()
 
     @property
     def where(self) -> str:
@@ -450,9 +449,7 @@ class IndexerClient:
                 f"If the new key is genuine, remove the line '{self.where} {exc.expected}' "
                 f"from {where}, or pass --indexer-fingerprint {exc.got}"
             )
-        if text not in self._told:
-            self._told.add(text)
-            self.note(text)
+        self.note(text)  # every time: a refused command must say why and how to fix it
         return IndexerKeyChanged(text)
 
 

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
+from p2p.client.indexer_client import IndexerKeyChanged
 from p2p.client.session import Session, quietly, reason
 from p2p.tls import Identity
 
@@ -57,6 +58,9 @@ class IndexerCommands:
         """
         try:
             code, rows = yield self.session.indexer.request(op, user, *args, **how)
+        except IndexerKeyChanged:
+            self.output.line(results.fail_line(op))  # the client has said why, and the fix
+            return None, None
         except Exception as exc:
             self.output.line(results.fail_line(op))
             self.output.note(f"{op}: the indexer could not be asked: {reason(exc)}")

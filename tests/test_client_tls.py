@@ -281,6 +281,25 @@ class ClassicFallbackTests(InProcessTestCase):
             yield deadline(client.request("LIST_PEERS", "bob"))
 
     @defer.inlineCallbacks
+    def test_a_handshake_left_unanswered_times_out_into_plaintext(self) -> None:
+        classic, port = self.classic_port()
+        real = classic.buildProtocol
+
+        def build(addr):
+            proto = real(addr)
+            serve = proto.dataReceived
+            proto.dataReceived = lambda data: None if data[:1] == b"\x16" else serve(data)
+            return proto
+
+        classic.buildProtocol = build
+        client = self.client(port)
+        client.timeout = 0.3
+        result = yield deadline(client.request("REGISTER", "bob"))
+        self.assertEqual(result, (0, None))
+        self.assertTrue(client.classic)
+        self.assertEqual(len(self.notes), 1)
+
+    @defer.inlineCallbacks
     def test_no_fallback_once_the_key_is_pinned(self) -> None:
         classic, port = self.classic_port()
         self.home.pin_indexer("127.0.0.1", port, "c" * 64)

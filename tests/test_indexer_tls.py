@@ -109,6 +109,7 @@ class KeptConnection(TestCase):
     def test_idle_timeout_between_requests(self) -> None:
         self.exchange(request("REGISTER", "alice"))
         self.assertCutAfter(wire.TLS_IDLE_TIMEOUT)
+        self.assertIsNone(self.transport.producer)  # closed cleanly: TLS waits for no producer
 
     def test_usual_timeout_within_a_request(self) -> None:
         self.exchange(request("REGISTER", "alice"))

@@ -137,8 +137,14 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self.factory.connection_closed()
 
     def timeoutConnection(self) -> None:
-        """Silent for too long (mid-request, idle, or not reading its reply): cut it."""
+        """Silent for too long (mid-request, or not reading its reply): cut it.
+
+        Idle between requests on a kept connection is no fault: it is closed cleanly.
+        """
         self._done = True
+        if self._idle:
+            self._close_kept(None)
+            return
         self.transport.abortConnection()
 
     @property

@@ -220,7 +220,7 @@ def database_identity(db: str) -> Identity:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        identity = Identity.generate("p2p-indexer")
+        identity = Identity.generate()
         write_private(path, identity.to_pem())
         return identity
     try:

@@ -32,6 +32,7 @@ from p2p import wire
 from p2p.console import say
 from p2p.indexer import service as indexer_service
 from p2p.logger import service as logger_service
+from p2p.logs import LogOptions, ServiceLogs
 from p2p.timews import service as time_service
 
 #: The parts, in start order: the logger first so the indexer's relay finds it.
@@ -116,7 +117,7 @@ def _handler(option: PartOption):
     return handle
 
 
-class _StackOptionsBase(usage.Options):
+class _StackOptionsBase(LogOptions, usage.Options):
     synopsis = "[options]"
     longdesc = (
         "The indexer, the audit logger and the SOAP time service in one process. "
@@ -161,9 +162,11 @@ class _StackOptionsBase(usage.Options):
 
 
 def _build_options_class() -> type[usage.Options]:
+    # The parts' log options are the process's: the stack has them once, as its own.
+    own = {name for name, *_ in LogOptions.optParameters}
     options: list[PartOption] = []
     for part, module in PARTS.items():
-        options += part_options(part, module.Options)
+        options += [o for o in part_options(part, module.Options) if o.name not in own]
     namespace = {
         "opt_" + name.replace("-", "_"): _handler(option)
         for name, option in stack_names(options).items()
@@ -310,7 +313,7 @@ def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
     return indexer, wsdl
 
 
-class StackService(MultiService):
+class StackService(ServiceLogs, MultiService):
     """The three services; says how to start a client once they are all up.
 
     A part that cannot start (an exception, or a critical event it logs while
@@ -322,6 +325,7 @@ class StackService(MultiService):
     def __init__(self, options: usage.Options) -> None:
         super().__init__()
         self.options = options
+        self.log_options = options
         self.startup_failures: list[str] = []
 
     def _observe(self, event: dict) -> None:

@@ -24,6 +24,7 @@ FLOORS = {
     "tls": 0,
     "twisted_internals": 0,
     "oncrpc": 0,
+    "logs": 0,
     "indexer": 1,
     "logger": 1,
     "timews": 1,

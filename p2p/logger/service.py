@@ -22,6 +22,7 @@ from p2p.listening import listen, positive_int
 from p2p.logcontract import parse_program
 from p2p.logger.audit import DEFAULT_MAX_SENDERS, AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
+from p2p.logs import LogOptions, ServiceLogs
 from p2p.oncrpc import portmap, rpc
 from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
 
@@ -51,7 +52,7 @@ def parse_udp(spec: str) -> tuple[int, str]:
     return int(port_text), interface
 
 
-class Options(usage.Options):
+class Options(LogOptions, usage.Options):
     """Command line of ``twistd p2p-logger``."""
 
     synopsis = "[--listen ENDPOINT]... [--program N] [--audit-file PATH] [options]"
@@ -163,14 +164,18 @@ class FsyncGroup:
         threads.deferToThread(self.sync).addBoth(fire)
 
 
-class LoggerService(service.Service):
-    """Listeners, audit file and portmapper registration of one logger."""
+class LoggerService(ServiceLogs, service.Service):
+    """Listeners, audit file and portmapper registration of one logger.
+
+    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``).
+    """
 
     def __init__(self, options: Options, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.options = options
+        self.log_options = options
         self.program_number: int = options["program"]
         self.audit = AuditLog(
             options["audit-file"],

@@ -10,12 +10,13 @@ from twisted.python import usage
 from p2p import wire
 from p2p.console import say
 from p2p.listening import CappedWrappingFactory, ListeningService, positive_int
+from p2p.logs import LogOptions, ServiceLogs
 from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
 
 log = Logger()
 
 
-class Options(usage.Options):
+class Options(LogOptions, usage.Options):
     """Command line of ``twistd p2p-time``."""
 
     synopsis = "[--listen ENDPOINT] [--max-body BYTES] [--inline]"
@@ -66,11 +67,12 @@ def wsdl_url(address: object) -> str:
     return f"http://{host}:{port}/?wsdl"
 
 
-class TimeWebService(ListeningService):
+class TimeWebService(ServiceLogs, ListeningService):
     """The listening site; says its WSDL URL once the port is open.
 
     A port that cannot be opened fails at start, so ``twistd`` exits with the
-    error instead of running without its service.
+    error instead of running without its service. Run by twistd, it logs
+    rate-limited to bounded files (``p2p.logs``).
     """
 
     label = "time service"
@@ -96,4 +98,5 @@ def makeService(options: Options) -> IService:
         options["listen"], CappedWrappingFactory(site, options["max-connections"]), reactor
     )
     service.setName("time")
+    service.log_options = options
     return service

@@ -19,7 +19,7 @@ from twisted.web import http, resource, server
 from twisted.web.wsgi import WSGIResource
 
 from p2p.timews.app import make_wsgi_application
-from p2p.timews.fault import soap_fault
+from p2p.timews.fault import log_fault, soap_fault
 from p2p.timews.inline import InlineWSGIResource
 
 #: Default cap on a request body: a get_time envelope is a few hundred bytes.
@@ -71,7 +71,12 @@ class BoundedRequest(server.Request):
         """Answer 413 with a fault straight on the transport and hang up."""
         self._refused = True
         self.content = None
-        body = soap_fault("Client.RequestTooLong", f"request body over {self._limit()} bytes")
+        reason = f"request body over {self._limit()} bytes"
+        peer = getattr(self.getClientAddress(), "host", "?")
+        # the body's length is known before twisted.web sets the method
+        method = "?" if self.method == server.Request.method else self.method.decode("latin-1")
+        log_fault(peer, method, "413 Request Entity Too Large", "Client.RequestTooLong", reason)
+        body = soap_fault("Client.RequestTooLong", reason)
         head = (
             "HTTP/1.1 413 Request Entity Too Large\r\n"
             "Content-Type: text/xml; charset=utf-8\r\n"
@@ -84,7 +89,11 @@ class BoundedRequest(server.Request):
 
 
 class TimeSite(server.Site):
-    """The site of the time service: bounded requests, no traceback pages."""
+    """The site of the time service: bounded requests, no traceback pages.
+
+    An answer with an error status has no access line: its fault was logged
+    once, with its code, where it was made (``p2p.timews.fault.log_fault``).
+    """
 
     requestFactory = BoundedRequest
     displayTracebacks = False
@@ -92,6 +101,10 @@ class TimeSite(server.Site):
     def __init__(self, root: resource.IResource, max_body: int = DEFAULT_MAX_BODY) -> None:
         super().__init__(root, timeout=IDLE_TIMEOUT)
         self.max_body = max_body
+
+    def log(self, request: server.Request) -> None:
+        if request.code < 400:
+            super().log(request)
 
 
 def is_wsdl_query(query: bytes) -> bool:

@@ -156,6 +156,19 @@ class ShellIdentityTests(ShellTestCase):
         self.assertEqual(self.indexer.identities[-1].fingerprint, kept.fingerprint)
         self.assertEqual(self.home.identity("alice").fingerprint, kept.fingerprint)
 
+    def test_an_unknown_outcome_keeps_the_identity_a_refusal_does_not(self) -> None:
+        self.indexer.faults["REGISTER"] = wire.encode_code(wire.REGISTER.error)
+        self.assertEqual(self.send("REGISTER bob"), ["c> REGISTER FAIL"])
+        self.assertIsNone(self.home.identity("bob"))
+        self.indexer.faults["REGISTER"] = b""  # closed before the reply: registered or not?
+        self.assertEqual(self.send("REGISTER bob"), ["c> REGISTER FAIL"])
+        sent = self.indexer.identities[-1]
+        self.assertEqual(self.home.identity("bob").fingerprint, sent.fingerprint)
+        self.assertIn("may have been claimed", self.output.notes[-1])
+        del self.indexer.faults["REGISTER"]
+        self.assertEqual(self.send("REGISTER bob"), ["c> REGISTER OK"])
+        self.assertEqual(self.indexer.identities[-1].fingerprint, sent.fingerprint)
+
     def test_against_a_classic_indexer_nothing_is_kept(self) -> None:
         self.indexer.classic = True
         self.assertEqual(self.send("REGISTER alice"), ["c> REGISTER OK"])

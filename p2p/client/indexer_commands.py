@@ -103,7 +103,9 @@ class IndexerCommands:
 
         A new identity is kept only if the indexer registered the name over
         TLS: only then does the name belong to it. Against a classic indexer
-        nothing is kept.
+        nothing is kept. When the outcome is unknown (no reply) it is kept too:
+        the indexer may have registered the name with it, and a name claimed by
+        a lost key is lost; kept, it is simply used by the next REGISTER.
         """
         if self._refused("REGISTER", user):
             return
@@ -116,11 +118,14 @@ class IndexerCommands:
             return
         identity = kept if kept is not None else Identity.generate()
         code, _rows = yield self._ask("REGISTER", user, identity=identity)
-        if kept is not None or code != wire.OK or getattr(self.session.indexer, "classic", True):
+        if kept is not None or code not in (wire.OK, None):
+            return
+        if getattr(self.session.indexer, "classic", True):
             return
         if self._home("REGISTER", lambda: home.create_identity(user, identity)):
+            how = "is claimed by" if code == wire.OK else "may have been claimed by"
             self.output.note(
-                f"REGISTER: {user} is claimed by the key {identity.fingerprint}, kept in "
+                f"REGISTER: {user} {how} the key {identity.fingerprint}, kept in "
                 f"{home.identity_file(user)}: whoever holds that file is {user} for the "
                 "indexer (p2p-client --export-identity moves it to another machine)"
             )

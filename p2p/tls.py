@@ -288,8 +288,10 @@ class _Sniffer(Protocol, TimeoutMixin):
         self.callLater = factory.reactor.callLater  # TimeoutMixin's clock
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.factory.timeout)
+        # The first byte is usually there already: then no timer is needed at all.
         twisted_internals.read_now(self.transport)
+        if self.target is None and self.transport.connected:
+            self.setTimeout(self.factory.timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._early is not None:

@@ -233,12 +233,16 @@ def _url_host(host: str) -> str:
 
 
 def client_command(
-    options: usage.Options, bound_indexer: Target | None = None, bound_wsdl: str | None = None
+    options: usage.Options,
+    bound_indexer: Target | None = None,
+    bound_wsdl: str | None = None,
+    fingerprint: str | None = None,
 ) -> str:
     """The command that starts a client against this stack.
 
     ``bound_indexer`` and ``bound_wsdl`` are where the services really listen,
-    for endpoints whose port the options leave to the kernel (``tcp:0``).
+    for endpoints whose port the options leave to the kernel (``tcp:0``);
+    ``fingerprint`` is the indexer's key, which the command pins (no first-use trust).
     """
     indexer = connect_to(options.parts["indexer"]["listen"]) or bound_indexer
     time = connect_to(options.parts["time"]["listen"])
@@ -247,6 +251,8 @@ def client_command(
     words = [str(client.absolute()) if client.exists() else "p2p-client"]
     if indexer is not None:
         words += ["-s", indexer.host, "-p", str(indexer.port)]
+    if fingerprint is not None:
+        words += ["--indexer-fingerprint", fingerprint]
     if time is not None:
         words += ["--wsdl", f"http://{_url_host(time.host)}:{time.port}/?wsdl"]
     elif bound_wsdl is not None:
@@ -295,9 +301,10 @@ def demo_tour(command: str, demo: Path) -> list[str]:
     ]
 
 
-def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
-    """Where the running indexer and time service listen (for ``tcp:0`` endpoints)."""
-    indexer, wsdl = None, None
+def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None, str | None]:
+    """Where the running indexer and time service listen (for ``tcp:0`` endpoints),
+    and the indexer's key fingerprint."""
+    indexer, wsdl, fingerprint = None, None, None
     services = list(top)
     while services:
         service = services.pop()
@@ -308,9 +315,11 @@ def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None]:
             host = getattr(address, "host", None)
             if host is not None:
                 indexer = Target(wire.local_host(host), address.port, "")
+            if service.identity is not None:
+                fingerprint = service.identity.fingerprint
         elif isinstance(service, time_service.TimeWebService) and "://" in (service.url or ""):
             wsdl = service.url
-    return indexer, wsdl
+    return indexer, wsdl, fingerprint
 
 
 class StackService(ServiceLogs, MultiService):

@@ -179,6 +179,8 @@ class StackProcessTests(TestCase):
             f"--db={self.dir / 'indexer.db'}",
             cwd=self.dir,
         )
+        match = yield self.proc.wait_for_line(r"p2p-indexer: TLS key fingerprint ([0-9a-f]{64})$")
+        self.fingerprint = match.group(1)
         self.indexer = yield indexer_port(self.proc)
         self.time = url_port((yield time_url(self.proc)))
         match = yield self.proc.wait_for_line(r"s> client: (.+)$")
@@ -194,6 +196,8 @@ class StackProcessTests(TestCase):
                 "127.0.0.1",
                 "-p",
                 str(self.indexer),
+                "--indexer-fingerprint",
+                self.fingerprint,
                 "--wsdl",
                 f"http://127.0.0.1:{self.time}/?wsdl",
             ],
@@ -275,11 +279,21 @@ class StackKernelPortsTests(TestCase):
             "--no-rpcbind",
             "--db=:memory:",
         )
+        key = yield proc.wait_for_line(r"p2p-indexer: TLS key fingerprint ([0-9a-f]{64})$")
         indexer = yield proc.wait_for_line(r"s> init server 127\.0\.0\.1:(\d+)")
         wsdl = yield proc.wait_for_line(r"s> time service (\S+)")
         command = yield proc.wait_for_line(r"s> client: (.+)$")
         self.assertEqual(
             client_arguments(command.group(1)),
-            ["-s", "127.0.0.1", "-p", indexer.group(1), "--wsdl", wsdl.group(1)],
+            [
+                "-s",
+                "127.0.0.1",
+                "-p",
+                indexer.group(1),
+                "--indexer-fingerprint",
+                key.group(1),
+                "--wsdl",
+                wsdl.group(1),
+            ],
         )
         self.assertNotEqual(indexer.group(1), "0")

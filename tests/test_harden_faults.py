@@ -9,19 +9,21 @@ are kept. The rate limit itself is tested on a fake clock.
 
 from __future__ import annotations
 
+import io
 import re
 import signal
 from pathlib import Path
 
 from lxml import etree
 from twisted.internet import defer, protocol, reactor, task
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.logs import DEFAULT_BURST, DEFAULT_PERIOD, RateLimitedObserver, service_log_observer
 from p2p.oncrpc import rpc
+from p2p.timews.app import GuardedWsgiApplication, make_application
 from tests.support import (
     TWISTD,
     deadline,
@@ -259,6 +261,42 @@ class LogChoiceTests(TestCase):
         self.assertEqual((options["log-size"], options["log-files"]), (5000, 3))
         for prefixed in ("--time-log-size", "--logger-log-files"):
             self.assertRaises(usage.UsageError, stack.Options().parseOptions, [prefixed, "1"])
+
+
+class ServerFaultTests(TestCase):
+    """Whatever raises inside Spyne is a ``Server`` fault and one error line, no traceback."""
+
+    def test_spyne_raising(self):
+        class Broken(GuardedWsgiApplication):
+            def handle_rpc(self, req_env, start_response):
+                raise RuntimeError("boom\nsecond line")
+
+        app = Broken(make_application(), max_content_length=65536)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        started = []
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "CONTENT_TYPE": "text/xml",
+            "REMOTE_ADDR": "192.0.2.1",
+            "SERVER_NAME": "h",
+            "SERVER_PORT": "80",
+            "PATH_INFO": "/",
+            "QUERY_STRING": "",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(GET_TIME),
+        }
+        body = b"".join(app(environ, lambda status, headers: started.append(status)))
+        self.assertEqual(started, ["500 Internal Server Error"])
+        self.assertEqual(fault_code(body), "soap11env:Server")
+        [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "p2p.timews.fault"]
+        self.assertEqual(
+            line,
+            "SOAP fault to 192.0.2.1 POST: 500 Server: "
+            "internal error (RuntimeError: boom\\nsecond line)",
+        )
+        self.assertFalse([e for e in events if "log_failure" in e])
 
 
 class TimeFaultTests(TestCase):

@@ -100,10 +100,10 @@ class _Answer(Exception):
 def _note_fault(ctx) -> None:
     """Spyne's ``wsgi_exception`` event: remember which fault it answers, for the log line."""
     error = ctx.out_error or ctx.in_error
-    ctx.transport.req_env[_FAULT] = (
-        str(getattr(error, "faultcode", "Server")),
-        str(getattr(error, "faultstring", "") or error),
-    )
+    reason = getattr(error, "faultstring", "") or error
+    if isinstance(reason, bytes):  # lxml's schema errors
+        reason = reason.decode("utf-8", "replace")
+    ctx.transport.req_env[_FAULT] = (str(getattr(error, "faultcode", "Server")), str(reason))
 
 
 def _charset(body: bytes, content_type: str) -> tuple[str, str | None]:

@@ -93,3 +93,32 @@ class MakeServiceTests(TestCase):
         self.assertEqual(
             (endpoint, host, program), ("tcp:host=127.0.0.1:port=1", None, wire.LOGGER_PROGRAM)
         )
+
+
+class LogTests(TestCase):
+    """Run by twistd with --logfile, the indexer logs through the bounded, rate-limited log."""
+
+    def test_twistd_gets_the_rate_limited_observer_over_a_bounded_file(self):
+        import signal
+        from pathlib import Path
+
+        from twisted.application.service import Application
+        from twisted.internet import task
+        from twisted.logger import ILogObserver, LogLevel
+
+        from p2p.logs import RateLimitedObserver
+
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        path = Path(self.mktemp())
+        options = Options()
+        options.parseOptions(["--db", ":memory:", "--log-size", "1000", "--log-files", "2"])
+        options.parent = {"logfile": str(path), "nodaemon": True, "syslog": False, "logger": None}
+        application = Application("p2p-indexer")
+        makeService(options).setServiceParent(application)
+        observer = ILogObserver(application, None)
+        self.assertIsInstance(observer, RateLimitedObserver)
+        observer.clock = task.Clock()  # its summary period, on a fake clock
+        for letter in "xyz":
+            observer({"log_format": letter * 600, "log_level": LogLevel.warn, "log_time": 0})
+        self.assertIn("zzz", path.read_text())
+        self.assertIn("xxx", Path(f"{path}.1").read_text())  # rotated at 1000 bytes

@@ -27,13 +27,14 @@ from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import MEMORY, SYNC_MODES, Store, lock_database, unlock_database
 from p2p.listening import ListeningService, positive_float, positive_int
 from p2p.logcontract import parse_program
+from p2p.logs import LogOptions, ServiceLogs
 from p2p.tls import Identity, SniffingFactory, server_options, write_private
 
 #: What the indexer prints at start, before its ``s> init server`` line.
 FINGERPRINT_LINE = "p2p-indexer: TLS key fingerprint {}"
 
 
-class Options(usage.Options):
+class Options(LogOptions, usage.Options):
     """Command line of ``twistd p2p-indexer``."""
 
     synopsis = "[options]"
@@ -229,12 +230,17 @@ def database_identity(db: str) -> Identity:
         raise ValueError(f"{path}: {exc}") from exc
 
 
+class _Indexer(ServiceLogs, MultiService):
+    """The indexer and its relay; run by twistd, it logs through the bounded, rate-limited log."""
+
+
 def makeService(options: Options, reactor=None) -> IService:
     """The indexer (and the audit relay when a logger is configured) as one service."""
     reactor = reactor if reactor is not None else default_reactor
     store = Store(options["db"], sync=options["sync"])
     directory = Directory(store, audit=options.audit, classic=options["classic"])
-    top = MultiService()
+    top = _Indexer()
+    top.log_options = options
     IndexerService(
         options["listen"],
         store,

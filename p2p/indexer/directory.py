@@ -49,6 +49,9 @@ class Directory:
         self.connected: dict[str, Address] = {}
         #: The listings of LIST_USERS and LIST_PEERS, kept until ``connected`` changes.
         self._listings: dict[bool, bytes] = {}
+        #: Each owner's LIST_CONTENT listing, kept until the owner's files change: one
+        #: shared, immutable listing per change, however many ask (and never read it).
+        self._contents: dict[str, bytes] = {}
         self._handlers = {
             wire.REGISTER.name: self._register,
             wire.UNREGISTER.name: self._unregister,
@@ -66,6 +69,7 @@ class Directory:
         self.users = self.store.load()
         self.connected = {n: u.address for n, u in self.users.items() if u.address is not None}
         self._listings.clear()
+        self._contents.clear()
 
     def handle(
         self,
@@ -127,6 +131,7 @@ class Directory:
         if row.address is not None:  # refused while connected
             return wire.UNREGISTER.error, b""
         del self.users[user]
+        self._contents.pop(user, None)
         self.store.remove_user(user)
         return wire.OK, b""
 
@@ -159,6 +164,7 @@ class Directory:
         if name in row.files:
             return wire.PUBLISH.own, b""
         row.files[name] = description
+        self._contents.pop(user, None)
         self.store.add_file(user, name, description)
         return wire.OK, b""
 
@@ -169,6 +175,7 @@ class Directory:
         if name not in row.files:
             return wire.DELETE.own, b""
         del row.files[name]
+        self._contents.pop(user, None)
         self.store.remove_file(user, name)
         return wire.OK, b""
 
@@ -202,7 +209,11 @@ class Directory:
     def _list_content(
         self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
     ) -> Result:
-        owner = self.users.get(args[0])
-        if owner is None:
-            return wire.LIST_CONTENT.own, b""
-        return wire.OK, wire.encode_listing(owner.files.items())
+        name = args[0]
+        listing = self._contents.get(name)
+        if listing is None:
+            owner = self.users.get(name)
+            if owner is None:
+                return wire.LIST_CONTENT.own, b""
+            listing = self._contents[name] = wire.encode_listing(owner.files.items())
+        return wire.OK, listing

@@ -100,6 +100,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     _idle = False  # between requests on a kept connection: the idle timeout runs
     _pending = b""  # bytes after a request that waits for its reply (kept connection)
     _out: memoryview | None = None  # the reply not yet handed to the transport (kept)
+    _head: bytes = b""  # the reply code, written with the first piece of ``_out``
     _paused = False  # the transport's buffer is full: hand it no more (kept)
 
     def __init__(self, factory: IndexerFactory) -> None:
@@ -246,24 +247,30 @@ class IndexerProtocol(Protocol, TimeoutMixin):
 
     # --- Replying ------------------------------------------------------------
 
-    def reply(self, data: bytes) -> None:
-        """Send the reply (code and listing) and close; the timeout still guards the write.
+    def reply(self, code: bytes, body: bytes = b"") -> None:
+        """Send the reply (the code, and the listing after 0) and close; the timeout still
+        guards the write. On a kept (TLS) connection, read the next request instead.
 
-        The fast path (when allowed) sends it straight on the socket and closes
-        at once; what it could not send goes the plain way.
+        ``body`` is the directory's shared listing: a long one is never copied
+        whole, only handed to the transport a chunk at a time (the code goes
+        with the first), so a crowd of readers that never read costs one
+        listing, not one each. A short reply goes out in one piece: the fast
+        path (when allowed) sends it straight on the socket and closes at once.
         """
         transport = self.transport
         if transport is None or not transport.connected or transport.disconnecting:
             return
+        if len(body) <= REPLY_CHUNK:
+            code, body = code + body if body else code, b""
         if self.keep_open:
-            self._out = memoryview(data)
+            self._head, self._out = (code, memoryview(body)) if body else (b"", memoryview(code))
             self._hand_over()
             return
-        data = twisted_internals.send_last(transport, data)
-        if data is None:
+        if body:
+            _Rest(transport, body, head=code).start()
             return
-        if len(data) > REPLY_CHUNK:
-            _Rest(transport, data).start()
+        data = twisted_internals.send_last(transport, code)
+        if data is None:
             return
         transport.write(bytes(data))
         transport.loseConnection()
@@ -283,8 +290,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         """
         out = self._out
         while out and not self._paused:
-            self.transport.write(bytes(out[:REPLY_CHUNK]))
-            out = self._out = out[REPLY_CHUNK:]
+            chunk, out = next_chunk(self._head, out)
+            self._out, self._head = out, b""
+            self.transport.write(chunk)
         if out is not None and not out and not self._paused:
             self._out = None
             self._next_request()
@@ -326,6 +334,13 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._out = None
 
 
+def next_chunk(head: bytes, rest: memoryview) -> tuple[bytes, memoryview]:
+    """The next piece of a reply to write: ``head`` (the code, before the first piece) and
+    as much of ``rest`` as fills one chunk; and what is left of ``rest``."""
+    room = REPLY_CHUNK - len(head)
+    return head + rest[:room], rest[room:]
+
+
 @implementer(IPullProducer)
 class _Rest:
     """The rest of a large reply, one chunk each time the transport has sent the last.
@@ -336,9 +351,10 @@ class _Rest:
     connection cap. This way each holds at most one chunk.
     """
 
-    def __init__(self, transport, data: bytes | memoryview) -> None:
+    def __init__(self, transport, data: bytes | memoryview, head: bytes = b"") -> None:
         self.transport = transport
         self.data = memoryview(data)
+        self.head = head  # the reply code, sent with the first chunk
 
     def start(self) -> None:
         # Read nothing more, as loseConnection would: an EOF from a client that
@@ -347,9 +363,10 @@ class _Rest:
         self.transport.registerProducer(self, False)  # asks for the first chunk at once
 
     def resumeProducing(self) -> None:
-        chunk, self.data = self.data[:REPLY_CHUNK], self.data[REPLY_CHUNK:]
+        chunk, self.data = next_chunk(self.head, self.data)
+        self.head = b""
         if chunk:
-            self.transport.write(bytes(chunk))
+            self.transport.write(chunk)
         if not self.data:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
@@ -380,7 +397,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.idle_timeout = wire.TLS_IDLE_TIMEOUT
         self.max_connections = max_connections
         self.policy = policy or AddressPolicy("127.0.0.1")
-        self._replies: list[tuple[IndexerProtocol, bytes]] = []
+        #: This turn's replies: (protocol, code byte, shared listing or b"").
+        self._replies: list[tuple[IndexerProtocol, bytes, bytes]] = []
         self._lines: list[str] = []
         self._flush_call = None
         self.stopped = False
@@ -419,7 +437,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             self.log.failure("store write failed; answering with the error code")
             self._recover()
             code, body = op.error, b""
-        self._replies.append((proto, _CODES[code] + body if body else _CODES[code]))
+        self._replies.append((proto, _CODES[code], body))
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
 
@@ -436,9 +454,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             except sqlite3.Error:
                 self.log.failure("commit failed; the turn's requests get their error code")
                 self._recover()
-                replies = [(p, _CODES[p.op.error]) for p, _ in replies]
-        for proto, data in replies:
-            proto.reply(data)
+                replies = [(p, _CODES[p.op.error], b"") for p, _, _ in replies]
+        for proto, code, body in replies:
+            proto.reply(code, body)
 
     def stop(self) -> None:
         """Commit and answer what is pending; later requests get their error code."""
@@ -455,7 +473,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         stale and every request is refused until a later reload succeeds, so a
         rolled-back change is never visible nor acknowledged.
         """
-        self._replies = [(p, _CODES[p.op.error]) for p, _ in self._replies]
+        self._replies = [(p, _CODES[p.op.error], b"") for p, _, _ in self._replies]
         try:
             self.store.rollback()
             self.directory.load()

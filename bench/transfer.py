@@ -11,16 +11,21 @@ Two processes each time, on 127.0.0.1:
 Rounds alternate raw and peer so both see the same machine state; the best of
 each is compared and printed as a ratio. ``--compare-plain`` adds a second peer
 server started with ``P2P_PLAIN_TWISTED=1`` (no sendfile) to every round, and
-the servers' CPU time per GiB is printed. Never run as a test.
+the servers' CPU time per GiB is printed. ``--tls`` adds a peer server with an
+identity and a TLS download checked against its fingerprint (what our clients
+do between each other) beside the plaintext one, in the same rounds. Never run
+as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
     .venv/bin/python bench/transfer.py --compare-plain   # and without sendfile
+    .venv/bin/python bench/transfer.py --tls             # and over TLS
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import socket
@@ -51,8 +56,14 @@ import sys
 from pathlib import Path
 from twisted.internet import reactor
 from p2p.peer.server import PeerServer
-server = PeerServer(Path(sys.argv[1]), lambda name: True, reactor)
-server.listen("tcp:0:interface=127.0.0.1").addCallback(lambda port: print(port, flush=True))
+identity = None
+if sys.argv[2:] == ["tls"]:
+    from p2p.tls import Identity
+    identity = Identity.generate()
+server = PeerServer(Path(sys.argv[1]), lambda name: True, reactor, identity=identity)
+server.listen("tcp:0:interface=127.0.0.1").addCallback(
+    lambda port: print(port, identity.fingerprint if identity else "-", flush=True)
+)
 reactor.run()
 """
 
@@ -69,13 +80,21 @@ def make_source(path: Path, size: int) -> None:
 
 
 def start_child(code: str, *args: str, plain: bool = False) -> tuple[subprocess.Popen, int]:
-    """Start a child process; ``plain``: without the Twisted fast paths (P2P_PLAIN_TWISTED=1)."""
+    """Start a child process; ``plain``: without the Twisted fast paths (P2P_PLAIN_TWISTED=1).
+
+    The child prints its port first (and may print more on that line: see :data:`said`).
+    """
     env = dict(os.environ, PYTHONPATH=str(REPO), P2P_PLAIN_TWISTED="1" if plain else "")
     child = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env
     )
-    port = int(child.stdout.readline())
-    return child, port
+    port, *rest = child.stdout.readline().split()
+    said[child.pid] = rest
+    return child, int(port)
+
+
+#: What each child printed after its port (a TLS peer server: its key's fingerprint).
+said: dict[int, list[str]] = {}
 
 
 def raw_copy(port: int, destination: Path | None) -> tuple[int, float]:
@@ -102,8 +121,12 @@ def raw_copy(port: int, destination: Path | None) -> tuple[int, float]:
     return received, time.perf_counter() - start
 
 
-def peer_download(port: int, destination: Path) -> tuple[int, float]:
-    """One ``download()`` on a fresh reactor-driven call; blocks until it is done."""
+def peer_download(
+    port: int, destination: Path, fingerprint: str | None = None
+) -> tuple[int, float]:
+    """One ``download()`` on a fresh reactor-driven call; blocks until it is done.
+
+    With ``fingerprint``: over TLS, the server's key checked against it."""
     from twisted.internet import reactor
 
     from p2p.peer.download import download
@@ -116,7 +139,14 @@ def peer_download(port: int, destination: Path) -> tuple[int, float]:
         outcome["elapsed"] = time.perf_counter() - start
         reactor.crash()
 
-    download("127.0.0.1", port, "source.bin", destination, reactor=reactor).addBoth(done)
+    download(
+        "127.0.0.1",
+        port,
+        "source.bin",
+        destination,
+        reactor=reactor,
+        expected_fingerprint=fingerprint,
+    ).addBoth(done)
     reactor.run(installSignalHandlers=False)
     result = outcome["result"]
     if not isinstance(result, int):
@@ -147,6 +177,11 @@ def main() -> None:
         action="store_true",
         help="also a peer without the Twisted fast paths (no sendfile), in the same rounds",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also a download over TLS from a peer with an identity, in the same rounds",
+    )
     opts = parser.parse_args()
 
     size = opts.size_mb * 1024 * 1024
@@ -169,7 +204,14 @@ def main() -> None:
             children.append(plain_child)
             rates["peer plain"] = []
             senders["peer plain"] = plain_child
+        if opts.tls:
+            tls_child, tls_port = start_child(PEER_SERVER, str(share), "tls")
+            children.append(tls_child)
+            rates["peer tls"] = []
+            senders["peer tls"] = tls_child
+            tls_download = functools.partial(peer_download, fingerprint=said[tls_child.pid][0])
         server_cpu: dict[str, list[float]] = {label: [] for label in senders}
+        client_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
             for round_ in range(1, opts.rounds + 1):
                 runs = [
@@ -179,12 +221,16 @@ def main() -> None:
                 ]
                 if opts.compare_plain:
                     runs.append(("peer plain", peer_download, plain_port, dest / "peer.bin"))
+                if opts.tls:
+                    runs.append(("peer tls", tls_download, tls_port, dest / "peer.bin"))
                 for label, run, port, out in runs:
                     sender = senders.get(label)
                     cpu = cpu_seconds(sender.pid) if sender else 0.0
+                    mine = time.process_time()
                     got, seconds = run(port, out)
                     if sender:
                         server_cpu[label].append(cpu_seconds(sender.pid) - cpu)
+                        client_cpu[label].append(time.process_time() - mine)
                     if got != size:
                         raise SystemExit(f"{label}: got {got} of {size} bytes")
                     if expected and out is not None and sha256(out) != expected:
@@ -219,12 +265,18 @@ def main() -> None:
             f"  peer / peer plain = {best['peer'] / best['peer plain']:.0%} (best)"
             f"  {median['peer'] / median['peer plain']:.0%} (median)"
         )
-    gib = size / 2**30
-    for label, values in server_cpu.items():
+    if opts.tls:
         print(
-            f"  server CPU, {label:10s}: median {statistics.median(values) / gib:.2f} s per GiB "
-            f"(user+system; runs: {', '.join(f'{v / gib:.2f}' for v in values)})"
+            f"  peer tls / peer  = {best['peer tls'] / best['peer']:.0%} (best)"
+            f"  {median['peer tls'] / median['peer']:.0%} (median)"
         )
+    gib = size / 2**30
+    for side, cpu in (("server", server_cpu), ("client", client_cpu)):
+        for label, values in cpu.items():
+            print(
+                f"  {side} CPU, {label:10s}: median {statistics.median(values) / gib:.2f} s per "
+                f"GiB (user+system; runs: {', '.join(f'{v / gib:.2f}' for v in values)})"
+            )
 
 
 if __name__ == "__main__":

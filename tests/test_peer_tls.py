@@ -16,10 +16,14 @@ from pathlib import Path
 
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from p2p import tls, wire
+from p2p import tls, twisted_internals, wire
+from p2p.peer import download as download_module
+from p2p.peer import sender
 from p2p.peer.download import DownloadFailed, NoSuchFile, WrongPeer, download
 from p2p.peer.server import PeerServer
 from tests.recording_relay import RecordingRelay
@@ -97,6 +101,32 @@ class PeerTLSTests(TestCase):
     def test_tls_a_few_megabytes(self):
         return self.check_tls_roundtrip(os.urandom(1 << 20) * 3 + b"tail")
 
+    def test_tls_a_few_megabytes_plain_twisted(self):
+        """The same without the TLS fast path (``P2P_PLAIN_TWISTED=tls_bulk``)."""
+        self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS - {"tls_bulk"})
+        return self.check_tls_roundtrip(os.urandom(1 << 20) * 3 + b"tail")
+
+    @defer.inlineCallbacks
+    def test_the_tls_fast_path_is_taken(self):
+        """Each chunk goes through the bulk writer (the test above covers it switched off)."""
+        self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS)
+        written: list[int] = []
+        real = twisted_internals.tls_bulk_writer
+
+        def recording(transport):
+            write = real(transport)
+            self.assertIsNotNone(write)
+
+            def counting(data):
+                written.append(len(data))
+                write(data)
+
+            return counting
+
+        self.patch(twisted_internals, "tls_bulk_writer", recording)
+        yield self.check_tls_roundtrip(b"x" * (sender.TLS_CHUNK * 2 + 5))
+        self.assertEqual(written, [sender.TLS_CHUNK, sender.TLS_CHUNK, 5])
+
     @defer.inlineCallbacks
     def test_tls_no_such_file(self):
         yield self.assertFailure(self.fetch("nothing.txt", fingerprint=BOB.fingerprint), NoSuchFile)
@@ -115,6 +145,7 @@ class PeerTLSTests(TestCase):
     @defer.inlineCallbacks
     def test_plaintext_download_still_uses_sendfile(self):
         """The fast path stays for plaintext (and the check above can fail)."""
+        self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS)
         data = os.urandom(300_000)
         (self.share / "file.bin").write_bytes(data)
         sendfile_calls = self.record_sendfile()
@@ -279,3 +310,66 @@ class PeerTLSClockTests(TestCase):
                 break
             transport.producer.resumeProducing()
         self.assertEqual(transport.value(), b"\0hello")
+
+
+class TLSBulkWriterTests(TestCase):
+    """Where the fast path applies, and where it leaves the plain way."""
+
+    def test_not_for_plaintext_nor_switched_off(self):
+        self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS)
+        self.assertIsNone(twisted_internals.tls_bulk_writer(StringTransport()))
+        clock = MemoryReactorClock()
+        server = PeerServer(Path("."), lambda name: True, clock, identity=BOB)
+        sniffer = server.listening_factory.buildProtocol(ADDR)
+        wire_bytes = StringTransport(peerAddress=ADDR)
+        sniffer.makeConnection(wire_bytes)
+        sniffer.dataReceived(bytes([wire.TLS_HANDSHAKE]))  # not a whole ClientHello: waits
+        tls_transport = sniffer.target
+        self.assertTrue(tls.is_tls(tls_transport))
+        write = twisted_internals.tls_bulk_writer(tls_transport)
+        self.assertIsNotNone(write)
+        # Before the handshake is done, it writes the plain way: held, nothing goes out.
+        write(b"early bytes")
+        clock.advance(0)
+        self.assertEqual(wire_bytes.value(), b"")
+        self.assertFalse(wire_bytes.disconnecting)
+        self.patch(twisted_internals, "ENABLED", frozenset())
+        self.assertIsNone(twisted_internals.tls_bulk_writer(tls_transport))
+
+
+class _Events:
+    """Records what a download connection reports."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def data_received(self, data):
+        self.seen.append(data)
+
+    def closed(self):
+        self.seen.append("closed")
+
+    def connected(self):
+        self.seen.append("connected")
+
+
+class HeldRecordsTests(TestCase):
+    """The downloader passes on what TLS delivers record by record once per reactor turn."""
+
+    def test_records_of_one_turn_are_passed_on_together_and_before_the_end(self):
+        clock = MemoryReactorClock()
+        events = _Events()
+        client = download_module._PeerClient(
+            events, b"FETCH\0x\0000\0", 30, clock, verify=tls.client_options(BOB.fingerprint)
+        )
+        client.makeConnection(StringTransport())
+        client.handshakeCompleted()
+        for record in (b"one", b"two", b"three"):
+            client.dataReceived(record)
+        self.assertEqual(events.seen, ["connected"])
+        clock.advance(0)
+        self.assertEqual(events.seen, ["connected", b"onetwothree"])
+        client.dataReceived(b"last")
+        client.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(events.seen, ["connected", b"onetwothree", b"last", "closed"])
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -13,6 +13,8 @@ one chunk of the file in this process.
   under ``P2P_PLAIN_TWISTED=1``.
 - ``ChunkProducer`` reads ``CHUNK`` bytes with ``os.pread`` and writes them to
   the transport; the public-API fallback for any other transport (TLS, tests).
+  On TLS it writes through ``twisted_internals.tls_bulk_writer`` when that
+  applies: each chunk encrypted in one call rather than 16 KiB at a time.
 
 Each fires ``done`` with the number of file bytes sent, or fails with the
 reason (the connection went away, the file shrank under us).
@@ -32,6 +34,10 @@ from p2p import twisted_internals
 
 #: Bytes read per ``resumeProducing`` by ``ChunkProducer``: the memory bound per connection.
 CHUNK = 256 * 1024
+#: The same over TLS: smaller pieces stay in the allocator's reused memory (each chunk is
+#: copied twice more, encrypted and out of OpenSSL; fresh pages for them cost more than
+#: the cipher does).
+TLS_CHUNK = 64 * 1024
 #: Bytes ``SendfileProducer`` hands to the kernel per turn before yielding to other connections.
 SENDFILE_TURN = 4 * 1024 * 1024
 
@@ -94,6 +100,11 @@ class _RangeProducer:
 class ChunkProducer(_RangeProducer):
     """Read a chunk, write it, wait for the transport to want more."""
 
+    def __init__(self, transport: interfaces.ITransport, *args, **kwargs) -> None:
+        super().__init__(transport, *args, **kwargs)
+        self._write = twisted_internals.tls_bulk_writer(transport) or transport.write
+        self._chunk = TLS_CHUNK if interfaces.ISSLTransport.providedBy(transport) else CHUNK
+
     def resumeProducing(self) -> None:
         if self._finished:
             return
@@ -104,14 +115,14 @@ class ChunkProducer(_RangeProducer):
             self._finish()
             return
         try:
-            data = os.pread(self.fd, min(CHUNK, self.end - self.offset), self.offset)
+            data = os.pread(self.fd, min(self._chunk, self.end - self.offset), self.offset)
         except OSError as exc:
             self._finish(exc)
             return
         if not data:
             self._finish(FileShrank(self.offset))
             return
-        self.transport.write(data)
+        self._write(data)
         self._advance(len(data))
         if self.offset >= self.end:
             self._finish()

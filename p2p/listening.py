@@ -8,10 +8,12 @@
   privileges are dropped, says where it listens (each service words its own
   line), says why it cannot, and stops listening at stop.
 - :class:`ConnectionCap` counts a factory's open connections and refuses new
-  ones beyond ``max_connections``: ``buildProtocol`` returns None, so the port
-  closes the new socket at once, unanswered. :class:`CappedWrappingFactory`
-  puts the same cap in front of a factory whose protocols we do not write
-  (twisted.web's ``Site``).
+  ones beyond ``max_connections``, or beyond ``max_per_source`` from one
+  source address: ``buildProtocol`` returns None, so the port closes the new
+  socket at once, unanswered. Sources that proved themselves
+  (:class:`KnownSources`) keep one connection even at the total cap.
+  :class:`CappedWrappingFactory` puts the same cap in front of a factory whose
+  protocols we do not write (twisted.web's ``Site``).
 - :func:`positive_int` and :func:`positive_float` coerce ``usage.Options``
   parameters that must be at least 1 / above 0.
 
@@ -20,7 +22,10 @@ Public Twisted API only; this module imports nothing of the services.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -146,24 +151,83 @@ class ListeningService(Service):
         say(f"s> {self.label} cannot listen on {self.description}: {failure.getErrorMessage()}")
 
 
+#: Default connections one source address may hold open on a server: a
+#: sixteenth of ``wire.DEFAULT_MAX_CONNECTIONS`` (1024), so one address alone
+#: never fills the cap; a NAT in front of many honest users still gets 64.
+DEFAULT_MAX_PER_SOURCE = 64
+
+
+def source_of(addr: object) -> str:
+    """Whom a connection is counted against: the peer's host for TCP, ``local`` otherwise.
+
+    Every UNIX-socket (or other host-less) connection counts as one source.
+    """
+    if isinstance(addr, (IPv4Address, IPv6Address)):
+        return addr.host
+    return "local"
+
+
+class KnownSources:
+    """Sources that proved themselves (say, a relay whose records were stored).
+
+    Bounded: the ``size`` most recently vouched for are kept, the oldest
+    forgotten first. At its total cap a :class:`ConnectionCap` sharing this set
+    still admits one connection from a known source that holds none, up to
+    ``size`` connections beyond the cap, so a crowd of other sources filling
+    every slot cannot keep such a client out.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._sources: OrderedDict[str, None] = OrderedDict()
+
+    def vouch(self, addr: object) -> None:
+        """``addr``'s source did something only a real client does: remember it."""
+        source = source_of(addr)
+        self._sources[source] = None
+        self._sources.move_to_end(source)
+        while len(self._sources) > self.size:
+            self._sources.popitem(last=False)
+
+    def __contains__(self, source: str) -> bool:
+        return source in self._sources
+
+
 class ConnectionCap:
-    """Mixin for a protocol factory: at most ``max_connections`` open at once.
+    """Mixin for a protocol factory: at most ``max_connections`` open at once, and at
+    most ``max_per_source`` of them from one source address (:func:`source_of`).
 
     The factory's ``buildProtocol`` asks :meth:`admit` first and returns None
     when refused (the port then closes the new socket at once, unanswered);
-    each admitted connection's end must call :meth:`connection_closed`.
+    each admitted connection's end must call :meth:`connection_closed` with
+    the address ``admit`` was given. With ``max_per_source`` None (the
+    default) sources are not counted apart. ``known``, when set, names the
+    sources that may have one connection beyond the total cap.
     """
 
     max_connections: int
+    max_per_source: int | None = None
+    known: KnownSources | None = None
     #: Connections admitted and not yet closed.
     open_connections = 0
     #: Connections refused since the start.
     refused_connections = 0
     _refusing = False
+    _held: dict[str, int] | None = None  # per source: connections open
+    _refusing_sources: set[str] | None = None  # sources warned about, holding connections
 
     def admit(self, addr: object) -> bool:
-        """Count a new connection in, or refuse it when the cap is reached."""
-        if self.open_connections >= self.max_connections:
+        """Count a new connection in, or refuse it when a cap is reached."""
+        if self.max_per_source is None:
+            source, held = None, 0
+        else:
+            if self._held is None:
+                self._held, self._refusing_sources = {}, set()
+            source = source_of(addr)
+            held = self._held.get(source, 0)
+            if held >= self.max_per_source:
+                return self._refuse_source(source, held)
+        if self.open_connections >= self.max_connections and not self._may_exceed(source, held):
             self.refused_connections += 1
             if not self._refusing:  # once per spell at the cap, not once per connection
                 self._refusing = True
@@ -175,23 +239,58 @@ class ConnectionCap:
             return False
         self._refusing = False
         self.open_connections += 1
+        if source is not None:
+            self._held[source] = held + 1
         return True
 
-    def connection_closed(self) -> None:
-        """An admitted connection has ended."""
+    def _may_exceed(self, source: str | None, held: int) -> bool:
+        known = self.known
+        return (
+            known is not None
+            and held == 0
+            and source in known
+            and self.open_connections < self.max_connections + known.size
+        )
+
+    def _refuse_source(self, source: str, held: int) -> bool:
+        self.refused_connections += 1
+        if source not in self._refusing_sources:  # once until that source's count drops to 0
+            self._refusing_sources.add(source)
+            log.warn("{source} holds {n} connections: refusing more from it", source=source, n=held)
+        return False
+
+    def connection_closed(self, addr: object = None) -> None:
+        """An admitted connection from ``addr`` (as given to :meth:`admit`) has ended."""
         self.open_connections -= 1
+        if self._held is not None:
+            source = source_of(addr)
+            held = self._held.pop(source, 0) - 1
+            if held > 0:
+                self._held[source] = held
+            else:
+                self._refusing_sources.discard(source)
 
 
 class CappedWrappingFactory(ConnectionCap, WrappingFactory):
     """Wraps a factory whose protocols do not report their end; caps its connections."""
 
-    def __init__(self, wrapped: IProtocolFactory, max_connections: int) -> None:
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        max_connections: int,
+        max_per_source: int | None = None,
+    ) -> None:
         super().__init__(wrapped)
         self.max_connections = max_connections
+        self.max_per_source = max_per_source
 
     def buildProtocol(self, addr):
-        return super().buildProtocol(addr) if self.admit(addr) else None
+        if not self.admit(addr):
+            return None
+        wrapper = super().buildProtocol(addr)
+        wrapper.source_addr = addr
+        return wrapper
 
     def unregisterProtocol(self, p) -> None:
         super().unregisterProtocol(p)
-        self.connection_closed()
+        self.connection_closed(p.source_addr)

@@ -103,8 +103,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     _head: bytes = b""  # the reply code, written with the first piece of ``_out``
     _paused = False  # the transport's buffer is full: hand it no more (kept)
 
-    def __init__(self, factory: IndexerFactory) -> None:
+    def __init__(self, factory: IndexerFactory, addr: object = None) -> None:
         self.factory = factory
+        self.addr = addr  # whom the factory's cap counts this connection against
         self.callLater = factory.reactor.callLater  # TimeoutMixin's clock
         #: When the connection was accepted (built then; started at its first byte).
         self._accepted = factory.reactor.seconds()
@@ -135,7 +136,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:
         self._done = True
         self.setTimeout(None)
-        self.factory.connection_closed()
+        self.factory.connection_closed(self.addr)
 
     def timeoutConnection(self) -> None:
         """Silent for too long (mid-request, or not reading its reply): cut it.
@@ -388,6 +389,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         timeout: float = wire.DEFAULT_TIMEOUT,
         max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
         policy: AddressPolicy | None = None,
+        max_per_source: int | None = None,
     ) -> None:
         self.directory = directory
         self.store: Store = directory.store
@@ -396,6 +398,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         #: How long a kept (TLS) connection may stay silent between requests.
         self.idle_timeout = wire.TLS_IDLE_TIMEOUT
         self.max_connections = max_connections
+        self.max_per_source = max_per_source  # None: sources are not counted apart
         self.policy = policy or AddressPolicy("127.0.0.1")
         #: This turn's replies: (protocol, code byte, shared listing or b"").
         self._replies: list[tuple[IndexerProtocol, bytes, bytes]] = []
@@ -408,8 +411,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
     # --- Connections ------------------------------------------------------------
 
     def buildProtocol(self, addr) -> IndexerProtocol | None:
-        """A protocol, or None (the port closes the socket at once) beyond the cap."""
-        return IndexerProtocol(self) if self.admit(addr) else None
+        """A protocol, or None (the port closes the socket at once) beyond a cap."""
+        return IndexerProtocol(self, addr) if self.admit(addr) else None
 
     # --- Requests -----------------------------------------------------------------
 

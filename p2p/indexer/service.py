@@ -25,7 +25,12 @@ from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import CLASSIC_POLICIES, Directory
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import MEMORY, SYNC_MODES, Store, lock_database, unlock_database
-from p2p.listening import ListeningService, positive_float, positive_int
+from p2p.listening import (
+    DEFAULT_MAX_PER_SOURCE,
+    ListeningService,
+    positive_float,
+    positive_int,
+)
 from p2p.logcontract import parse_program
 from p2p.logs import LogOptions, ServiceLogs
 from p2p.tls import Identity, SniffingFactory, server_options, write_private
@@ -58,6 +63,13 @@ class Options(LogOptions, usage.Options):
             None,
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open connections beyond which new ones are closed at once.",
+            positive_int,
+        ],
+        [
+            "max-per-source",
+            None,
+            DEFAULT_MAX_PER_SOURCE,
+            "Open connections from one address beyond which its new ones are closed at once.",
             positive_int,
         ],
         [
@@ -139,12 +151,14 @@ class IndexerService(ListeningService):
         max_connections: int,
         reactor=None,
         identity: Identity | None = None,
+        max_per_source: int | None = None,
     ) -> None:
         super().__init__(listen, reactor=reactor if reactor is not None else default_reactor)
         self.store = store
         self.directory = directory
         self.timeout = timeout
         self.max_connections = max_connections
+        self.max_per_source = max_per_source
         #: The TLS identity (None until started, unless given).
         self.identity = identity
         #: The factory of the indexer's protocol (``factory`` is the TLS sniffer around it).
@@ -167,7 +181,11 @@ class IndexerService(ListeningService):
                 self.identity = database_identity(self.store.path)
             say(FINGERPRINT_LINE.format(self.identity.fingerprint))
             self.indexer = IndexerFactory(
-                self.directory, self.reactor, self.timeout, self.max_connections
+                self.directory,
+                self.reactor,
+                self.timeout,
+                self.max_connections,
+                max_per_source=self.max_per_source,
             )
             self.factory = SniffingFactory(
                 self.indexer, server_options(self.identity), self.reactor, self.timeout
@@ -249,6 +267,7 @@ def makeService(options: Options, reactor=None) -> IService:
         options["max-connections"],
         reactor,
         identity=options.identity,
+        max_per_source=options["max-per-source"],
     ).setServiceParent(top)
     if options.audit:
         from p2p.indexer.relay import make_relay

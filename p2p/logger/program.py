@@ -10,6 +10,7 @@ GARBAGE_ARGS when the arguments do not decode or the message is longer than
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -59,6 +60,9 @@ class LoggerProgram:
         self.max_message = max_message
         #: Optional callable returning a Deferred that fires once writes are on disk.
         self.durable = durable
+        #: Optional callable given the peer of each relay record answered 0 (the
+        #: service remembers those sources so its connection cap keeps them a slot).
+        self.relay_seen: Callable[[object], None] | None = None
         #: Per relay sender, the lowest seq that could not be stored (in memory):
         #: later seqs of that sender are refused until it is stored. Bounded: any
         #: client can invent sender ids, and a failed record costs it no disk.
@@ -90,11 +94,13 @@ class LoggerProgram:
         except GarbageArgs:
             self._failed(identity)
             raise
-        if result == LOG_OK:
-            if identity is not None and self.failed.get(identity[0], -1) >= identity[1]:
-                del self.failed[identity[0]]
-        else:
+        if result != LOG_OK:
             self._failed(identity)
+        elif identity is not None:
+            if self.failed.get(identity[0], -1) >= identity[1]:
+                del self.failed[identity[0]]
+            if self.relay_seen is not None:
+                self.relay_seen(peer)
         if result == LOG_OK and self.durable is not None:
             return self.durable().addCallback(lambda _: rpc.pack_int(LOG_OK))
         return rpc.pack_int(result)

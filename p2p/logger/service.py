@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.console import say
-from p2p.listening import listen, positive_int
+from p2p.listening import (
+    DEFAULT_MAX_PER_SOURCE,
+    KnownSources,
+    listen,
+    positive_float,
+    positive_int,
+)
 from p2p.logcontract import parse_program
 from p2p.logger.audit import DEFAULT_MAX_SENDERS, AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
@@ -29,6 +35,9 @@ from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
 log = Logger()
 
 DEFAULT_LISTEN = (f"tcp:{wire.LOGGER_PORT}", f"udp:{wire.LOGGER_PORT}")
+
+#: Seconds a TCP connection may go without a complete record (``--idle-timeout``).
+DEFAULT_IDLE_TIMEOUT = 120.0
 
 
 def _program(text: str) -> int:
@@ -100,6 +109,22 @@ class Options(LogOptions, usage.Options):
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open TCP connections beyond which new ones are closed at once.",
             positive_int,
+        ],
+        [
+            "max-per-source",
+            None,
+            DEFAULT_MAX_PER_SOURCE,
+            "Open TCP connections from one address beyond which its new ones are closed "
+            "at once (a relay whose records were stored still gets one at the total cap).",
+            positive_int,
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds a TCP connection may stay without a complete record before it is "
+            "closed (the indexer's relay reconnects).",
+            positive_float,
         ],
     ]
 
@@ -186,6 +211,9 @@ class LoggerService(ServiceLogs, service.Service):
         self.logger = LoggerProgram(self.audit, self.program_number, options["max-message"])
         if options["fsync"]:
             self.logger.durable = FsyncGroup(reactor, self.audit.fsync)
+        #: Sources whose relay records were stored over TCP: they keep a slot at the cap.
+        self.relays = KnownSources()
+        self.logger.relay_seen = self._relay_seen
         self.dispatcher = Dispatcher([self.logger.program()])
         # record: the largest message plus the longest call header and the length word
         self.max_record = options["max-message"] + rpc.MAX_CALL_HEADER + 8
@@ -206,12 +234,22 @@ class LoggerService(ServiceLogs, service.Service):
                 self.ports.append(("udp", listening))
             else:
                 factory = RpcStreamFactory(
-                    self.dispatcher, self.max_record, self.options["max-connections"]
+                    self.dispatcher,
+                    self.max_record,
+                    self.options["max-connections"],
+                    max_per_source=self.options["max-per-source"],
+                    idle_timeout=self.options["idle-timeout"],
+                    known=self.relays,
                 )
                 # raises at once when the port is taken: twistd reports it and exits
                 d = listen(self.reactor, spec, factory)
                 waits.append(d.addCallback(lambda p: self.ports.append(("tcp", p))))
         defer.gatherResults(waits, consumeErrors=True).addCallback(self._listening)
+
+    def _relay_seen(self, peer: object) -> None:
+        # A UDP peer is a (host, port) tuple and may be forged: only TCP vouches.
+        if isinstance(peer, (IPv4Address, IPv6Address, UNIXAddress)):
+            self.relays.vouch(peer)
 
     def _listening(self, _=None) -> defer.Deferred:
         where = " ".join(_describe(kind, port.getHost()) for kind, port in self.ports)

@@ -19,7 +19,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p.listening import ConnectionCap
+from p2p.listening import ConnectionCap, KnownSources
 from p2p.oncrpc import rpc
 from p2p.oncrpc.record import Oversized, RecordReader, encode_record
 
@@ -137,14 +137,21 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
     Replies are written as they are ready. When the client stops reading
     replies, the transport's buffer fills, Twisted pauses this producer and we
     stop reading calls, so a client cannot make the server buffer without bound.
-    An idle connection may stay open (the indexer's relay keeps one); a record
-    must end within ``PARTIAL_RECORD_TIMEOUT`` of its first byte, or the
-    connection is closed. The deadline is not pushed back by more bytes of the
-    same record, so neither a client trickling a byte now and then nor one
+    A record must end within ``PARTIAL_RECORD_TIMEOUT`` of its first byte, or
+    the connection is closed. The deadline is not pushed back by more bytes of
+    the same record, so neither a client trickling a byte now and then nor one
     sending fragments without the last-fragment bit forever holds a connection.
+    Between records a connection may stay open for ``idle_timeout`` seconds
+    after its last complete record (or its start), then it is closed cleanly;
+    None (the default) keeps it open (the indexer's relay keeps one, and
+    reconnects when it is closed).
     """
 
     partial_timeout = PARTIAL_RECORD_TIMEOUT
+    idle_timeout: float | None = None
+    #: The address the factory admitted this connection from (``ConnectionCap``).
+    source_addr: object = None
+    _idle = False  # the idle timeout runs (no record started)
 
     def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
         self.dispatcher = dispatcher
@@ -155,6 +162,9 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self.connected_ = True
         self.transport.registerProducer(self, True)
+        if self.idle_timeout is not None:
+            self._idle = True
+            self.setTimeout(self.idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         records = self.reader.feed(data)
@@ -167,13 +177,19 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         if self.reader.partial:
             if not self._record_deadline or records:
                 # a new record started (this read may have finished earlier ones)
-                self._record_deadline = True
+                self._record_deadline, self._idle = True, False
                 self.setTimeout(self.partial_timeout)
-        elif self._record_deadline:
+        elif self._record_deadline or (records and self._idle):
+            # between records: idle from the last complete one
             self._record_deadline = False
-            self.setTimeout(None)
+            self._idle = self.idle_timeout is not None
+            self.setTimeout(self.idle_timeout)
 
     def timeoutConnection(self) -> None:
+        if self._idle:
+            log.debug("closing a connection idle for {t}s", t=self.idle_timeout)
+            self.transport.loseConnection()  # idle is no fault: a clean close
+            return
         log.info("closing a connection stuck in the middle of a record")
         self.transport.abortConnection()
 
@@ -186,7 +202,7 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         factory = getattr(self, "factory", None)
         if factory is not None:
-            factory.connection_closed()
+            factory.connection_closed(self.source_addr)
 
     # IPushProducer: the transport tells us when its write buffer is full.
     def pauseProducing(self) -> None:
@@ -200,22 +216,35 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
 
 
 class RpcStreamFactory(ConnectionCap, protocol.Factory):
-    """Builds ``RpcStreamProtocol``s; refuses connections beyond ``max_connections``."""
+    """Builds ``RpcStreamProtocol``s; refuses connections beyond ``max_connections``
+    or ``max_per_source`` (``ConnectionCap``); their idle timeout is ``idle_timeout``."""
 
     noisy = False
 
     def __init__(
-        self, dispatcher: Dispatcher, max_record: int, max_connections: int = 1024
+        self,
+        dispatcher: Dispatcher,
+        max_record: int,
+        max_connections: int = 1024,
+        *,
+        max_per_source: int | None = None,
+        idle_timeout: float | None = None,
+        known: KnownSources | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.max_record = max_record
         self.max_connections = max_connections
+        self.max_per_source = max_per_source
+        self.idle_timeout = idle_timeout
+        self.known = known
 
     def buildProtocol(self, addr) -> RpcStreamProtocol | None:
         if not self.admit(addr):
             return None
         proto = RpcStreamProtocol(self.dispatcher, self.max_record)
         proto.factory = self
+        proto.source_addr = addr
+        proto.idle_timeout = self.idle_timeout
         return proto
 
 

@@ -9,7 +9,12 @@ from twisted.python import usage
 
 from p2p import wire
 from p2p.console import say
-from p2p.listening import CappedWrappingFactory, ListeningService, positive_int
+from p2p.listening import (
+    DEFAULT_MAX_PER_SOURCE,
+    CappedWrappingFactory,
+    ListeningService,
+    positive_int,
+)
 from p2p.logs import LogOptions, ServiceLogs
 from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
 
@@ -46,6 +51,13 @@ class Options(LogOptions, usage.Options):
             None,
             wire.DEFAULT_MAX_CONNECTIONS,
             "Open connections beyond which new ones are closed at once.",
+            positive_int,
+        ],
+        [
+            "max-per-source",
+            None,
+            DEFAULT_MAX_PER_SOURCE,
+            "Open connections from one address beyond which its new ones are closed at once.",
             positive_int,
         ],
     ]
@@ -93,10 +105,10 @@ def makeService(options: Options) -> IService:
 
     site = make_site(reactor, max_body=options["max-body"], inline=bool(options["inline"]))
     # Slow clients (one byte a minute) each hold a connection: cap them, so
-    # they can use up a slot each but never the process's file descriptors.
-    service = TimeWebService(
-        options["listen"], CappedWrappingFactory(site, options["max-connections"]), reactor
-    )
+    # they can use up a slot each but never the process's file descriptors,
+    # and one address only its share of the slots.
+    capped = CappedWrappingFactory(site, options["max-connections"], options["max-per-source"])
+    service = TimeWebService(options["listen"], capped, reactor)
     service.setName("time")
     service.log_options = options
     return service

@@ -13,8 +13,9 @@ each is compared and printed as a ratio. ``--compare-plain`` adds a second peer
 server started with ``P2P_PLAIN_TWISTED=1`` (no sendfile) to every round, and
 the servers' CPU time per GiB is printed. ``--tls`` adds a peer server with an
 identity and a TLS download checked against its fingerprint (what our clients
-do between each other) beside the plaintext one, in the same rounds. Never run
-as a test.
+do between each other) beside the plaintext one, in the same rounds; with
+``--compare-plain`` too, a TLS peer server without the fast paths as well
+(``tls_bulk``: see ``p2p/twisted_internals.py``). Never run as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
@@ -195,21 +196,26 @@ def main() -> None:
         expected = sha256(source) if opts.verify else None
         os.sync()
         raw_child, raw_port = start_child(RAW_SENDER, str(source))
-        peer_child, peer_port = start_child(PEER_SERVER, str(share))
-        children = [raw_child, peer_child]
-        rates: dict[str, list[float]] = {"raw copy": [], "raw discard": [], "peer": []}
-        senders = {"peer": peer_child}
+        children = [raw_child]
+        # The peer servers measured: label -> (extra argument, without the fast paths).
+        peers = {"peer": ((), False)}
         if opts.compare_plain:
-            plain_child, plain_port = start_child(PEER_SERVER, str(share), plain=True)
-            children.append(plain_child)
-            rates["peer plain"] = []
-            senders["peer plain"] = plain_child
+            peers["peer plain"] = ((), True)
         if opts.tls:
-            tls_child, tls_port = start_child(PEER_SERVER, str(share), "tls")
-            children.append(tls_child)
-            rates["peer tls"] = []
-            senders["peer tls"] = tls_child
-            tls_download = functools.partial(peer_download, fingerprint=said[tls_child.pid][0])
+            peers["peer tls"] = (("tls",), False)
+        if opts.tls and opts.compare_plain:
+            peers["peer tls plain"] = (("tls",), True)
+        rates: dict[str, list[float]] = {"raw copy": [], "raw discard": []}
+        senders: dict[str, subprocess.Popen] = {}
+        peer_runs = []
+        for label, (extra, plain) in peers.items():
+            child, port = start_child(PEER_SERVER, str(share), *extra, plain=plain)
+            children.append(child)
+            rates[label] = []
+            senders[label] = child
+            fingerprint = said[child.pid][0] if extra else None
+            run = functools.partial(peer_download, fingerprint=fingerprint)
+            peer_runs.append((label, run, port, dest / "peer.bin"))
         server_cpu: dict[str, list[float]] = {label: [] for label in senders}
         client_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
@@ -217,12 +223,8 @@ def main() -> None:
                 runs = [
                     ("raw discard", raw_copy, raw_port, None),
                     ("raw copy", raw_copy, raw_port, dest / "raw.bin"),
-                    ("peer", peer_download, peer_port, dest / "peer.bin"),
+                    *peer_runs,
                 ]
-                if opts.compare_plain:
-                    runs.append(("peer plain", peer_download, plain_port, dest / "peer.bin"))
-                if opts.tls:
-                    runs.append(("peer tls", tls_download, tls_port, dest / "peer.bin"))
                 for label, run, port, out in runs:
                     sender = senders.get(label)
                     cpu = cpu_seconds(sender.pid) if sender else 0.0
@@ -237,7 +239,7 @@ def main() -> None:
                         raise SystemExit(f"{label}: content differs")
                     rate = mbps(size, seconds)
                     rates[label].append(rate)
-                    print(f"round {round_}  {label:12s} {rate:8.0f} MB/s  ({seconds:.3f} s)")
+                    print(f"round {round_}  {label:14s} {rate:8.0f} MB/s  ({seconds:.3f} s)")
                     if out is not None:
                         out.unlink()
                     os.sync()  # no dirty pages from one run slow the next one down
@@ -252,29 +254,26 @@ def main() -> None:
     best = {label: max(values) for label, values in rates.items()}
     median = {label: statistics.median(values) for label, values in rates.items()}
     print(f"\n{opts.size_mb} MiB over 127.0.0.1, {opts.rounds} rounds (MB = 10^6 bytes):")
-    print(f"  {'':12s} {'best':>8s} {'median':>8s}")
+    print(f"  {'':14s} {'best':>8s} {'median':>8s}")
     for label in rates:
-        print(f"  {label:12s} {best[label]:8.0f} {median[label]:8.0f}  MB/s")
-    for base in ("raw copy", "raw discard"):
-        print(
-            f"  peer / {base:11s} = {best['peer'] / best[base]:.0%} (best)"
-            f"  {median['peer'] / median[base]:.0%} (median)"
-        )
+        print(f"  {label:14s} {best[label]:8.0f} {median[label]:8.0f}  MB/s")
+    pairs = [("peer", "raw copy"), ("peer", "raw discard")]
     if opts.compare_plain:
-        print(
-            f"  peer / peer plain = {best['peer'] / best['peer plain']:.0%} (best)"
-            f"  {median['peer'] / median['peer plain']:.0%} (median)"
-        )
+        pairs.append(("peer", "peer plain"))
     if opts.tls:
+        pairs.append(("peer tls", "peer"))
+    if opts.tls and opts.compare_plain:
+        pairs.append(("peer tls", "peer tls plain"))
+    for one, other in pairs:
         print(
-            f"  peer tls / peer  = {best['peer tls'] / best['peer']:.0%} (best)"
-            f"  {median['peer tls'] / median['peer']:.0%} (median)"
+            f"  {one} / {other:14s} = {best[one] / best[other]:.0%} (best)"
+            f"  {median[one] / median[other]:.0%} (median)"
         )
     gib = size / 2**30
     for side, cpu in (("server", server_cpu), ("client", client_cpu)):
         for label, values in cpu.items():
             print(
-                f"  {side} CPU, {label:10s}: median {statistics.median(values) / gib:.2f} s per "
+                f"  {side} CPU, {label:14s}: median {statistics.median(values) / gib:.2f} s per "
                 f"GiB (user+system; runs: {', '.join(f'{v / gib:.2f}' for v in values)})"
             )
 

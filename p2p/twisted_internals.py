@@ -133,6 +133,16 @@ def resume_when_writable(transport: interfaces.ITransport) -> None:
     transport.startWriting()
 
 
+def _whole_writes(connection: SSL.Connection) -> None:
+    """Let one ``SSL_write`` on ``connection`` write every record of its data (Twisted's own
+    writes loop over what ``send`` returns, so they work either way)."""
+    lib = getattr(SSL, "_lib", None)
+    clear = getattr(lib, "SSL_clear_mode", None)
+    handle = getattr(connection, "_ssl", None)
+    if clear is not None and handle is not None:
+        clear(handle, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+
 #: TLS 1.3 bytes around each record (header, content type, AEAD tag), rounded up.
 _RECORD_OVERHEAD = 64
 _RECORD = 16 * 1024
@@ -145,13 +155,18 @@ def tls_bulk_writer(transport: interfaces.ITransport) -> Callable[[bytes], None]
     each record from the memory BIO to the socket transport on its own: a dozen
     Python calls per 16 KiB, which caps a file transfer far below what the
     cipher does. A memory BIO never blocks, so one ``SSL_write`` takes the
-    whole piece (OpenSSL cuts the records) and one ``bio_read`` takes them all
-    out. Any state but the plain one (handshake not done, writes waiting for
-    the handshake, the connection closing or lost) goes the plain way, as do
-    OpenSSL's errors (handled as Twisted handles them). Plain Twisted: None.
+    whole piece (OpenSSL cuts the records: pyOpenSSL's partial-write mode,
+    which would make it stop after each record, is cleared on this connection
+    through pyOpenSSL's private binding when it has one; else a loop does it)
+    and one ``bio_read`` takes them all out, sent straight on the socket when
+    nothing waits before them (:func:`_send_or_buffer`). Any state but the
+    plain one (handshake not done, writes waiting for the handshake, the
+    connection closing or lost) goes the plain way, as do OpenSSL's errors
+    (handled as Twisted handles them). Plain Twisted: None.
     """
     if "tls_bulk" not in ENABLED or not isinstance(transport, TLSMemoryBIOProtocol):
         return None
+    _whole_writes(transport._tlsConnection)
 
     def write(data: bytes) -> None:
         aggregator = getattr(transport, "_aggregator", None)
@@ -168,7 +183,7 @@ def tls_bulk_writer(transport: interfaces.ITransport) -> Callable[[bytes], None]
         connection = transport._tlsConnection
         view = memoryview(data)
         sent = 0
-        while sent < len(data):  # pyOpenSSL's partial-write mode: a record per call
+        while sent < len(data):  # once, unless the partial-write mode could not be cleared
             try:
                 sent += connection.send(view[sent:])
             except SSL.WantReadError:

@@ -106,6 +106,12 @@ class PeerTLSTests(TestCase):
         self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS - {"tls_bulk"})
         return self.check_tls_roundtrip(os.urandom(1 << 20) * 3 + b"tail")
 
+    def test_tls_fast_path_with_record_by_record_writes(self):
+        """Where pyOpenSSL's partial-write mode cannot be cleared, the writer loops."""
+        self.patch(twisted_internals, "ENABLED", twisted_internals.FAST_PATHS)
+        self.patch(twisted_internals, "_whole_writes", lambda connection: None)
+        return self.check_tls_roundtrip(os.urandom(1 << 20) + b"tail")
+
     @defer.inlineCallbacks
     def test_the_tls_fast_path_is_taken(self):
         """Each chunk goes through the bulk writer (the test above covers it switched off)."""

@@ -11,10 +11,14 @@ checked on a fake clock where the socket does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import ssl
+import sys
 from pathlib import Path
 
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -27,7 +31,7 @@ from p2p.peer import sender
 from p2p.peer.download import DownloadFailed, NoSuchFile, WrongPeer, download
 from p2p.peer.server import PeerServer
 from tests.recording_relay import RecordingRelay
-from tests.support import _UntilClosed, deadline, exchange, poll_until
+from tests.support import _UntilClosed, deadline, exchange, poll_until, spawn
 from tests.test_peer_transfer import share_and_destination
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -379,3 +383,69 @@ class HeldRecordsTests(TestCase):
         client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(events.seen, ["connected", b"onetwothree", b"last", "closed"])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+#: A TLS peer server in a child process, serving every file of the directory in argv[1].
+CHILD_TLS_SERVER = """
+import sys
+from pathlib import Path
+from twisted.internet import reactor
+from p2p.peer.server import PeerServer
+from p2p.tls import Identity
+server = PeerServer(Path(sys.argv[1]), lambda name: True, reactor, identity=Identity.generate())
+server.listen("tcp:0:interface=127.0.0.1").addCallback(lambda port: print(port, flush=True))
+reactor.run()
+"""
+
+
+class StalledTLSDownloaderTests(TestCase):
+    """Downloaders that stop reading hold the TLS server to a chunk or so each, as plaintext."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_stalled_tls_downloaders_do_not_fill_the_servers_memory(self):
+        if not Path("/proc/self/status").exists():
+            self.skipTest("needs /proc to read the child's memory")
+        share = Path(self.mktemp()).resolve()
+        share.mkdir()
+        with open(share / "huge", "wb") as f:
+            f.truncate(1 << 30)  # sparse: costs no disk, reads as zeros
+        child = spawn(self, [sys.executable, "-c", CHILD_TLS_SERVER, str(share)], name="peer")
+        match = yield child.wait_for_line(r"^(\d+)$")
+        port = int(match.group(1))
+
+        def rss() -> int:
+            with open(f"/proc/{child.transport.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+            raise AssertionError("no VmRSS")
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+
+        def stall() -> ssl.SSLSocket:
+            """A TLS downloader that reads the reply's first byte, then nothing more."""
+            raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            conn = context.wrap_socket(raw)
+            conn.sendall(wire.encode_fields("FETCH", "huge", 0))
+            self.assertEqual(conn.recv(1), b"\0")
+            return conn
+
+        before = rss()
+        for _ in range(4):
+            conn = yield threads.deferToThread(stall)
+            self.addCleanup(conn.close)
+        samples: list[int] = []
+
+        def steady():
+            samples.append(rss())
+            return len(samples) >= 10 and max(samples[-10:]) == min(samples[-10:])
+
+        with contextlib.suppress(defer.TimeoutError):  # still changing: the bound decides
+            yield poll_until(steady, timeout=10, interval=0.05)
+        grown = max(samples) - before
+        self.assertLess(grown, 4 * 1024 * 1024, f"server RSS grew by {grown} bytes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor, StringTransport
@@ -245,3 +245,140 @@ class Wrapping(TestCase):
         third.makeConnection(StringTransport())
         self.assertEqual(len(built), 3)
         self.assertEqual(factory.open_connections, 2)
+
+
+def tcp(host: str, port: int = 40000) -> IPv4Address:
+    return IPv4Address("TCP", host, port)
+
+
+class PerSource(TestCase):
+    """``max_per_source``: one address holds at most its share of the slots."""
+
+    def capped(self, limit: int, per_source: int, known=None) -> Capped:
+        factory = Capped(limit)
+        factory.max_per_source = per_source
+        factory.known = known
+        return factory
+
+    def test_one_source_is_refused_beyond_its_share_others_are_not(self) -> None:
+        factory = self.capped(10, 3)
+        for port in range(3):
+            self.assertIsNotNone(factory.buildProtocol(tcp("127.0.0.2", port)))
+        self.assertIsNone(factory.buildProtocol(tcp("127.0.0.2", 99)))
+        self.assertIsNotNone(factory.buildProtocol(tcp("127.0.0.1")))
+        self.assertEqual((factory.open_connections, factory.refused_connections), (4, 1))
+
+    def test_counted_by_host_not_port_ipv6_too(self) -> None:
+        factory = self.capped(10, 1)
+        self.assertTrue(factory.admit(IPv6Address("TCP", "::1", 1)))
+        self.assertFalse(factory.admit(IPv6Address("TCP", "::1", 2)))
+        self.assertTrue(factory.admit(IPv6Address("TCP", "::2", 1)))
+
+    def test_unix_sockets_are_one_source(self) -> None:
+        factory = self.capped(10, 2)
+        self.assertTrue(factory.admit(UNIXAddress(b"/run/a")))
+        self.assertTrue(factory.admit(UNIXAddress(None)))
+        self.assertFalse(factory.admit(UNIXAddress(b"/run/b")))
+        self.assertEqual(listening.source_of(UNIXAddress(None)), "local")
+
+    def test_a_closed_connection_gives_its_source_a_slot_back(self) -> None:
+        factory = self.capped(10, 2)
+        a, b = tcp("10.0.0.1", 1), tcp("10.0.0.1", 2)
+        self.assertTrue(factory.admit(a))
+        self.assertTrue(factory.admit(b))
+        self.assertFalse(factory.admit(tcp("10.0.0.1", 3)))
+        factory.connection_closed(a)
+        self.assertTrue(factory.admit(tcp("10.0.0.1", 3)))
+        factory.connection_closed(b)
+        factory.connection_closed(tcp("10.0.0.1", 3))
+        self.assertEqual((factory.open_connections, factory._held), (0, {}))
+
+    def test_the_total_cap_still_holds_across_sources(self) -> None:
+        factory = self.capped(4, 2)
+        for host in ("10.0.0.1", "10.0.0.2"):
+            for port in (1, 2):
+                self.assertTrue(factory.admit(tcp(host, port)))
+        self.assertFalse(factory.admit(tcp("10.0.0.3")))
+        self.assertEqual(factory.open_connections, 4)
+
+    def test_warns_once_per_source_until_it_holds_none(self) -> None:
+        factory = self.capped(100, 1)
+        with capturedLogs() as events:
+            factory.admit(tcp("10.0.0.1"))
+            for _ in range(5):
+                factory.admit(tcp("10.0.0.1"))
+            factory.admit(tcp("10.0.0.2"))
+            factory.admit(tcp("10.0.0.2"))
+            factory.connection_closed(tcp("10.0.0.1"))
+            factory.admit(tcp("10.0.0.1"))
+            factory.admit(tcp("10.0.0.1"))
+        warnings = [e["source"] for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(warnings, ["10.0.0.1", "10.0.0.2", "10.0.0.1"])
+
+    def test_without_max_per_source_sources_are_not_counted(self) -> None:
+        factory = Capped(3)
+        for port in range(3):
+            self.assertTrue(factory.admit(tcp("10.0.0.1", port)))
+        self.assertIsNone(factory._held)
+
+
+class Known(TestCase):
+    """A source that proved itself keeps one connection at the total cap."""
+
+    def full(self, known: listening.KnownSources) -> Capped:
+        factory = Capped(4)
+        factory.max_per_source = 2
+        factory.known = known
+        for host in ("10.0.0.1", "10.0.0.2"):
+            for port in (1, 2):
+                self.assertTrue(factory.admit(tcp(host, port)))
+        return factory
+
+    def test_a_known_source_gets_one_slot_beyond_the_cap(self) -> None:
+        known = listening.KnownSources()
+        known.vouch(tcp("127.0.0.1", 5))
+        factory = self.full(known)
+        self.assertFalse(factory.admit(tcp("10.0.0.3")))  # unknown: refused
+        self.assertTrue(factory.admit(tcp("127.0.0.1", 6)))  # known, holding none
+        self.assertFalse(factory.admit(tcp("127.0.0.1", 7)))  # one only
+        factory.connection_closed(tcp("127.0.0.1", 6))
+        self.assertTrue(factory.admit(tcp("127.0.0.1", 8)))  # again after it closed
+
+    def test_a_known_source_holding_a_slot_gets_no_more_at_the_cap(self) -> None:
+        known = listening.KnownSources()
+        known.vouch(tcp("10.0.0.1"))
+        factory = self.full(known)
+        self.assertFalse(factory.admit(tcp("10.0.0.1", 3)))
+
+    def test_beyond_the_cap_at_most_the_set_size(self) -> None:
+        known = listening.KnownSources(size=2)
+        for host in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
+            known.vouch(tcp(host))
+        self.assertNotIn("127.0.0.1", known)  # the oldest is forgotten first
+        factory = self.full(known)
+        self.assertFalse(factory.admit(tcp("127.0.0.1")))
+        self.assertTrue(factory.admit(tcp("127.0.0.3")))
+        self.assertTrue(factory.admit(tcp("127.0.0.4")))
+        known.vouch(tcp("127.0.0.5"))
+        self.assertFalse(factory.admit(tcp("127.0.0.5")))  # 4 + 2 open: the bound
+        self.assertEqual(factory.open_connections, 6)
+
+    def test_vouching_again_keeps_a_source(self) -> None:
+        known = listening.KnownSources(size=2)
+        known.vouch(tcp("127.0.0.1"))
+        known.vouch(tcp("127.0.0.2"))
+        known.vouch(tcp("127.0.0.1", 2))
+        known.vouch(tcp("127.0.0.3"))
+        self.assertIn("127.0.0.1", known)
+        self.assertNotIn("127.0.0.2", known)
+
+
+class WrappingPerSource(TestCase):
+    def test_wrapper_counts_each_source_and_gives_back_its_slot(self) -> None:
+        factory = CappedWrappingFactory(protocol.Factory.forProtocol(protocol.Protocol), 10, 1)
+        first = factory.buildProtocol(tcp("10.0.0.1"))
+        first.makeConnection(StringTransport())
+        self.assertIsNone(factory.buildProtocol(tcp("10.0.0.1", 2)))
+        self.assertIsNotNone(factory.buildProtocol(tcp("10.0.0.2")))
+        first.connectionLost(protocol.connectionDone)
+        self.assertIsNotNone(factory.buildProtocol(tcp("10.0.0.1", 3)))

@@ -1,0 +1,394 @@
+"""Issue 9, item 3: one source address cannot take every connection slot.
+
+The attack: one address (here 127.0.0.2) opens more connections than a
+server's total cap and keeps them open, trickling a byte or saying nothing.
+Every server used to count only its total, so a good client on another
+address (127.0.0.1) found every slot taken: 13 of 551 indexer requests
+served, 0 of 446 time calls, 177 of 523 peer FETCHes failed, and the indexer's
+relay kept out of its logger indefinitely. Each server now admits at most
+``--max-per-source`` connections from one address (``ConnectionCap``); the
+logger also closes connections idle for ``--idle-timeout`` and keeps a slot
+for a source whose relay records it stored.
+
+Against real processes: at least 99 of 100 good requests are answered right
+during each flood, the service stays up with its state unchanged, and the
+relay still delivers records to a flooded logger. The flood's connections are
+made before the good client's first one, so the server has accepted them
+first (its accept queue is first in, first out). Unit tests on a fake clock
+cover the logger's idle timeout and the relay's vouching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import defer, task, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from p2p import wire
+from p2p.listening import DEFAULT_MAX_PER_SOURCE, KnownSources
+from p2p.logcontract import relay_machinename
+from p2p.logger.audit import AuditLog
+from p2p.logger.program import LoggerProgram
+from p2p.oncrpc import rpc
+from p2p.oncrpc.record import encode_record
+from p2p.oncrpc.server import Dispatcher, RpcStreamFactory
+from tests.support import (
+    deadline,
+    exchange,
+    indexer_port,
+    logger_ports,
+    poll_until,
+    spawn_twistd,
+    time_url,
+    url_port,
+)
+from tests.test_harden_time import GET_TIME, TIME, http_request, split_responses
+
+WHEN = "27/11/2026 12:00:00"
+GOOD = "127.0.0.1"
+ATTACKER = "127.0.0.2"
+#: More than the default total cap: without a per-source cap, every slot.
+FLOOD = wire.DEFAULT_MAX_CONNECTIONS + 100
+REQUESTS = 100
+#: Served of REQUESTS that the fix must keep (99%).
+MUST_SERVE = 99
+#: Seconds the good client waits for one answer.
+ANSWER_WITHIN = 5.0
+
+
+def flood(port: int, count: int, first: bytes = b"", source: str = ATTACKER) -> list:
+    """``count`` connections from ``source`` that send ``first`` (maybe nothing) and stay.
+
+    Blocking, for a thread. Connections the server refuses are closed by it;
+    they are kept anyway, as an attacker would not care.
+    """
+    sockets = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sockets.append(s)
+        s.bind((source, 0))
+        s.connect((GOOD, port))
+        if first:
+            with contextlib.suppress(OSError):  # refused and closed already
+                s.sendall(first)
+    return sockets
+
+
+def ask(port: int, request: bytes, complete: Callable[[bytes], bool]) -> bytes | None:
+    """One request from 127.0.0.1 on a new connection; the answer, or None (refused, silent)."""
+    try:
+        with socket.create_connection(
+            (GOOD, port), timeout=ANSWER_WITHIN, source_address=(GOOD, 0)
+        ) as s:
+            s.sendall(request)
+            answer = b""
+            while not complete(answer):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
+    except OSError:  # reset, refused, or no answer in time
+        return None
+
+
+def closed(answer: bytes) -> bool:
+    """Read until the server closes."""
+    return False
+
+
+def one_record(answer: bytes) -> bool:
+    """A whole ONC-RPC reply record (one fragment, as the logger writes them)."""
+    return len(answer) >= 4 and len(answer) >= 4 + (struct.unpack(">I", answer[:4])[0] & 0x7FFFFFFF)
+
+
+def count_served(
+    port: int,
+    requests: Callable[[int], bytes],
+    good: Callable[[int, bytes], bool],
+    complete: Callable[[bytes], bool] = closed,
+) -> int:
+    """How many of REQUESTS good requests got the right answer (blocking, for a thread)."""
+    served = 0
+    for i in range(REQUESTS):
+        answer = ask(port, requests(i), complete)
+        if answer:  # b"": closed unanswered (refused at the cap)
+            served += good(i, answer)
+    return served
+
+
+def in_thread(function, *args) -> defer.Deferred:
+    """Run blocking socket work off the reactor, within a deadline."""
+    return deadline(threads.deferToThread(function, *args), 120.0)
+
+
+class FloodTestCase(TestCase):
+    timeout = 180
+    #: More options for the flooded server (a measurement may lift the per-source cap).
+    extra: tuple[str, ...] = ()
+
+    @defer.inlineCallbacks
+    def flood(self, port: int, count: int = FLOOD, first: bytes = b"", source: str = ATTACKER):
+        sockets = yield in_thread(flood, port, count, first, source)
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        return sockets
+
+    @defer.inlineCallbacks
+    def start_indexer(self, *options: str):
+        """A real indexer on 127.0.0.1; fires with (process, port)."""
+        proc = spawn_twistd(self, "p2p-indexer", "--listen", "tcp:0:interface=127.0.0.1", *options)
+        port = yield indexer_port(proc)
+        return proc, port
+
+    def assert_served(self, served: int, what: str) -> None:
+        self.assertGreaterEqual(served, MUST_SERVE, f"{served} of {REQUESTS} {what} served")
+
+    def assert_clean(self, proc) -> None:
+        self.assertFalse(proc.exited, proc.output())
+        self.assertNotRegex(proc.output(), "Traceback|Unhandled")
+
+
+class IndexerFlood(FloodTestCase):
+    @defer.inlineCallbacks
+    def test_trickling_flood_from_one_address(self):
+        """1,500 trickling connections: 13 of 551 good requests were served."""
+        # --timeout 60: the flood outlasts the good client whatever the machine's pace
+        proc, port = yield self.start_indexer("--db", ":memory:", "--timeout", "60", *self.extra)
+        for user in ("alice", "bob"):
+            for request in (("REGISTER", WHEN, user), ("CONNECT", WHEN, user, 4000)):
+                reply = yield exchange(port, wire.encode_request(*request))
+                self.assertEqual(reply, b"\0")
+        list_users = wire.encode_request("LIST_USERS", WHEN, "alice")
+        listing = yield exchange(port, list_users)
+        self.assertEqual(listing[:1], b"\0")
+        # The first byte of a request, then nothing: each holds a slot until --timeout.
+        yield self.flood(port, first=list_users[:1])
+        served = yield in_thread(
+            count_served, port, lambda i: list_users, lambda i, answer: answer == listing
+        )
+        self.assert_served(served, "LIST_USERS")
+        after = yield exchange(port, list_users)
+        self.assertEqual(after, listing)  # state unchanged
+        self.assertIn("refusing more from it", proc.output())
+        self.assertIn(ATTACKER, proc.output())
+        self.assert_clean(proc)
+
+
+class TimeFlood(FloodTestCase):
+    @defer.inlineCallbacks
+    def test_trickling_flood_from_one_address(self):
+        """1,100 trickling connections: 0 of 446 good calls were served for 45 s."""
+        proc = spawn_twistd(self, "p2p-time", "--listen", "tcp:0:interface=127.0.0.1", *self.extra)
+        port = url_port((yield time_url(proc)))
+        call = http_request(
+            body=GET_TIME,
+            headers=[(b"Host", b"t"), (b"Content-Type", b"text/xml"), (b"Connection", b"close")],
+        )
+
+        def good(i: int, answer: bytes) -> bool:
+            [(status, _, body)] = split_responses(answer)
+            return status == 200 and TIME.search(body) is not None
+
+        yield self.flood(port, first=b"POST / HTTP/1.1\r\nHost: t\r\n")
+        served = yield in_thread(count_served, port, lambda i: call, good)
+        self.assert_served(served, "get_time calls")
+        self.assertIn("refusing more from it", proc.output())
+        self.assert_clean(proc)
+
+
+def log_call(xid: int, text: str, cred: rpc.OpaqueAuth = rpc.NULL_AUTH) -> bytes:
+    """A LOG call as one record (a relay's when ``cred`` names one)."""
+    call = rpc.Call(xid, wire.LOGGER_PROGRAM, wire.LOGGER_VERSION, wire.LOGGER_PROC_LOG, cred)
+    return encode_record(rpc.encode_call(call, rpc.pack_string(text)))
+
+
+def log_ok(xid: int, answer: bytes) -> bool:
+    reply = rpc.decode_reply(answer[4:])
+    return reply.xid == xid and reply.accept_stat == rpc.SUCCESS and rpc.unpack_int(reply.body) == 0
+
+
+class LoggerFlood(FloodTestCase):
+    def setUp(self):
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @defer.inlineCallbacks
+    def start_logger(self, *options: str):
+        proc = spawn_twistd(
+            self,
+            "p2p-logger",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--no-rpcbind",
+            *options,
+            *self.extra,
+            cwd=self.dir,
+        )
+        ports = yield logger_ports(proc)
+        return proc, ports["tcp"]
+
+    def audit(self) -> list[str]:
+        path = self.dir / "p2p-audit.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def start_audited_indexer(self, logger_port: int):
+        return self.start_indexer(
+            "--db", str(self.dir / "indexer.db"), "--logger", f"tcp:host={GOOD}:port={logger_port}"
+        )
+
+    @defer.inlineCallbacks
+    def register(self, port: int, user: str):
+        reply = yield exchange(port, wire.encode_request("REGISTER", WHEN, user))
+        self.assertEqual(reply, b"\0")
+
+    def wait_audit(self, user: str):
+        return poll_until(
+            lambda: any(line.startswith(user + " ") for line in self.audit()),
+            what=f"{user}'s record in the audit file",
+        )
+
+    @defer.inlineCallbacks
+    def test_silent_flood_from_one_address(self):
+        """1,024 idle connections: the good client's LOG calls still get answered."""
+        proc, port = yield self.start_logger()
+        yield self.flood(port)
+        served = yield in_thread(
+            count_served, port, lambda i: log_call(i, f"good {i}"), log_ok, one_record
+        )
+        self.assert_served(served, "LOG calls")
+        self.assertEqual(self.audit(), [f"good {i}" for i in range(REQUESTS) if i < served])
+        self.assertIn("refusing more from it", proc.output())
+        self.assert_clean(proc)
+
+    @defer.inlineCallbacks
+    def test_relay_delivers_to_a_logger_flooded_from_another_address(self):
+        """The flood kept the relay out indefinitely (records waited, none lost)."""
+        logger, logger_port = yield self.start_logger()
+        yield self.flood(logger_port)  # before the relay ever connects
+        indexer, port = yield self.start_audited_indexer(logger_port)
+        for user in ("alice", "bob", "carol"):
+            yield self.register(port, user)
+            yield self.wait_audit(user)
+        self.assert_clean(logger)
+        self.assert_clean(indexer)
+
+    @defer.inlineCallbacks
+    def test_relay_keeps_a_slot_when_many_addresses_fill_the_cap(self):
+        """Five addresses fill every slot with records they never finish; the relay,
+        known to the logger by the records it stored, reconnects after its idle close
+        and still gets in."""
+        logger, logger_port = yield self.start_logger(
+            "--max-connections", "20", "--max-per-source", "5", "--idle-timeout", "1"
+        )
+        indexer, port = yield self.start_audited_indexer(logger_port)
+        yield self.register(port, "alice")
+        yield self.wait_audit("alice")  # the relay's source is known now
+        partial = log_call(1, "never finished")[:6]  # held for the partial-record timeout
+        for n in range(2, 7):
+            yield self.flood(logger_port, 5, partial, f"127.0.0.{n}")
+        # The relay's connection goes idle, is closed, and the relay reconnects.
+        connected = "audit relay connected"
+        before = indexer.output().count(connected)
+        yield poll_until(lambda: indexer.output().count(connected) > before, what="reconnection")
+        yield self.register(port, "bob")
+        yield self.wait_audit("bob")
+        records = [wire.audit_record(user, "REGISTER", WHEN) for user in ("alice", "bob")]
+        self.assertEqual(self.audit(), records)  # each once, none lost
+        self.assertIn("connections open: refusing new ones", logger.output())
+        self.assert_clean(logger)
+
+
+# --- Unit tests on a fake clock -----------------------------------------------------
+
+
+class LoggerConnections(TestCase):
+    """The logger's TCP connections: idle timeout, per-source cap, known relays."""
+
+    def setUp(self):
+        self.audit = AuditLog(self.mktemp(), echo=False)
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+        self.program = LoggerProgram(self.audit)
+        self.known = KnownSources()
+        self.program.relay_seen = self.known.vouch
+        self.factory = RpcStreamFactory(
+            Dispatcher([self.program.program()]),
+            8192,
+            4,
+            max_per_source=2,
+            idle_timeout=10.0,
+            known=self.known,
+        )
+        self.clock = task.Clock()
+
+    def connect(self, host: str, port: int = 40000):
+        addr = IPv4Address("TCP", host, port)
+        proto = self.factory.buildProtocol(addr)
+        if proto is None:
+            return None, None
+        proto.callLater = self.clock.callLater
+        transport = StringTransport(peerAddress=addr)
+        proto.makeConnection(transport)
+        self.addCleanup(lambda: proto.connected_ and proto.connectionLost())
+        return proto, transport
+
+    def test_defaults_well_under_the_total_cap(self):
+        self.assertLessEqual(DEFAULT_MAX_PER_SOURCE * 16, wire.DEFAULT_MAX_CONNECTIONS)
+
+    def test_idle_connection_is_closed_cleanly(self):
+        _, transport = self.connect("10.0.0.1")
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)  # loseConnection: idle is no fault
+        self.assertFalse(transport.disconnected)
+
+    def test_each_complete_record_restarts_the_idle_time(self):
+        proto, transport = self.connect("10.0.0.1")
+        for i in range(30):
+            self.clock.advance(9)
+            proto.dataReceived(log_call(i, f"r{i}"))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.audit.path.read_text().splitlines()), 30)
+        self.clock.advance(10.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_unfinished_record_is_cut_at_its_deadline(self):
+        proto, transport = self.connect("10.0.0.1")
+        proto.dataReceived(log_call(1, "x")[:6])
+        self.clock.advance(proto.partial_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnected)  # aborted: a stuck record is a fault
+
+    def test_closing_gives_the_slot_back_to_its_source(self):
+        self.connect("10.0.0.1", 1)
+        proto, _ = self.connect("10.0.0.1", 2)
+        self.assertEqual(self.connect("10.0.0.1", 3), (None, None))
+        self.clock.advance(11)  # both idle out
+        proto.connectionLost()
+        self.assertIsNotNone(self.connect("10.0.0.1", 4)[0])
+
+    def test_a_relay_that_stored_a_record_keeps_a_slot_at_the_cap(self):
+        relay, _ = self.connect("127.0.0.1")
+        cred = rpc.AuthSys(relay_machinename("s1", 1)).encode()
+        relay.dataReceived(log_call(1, "alice REGISTER", cred))
+        self.assertIn("127.0.0.1", self.known)
+        relay.connectionLost()
+        for host in ("10.0.0.1", "10.0.0.2"):
+            for port in (1, 2):
+                self.assertIsNotNone(self.connect(host, port)[0])
+        self.assertEqual(self.connect("10.0.0.3"), (None, None))
+        self.assertIsNotNone(self.connect("127.0.0.1", 2)[0])
+
+    def test_a_plain_log_call_does_not_vouch(self):
+        proto, _ = self.connect("127.0.0.1")
+        proto.dataReceived(log_call(1, "plain"))
+        self.assertNotIn("127.0.0.1", self.known)

@@ -71,6 +71,8 @@ def run(reactor, mode: str, port: int, seconds: float, home: Home, tag: str):
             samples.append(time.perf_counter() - began)
             unexpected += code != wire.OK
         if mode == "tls":
+            # A user's shell keeps one connection; the next user is another shell.
+            yield client.close()
             home.forget_identity(user)
     yield client.close()
     return samples, unexpected

@@ -1,6 +1,6 @@
 """Issue 9, item 1: readers that never read a long listing cost the indexer one listing.
 
-The attack: 100 connections from 127.0.0.2 ask for a 4 MB ``LIST_CONTENT`` and
+The attack: 100 connections from 127.0.0.2-5 ask for a 4 MB ``LIST_CONTENT`` and
 never read a byte. Each reply used to be built as a fresh ``code + listing``
 (and the listing itself encoded per request), so the indexer held 100 copies,
 some 400 MB, until the timeout cut them. Now the directory keeps one immutable
@@ -36,12 +36,13 @@ def rss_bytes(pid: int) -> int:
 
 
 def never_reading_readers(port: int, count: int, data: bytes) -> list[socket.socket]:
-    """``count`` connections from 127.0.0.2 that send ``data`` and never read."""
+    """``count`` connections that send ``data`` and never read, from 127.0.0.2-5 in turn
+    (four sources, each under the indexer's per-source cap)."""
     sockets = []
-    for _ in range(count):
+    for i in range(count):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.bind(("127.0.0.2", 0))
+        s.bind((f"127.0.0.{2 + i % 4}", 0))
         s.connect(("127.0.0.1", port))
         s.sendall(data)
         sockets.append(s)

@@ -21,6 +21,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import defer
@@ -33,6 +34,7 @@ from p2p.console import say
 from p2p.indexer import service as indexer_service
 from p2p.logger import service as logger_service
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.startup import StartGuard
 from p2p.timews import service as time_service
 
 #: The parts, in start order: the logger first so the indexer's relay finds it.
@@ -322,14 +324,16 @@ def _bound_addresses(top: MultiService) -> tuple[Target | None, str | None, str 
     return indexer, wsdl, fingerprint
 
 
-class StackService(ServiceLogs, MultiService):
+class StackService(StartGuard, ServiceLogs, MultiService):
     """The three services; says how to start a client once they are all up.
 
     A part that cannot start (an exception, or a critical event it logs while
-    starting, such as a port already in use) is said on the terminal, since
-    twistd's log may go to a file, and the stack stops instead of running
-    without it.
+    starting, such as a port already in use) is said on the terminal in one
+    line, since twistd's log may go to a file, and the stack stops instead of
+    running without it: at start, with status 1 and no traceback (``p2p.startup``).
     """
+
+    label = "stack"
 
     def __init__(self, options: usage.Options) -> None:
         super().__init__()
@@ -347,18 +351,10 @@ class StackService(ServiceLogs, MultiService):
 
     def privilegedStartService(self) -> None:
         globalLogPublisher.addObserver(self._observe)
-        try:
-            super().privilegedStartService()
-        except Exception as exc:
-            self._cannot_start(str(exc))
-            raise
+        super().privilegedStartService()
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except Exception as exc:
-            self._cannot_start(str(exc))
-            raise
+        super().startService()
         from twisted.internet import reactor
 
         # Once the reactor runs: every part has printed its address by then, and
@@ -369,10 +365,11 @@ class StackService(ServiceLogs, MultiService):
         d = defer.maybeDeferred(super().stopService)
         return d.addCallback(lambda _: say("s> stack stopped"))
 
-    def _cannot_start(self, why: str) -> None:
+    def cannot_start(self, text: str) -> NoReturn:
+        """A part's failure (worded by its own guard): one line, then status 1."""
         with contextlib.suppress(ValueError):
             globalLogPublisher.removeObserver(self._observe)
-        say(f"s> cannot start the stack: {why}")
+        super().cannot_start(f"cannot start the stack: {text}")
 
     def _announce(self, reactor) -> None:
         with contextlib.suppress(ValueError):

@@ -25,6 +25,7 @@ FLOORS = {
     "twisted_internals": 0,
     "oncrpc": 0,
     "logs": 0,
+    "startup": 0,
     "indexer": 1,
     "logger": 1,
     "timews": 1,

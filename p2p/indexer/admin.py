@@ -9,6 +9,11 @@ the logger hears of it when the indexer next runs with its relay.
 The indexer keeps its directory in memory and holds the database's lock while
 it runs (:func:`p2p.indexer.store.lock_database`); ``p2p-admin`` takes the same
 lock, so it refuses to touch a database an indexer is serving from.
+
+``p2p-admin prune --db PATH`` deletes the ``files`` rows whose user does not
+exist (a database edited by hand, or restored in part). The indexer refuses to
+start on such rows, naming one and this command: loading them would attach
+them to whoever registers that name next.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import getopt
 import sqlite3
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from twisted.python import usage
@@ -55,17 +62,27 @@ class ReleaseOptions(usage.Options):
         self["name"] = name
 
 
+class PruneOptions(usage.Options):
+    synopsis = "[--db PATH]"
+    longdesc = (
+        "Delete the published files whose user does not exist (the indexer refuses to "
+        "start on them). The indexer must be stopped."
+    )
+    optParameters = [["db", None, DEFAULT_DB, "SQLite database of the indexer."]]
+
+
 class Options(usage.Options):
     """Command line of ``p2p-admin``."""
 
-    synopsis = "release NAME [--db PATH]"
+    synopsis = "release NAME [--db PATH] | prune [--db PATH]"
     subCommands = [
-        ["release", None, ReleaseOptions, "Release a claimed name whose identity was lost."]
+        ["release", None, ReleaseOptions, "Release a claimed name whose identity was lost."],
+        ["prune", None, PruneOptions, "Delete published files whose user does not exist."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("which command? (release)")
+            raise usage.UsageError("which command? (release, prune)")
 
 
 def _check_database(db: str) -> None:
@@ -88,12 +105,9 @@ def _check_database(db: str) -> None:
         raise AdminError(f"{db} is not an indexer database (it has no users table)")
 
 
-def release(db: str, name: str, datetime: str | None = None) -> str:
-    """Release the claimed user ``name`` in the database ``db``; what was done, in a line.
-
-    Raises :class:`AdminError` when the database is missing or in use, or the
-    name does not exist or is not claimed (nothing is changed then).
-    """
+@contextmanager
+def _locked_store(db: str) -> Iterator[Store]:
+    """The open store of the stopped indexer's database ``db``, under its lock."""
     _check_database(db)
     try:
         lock = lock_database(db)
@@ -102,6 +116,27 @@ def release(db: str, name: str, datetime: str | None = None) -> str:
     store = Store(db)
     try:
         store.open()
+        yield store
+    finally:
+        store.close()
+        unlock_database(lock)
+
+
+def prune(db: str) -> str:
+    """Delete the ``files`` rows of ``db`` whose user does not exist; what was done, in a line."""
+    with _locked_store(db) as store:
+        count = store.prune_orphans()
+        store.commit()
+    return f"pruned {count} published file(s) whose user does not exist from {db}"
+
+
+def release(db: str, name: str, datetime: str | None = None) -> str:
+    """Release the claimed user ``name`` in the database ``db``; what was done, in a line.
+
+    Raises :class:`AdminError` when the database is missing or in use, or the
+    name does not exist or is not claimed (nothing is changed then).
+    """
+    with _locked_store(db) as store:
         row = store.user(name)
         if row is None:
             raise AdminError(f"no such name in {db}: {name}")
@@ -111,9 +146,6 @@ def release(db: str, name: str, datetime: str | None = None) -> str:
         stamp = datetime if datetime is not None else wire.format_datetime()
         store.add_outbox(wire.audit_record(name, RELEASE, stamp))
         store.commit()
-    finally:
-        store.close()
-        unlock_database(lock)
     return (
         f"released {name} (claimed by key {row.identity}; {len(row.files)} published "
         f"file(s) removed): the name can be registered again"
@@ -130,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     command = options.subOptions
     try:
-        done = release(command["db"], command["name"])
+        if options.subCommand == "prune":
+            done = prune(command["db"])
+        else:
+            done = release(command["db"], command["name"])
     except (AdminError, sqlite3.Error) as exc:
         sys.stderr.write(f"p2p-admin: {exc}\n")
         sys.exit(1)

@@ -12,6 +12,7 @@ While it runs it holds the database's lock, so ``p2p-admin`` waits for it to sto
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from twisted.application.service import IService, MultiService
@@ -24,7 +25,15 @@ from p2p.console import say
 from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import CLASSIC_POLICIES, Directory
 from p2p.indexer.protocol import IndexerFactory
-from p2p.indexer.store import MEMORY, SYNC_MODES, Store, lock_database, unlock_database
+from p2p.indexer.store import (
+    MEMORY,
+    SYNC_MODES,
+    DatabaseBusy,
+    Store,
+    database_problem,
+    lock_database,
+    unlock_database,
+)
 from p2p.listening import (
     DEFAULT_MAX_PER_SOURCE,
     ListeningService,
@@ -33,6 +42,7 @@ from p2p.listening import (
 )
 from p2p.logcontract import parse_program
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.startup import ListenFailure, StartFailure, StartGuard, file_problem
 from p2p.tls import Identity, SniffingFactory, server_options, write_private
 
 #: What the indexer prints at start, before its ``s> init server`` line.
@@ -110,8 +120,9 @@ class Options(LogOptions, usage.Options):
         ],
     ]
 
-    #: The identity given by --tls-key/--tls-cert (None: the one beside the database).
-    identity: Identity | None = None
+    #: The files given by --tls-key/--tls-cert (None: the identity beside the database);
+    #: read at start, so an unusable one is one line on the terminal.
+    identity_files: tuple[Path, Path] | None = None
 
     def postOptions(self) -> None:
         if self["sync"] not in SYNC_MODES:
@@ -122,10 +133,7 @@ class Options(LogOptions, usage.Options):
         if (key is None) != (cert is None):
             raise usage.UsageError("--tls-key and --tls-cert go together: give both or neither")
         if key is not None:
-            try:
-                self.identity = Identity.from_files(Path(key), Path(cert))
-            except (OSError, ValueError) as exc:
-                raise usage.UsageError(f"--tls-key/--tls-cert: {exc}") from exc
+            self.identity_files = (Path(key), Path(cert))
         if isinstance(self["logger-program"], str):  # the default, as shown in --help
             self["logger-program"] = parse_program(self["logger-program"])
         if not self["logger-host"]:
@@ -137,7 +145,7 @@ class Options(LogOptions, usage.Options):
         return bool(self["logger"] or self["logger-host"])
 
 
-class IndexerService(ListeningService):
+class IndexerService(ListenFailure, ListeningService):
     """Opens the store, loads the directory, listens; commits and closes on stop."""
 
     label = "indexer"
@@ -152,6 +160,7 @@ class IndexerService(ListeningService):
         reactor=None,
         identity: Identity | None = None,
         max_per_source: int | None = None,
+        identity_files: tuple[Path, Path] | None = None,
     ) -> None:
         super().__init__(listen, reactor=reactor if reactor is not None else default_reactor)
         self.store = store
@@ -161,6 +170,8 @@ class IndexerService(ListeningService):
         self.max_per_source = max_per_source
         #: The TLS identity (None until started, unless given).
         self.identity = identity
+        #: Where to read the identity at start (--tls-key, --tls-cert), when not given.
+        self.identity_files = identity_files
         #: The factory of the indexer's protocol (``factory`` is the TLS sniffer around it).
         self.indexer: IndexerFactory | None = None
         self._lock: int | None = None
@@ -169,14 +180,18 @@ class IndexerService(ListeningService):
         """Lock and load the database, take the TLS identity, and listen, before twistd
         drops privileges.
 
-        A database in use by another process, an unusable identity file or a
-        port that cannot be opened raises here (with the store closed and the
-        lock given back), so twistd stops with the error and a non-zero status.
+        A database in use by another process, damaged, foreign or holding
+        orphan rows, an unusable identity file or a port that cannot be opened
+        raises :class:`p2p.startup.StartFailure` here, worded for the operator
+        (with the store closed and the lock given back): twistd then stops
+        with that one line and a non-zero status (``p2p.startup``).
         """
         try:
             self._lock = lock_database(self.store.path)
             self.store.open()
             self.directory.load()
+            if self.identity is None and self.identity_files is not None:
+                self.identity = files_identity(*self.identity_files)
             if self.identity is None:
                 self.identity = database_identity(self.store.path)
             say(FINGERPRINT_LINE.format(self.identity.fingerprint))
@@ -191,9 +206,11 @@ class IndexerService(ListeningService):
                 self.indexer, server_options(self.identity), self.reactor, self.timeout
             )
         except Exception as exc:
-            say(f"s> {self.label} cannot start: {exc}")
             self._release()
-            raise
+            problem = start_problem(self.store.path, exc)
+            if problem is None:
+                raise
+            raise StartFailure(f"{self.label} cannot start: {problem}") from exc
         try:
             super().privilegedStartService()  # says itself why it cannot listen
         except Exception:
@@ -226,11 +243,45 @@ class IndexerService(ListeningService):
         self._lock = None
 
 
+#: What to do about an identity (key) file that is not one.
+IDENTITY_FIX = (
+    "restore the right file, or move it aside to make a new key "
+    "(clients that pinned the old key will refuse the new one)"
+)
+
+
+def start_problem(db: str, exc: Exception) -> str | None:
+    """The operator's line for what stopped the start (None: let p2p.startup word it)."""
+    if isinstance(exc, DatabaseBusy):
+        return f"{exc}: stop the other indexer, or wait for p2p-admin to finish"
+    if isinstance(exc, sqlite3.Error):
+        return database_problem(db, exc)
+    if isinstance(exc, IdentityFileError):
+        return f"{exc}: {IDENTITY_FIX}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return file_problem(exc.filename, exc)
+    return None
+
+
+class IdentityFileError(ValueError):
+    """A TLS key or certificate file that cannot be used; the message names it."""
+
+
+def files_identity(key: Path, cert: Path) -> Identity:
+    """The identity of ``--tls-key``/``--tls-cert``; IdentityFileError naming them if unusable."""
+    try:
+        return Identity.from_files(key, cert)
+    except OSError as exc:
+        raise IdentityFileError(f"{exc.filename}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise IdentityFileError(f"{key} and {cert}: {exc}") from exc
+
+
 def database_identity(db: str) -> Identity:
     """The identity kept beside the database (``<db>.tls.pem``), made on first use.
 
     ``:memory:`` keeps nothing: a new identity each time. A file there that is
-    not an identity raises ValueError naming it (the operator decides what to
+    not an identity raises IdentityFileError naming it (the operator decides what to
     do with it: it is never overwritten).
     """
     if db == MEMORY:
@@ -245,11 +296,14 @@ def database_identity(db: str) -> Identity:
     try:
         return Identity.from_pem(data)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise IdentityFileError(f"{path}: {exc}") from exc
 
 
-class _Indexer(ServiceLogs, MultiService):
-    """The indexer and its relay; run by twistd, it logs through the bounded, rate-limited log."""
+class _Indexer(StartGuard, ServiceLogs, MultiService):
+    """The indexer and its relay; run by twistd, it logs through the bounded, rate-limited log,
+    and a failure to start is one line on the terminal and status 1 (``p2p.startup``)."""
+
+    label = "indexer"
 
 
 def makeService(options: Options, reactor=None) -> IService:
@@ -266,7 +320,7 @@ def makeService(options: Options, reactor=None) -> IService:
         options["timeout"],
         options["max-connections"],
         reactor,
-        identity=options.identity,
+        identity_files=options.identity_files,
         max_per_source=options["max-per-source"],
     ).setServiceParent(top)
     if options.audit:

@@ -56,8 +56,59 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+#: The tables that make a database the indexer's (``meta`` and ``outbox`` are added if missing).
+OWN_TABLES = frozenset({"users", "files"})
+
+
 class DatabaseBusy(Exception):
     """Another process (an indexer, ``p2p-admin``) holds the database's lock."""
+
+
+class ForeignDatabase(sqlite3.DatabaseError):
+    """An SQLite database with tables, but not the indexer's: it is never written to."""
+
+
+class OrphanFiles(sqlite3.DatabaseError):
+    """``files`` rows whose user does not exist (the database was edited by hand, or damaged).
+
+    Loading them would attach them to a later user of that name, or fail: the
+    indexer refuses to start and ``p2p-admin prune`` removes them.
+    """
+
+    def __init__(self, path: str, orphans: list[tuple[str, str]]) -> None:
+        user, name = orphans[0]
+        rows = f"{len(orphans)} such row{'s' if len(orphans) > 1 else ''}"
+        super().__init__(
+            f"{path}: file {name!r} of user {user!r}, who does not exist ({rows}): "
+            f"remove them with p2p-admin prune --db {path}"
+        )
+        self.orphans = orphans
+
+
+#: What to do about a database SQLite refuses, by its error name.
+_DATABASE_FIXES = {
+    "SQLITE_NOTADB": "it is not an SQLite database (another file, or damaged): restore it "
+    "from a backup, or move it aside to start with an empty directory",
+    "SQLITE_CORRUPT": "it is damaged (truncated or corrupt): restore it from a backup, or move "
+    "it aside (with its -wal and -shm files) to start with an empty directory",
+    "SQLITE_CANTOPEN": "it cannot be opened: give a path to a file this user can read and "
+    "write, in a folder that exists",
+    "SQLITE_READONLY": "it cannot be written: give this user write access to it and its folder",
+    "SQLITE_PERM": "it cannot be written: give this user write access to it and its folder",
+    "SQLITE_FULL": "its disk is full: free some space",
+    "SQLITE_IOERR": "reading or writing it failed (a full disk, a file size limit or a "
+    "failing device): free some space or check the device",
+}
+
+
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """``PATH: what is wrong: what to do`` for a database that cannot be used, in one line."""
+    if isinstance(exc, (ForeignDatabase, OrphanFiles)):
+        return str(exc)
+    name = getattr(exc, "sqlite_errorname", "") or ""  # extended: SQLITE_IOERR_WRITE...
+    fix = next((f for k, f in _DATABASE_FIXES.items() if f"{name}_".startswith(f"{k}_")), "")
+    said = " ".join(str(exc).split())
+    return f"{path}: {said}: {fix}" if fix else f"{path}: {said}"
 
 
 def lock_database(path: str) -> int | None:
@@ -126,6 +177,22 @@ class Store:
         if self._db is not None:
             return
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Check that ``db`` is empty or the indexer's, then bring its tables up to date."""
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and not tables >= OWN_TABLES:  # before anything is written into it
+            shown = ", ".join(sorted(tables)[:5])
+            raise ForeignDatabase(
+                f"{self.path} is an SQLite database, but not an indexer's (its tables: "
+                f"{shown}): give --db the indexer's database, or a new path"
+            )
         if self.path != MEMORY:
             db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={SYNC_MODES[self.sync]}")
@@ -141,7 +208,6 @@ class Store:
             self._sender_id = row[0]
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._committed_seq = self._last_seq = row[0] if row else 0
-        self._db = db
 
     def close(self) -> None:
         """Commit what is pending and close the database."""
@@ -166,11 +232,25 @@ class Store:
             "SELECT name, ip, port, identity FROM users ORDER BY rowid"
         ):
             users[name] = _row(ip, port, identity)
+        orphans: list[tuple[str, str]] = []
         for user, name, description in self.db.execute(
             "SELECT user, name, description FROM files ORDER BY id"
         ):
-            users[user].files[name] = description
+            row = users.get(user)
+            if row is None:
+                orphans.append((user, name))
+            else:
+                row.files[name] = description
+        if orphans:
+            raise OrphanFiles(self.path, orphans)
         return users
+
+    def prune_orphans(self) -> int:
+        """Delete the ``files`` rows whose user does not exist (``p2p-admin prune``); how many."""
+        cursor = self._begin().execute(
+            "DELETE FROM files WHERE user NOT IN (SELECT name FROM users)"
+        )
+        return cursor.rowcount
 
     def user(self, name: str) -> UserRow | None:
         """One user with address, claim and files (None if there is no such user)."""

@@ -34,7 +34,7 @@ import contextlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -45,6 +45,18 @@ log = Logger()
 
 #: Default bound on remembered relay senders (an indexer is one sender).
 DEFAULT_MAX_SENDERS = 10_000
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised inside without a file name (a failed write) ``path``,
+    so the start-up line names the file (``p2p.startup``)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 class AuditLog:
@@ -87,8 +99,10 @@ class AuditLog:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._audit_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._replay()
-        self._compact()
+        with _naming(self.path):  # a redone record is written to the audit file
+            self._replay()
+        with _naming(self.state_path):
+            self._compact()
 
     def close(self) -> None:
         for name in ("_audit_fd", "_state_fd"):

@@ -31,6 +31,7 @@ from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
 from p2p.logs import LogOptions, ServiceLogs
 from p2p.oncrpc import portmap, rpc
 from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
+from p2p.startup import StartGuard
 
 log = Logger()
 
@@ -189,11 +190,16 @@ class FsyncGroup:
         threads.deferToThread(self.sync).addBoth(fire)
 
 
-class LoggerService(ServiceLogs, service.Service):
+class LoggerService(StartGuard, ServiceLogs, service.Service):
     """Listeners, audit file and portmapper registration of one logger.
 
-    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``).
+    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``). An
+    audit file or journal that cannot be opened or written (no permission, a
+    full disk) or a port that cannot be listened on at start is one line on
+    the terminal naming it, and status 1 (``p2p.startup``).
     """
+
+    label = "logger"
 
     def __init__(self, options: Options, reactor=None) -> None:
         if reactor is None:
@@ -223,6 +229,11 @@ class LoggerService(ServiceLogs, service.Service):
 
     def startService(self) -> None:
         super().startService()
+        with self.start_guard():
+            self._open()
+
+    def _open(self) -> None:
+        """Open the audit file and listen everywhere; raises when one cannot be."""
         self.audit.open()
         waits = []
         for spec in self.options["listen"]:

@@ -16,6 +16,7 @@ from p2p.listening import (
     positive_int,
 )
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.startup import ListenFailure, StartGuard
 from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
 
 log = Logger()
@@ -79,12 +80,12 @@ def wsdl_url(address: object) -> str:
     return f"http://{host}:{port}/?wsdl"
 
 
-class TimeWebService(ServiceLogs, ListeningService):
+class TimeWebService(StartGuard, ListenFailure, ServiceLogs, ListeningService):
     """The listening site; says its WSDL URL once the port is open.
 
-    A port that cannot be opened fails at start, so ``twistd`` exits with the
-    error instead of running without its service. Run by twistd, it logs
-    rate-limited to bounded files (``p2p.logs``).
+    A port that cannot be opened fails at start, so ``twistd`` exits with one
+    line and status 1 instead of running without its service (``p2p.startup``).
+    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``).
     """
 
     label = "time service"

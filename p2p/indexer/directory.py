@@ -14,6 +14,11 @@ a request naming that user is refused with its "any other error" code unless
 its identity is the claim. Requests without identity are further limited by
 the ``classic`` policy: ``allow`` (all), ``read-only`` (wire.READ_OPS only) or
 ``deny`` (none). A refused request changes nothing and is audited as usual.
+
+A full disk (the store's commit failed, :meth:`Store.serves`): reads
+(wire.READ_OPS) are still answered from memory, their audit records held by
+the store until it takes writes again; changes get their "any other error"
+code, changing nothing (and audited the same way).
 """
 
 from __future__ import annotations
@@ -91,7 +96,9 @@ class Directory:
         the connection's client certificate (None without one).
         """
         row = self.users.get(user)
-        if (identity is None and op.name not in self.classic_ops) or (
+        if not self.store.serves(op.name not in wire.READ_OPS, self.audit):
+            code, body = op.error, b""  # the disk is full: no change, or no room to audit
+        elif (identity is None and op.name not in self.classic_ops) or (
             row is not None and row.identity is not None and row.identity != identity
         ):
             code, body = op.error, b""

@@ -24,6 +24,7 @@ import fcntl
 import os
 import sqlite3
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from twisted.logger import Logger
 MEMORY = ":memory:"
 #: ``--sync`` choices and the PRAGMA synchronous each one sets.
 SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+#: Audit records kept in memory at most while the disk is full (about 100 bytes each).
+MAX_HELD = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,8 +59,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-#: The tables that make a database the indexer's (``meta`` and ``outbox`` are added if missing).
-OWN_TABLES = frozenset({"users", "files"})
+#: The columns of ``users`` that make a database the indexer's (any version: the
+#: other tables and columns are added when missing).
+OWN_COLUMNS = frozenset({"name", "ip", "port"})
 
 
 class DatabaseBusy(Exception):
@@ -156,7 +160,7 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, path: str = MEMORY, sync: str = "normal") -> None:
+    def __init__(self, path: str = MEMORY, sync: str = "normal", max_held: int = MAX_HELD) -> None:
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {sorted(SYNC_MODES)}, not {sync!r}")
         self.path = path
@@ -169,6 +173,14 @@ class Store:
         self._last_seq = 0
         self._listeners: list[Callable[[], None]] = []
         self._sender_id = ""
+        #: Audit records of the open transaction (held back if it fails).
+        self._records: list[str] = []
+        #: Audit records waiting for the store to take writes again (disk full), oldest first.
+        self.held: deque[str] = deque()
+        #: How many records may be held; beyond, requests are refused (Directory).
+        self.max_held = max_held
+        #: The last commit failed and no write succeeded since: changes are refused.
+        self.failing = False
 
     # --- Life cycle --------------------------------------------------------
 
@@ -187,7 +199,8 @@ class Store:
     def _prepare(self, db: sqlite3.Connection) -> None:
         """Check that ``db`` is empty or the indexer's, then bring its tables up to date."""
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if tables and not tables >= OWN_TABLES:  # before anything is written into it
+        columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+        if tables and not columns >= OWN_COLUMNS:  # before anything is written into it
             shown = ", ".join(sorted(tables)[:5])
             raise ForeignDatabase(
                 f"{self.path} is an SQLite database, but not an indexer's (its tables: "
@@ -210,11 +223,17 @@ class Store:
         self._committed_seq = self._last_seq = row[0] if row else 0
 
     def close(self) -> None:
-        """Commit what is pending and close the database."""
+        """Commit what is pending, write the held audit records if it can, and close."""
         if self._db is None:
             return
         if self._in_transaction:
             self.commit()
+        if self.held and not self.writable():
+            self.log.warn(
+                "{path}: {n} audit records could not be written (disk full?) and are lost",
+                path=self.path,
+                n=len(self.held),
+            )
         self._db.close()
         self._db = None
 
@@ -304,10 +323,54 @@ class Store:
         self._begin().execute("DELETE FROM files WHERE user = ? AND name = ?", (user, name))
 
     def add_outbox(self, record: str) -> None:
-        """Queue one audit record in the current transaction."""
+        """Queue one audit record in the current transaction, or hold it in memory while
+        the store refuses writes (:meth:`writable`; beyond ``max_held`` it is dropped:
+        the Directory refuses such requests first)."""
+        if self.failing or self.held:
+            if len(self.held) < self.max_held:
+                self.held.append(record)
+            return
+        self._insert_record(record)
+
+    def _insert_record(self, record: str) -> None:
         cursor = self._begin().execute("INSERT INTO outbox (record) VALUES (?)", (record,))
         self._last_seq = cursor.lastrowid
         self._outbox_added = True
+        self._records.append(record)
+
+    # --- A full disk ------------------------------------------------------------
+
+    def writable(self) -> bool:
+        """Whether the store takes writes: after a failed commit (a full disk), tries a
+        one-page commit, then writes the held audit records; True once both succeed.
+
+        While it is False the Directory answers reads from memory, holding their
+        audit records here, and refuses changes: so reads go on, and every
+        record is written once, in order, when space returns.
+        """
+        if not (self.failing or self.held):
+            return True
+        if self._in_transaction:
+            return False  # the turn's own commit decides
+        try:
+            self._begin().execute("UPDATE meta SET value = value WHERE key = 'sender_id'")
+            self.commit()  # the cheap probe: one page
+            held, self.held = self.held, deque()
+            for record in held:
+                self._insert_record(record)
+            self.commit()
+        except sqlite3.Error:
+            return False
+        self.failing = False
+        self.log.info("{path} takes writes again", path=self.path)
+        return True
+
+    def serves(self, change: bool, audited: bool) -> bool:
+        """Whether a request can be served now: always while the store takes writes;
+        otherwise a read while its audit record can be held, a change never."""
+        if self.writable():
+            return True
+        return not change and (not audited or len(self.held) < self.max_held)
 
     def commit(self) -> None:
         """Make the pending changes durable, then tell outbox listeners about new rows.
@@ -321,10 +384,20 @@ class Store:
         added, self._outbox_added = self._outbox_added, False
         try:
             self.db.execute("COMMIT")
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            # The requests were answered with their error code; each keeps its one
+            # audit record, held until the store takes writes (the held ones are older).
+            records = self._records[: max(0, self.max_held - len(self.held))]
             self._last_seq = self._committed_seq
             self.rollback()
+            self.held.extend(records)
+            if not self.failing:
+                self.log.warn(
+                    "{path}: commit failed ({exc}); refusing changes", path=self.path, exc=exc
+                )
+            self.failing = True
             raise
+        self._records.clear()
         if added:
             self._committed_seq = self._last_seq
             for listener in list(self._listeners):
@@ -337,6 +410,7 @@ class Store:
         """Drop the pending changes (after a failure)."""
         self._in_transaction = False
         self._outbox_added = False
+        self._records.clear()
         self._last_seq = self._committed_seq
         if self._db is not None and self._db.in_transaction:
             self._db.execute("ROLLBACK")
@@ -361,9 +435,16 @@ class Store:
         """Delete every outbox row with ``seq`` at most ``seq``.
 
         Outside a group transaction the delete commits at once; inside one it
-        commits with that transaction, before this reactor turn ends.
+        commits with that transaction, before this reactor turn ends. On a full
+        disk the rows stay (a later delete takes them; a resend after a restart
+        is deduplicated by the logger).
         """
-        self.db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+        try:
+            self.db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+        except sqlite3.Error as exc:
+            self.log.warn(
+                "{path}: cannot delete relayed audit rows yet: {exc}", path=self.path, exc=exc
+            )
 
     def add_outbox_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the reactor thread after each commit that added outbox rows."""

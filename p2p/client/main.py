@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 from twisted.logger import (
@@ -33,6 +34,7 @@ from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
 from p2p.client.shell import Shell
 from p2p.client.time_client import TimeClient, wsdl_url
+from p2p.listening import DEFAULT_MAX_PER_SOURCE, positive_int
 from p2p.tls import is_fingerprint
 
 
@@ -65,6 +67,14 @@ class Options(usage.Options):
             "tcp:0",
             "Endpoint the peer server listens on after CONNECT "
             "(default: a free port on all interfaces).",
+        ],
+        [
+            "max-per-source",
+            None,
+            DEFAULT_MAX_PER_SOURCE,
+            "Connections one address may hold open on the peer server; beyond it its "
+            "new ones are closed at once.",
+            positive_int,
         ],
         ["timeout", None, wire.DEFAULT_TIMEOUT, "Seconds to wait for the indexer.", float],
         ["download-timeout", None, 30.0, "Seconds a peer may stay silent during GET_FILE.", float],
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
+    from p2p.peer.server import PeerServer
+
     output = StdioOutput()
     _start_logging(output.note, options["verbose"])
     clock = TimeClient(
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         output,
         options["share-dir"],
         peer_listen=options["peer-listen"],
+        server_factory=partial(PeerServer, max_per_source=options["max-per-source"]),
         reactor=reactor,
         download_timeout=options["download-timeout"],
         home=home,

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import tls, wire
-from p2p.listening import ConnectionCap, listen
+from p2p.listening import DEFAULT_MAX_PER_SOURCE, ConnectionCap, listen
 from p2p.peer.sender import make_producer
 from p2p.peer.share import NotShared, open_shared
 
@@ -64,6 +64,8 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
     """
 
     log = Logger()
+    #: The address the factory admitted this connection from (``ConnectionCap``).
+    source_addr: object = None
 
     def __init__(self, server: PeerServer) -> None:
         self.server = server
@@ -89,7 +91,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
-        self.server.factory.connection_closed()
+        self.server.factory.connection_closed(self.source_addr)
         self.server._connections.discard(self)
         waiters, self.server._lost_waiters = self.server._lost_waiters, []
         for waiter in waiters:
@@ -249,10 +251,15 @@ class _Factory(ConnectionCap, protocol.Factory):
     def max_connections(self) -> int:
         return self.server.max_connections
 
+    @property
+    def max_per_source(self) -> int:
+        return self.server.max_per_source
+
     def buildProtocol(self, addr) -> PeerRequestProtocol | None:
         if not self.admit(addr):
             return None
         request = PeerRequestProtocol(self.server)
+        request.source_addr = addr  # whom the cap counts it against, until connectionLost
         self.server._connections.add(request)  # from now on, until connectionLost
         return request
 
@@ -285,6 +292,7 @@ class PeerServer:
         request_deadline: float = DEFAULT_REQUEST_DEADLINE,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = wire.DEFAULT_MAX_CONNECTIONS,
+        max_per_source: int = DEFAULT_MAX_PER_SOURCE,
         use_sendfile: bool = True,
         identity: tls.Identity | None = None,
     ) -> None:
@@ -297,6 +305,8 @@ class PeerServer:
         self.request_deadline = request_deadline
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        #: Connections one address may hold open (``ConnectionCap``).
+        self.max_per_source = max_per_source
         self.use_sendfile = use_sendfile
         self.identity = identity
         #: Builds (and caps) the request protocols, plaintext or inside TLS.

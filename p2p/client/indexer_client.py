@@ -33,9 +33,15 @@ from zope.interface import implementer
 
 from p2p import tls, wire
 from p2p.client.home import Home
+from p2p.client.time_client import advanced
 
 #: Fields per row of the listings that follow code 0.
 LISTING_COLUMNS: dict[str, int] = {"LIST_USERS": 3, "LIST_CONTENT": 2, "LIST_PEERS": 4}
+#: Replies with a fixed number of fields (no count) after code 0: ALIVE's lease in seconds.
+FIXED_FIELDS: dict[str, int] = {"ALIVE": 1}
+#: Operations stamped without asking the time service: a heartbeat comes every few
+#: seconds, so it gets the last stamp advanced by the time elapsed since (``time_client.advanced``).
+ESTIMATED_STAMP_OPS = frozenset({"ALIVE"})
 
 Row = tuple[str, ...]
 Reply = tuple[int, list[Row] | None]
@@ -75,17 +81,27 @@ class _NotTLS(Exception):
     """The TLS handshake did not complete (closed, reset or timed out): a classic indexer?"""
 
 
+def reply_shape(op: str) -> tuple[int | None, int | None]:
+    """``(columns, count)`` of what follows code 0 of ``op``: a listing's columns and no
+    count (it comes first on the wire), one row of fixed fields, or ``(None, None)``."""
+    fixed = FIXED_FIELDS.get(op)
+    if fixed is not None:
+        return fixed, 1
+    return LISTING_COLUMNS.get(op), None
+
+
 class _ReplyParser:
-    """Reads one reply: a code, then after code 0 of a listing the count and the rows.
+    """Reads one reply: a code, then after code 0 of a listing the count and the rows
+    (``count`` given: that many rows follow without a count, as ALIVE's one field).
 
     ``extra`` tells whether bytes came after the reply (a persistent
     connection cannot be trusted after that).
     """
 
-    def __init__(self, columns: int | None) -> None:
+    def __init__(self, columns: int | None, count: int | None = None) -> None:
         self.columns = columns
         self.code: int | None = None
-        self.count: int | None = None
+        self.count: int | None = count
         self.fields: list[bytes] = []
         self.reader = wire.FieldReader(wire.MAX_FIELD)
         self.extra = False
@@ -121,9 +137,9 @@ class _ReplyParser:
 class _RequestProtocol(protocol.Protocol):
     """Classic: sends one request, parses its reply, closes; fires ``finished`` once."""
 
-    def __init__(self, request: bytes, columns: int | None) -> None:
+    def __init__(self, request: bytes, columns: int | None, count: int | None = None) -> None:
         self.request = request
-        self.parser = _ReplyParser(columns)
+        self.parser = _ReplyParser(columns, count)
         self.finished: Deferred = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
@@ -186,11 +202,13 @@ class _Channel(protocol.Protocol):
         self._rest()
         self.ready.callback(self)
 
-    def ask(self, payload: bytes, columns: int | None, timeout: float) -> Deferred:
+    def ask(
+        self, payload: bytes, columns: int | None, timeout: float, count: int | None = None
+    ) -> Deferred:
         """Send one request; fires with its reply (``_Unanswered`` if closed before it)."""
         self._stop_idle()
         d: Deferred = Deferred(self._cancel)
-        self._pending = (_ReplyParser(columns), d)
+        self._pending = (_ReplyParser(columns, count), d)
         self.transport.write(payload)
         return d.addTimeout(timeout, self.reactor)
 
@@ -293,6 +311,8 @@ class IndexerClient:
         self.idle = idle
         #: True once the indexer is known to speak only the classic protocol.
         self.classic = not use_tls
+        #: The last DATETIME from ``timestamp`` and the reactor time it came at.
+        self._stamped: tuple[str, float] | None = None
         self._channels: dict[str | None, _Channel] = {}
         self._locks: dict[str | None, DeferredLock] = {}
 
@@ -311,18 +331,32 @@ class IndexerClient:
             raise ValueError(f"unknown indexer operation {op!r}")
         if identity is KEPT:
             identity = self.home.identity(user) if self.home is not None else None
-        datetime = yield self.timestamp()
+        if op in ESTIMATED_STAMP_OPS:
+            datetime = self.estimated_datetime()
+        else:
+            datetime = yield self.timestamp()
+            self._stamped = (datetime, self.reactor.seconds())
         payload = wire.encode_request(op, datetime, user, *args)
-        columns = LISTING_COLUMNS.get(op)
+        shape = reply_shape(op)
         if not self.classic:
             try:
-                result = yield self._over_tls(identity, payload, columns)
+                result = yield self._over_tls(identity, payload, shape)
             except _NotTLS:
                 pass  # a classic indexer: self.classic is now True
             else:
                 return result
-        result = yield self._classic(payload, columns)
+        result = yield self._classic(payload, shape)
         return result
+
+    def estimated_datetime(self) -> str:
+        """A DATETIME without asking the time service: the last stamp it gave, advanced
+        by the time elapsed since; the local clock before the first one."""
+        if self._stamped is not None:
+            text, at = self._stamped
+            estimate = advanced(text, self.reactor.seconds() - at)
+            if estimate is not None:
+                return estimate
+        return wire.format_datetime()
 
     def _unanswered(self, op: str) -> IndexerError:
         if op not in wire.CLASSIC_OPS:
@@ -338,8 +372,8 @@ class IndexerClient:
     # --- the classic protocol: one request per connection --------------------------
 
     @defer.inlineCallbacks
-    def _classic(self, payload: bytes, columns: int | None):
-        proto = _RequestProtocol(payload, columns)
+    def _classic(self, payload: bytes, shape: tuple[int | None, int | None]):
+        proto = _RequestProtocol(payload, *shape)
         endpoint = endpoints.HostnameEndpoint(
             self.reactor, self.host, self.port, timeout=self.timeout
         )
@@ -359,7 +393,9 @@ class IndexerClient:
     # --- TLS: one connection per identity, one request at a time -------------------
 
     @defer.inlineCallbacks
-    def _over_tls(self, identity: tls.Identity | None, payload: bytes, columns: int | None):
+    def _over_tls(
+        self, identity: tls.Identity | None, payload: bytes, shape: tuple[int | None, int | None]
+    ):
         key = identity.fingerprint if identity is not None else None
         lock = self._locks.setdefault(key, DeferredLock())
         yield lock.acquire()
@@ -371,7 +407,7 @@ class IndexerClient:
                     channel = yield self._open(identity)
                     self._channels[key] = channel
                 try:
-                    result = yield channel.ask(payload, columns, self.timeout)
+                    result = yield channel.ask(payload, shape[0], self.timeout, shape[1])
                 except _Unanswered:
                     if not fresh:
                         continue  # it closed while idle: once more on a new connection

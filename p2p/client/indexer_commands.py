@@ -179,7 +179,7 @@ class IndexerCommands:
             yield quietly(server.stop())
             return
         self.output.note(f"serving {session.share_dir} to peers on port {port}")
-        session.go_online(user, server)
+        session.go_online(user, server, port)
 
     @defer.inlineCallbacks
     def disconnect(self, user: str):
@@ -192,11 +192,16 @@ class IndexerCommands:
             return
         if user != session.user:
             self.output.note(f"DISCONNECT: note that this shell is connected as {session.user}")
+        own = user == session.user
+        if own:
+            session.hold_lease()  # a renewal answered "not connected" now would be our own doing
         code, _rows = yield self._ask("DISCONNECT", user)
         spec = wire.DISCONNECT
-        if user == session.user and code in (wire.OK, spec.no_user, spec.not_connected):
+        if own and code in (wire.OK, spec.no_user, spec.not_connected):
             # The indexer no longer lists us: stop serving.
             yield session.go_offline()
+        elif own:
+            session.renew_lease()  # still connected: keep it listed
 
     @defer.inlineCallbacks
     def publish(self, name: str, description: str):

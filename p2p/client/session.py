@@ -74,6 +74,11 @@ class Session:
         #: The user this shell is connected as, or None.
         self.user: str | None = None
         self.server: Any = None
+        #: The port the peer server listens on (what CONNECT announced), or None.
+        self.port: int | None = None
+        #: Renews the connected user's lease (``p2p.client.lease.Lease``, set by the shell):
+        #: ``start()`` when a user connects, ``stop()`` before it goes.
+        self.lease: Any = None
 
     def is_published(self, name: str) -> bool:
         """Whether the peer server may serve ``name``: the connected user published it
@@ -87,16 +92,30 @@ class Session:
             self.log.failure("cannot read what {user} published", user=user)
             return False
 
-    def go_online(self, user: str, server: Any) -> None:
-        """``user`` is connected and ``server`` serves its files."""
+    def go_online(self, user: str, server: Any, port: int | None = None) -> None:
+        """``user`` is connected and ``server`` serves its files on ``port``."""
         self.user = user
         self.server = server
+        self.port = port
+        self.renew_lease()
+
+    def renew_lease(self) -> None:
+        """(Re)start renewing the connected user's lease: once now, then periodically."""
+        if self.lease is not None and self.user is not None:
+            self.lease.start()
+
+    def hold_lease(self) -> None:
+        """Stop renewing (before this shell disconnects its user: its answer is ours)."""
+        if self.lease is not None:
+            self.lease.stop()
 
     @defer.inlineCallbacks
     def go_offline(self):
         """No user is connected any more: forget it and stop serving."""
+        self.hold_lease()
         server, self.server = self.server, None
         self.user = None
+        self.port = None
         if server is not None:
             yield quietly(server.stop())
 
@@ -107,6 +126,7 @@ class Session:
         Never fails: the shell is ending whatever the indexer says.
         """
         user = self.user
+        self.hold_lease()
         if user is not None:
             try:
                 code, _rows = yield self.indexer.request("DISCONNECT", user)

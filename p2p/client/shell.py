@@ -29,6 +29,7 @@ from p2p.client.command_queue import CommandQueue, Quit
 from p2p.client.get_file import GetFile
 from p2p.client.home import Home
 from p2p.client.indexer_commands import IndexerCommands
+from p2p.client.lease import Lease
 from p2p.client.session import Indexer, Output, Session
 
 
@@ -69,6 +70,7 @@ class Shell:
         self.session = Session(
             indexer, output, share_dir, peer_listen, reactor, server_factory, home
         )
+        self.session.lease = Lease(self.session)
         self._get_file = GetFile(self.session, download, no_such_file, download_timeout)
         self._commands: dict[str, Callable[..., Any]] = {
             **IndexerCommands(self.session).table(),

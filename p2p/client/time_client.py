@@ -11,9 +11,11 @@ dead service does not slow every command down.
 
 from __future__ import annotations
 
+import calendar
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 
 from twisted.internet import defer, threads
@@ -103,6 +105,17 @@ class TimeClient:
             )
         self._down_until = self.reactor.seconds() + self.retry_after
         return wire.format_datetime()
+
+
+def advanced(stamp: str, seconds: float) -> str | None:
+    """``stamp`` (``dd/mm/YYYY HH:MM:SS``) moved on by ``seconds``, in the same format; None
+    if it is not in that format. Plain calendar arithmetic on the wall-clock reading, so
+    the stamp's own time zone carries over and no daylight-saving rule applies."""
+    try:
+        base = calendar.timegm(time.strptime(stamp, wire.DATETIME_FORMAT))
+    except (ValueError, OverflowError):
+        return None
+    return time.strftime(wire.DATETIME_FORMAT, time.gmtime(base + max(0, int(seconds))))
 
 
 def _short(failure) -> str:

@@ -295,12 +295,20 @@ CLASSIC_OPS: dict[str, OpSpec] = {
     op.name: op
     for op in (REGISTER, UNREGISTER, CONNECT, DISCONNECT, PUBLISH, DELETE, LIST_USERS, LIST_CONTENT)
 }
+#: Extension: renews the connected user's lease (protocol.md, "Liveness"); after code 0
+#: the lease in seconds follows as a decimal string. 2 tells a client its user was dropped.
+ALIVE = OpSpec("ALIVE", (), error=3, no_user=1, not_connected=2)
+
 #: Every operation the indexer serves: the classic ones and the extensions.
-OPS: dict[str, OpSpec] = {**CLASSIC_OPS, LIST_PEERS.name: LIST_PEERS}
+OPS: dict[str, OpSpec] = {**CLASSIC_OPS, LIST_PEERS.name: LIST_PEERS, ALIVE.name: ALIVE}
 OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
 
 #: Operations that change nothing (what ``--classic read-only`` still serves).
-READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS"})
+READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE"})
+#: Operations that are not audited: a heartbeat changes nothing and comes every few seconds.
+UNAUDITED_OPS = frozenset({"ALIVE"})
+#: Default ``--peer-timeout``: seconds after which a connected user whose client is gone is dropped.
+DEFAULT_PEER_TIMEOUT = 60.0
 #: Shown in LIST_PEERS for a name that no key has claimed.
 UNCLAIMED = "-"
 

@@ -77,6 +77,7 @@ ARG_KINDS = {
     "LIST_USERS": (),
     "LIST_CONTENT": ("name",),
     "LIST_PEERS": (),
+    "ALIVE": (),
 }
 ERROR = {"REGISTER": 2, "UNREGISTER": 2, "CONNECT": 3, "DISCONNECT": 3}
 
@@ -135,6 +136,8 @@ class Model:
             return b"\0"
         if op == "LIST_USERS":
             return b"\0" + _listing((n, a[0], a[1]) for n, a in self.connected.items())
+        if op == "ALIVE":  # the extension of section 7: the lease, 60 s by default
+            return b"\x0060\x00"
         if op == "LIST_PEERS":  # no request here has an identity: every name is unclaimed
             return b"\0" + _listing((n, a[0], a[1], "-") for n, a in self.connected.items())
         if op == "LIST_CONTENT":

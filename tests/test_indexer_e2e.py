@@ -6,7 +6,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
@@ -80,17 +80,26 @@ def start_indexer(testcase: TestCase, *options: str, cwd: Path | None = None, db
     return Indexer(testcase, process, int(match.group(2)))
 
 
+def live_port(testcase: TestCase) -> int:
+    """A port where something accepts connections (a peer that answers the indexer's
+    probe, docs/protocol.md section 7), until the test ends."""
+    port = reactor.listenTCP(0, ServerFactory.forProtocol(Protocol), interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
 class EveryCode(TestCase):
     @defer.inlineCallbacks
     def test_every_code_over_the_wire(self):
         ix = yield start_indexer(self)
+        peer = live_port(self)  # alice's peer answers: a second CONNECT is refused (2)
         table = [  # (request, expected code)
             (("REGISTER", "alice"), 0),
             (("REGISTER", "alice"), 1),
             (("REGISTER", ""), 2),
             (("REGISTER", "bob"), 0),
             (("CONNECT", "carol", 5000), 1),
-            (("CONNECT", "alice", 5000), 0),
+            (("CONNECT", "alice", peer), 0),
             (("CONNECT", "alice", 5001), 2),
             (("CONNECT", "bob", "port"), 3),
             (("PUBLISH", "carol", "f", "d"), 1),
@@ -175,12 +184,13 @@ class Persistence(TestCase):
         cwd = Path(self.mktemp())
         cwd.mkdir(parents=True)
         ix = yield start_indexer(self, cwd=cwd)
+        peer = live_port(self)  # alice's peer still answers after the restart
         codes = yield ix.codes(
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),
             ("REGISTER", "gone"),
             ("UNREGISTER", "gone"),
-            ("CONNECT", "alice", 5000),
+            ("CONNECT", "alice", peer),
             ("PUBLISH", "alice", "a.txt", "kept"),
             ("PUBLISH", "alice", "b.txt", "deleted"),
             ("DELETE", "alice", "b.txt"),
@@ -194,7 +204,7 @@ class Persistence(TestCase):
 
         ix = yield start_indexer(self, cwd=cwd)
         users = yield ix.request("LIST_USERS", "alice")
-        self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", "127.0.0.1", 5000))
+        self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", "127.0.0.1", peer))
         content = yield ix.request("LIST_CONTENT", "alice", "alice")
         self.assertEqual(content, b"\0" + wire.encode_fields(1, "a.txt", "kept"))
         content = yield ix.request("LIST_CONTENT", "alice", "bob")

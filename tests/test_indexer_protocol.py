@@ -54,9 +54,10 @@ class Fixture(TestCase):
     """State: alice connected (port 5000) with a.txt, bob registered offline, no carol."""
 
     audit = False
+    harness = Harness
 
     def setUp(self) -> None:
-        self.h = Harness(self, audit=self.audit)
+        self.h = self.harness(self, audit=self.audit)
         for op, user, *args in [
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),

@@ -61,8 +61,9 @@ class CodesTests(TestCase):
         }
         self.assertEqual({name: op.codes for name, op in wire.CLASSIC_OPS.items()}, expected)
         # The extensions: LIST_PEERS answers exactly as LIST_USERS does.
-        self.assertEqual(set(wire.OPS) - set(wire.CLASSIC_OPS), {"LIST_PEERS"})
+        self.assertEqual(set(wire.OPS) - set(wire.CLASSIC_OPS), {"LIST_PEERS", "ALIVE"})
         self.assertEqual(wire.LIST_PEERS.codes, expected["LIST_USERS"])
+        self.assertEqual(wire.ALIVE.codes, expected["DISCONNECT"])
 
     def test_audit_record(self):
         self.assertEqual(

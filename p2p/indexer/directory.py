@@ -19,11 +19,18 @@ A full disk (the store's commit failed, :meth:`Store.serves`): reads
 (wire.READ_OPS) are still answered from memory, their audit records held by
 the store until it takes writes again; changes get their "any other error"
 code, changing nothing (and audited the same way).
+
+Liveness (protocol.md section 7): every connected user holds a lease in
+``leases``; a request that passes the checks of a connected user renews it,
+``ALIVE`` (not audited) makes it a renewing one. :meth:`Directory.expire` drops
+a user whose client is gone, as a DISCONNECT; :meth:`Directory.stale_address`
+tells the factory which CONNECT must first probe the address recorded.
 """
 
 from __future__ import annotations
 
 from p2p import wire
+from p2p.indexer.liveness import Leases
 from p2p.indexer.store import Store, UserRow
 
 Address = tuple[str, int]
@@ -41,7 +48,13 @@ CLASSIC_POLICIES: dict[str, frozenset[str]] = {
 class Directory:
     """Users (connected or not) with the files each one published."""
 
-    def __init__(self, store: Store, audit: bool = False, classic: str = "allow") -> None:
+    def __init__(
+        self,
+        store: Store,
+        audit: bool = False,
+        classic: str = "allow",
+        leases: Leases | None = None,
+    ) -> None:
         if classic not in CLASSIC_POLICIES:
             raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
         self.store = store
@@ -49,6 +62,8 @@ class Directory:
         self.audit = audit
         #: The operations served to requests without identity (``--classic``).
         self.classic_ops = CLASSIC_POLICIES[classic]
+        #: The connected users' leases (in memory only: a load starts them afresh).
+        self.leases = leases if leases is not None else Leases()
         self.users: dict[str, UserRow] = {}
         #: Connected users and their addresses, in connection order (LIST_USERS).
         self.connected: dict[str, Address] = {}
@@ -67,12 +82,14 @@ class Directory:
             wire.LIST_USERS.name: self._list_users,
             wire.LIST_CONTENT.name: self._list_content,
             wire.LIST_PEERS.name: self._list_peers,
+            wire.ALIVE.name: self._alive,
         }
 
     def load(self) -> None:
         """Replace memory with what the store holds (at start, or after a failed commit)."""
         self.users = self.store.load()
         self.connected = {n: u.address for n, u in self.users.items() if u.address is not None}
+        self.leases.reset(list(self.connected))
         self._listings.clear()
         self._contents.clear()
 
@@ -98,20 +115,64 @@ class Directory:
         row = self.users.get(user)
         if not self.store.serves(op.name not in wire.READ_OPS, self.audit):
             code, body = op.error, b""  # the disk is full: no change, or no room to audit
-        elif (identity is None and op.name not in self.classic_ops) or (
-            row is not None and row.identity is not None and row.identity != identity
-        ):
+        elif self._refused(op, row, identity):
             code, body = op.error, b""
         elif row is None and op.no_user is not None:
             code, body = op.no_user, b""
         elif op.not_connected is not None and row.address is None:
             code, body = op.not_connected, b""
         else:
+            if row is not None and row.address is not None:
+                self.leases.seen(user)
             code, body = self._handlers[op.name](user, row, args, address, identity)
-        if self.audit:
-            file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
-            self.store.add_outbox(wire.audit_record(user, op.name, datetime, file_name))
+        if self.audit and op.name not in wire.UNAUDITED_OPS:
+            self._audit(user, op.name, datetime, args)
         return code, body
+
+    def _refused(self, op: wire.OpSpec, row: UserRow | None, identity: str | None) -> bool:
+        """True when ``identity`` may not send ``op`` for the user of ``row`` (section 6.3)."""
+        return (identity is None and op.name not in self.classic_ops) or (
+            row is not None and row.identity is not None and row.identity != identity
+        )
+
+    def _audit(self, user: str, op: str, datetime: str, args: list) -> None:
+        file_name = args[0] if op in wire.AUDIT_FILE_OPS else None
+        self.store.add_outbox(wire.audit_record(user, op, datetime, file_name))
+
+    # --- Liveness ------------------------------------------------------------
+
+    def stale_address(self, user: str, identity: str | None) -> Address | None:
+        """The address a CONNECT for ``user`` must probe first, or None (answer at once).
+
+        Only for a connected user whose request passes the claim check, and
+        whose client has not sent ALIVE within its lease (that alone proves it
+        runs: the answer is "already connected" without a probe).
+        """
+        row = self.users.get(user)
+        if row is None or row.address is None or self._refused(wire.CONNECT, row, identity):
+            return None
+        return None if self.leases.live(user) else row.address
+
+    def forget_stale(self, user: str, address: Address) -> bool:
+        """Disconnect ``user`` if still recorded at ``address`` (its peer did not answer),
+        so the CONNECT that follows records the new one; not audited (the CONNECT is)."""
+        row = self.users.get(user)
+        if row is None or row.address != address:
+            return False
+        self._disconnect(user, row, [], None, None)
+        return True
+
+    def expire(self, user: str, datetime: str) -> bool:
+        """Drop a connected user whose client is gone: a DISCONNECT, persisted and audited
+        (``<user> DISCONNECT <datetime>``) as if it had sent one; its files stay."""
+        row = self.users.get(user)
+        if row is None or row.address is None:
+            self.leases.end(user)
+            return False
+        self._disconnect(user, row, [], None, None)
+        if self.audit:
+            self._audit(user, wire.DISCONNECT.name, datetime, [])
+        return True
 
     # --- Each operation's own part: (code, body) ------------------------------
     # ``row`` is the user's entry: None only for REGISTER (which has no "user
@@ -153,6 +214,7 @@ class Directory:
         self.connected[user] = address
         self._listings.clear()
         self.store.set_address(user, address)
+        self.leases.start(user)
         return wire.OK, b""
 
     def _disconnect(
@@ -162,7 +224,15 @@ class Directory:
         del self.connected[user]
         self._listings.clear()
         self.store.set_address(user, None)
+        self.leases.end(user)
         return wire.OK, b""
+
+    def _alive(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """The lease is renewed; the reply says how long it lasts (whole seconds)."""
+        self.leases.renewed(user)
+        return wire.OK, b"%d\0" % self.leases.seconds
 
     def _publish(
         self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None

@@ -13,6 +13,12 @@ their changes in one SQLite transaction, and only then writes the reply bytes,
 so every acknowledged change is durable. The operator lines of the turn are
 written in one go as well.
 
+Liveness (protocol.md section 7): with a :class:`p2p.indexer.liveness.Liveness`
+in ``factory.liveness``, a CONNECT for a user recorded as connected waits for a
+probe of the address recorded; a dead peer's entry is replaced and the CONNECT
+answered 0. A user whose client is gone is dropped through
+:meth:`IndexerFactory.expire`, committed with the turn like any change.
+
 Over TLS (:func:`p2p.tls.is_tls`; the service's :class:`p2p.tls.SniffingFactory`
 routes each connection) the connection stays open after a reply: the protocol
 stops reading while a request waits for its reply, hands the reply to the
@@ -43,6 +49,7 @@ from p2p import twisted_internals, wire
 from p2p.console import say
 from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
+from p2p.indexer.liveness import Liveness
 from p2p.indexer.store import Store
 from p2p.listening import ConnectionCap
 from p2p.tls import is_tls, peer_fingerprint
@@ -407,6 +414,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.stopped = False
         #: Memory may not match the store (a reload after a failure failed too).
         self.stale = False
+        #: Drops users whose client is gone (None: everyone stays until DISCONNECT).
+        self.liveness: Liveness | None = None
 
     # --- Connections ------------------------------------------------------------
 
@@ -419,11 +428,52 @@ class IndexerFactory(ConnectionCap, ServerFactory):
     def note(self, line: str) -> None:
         """Queue an operator line for the end of this reactor turn."""
         self._lines.append(line)
-        if self._flush_call is None:
-            self._flush_call = self.reactor.callLater(0, self.flush)
+        self._flush_soon()
 
     def submit(self, proto: IndexerProtocol, op: wire.OpSpec, values: list) -> None:
-        """Apply a complete, valid request; its reply goes out after the group commit."""
+        """Apply a complete, valid request; its reply goes out after the group commit.
+
+        A CONNECT for a user recorded as connected (whose client sent no ALIVE
+        lately) first waits for a probe of the recorded address: a peer that
+        does not answer is stale, and the CONNECT replaces it.
+        """
+        if op is wire.CONNECT and self.liveness is not None and not self.stopped:
+            stale = self.directory.stale_address(values[1], proto.identity)
+            if stale is not None:
+                probe = self.liveness.probe(values[1])
+                probe.addCallback(self._connect_probed, proto, values, stale)
+                return
+        self._apply(proto, op, values)
+
+    def _connect_probed(
+        self, answered: bool, proto: IndexerProtocol, values: list, stale: tuple[str, int]
+    ) -> None:
+        """The probe of a CONNECT's recorded address is over: apply the CONNECT."""
+        self._apply(proto, wire.CONNECT, values, None if answered else stale)
+
+    def expire(self, user: str) -> None:
+        """Drop ``user``, whose client is gone: a DISCONNECT, committed with this turn."""
+        if self.stopped or self.stale:
+            return
+        try:
+            self.directory.expire(user, wire.format_datetime())
+        except sqlite3.Error:
+            self.log.failure("store write failed; {user} stays connected", user=user)
+            self._recover()
+            return
+        self._flush_soon()
+
+    def _apply(
+        self,
+        proto: IndexerProtocol,
+        op: wire.OpSpec,
+        values: list,
+        stale: tuple[str, int] | None = None,
+    ) -> None:
+        """Apply a request to the directory and queue its reply for the group commit.
+
+        ``stale``: the address a CONNECT found dead; forgotten first, if still recorded.
+        """
         if self.stopped or (self.stale and not self._recover()):
             # The store is closed, or memory cannot be trusted: answer the error code.
             proto.reply(_CODES[op.error])
@@ -435,12 +485,18 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
             address = (self.policy.record_ip(source), args[0])
         try:
+            if stale is not None:
+                self.directory.forget_stale(user, stale)
             code, body = self.directory.handle(op, datetime, user, args, address, proto.identity)
         except sqlite3.Error:
             self.log.failure("store write failed; answering with the error code")
             self._recover()
             code, body = op.error, b""
         self._replies.append((proto, _CODES[code], body))
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Commit and reply at the end of this reactor turn."""
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
 

@@ -1,0 +1,278 @@
+"""Who is still online: leases of connected users, and probes of classic peers.
+
+docs/protocol.md section 7. Every connected user holds a lease of
+``timeout`` seconds, kept in memory only (a restart gives everyone a fresh one:
+the grace period). Any request of the user renews it; our clients also send
+``ALIVE`` every third of it.
+
+- A user that sent ``ALIVE`` since its CONNECT (*renewing*) and lets its lease
+  run out is dropped.
+- A user that never did (a classic client, or one of ours not heard from since
+  a restart: *silent*) is probed once its last evidence is ``timeout`` old: a
+  TCP connect to its recorded address, closed at once without a byte. An
+  answer counts as evidence; a refusal or no answer within ``probe_timeout``
+  drops it. Probes are spread over the timeout (at most the silent population
+  divided by the timeout per second, at least one per tick) and at most
+  ``max_probes`` are in flight.
+
+:class:`Leases` is the bookkeeping (the directory calls it on every request);
+:class:`Liveness` is the clock: one tick every ``min(1 s, timeout / 10)``
+looks only at the oldest entries, so a tick costs the same with ten users or
+a hundred thousand. A dropped user goes through ``drop(user)``, which the
+indexer's factory turns into a DISCONNECT (persisted and audited).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from p2p import wire
+
+Address = tuple[str, int]
+#: ``prober(address)`` fires True when something accepted a TCP connection there.
+Prober = Callable[[Address], Deferred]
+#: Probes in flight at most (the CONNECT of a locked-out user is not counted: each
+#: one holds a client connection, which the connection cap bounds).
+DEFAULT_MAX_PROBES = 64
+#: The longest a probe waits for an answer.
+MAX_PROBE_TIMEOUT = 5.0
+
+
+class Leases:
+    """The connected users' last evidence of life, oldest first.
+
+    ``renewing``: users that sent ALIVE since their CONNECT, by their last
+    request. ``silent``: the others, by their last request or answered probe
+    (a user being probed is in neither until its probe ends or it is heard
+    from). ``alive_at``: each renewing user's last ALIVE, the only evidence that
+    its client (not merely someone using its name) still runs.
+    """
+
+    def __init__(
+        self, timeout: float = wire.DEFAULT_PEER_TIMEOUT, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.timeout = timeout
+        self.now = now
+        self.renewing: OrderedDict[str, float] = OrderedDict()
+        self.silent: OrderedDict[str, float] = OrderedDict()
+        self.alive_at: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> int:
+        """The lease as ALIVE announces it: whole seconds, at least 1."""
+        return max(1, int(self.timeout))
+
+    def start(self, user: str) -> None:
+        """A fresh lease (CONNECT, or a restart): silent until the user sends ALIVE."""
+        self.renewing.pop(user, None)
+        self.alive_at.pop(user, None)
+        self.silent[user] = self.now()
+        self.silent.move_to_end(user)
+
+    def seen(self, user: str) -> None:
+        """A request of the connected ``user``: its lease is renewed."""
+        entries = self.renewing if user in self.renewing else self.silent
+        entries[user] = self.now()
+        entries.move_to_end(user)
+
+    def renewed(self, user: str) -> None:
+        """ALIVE from the connected ``user``: it renews from now on, and is never probed."""
+        self.silent.pop(user, None)
+        self.alive_at[user] = self.renewing[user] = self.now()
+        self.renewing.move_to_end(user)
+
+    def end(self, user: str) -> None:
+        """The user is no longer connected."""
+        self.renewing.pop(user, None)
+        self.silent.pop(user, None)
+        self.alive_at.pop(user, None)
+
+    def reset(self, connected: list[str]) -> None:
+        """Match the connected users (after a load): new ones get a fresh lease."""
+        keep = set(connected)
+        for entries in (self.renewing, self.silent, self.alive_at):
+            for user in [u for u in entries if u not in keep]:
+                del entries[user]
+        for user in connected:
+            if user not in self.renewing and user not in self.silent:
+                self.start(user)
+
+    def live(self, user: str) -> bool:
+        """True when the user's client sent ALIVE within the lease."""
+        at = self.alive_at.get(user)
+        return at is not None and at + self.timeout > self.now()
+
+    def heard(self, user: str) -> bool:
+        """True when the user is renewing or was heard from since its probe began."""
+        return user in self.renewing or user in self.silent
+
+
+class Liveness:
+    """Drops connected users whose lease ran out, probing silent ones first."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        leases: Leases,
+        reactor: IReactorTime,
+        address_of: Callable[[str], Address | None],
+        drop: Callable[[str], None],
+        prober: Prober,
+        max_probes: int = DEFAULT_MAX_PROBES,
+    ) -> None:
+        self.leases = leases
+        self.reactor = reactor
+        self.address_of = address_of
+        self.drop = drop
+        self.prober = prober
+        self.max_probes = max_probes
+        #: Seconds between two looks at the oldest leases.
+        self.tick = min(1.0, leases.timeout / 10)
+        #: In flight: user -> (the address probed, its Deferred).
+        self._probes: dict[str, tuple[Address, Deferred]] = {}
+        self._scheduled = 0  # of those, how many the tick started (bounded by max_probes)
+        self.probes_sent = 0  # diagnostics and the benchmark
+        self.stopped = False
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        """Begin ticking (the leases given at load run from then on)."""
+        if not self._loop.running:
+            self._loop.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        """Stop ticking and give up the probes in flight (nobody is dropped any more)."""
+        self.stopped = True
+        if self._loop.running:
+            self._loop.stop()
+        for _address, d in list(self._probes.values()):
+            d.cancel()
+
+    def check(self) -> None:
+        """One tick: drop renewing users past their lease, probe silent ones past it."""
+        leases = self.leases
+        expired = leases.now() - leases.timeout
+        renewing = leases.renewing
+        while renewing:
+            user, last = next(iter(renewing.items()))
+            if last > expired:
+                break
+            del renewing[user]
+            self.log.info(
+                "{user} renewed nothing for {timeout} s: dropped", user=user, timeout=leases.timeout
+            )
+            self.drop(user)
+        silent = leases.silent
+        population = len(silent) + self._scheduled
+        budget = max(1, math.ceil(population * self.tick / leases.timeout))
+        budget = min(budget, self.max_probes - self._scheduled)
+        while silent and budget > 0:
+            user, last = next(iter(silent.items()))
+            if last > expired:
+                break
+            del silent[user]
+            budget -= 1
+            self._scheduled += 1
+            self.probe(user).addCallback(self._probed, user)
+
+    def _probed(self, answered: bool, user: str) -> None:
+        self._scheduled -= 1
+        if self.stopped:
+            return
+        if not answered and not self.leases.heard(user) and self.address_of(user) is not None:
+            self.log.info("{user}'s peer does not answer: dropped", user=user)
+            self.drop(user)
+
+    def probe(self, user: str) -> Deferred:
+        """Probe the user's recorded address; fires True if it answered.
+
+        One probe per user at a time: a second asker shares the first's answer.
+        An answer is evidence: the user's lease runs again from now.
+        """
+        address = self.address_of(user)
+        if address is None:
+            return succeed(False)
+        running = self._probes.get(user)
+        if running is not None and running[0] == address:
+            return _share(running[1])
+        self.probes_sent += 1
+        d = self.prober(address)
+        self._probes[user] = (address, d)
+
+        def done(answered: object) -> bool:
+            answered = answered is True
+            if self._probes.get(user, (None, None))[1] is d:
+                del self._probes[user]
+            if answered and self.address_of(user) == address and user not in self.leases.renewing:
+                self.leases.seen(user)
+            return answered
+
+        d.addBoth(done)
+        return _share(d)
+
+
+def _share(d: Deferred) -> Deferred:
+    """A new Deferred with ``d``'s result, leaving ``d``'s own result in place."""
+    out: Deferred = Deferred()
+
+    def relay(result: object) -> object:
+        out.callback(result)
+        return result
+
+    d.addCallback(relay)
+    return out
+
+
+class TCPProber:
+    """Connects to an address and closes at once, without sending a byte."""
+
+    def __init__(self, reactor, timeout: float = MAX_PROBE_TIMEOUT) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def __call__(self, address: Address) -> Deferred:
+        host, port = address
+        kind = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        endpoint = kind(self.reactor, host, port, timeout=self.timeout)
+        d = connectProtocol(endpoint, Protocol())
+
+        def answered(proto: Protocol) -> bool:
+            proto.transport.loseConnection()
+            return True
+
+        return d.addCallbacks(answered, lambda _failure: False)
+
+
+def watch(factory, max_probes: int = DEFAULT_MAX_PROBES) -> Liveness:
+    """Start dropping the gone users of an :class:`p2p.indexer.protocol.IndexerFactory`.
+
+    Its directory's leases decide the timeout. A probe waits at most
+    ``MAX_PROBE_TIMEOUT``, half the lease, and half the request timeout (a
+    CONNECT waits for one before its reply).
+    """
+    directory, reactor = factory.directory, factory.reactor
+    leases = directory.leases
+    wait = min(MAX_PROBE_TIMEOUT, leases.timeout / 2, factory.timeout / 2)
+    liveness = Liveness(
+        leases,
+        reactor,
+        address_of=lambda user: directory.connected.get(user),  # load() replaces the dict
+        drop=factory.expire,
+        prober=TCPProber(reactor, wait),
+        max_probes=max_probes,
+    )
+    factory.liveness = liveness
+    liveness.start()
+    return liveness

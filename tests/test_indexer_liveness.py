@@ -330,3 +330,22 @@ class Restart(Base):
         self.h.directory.load()
         self.assertTrue(self.h.leases.live("alice"))
         self.assertIn("alice", self.h.leases.renewing)
+
+
+class Option(TestCase):
+    def test_peer_timeout(self) -> None:
+        """``--peer-timeout`` (default 60 s) is the lease of the directory the service makes."""
+        from twisted.python import usage
+
+        from p2p.indexer.service import Options, makeService
+
+        def leases(*argv: str) -> Leases:
+            options = Options()
+            options.parseOptions(["--db", ":memory:", *argv])
+            service = makeService(options)
+            return next(iter(service)).directory.leases
+
+        self.assertEqual(leases().timeout, wire.DEFAULT_PEER_TIMEOUT)
+        self.assertEqual(leases("--peer-timeout", "2").seconds, 2)
+        for bad in ("0", "-1", "soon"):
+            self.assertRaises(usage.UsageError, Options().parseOptions, ["--peer-timeout", bad])

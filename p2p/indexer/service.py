@@ -24,6 +24,7 @@ from p2p import wire
 from p2p.console import say
 from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import CLASSIC_POLICIES, Directory
+from p2p.indexer.liveness import Leases, Liveness, watch
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import (
     MEMORY,
@@ -81,6 +82,14 @@ class Options(LogOptions, usage.Options):
             DEFAULT_MAX_PER_SOURCE,
             "Open connections from one address beyond which its new ones are closed at once.",
             positive_int,
+        ],
+        [
+            "peer-timeout",
+            None,
+            wire.DEFAULT_PEER_TIMEOUT,
+            "Seconds after which a connected user whose client is gone is dropped "
+            "(its lease; a classic peer is probed once per this time at most).",
+            positive_float,
         ],
         [
             "sync",
@@ -174,6 +183,8 @@ class IndexerService(ListenFailure, ListeningService):
         self.identity_files = identity_files
         #: The factory of the indexer's protocol (``factory`` is the TLS sniffer around it).
         self.indexer: IndexerFactory | None = None
+        #: Drops the users whose client is gone (from the start on).
+        self.liveness: Liveness | None = None
         self._lock: int | None = None
 
     def privilegedStartService(self) -> None:
@@ -216,6 +227,7 @@ class IndexerService(ListenFailure, ListeningService):
         except Exception:
             self._release()
             raise
+        self.liveness = watch(self.indexer)  # the leases given at load run from now
 
     def listening(self, port: IListeningPort) -> None:
         address = port.getHost()
@@ -233,6 +245,8 @@ class IndexerService(ListenFailure, ListeningService):
         d = super().stopService()
         if self.indexer is not None:
             self.indexer.stop()
+        if self.liveness is not None:
+            self.liveness.stop()
         self._release()
         return d
 
@@ -310,7 +324,8 @@ def makeService(options: Options, reactor=None) -> IService:
     """The indexer (and the audit relay when a logger is configured) as one service."""
     reactor = reactor if reactor is not None else default_reactor
     store = Store(options["db"], sync=options["sync"])
-    directory = Directory(store, audit=options.audit, classic=options["classic"])
+    leases = Leases(options["peer-timeout"], reactor.seconds)
+    directory = Directory(store, audit=options.audit, classic=options["classic"], leases=leases)
     top = _Indexer()
     top.log_options = options
     IndexerService(

@@ -349,3 +349,12 @@ class Option(TestCase):
         self.assertEqual(leases("--peer-timeout", "2").seconds, 2)
         for bad in ("0", "-1", "soon"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--peer-timeout", bad])
+
+
+class OperatorLines(Base):
+    def test_alive_prints_no_line(self) -> None:
+        """A heartbeat every few seconds per user would drown the operator's console."""
+        del self.h.lines[:]
+        self.assertEqual(self.h.request("ALIVE", "alice")[0], 0)
+        self.assertEqual(self.h.request("LIST_USERS", "alice")[0], 0)
+        self.assertEqual(self.h.lines, ["s> LIST_USERS FROM alice"])

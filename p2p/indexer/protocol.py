@@ -220,7 +220,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
             self._refuse()
             return True
         count = len(values)
-        if count == 2:  # DATETIME and USER are in: the operator line
+        if count == 2 and op is not wire.ALIVE:  # DATETIME and USER: the operator line
+            # (not for the heartbeat: 10,000 users would print 500 lines a second)
             self.factory.note(f"s> {op.name} FROM {values[1]}")
         if count == len(fields):
             self._done = True

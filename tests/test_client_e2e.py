@@ -118,6 +118,8 @@ class Stack:
         self.time = None
         self.tls_key = new_key_file(testcase)
         self.fingerprint: str | None = None
+        #: More ``twistd p2p-indexer`` options (a later ``--db`` replaces ``:memory:``).
+        self.indexer_options: tuple[str, ...] = ()
 
     @property
     def wsdl(self) -> str:
@@ -143,6 +145,7 @@ class Stack:
             key,
             "--tls-cert",
             key,
+            *self.indexer_options,
         )
         match = yield self.indexer.wait_for_line(r"TLS key fingerprint ([0-9a-f]{64})")
         self.fingerprint = match.group(1)

@@ -166,11 +166,13 @@ class Liveness(TestCase):
         ix = yield self.start()
         alive = PeerListener(self)
         yield join(ix, "alice", alive.number)
+        reply = yield ix.request("ALIVE", "alice")  # alice's client renews...
+        self.assertEqual(reply[:1], b"\0")
         # The recorded peer answers: still "already connected".
         codes = yield ix.codes(("CONNECT", "alice", 7000))
         self.assertEqual(codes, [2])
         self.assertGreaterEqual(alive.accepted, 1)
-        # It is gone (a crash): the next CONNECT replaces it at once.
+        # ...and crashes right after: the next CONNECT replaces it at once.
         yield alive.close()
         codes = yield ix.codes(("CONNECT", "alice", 7000))
         self.assertEqual(codes, [0])

@@ -144,14 +144,15 @@ class Directory:
     def stale_address(self, user: str, identity: str | None) -> Address | None:
         """The address a CONNECT for ``user`` must probe first, or None (answer at once).
 
-        Only for a connected user whose request passes the claim check, and
-        whose client has not sent ALIVE within its lease (that alone proves it
-        runs: the answer is "already connected" without a probe).
+        Only for a connected user whose request passes the claim check. A
+        recent ALIVE is no proof here: a client killed a moment ago renewed
+        a moment before, and its user's new client must get in at once; the
+        peer probed is then one of ours, which a probe does not disturb.
         """
         row = self.users.get(user)
         if row is None or row.address is None or self._refused(wire.CONNECT, row, identity):
             return None
-        return None if self.leases.live(user) else row.address
+        return row.address
 
     def forget_stale(self, user: str, address: Address) -> bool:
         """Disconnect ``user`` if still recorded at ``address`` (its peer did not answer),

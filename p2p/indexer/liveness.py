@@ -54,8 +54,7 @@ class Leases:
     ``renewing``: users that sent ALIVE since their CONNECT, by their last
     request. ``silent``: the others, by their last request or answered probe
     (a user being probed is in neither until its probe ends or it is heard
-    from). ``alive_at``: each renewing user's last ALIVE, the only evidence that
-    its client (not merely someone using its name) still runs.
+    from).
     """
 
     def __init__(
@@ -65,7 +64,6 @@ class Leases:
         self.now = now
         self.renewing: OrderedDict[str, float] = OrderedDict()
         self.silent: OrderedDict[str, float] = OrderedDict()
-        self.alive_at: dict[str, float] = {}
 
     @property
     def seconds(self) -> int:
@@ -75,7 +73,6 @@ class Leases:
     def start(self, user: str) -> None:
         """A fresh lease (CONNECT, or a restart): silent until the user sends ALIVE."""
         self.renewing.pop(user, None)
-        self.alive_at.pop(user, None)
         self.silent[user] = self.now()
         self.silent.move_to_end(user)
 
@@ -88,29 +85,23 @@ class Leases:
     def renewed(self, user: str) -> None:
         """ALIVE from the connected ``user``: it renews from now on, and is never probed."""
         self.silent.pop(user, None)
-        self.alive_at[user] = self.renewing[user] = self.now()
+        self.renewing[user] = self.now()
         self.renewing.move_to_end(user)
 
     def end(self, user: str) -> None:
         """The user is no longer connected."""
         self.renewing.pop(user, None)
         self.silent.pop(user, None)
-        self.alive_at.pop(user, None)
 
     def reset(self, connected: list[str]) -> None:
         """Match the connected users (after a load): new ones get a fresh lease."""
         keep = set(connected)
-        for entries in (self.renewing, self.silent, self.alive_at):
+        for entries in (self.renewing, self.silent):
             for user in [u for u in entries if u not in keep]:
                 del entries[user]
         for user in connected:
             if user not in self.renewing and user not in self.silent:
                 self.start(user)
-
-    def live(self, user: str) -> bool:
-        """True when the user's client sent ALIVE within the lease."""
-        at = self.alive_at.get(user)
-        return at is not None and at + self.timeout > self.now()
 
     def heard(self, user: str) -> bool:
         """True when the user is renewing or was heard from since its probe began."""

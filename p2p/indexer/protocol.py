@@ -434,9 +434,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
     def submit(self, proto: IndexerProtocol, op: wire.OpSpec, values: list) -> None:
         """Apply a complete, valid request; its reply goes out after the group commit.
 
-        A CONNECT for a user recorded as connected (whose client sent no ALIVE
-        lately) first waits for a probe of the recorded address: a peer that
-        does not answer is stale, and the CONNECT replaces it.
+        A CONNECT for a user recorded as connected first waits for a probe of
+        the recorded address: a peer that does not answer is stale, and the
+        CONNECT replaces it.
         """
         if op is wire.CONNECT and self.liveness is not None and not self.stopped:
             stale = self.directory.stale_address(values[1], proto.identity)

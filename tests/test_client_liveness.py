@@ -427,6 +427,29 @@ class ProbeTests(TestCase):
 PEER_TIMEOUT = 2  # the indexer's --peer-timeout in the end-to-end tests
 
 
+class _SlowPeer(protocol.Protocol):
+    """bob's peer: answers a FETCH with the first half of the file, the rest on ``finish``;
+    takes the indexer's probes (no request) silently."""
+
+    CONTENT = b"0123456789" * 100
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"FETCH\0") and self.factory.serving is None:
+            half = len(self.CONTENT) // 2
+            self.transport.write(b"\0%d\0" % len(self.CONTENT) + self.CONTENT[:half])
+            self.factory.serving = self
+
+
+class _SlowPeerFactory(protocol.Factory):
+    protocol = _SlowPeer
+    serving: _SlowPeer | None = None
+
+    def finish(self) -> None:
+        half = len(_SlowPeer.CONTENT) // 2
+        self.serving.transport.write(_SlowPeer.CONTENT[half:])
+        self.serving.transport.loseConnection()
+
+
 class LiveClientTests(TestCase):
     """Our client against a real ``twistd p2p-indexer --peer-timeout 2``.
 
@@ -443,7 +466,8 @@ class LiveClientTests(TestCase):
         db.mkdir()
         self.stack.indexer_options = ("--peer-timeout", str(PEER_TIMEOUT), "--db", str(db / "db"))
         yield self.stack.start_indexer()
-        bob_peer = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol))
+        self.bob = _SlowPeerFactory()
+        bob_peer = reactor.listenTCP(0, self.bob, interface="127.0.0.1")
         self.addCleanup(bob_peer.stopListening)
         self.assertEqual((yield self.stack.raw("REGISTER", "bob"))[0], wire.OK)
         self.assertEqual((yield self.stack.raw("REGISTER", "carol"))[0], wire.OK)
@@ -480,12 +504,18 @@ class LiveClientTests(TestCase):
             self.assertEqual(code, wire.OK)
             yield self.until(lambda names: "carol" not in names, "carol dropped", always)
 
+    def unprobed_shell(self) -> ShellProcess:
+        """alice, whose peer server listens on 127.0.0.2 while the indexer records the
+        address her requests come from (127.0.0.1): a probe would find nothing there,
+        so only her renewals can keep her listed."""
+        return self.stack.shell("alice", extra=("--peer-listen", "tcp:0:interface=127.0.0.2"))
+
     def no_notice(self, shell: ShellProcess) -> None:
         self.assertEqual([e for e in shell.proc.errlines if "dropped" in e], [])
 
     @defer.inlineCallbacks
     def test_a_live_client_stays_listed_idle_and_across_a_restart(self):
-        alice = self.stack.shell("alice")  # stdin stays open: idle at its prompt
+        alice = self.unprobed_shell()  # stdin stays open: idle at its prompt
         yield alice.check("REGISTER alice", "c> REGISTER OK")
         yield alice.check("CONNECT alice", "c> CONNECT OK")
         yield self.timeouts_pass(3, always="alice")
@@ -512,6 +542,23 @@ class LiveClientTests(TestCase):
         self.assertEqual(len([e for e in alice.proc.errlines if "dropped" in e]), 1)
         self.assertEqual(alice.lines, ["c> CONNECT OK"], alice.proc.output())
         yield alice.check("LIST_CONTENT bob", "c> LIST_CONTENT OK")
+
+    @defer.inlineCallbacks
+    def test_a_client_stays_listed_through_a_long_download(self):
+        """A GET_FILE that stalls for three timeouts holds the shell's commands, not the
+        renewals (bob's peer sends half the file, waits, then the rest)."""
+        alice = self.unprobed_shell()
+        yield alice.check("REGISTER alice", "c> REGISTER OK")
+        yield alice.check("CONNECT alice", "c> CONNECT OK")
+        alice.proc.write(b"GET_FILE bob big.bin big.bin\nLIST_CONTENT bob\n")
+        yield poll_until(lambda: self.bob.serving, what="bob's peer asked for big.bin")
+        yield self.timeouts_pass(3, always="alice")
+        self.assertEqual(alice.lines, ["c> REGISTER OK", "c> CONNECT OK"])  # still running
+        self.bob.finish()
+        yield poll_until(lambda: len(alice.lines) == 4, what="GET_FILE and LIST_CONTENT")
+        self.assertEqual(alice.lines[2:], ["c> GET_FILE OK", "c> LIST_CONTENT OK"])
+        self.assertEqual((alice.cwd / "big.bin").read_bytes(), _SlowPeer.CONTENT)
+        self.no_notice(alice)
 
     @defer.inlineCallbacks
     def test_a_killed_client_leaves_and_its_user_comes_back(self):

@@ -565,8 +565,10 @@ class LiveClientTests(TestCase):
         alice = self.stack.shell("alice")
         yield alice.check("REGISTER alice", "c> REGISTER OK")
         yield alice.check("CONNECT alice", "c> CONNECT OK")
+        other = self.stack.shell("alice elsewhere", home=alice.home)
+        yield other.check("CONNECT alice", "c> USER ALREADY CONNECTED")  # alice is alive
+        yield other.proc.wait_for_line(r"CONNECT: the indexer lists alice as connected from")
         yield alice.proc.kill()
         yield self.until(lambda names: "alice" not in names, "the killed alice gone")
-        again = self.stack.shell("alice again", home=alice.home)
-        yield again.check("CONNECT alice", "c> CONNECT OK")
+        yield other.check("CONNECT alice", "c> CONNECT OK")
         yield self.until(lambda names: "alice" in names, "alice listed again")

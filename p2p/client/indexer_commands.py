@@ -176,6 +176,12 @@ class IndexerCommands:
             return
         code, _rows = yield self._ask("CONNECT", user, port)
         if code != wire.OK:
+            if code == wire.CONNECT.own:
+                self.output.note(
+                    f"CONNECT: the indexer lists {user} as connected from another client, whose "
+                    "peer still answers or whose lease is still running; a client that was "
+                    "killed is let go within the indexer's --peer-timeout: CONNECT again then"
+                )
             yield quietly(server.stop())
             return
         self.output.note(f"serving {session.share_dir} to peers on port {port}")

@@ -14,10 +14,15 @@ identity, so every name it registers is claimed, requests one after another on
 it); and TLS with a full handshake per request (what the persistent connection
 saves).
 
+``--compare-liveness`` alternates runs of the indexer with its default
+``--peer-timeout`` (60 s: leases kept, a tick every second) and with a lease so
+long that no user ever reaches it (protocol.md section 7).
+
     python bench/indexer_load.py --spawn --clients 8 --seconds 10
     python bench/indexer_load.py --spawn --compare-plain --rounds 3 --seconds 5
     python bench/indexer_load.py --spawn --compare-plain --plain read_now
     python bench/indexer_load.py --spawn --compare-tls --rounds 3 --seconds 5
+    python bench/indexer_load.py --spawn --compare-liveness --rounds 3 --seconds 5
     python bench/indexer_load.py --host 127.0.0.1 --port 9090
 """
 
@@ -186,10 +191,13 @@ def preload(db_path: str, users: int) -> None:
     store.close()
 
 
-def spawn_indexer(workdir: str, sync: str, plain: str = "") -> tuple[subprocess.Popen, int]:
+def spawn_indexer(
+    workdir: str, sync: str, plain: str = "", extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port.
 
-    ``plain``: its ``P2P_PLAIN_TWISTED`` (``1``: without the Twisted fast paths).
+    ``plain``: its ``P2P_PLAIN_TWISTED`` (``1``: without the Twisted fast paths);
+    ``extra``: more options of the indexer.
     """
     args = [
         *TWISTD,
@@ -203,6 +211,7 @@ def spawn_indexer(workdir: str, sync: str, plain: str = "") -> tuple[subprocess.
         os.path.join(workdir, "bench.db"),
         "--sync",
         sync,
+        *extra,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     env["P2P_PLAIN_TWISTED"] = plain
@@ -231,7 +240,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(args: argparse.Namespace, plain: str = "", mode: str = "plaintext") -> dict:
+def measure(
+    args: argparse.Namespace, plain: str = "", mode: str = "plaintext", extra: tuple = ()
+) -> dict:
     """One run: start the indexer if asked, run the clients, return the figures."""
     server = None
     with tempfile.TemporaryDirectory() as workdir:
@@ -245,7 +256,7 @@ def measure(args: argparse.Namespace, plain: str = "", mode: str = "plaintext") 
         if args.spawn:
             if args.preload:
                 preload(os.path.join(workdir, "bench.db"), args.preload)
-            server, args.port = spawn_indexer(workdir, args.sync, plain)
+            server, args.port = spawn_indexer(workdir, args.sync, plain, extra)
         try:
             out: multiprocessing.Queue = multiprocessing.Queue()
             start = time.time() + 0.5
@@ -304,13 +315,14 @@ def report(args: argparse.Namespace, run: dict) -> None:
         print(f"first unexpected: request={run['first'][0]!r} reply={run['first'][1]!r}")
 
 
-def compare(args: argparse.Namespace, variants: list[tuple[str, str, str]]) -> dict:
-    """Alternate runs of each (label, P2P_PLAIN_TWISTED, mode) for ``args.rounds`` rounds;
-    print each run and the medians; return {label: (requests/s, server us/request, p50, p99)}."""
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+def compare(args: argparse.Namespace, variants: list[tuple]) -> dict:
+    """Alternate runs of each (label, P2P_PLAIN_TWISTED, mode[, indexer options]) for
+    ``args.rounds`` rounds; print each run and the medians; return
+    {label: (requests/s, server us/request, p50, p99)}."""
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in variants}
     for round_ in range(1, args.rounds + 1):
-        for label, plain, mode in variants:
-            run = measure(args, plain, mode)
+        for label, plain, mode, *extra in variants:
+            run = measure(args, plain, mode, *extra)
             runs[label].append(run)
             print(
                 f"round {round_}  {label:18s} {run['rate']:7.0f} requests/s  "
@@ -359,6 +371,22 @@ def compare_tls(args: argparse.Namespace) -> int:
     return 1 if args.failed else 0
 
 
+def compare_liveness(args: argparse.Namespace) -> int:
+    """The default lease (60 s) beside one no user ever reaches (liveness idle)."""
+    default = ("--peer-timeout", str(wire.DEFAULT_PEER_TIMEOUT))
+    endless = ("--peer-timeout", "1e9")
+    median = compare(
+        args,
+        [("liveness", "", "plaintext", default), ("lease 1e9 s", "", "plaintext", endless)],
+    )
+    on, off = median["liveness"], median["lease 1e9 s"]
+    print(
+        f"  liveness / endless lease: {on[0] / off[0]:.0%} of the requests/s "
+        f"(target: at least 90%), server CPU per request {on[1] / off[1] - 1:+.0%}"
+    )
+    return 1 if args.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -387,7 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --spawn: plaintext beside TLS (persistent, and a handshake per request)",
     )
+    parser.add_argument(
+        "--compare-liveness",
+        action="store_true",
+        help="with --spawn: the default --peer-timeout beside one no user reaches",
+    )
     args = parser.parse_args(argv)
+    if args.compare_liveness:
+        if not args.spawn:
+            parser.error("--compare-liveness needs --spawn")
+        return compare_liveness(args)
     if args.compare_tls:
         if not args.spawn:
             parser.error("--compare-tls needs --spawn")

@@ -572,3 +572,15 @@ class LiveClientTests(TestCase):
         yield self.until(lambda names: "alice" not in names, "the killed alice gone")
         yield other.check("CONNECT alice", "c> CONNECT OK")
         yield self.until(lambda names: "alice" in names, "alice listed again")
+
+    @defer.inlineCallbacks
+    def test_a_killed_users_new_client_connects_at_once(self):
+        alice = self.stack.shell("alice")
+        yield alice.check("REGISTER alice", "c> REGISTER OK")
+        yield alice.check("CONNECT alice", "c> CONNECT OK")
+        yield alice.proc.kill()
+        self.assertIn("alice", (yield self.listed()))  # not timed out yet
+        again = self.stack.shell("alice again", home=alice.home)
+        yield again.check("CONNECT alice", "c> CONNECT OK")  # the stale entry replaced
+        self.no_notice(again)
+        yield self.timeouts_pass(2, always="alice")

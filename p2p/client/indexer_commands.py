@@ -178,9 +178,9 @@ class IndexerCommands:
         if code != wire.OK:
             if code == wire.CONNECT.own:
                 self.output.note(
-                    f"CONNECT: the indexer lists {user} as connected from another client, whose "
-                    "peer still answers or whose lease is still running; a client that was "
-                    "killed is let go within the indexer's --peer-timeout: CONNECT again then"
+                    f"CONNECT: the indexer lists {user} as connected from another client that "
+                    "still runs (its peer answers): QUIT it there first (a client that was "
+                    "killed is let go at once, or within the indexer's --peer-timeout)"
                 )
             yield quietly(server.stop())
             return

@@ -18,14 +18,20 @@ from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from p2p import tls, wire
 from p2p.client import lease as lease_module
 from p2p.client.home import Home
-from p2p.client.indexer_client import IndexerClient, IndexerError, UnknownOperation
+from p2p.client.indexer_client import (
+    IndexerClient,
+    IndexerError,
+    UnknownOperation,
+    _Channel,
+    reply_shape,
+)
 from p2p.client.shell import Shell
 from p2p.client.time_client import advanced
 from p2p.peer.server import PeerServer
@@ -341,6 +347,35 @@ class StampTests(TestCase):
         self.assertEqual(asked, ["now"])
         self.assertEqual(sent[-1], wire.encode_request("ALIVE", "25/11/2026 02:16:28", "alice"))
         wire.decode_field(sent[0].split(b"\0")[1], wire.FieldKind.DATETIME)
+
+
+class KeptConnectionTests(TestCase):
+    """ALIVE's reply on the kept TLS connection: the lease read, the connection kept."""
+
+    def channel(self) -> tuple[_Channel, StringTransport]:
+        channel = _Channel(tls.client_options(None, None), task.Clock(), wire.CLIENT_IDLE)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.handshakeCompleted()
+        return channel, transport
+
+    def test_the_lease_in_pieces_keeps_the_connection(self) -> None:
+        channel, transport = self.channel()
+        columns, count = reply_shape("ALIVE")
+        d = channel.ask(b"ALIVE...", columns, 5, count)
+        channel.dataReceived(b"\x00")
+        self.assertNoResult(d)
+        channel.dataReceived(b"60\x00")
+        self.assertEqual(self.successResultOf(d), (0, [("60",)]))
+        self.assertTrue(channel.alive)
+        self.assertFalse(transport.disconnecting)
+
+    def test_not_connected_keeps_the_connection(self) -> None:
+        channel, _transport = self.channel()
+        d = channel.ask(b"ALIVE...", 1, 5, 1)
+        channel.dataReceived(b"\x02")
+        self.assertEqual(self.successResultOf(d), (2, None))
+        self.assertTrue(channel.alive)
 
 
 class AliveReplyTests(TestCase):

@@ -10,6 +10,7 @@ logger is down, so every audit record stays in the outbox, where it is counted.
 from __future__ import annotations
 
 import resource
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 
 from p2p import wire
+from p2p.indexer.directory import Directory
 from p2p.indexer.store import Store
 from tests.support import TWISTD, hold_port, spawn
 from tests.test_indexer_e2e import DT, Indexer
@@ -120,3 +122,89 @@ class DiskFull(TestCase):
         records = [record for _, record in store.outbox_pending(0, 10 * len(self.sent))]
         self.assertEqual(records, [wire.audit_record(u, op, DT, f) for op, u, f in self.sent])
         self.assertEqual(sorted(store.load()), ["alice", "bob"])
+
+
+class _FullDisk:
+    """A connection whose COMMIT fails while ``full``, as on a full disk."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.full = False
+
+    def execute(self, sql: str, *args):
+        if self.full and sql == "COMMIT":
+            self.real.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+class HeldRecords(TestCase):
+    """The store and directory on a full disk, over a connection whose commits fail."""
+
+    def setUp(self) -> None:
+        self.store = Store(self.mktemp(), max_held=3)
+        self.store.open()
+        self.disk = self.store._db = _FullDisk(self.store._db)
+        self.directory = Directory(self.store, audit=True)
+        self.directory.load()
+        self.relayed: list[int] = []
+        self.store.add_outbox_listener(lambda: self.relayed.append(len(self.records())))
+        self.codes = []
+
+    def tearDown(self) -> None:
+        self.disk.full = False
+        self.store.close()
+
+    def handle(self, op: str, user: str, *args) -> int:
+        code, _ = self.directory.handle(wire.OPS[op], DT, user, list(args), ("10.0.0.1", 5000))
+        self.store.commit()
+        return code
+
+    def records(self) -> list[str]:
+        return [record for _, record in self.store.outbox_pending(0, 100)]
+
+    def test_bounded_in_order_exactly_once(self):
+        self.assertEqual(self.handle("REGISTER", "alice"), 0)
+        self.assertEqual(self.handle("CONNECT", "alice", 5000), 0)
+        self.disk.full = True
+        self.directory.handle(wire.REGISTER, DT, "bob", [])
+        self.assertRaises(sqlite3.Error, self.store.commit)  # the turn that finds it full
+        self.directory.load()  # as the factory recovers
+        self.assertTrue(self.store.failing)
+        self.assertEqual(self.handle("LIST_USERS", "alice"), 0)
+        self.assertEqual(self.handle("PUBLISH", "alice", "f", "d"), wire.PUBLISH.error)
+        self.assertEqual(len(self.store.held), 3)  # REGISTER bob, LIST_USERS, PUBLISH
+        # The bound is reached: a read is refused too, and not kept.
+        self.assertEqual(self.handle("LIST_USERS", "alice"), wire.LIST_USERS.error)
+        self.assertEqual(len(self.store.held), 3)
+        self.assertEqual(len(self.records()), 2)
+        self.disk.full = False  # space returns: the next request writes what is held first
+        self.assertEqual(self.handle("LIST_CONTENT", "alice", "alice"), 0)
+        self.assertFalse(self.store.failing)
+        self.assertEqual(
+            self.records(),
+            [
+                f"alice REGISTER {DT}",
+                f"alice CONNECT {DT}",
+                f"bob REGISTER {DT}",
+                f"alice LIST_USERS {DT}",
+                f"alice PUBLISH f {DT}",
+                f"alice LIST_CONTENT {DT}",
+            ],
+        )
+        self.assertEqual(self.relayed[-2:], [5, 6])  # the relay heard of both commits
+        self.assertEqual(list(self.store.load()), ["alice"])  # bob's REGISTER was refused
+
+    def test_close_writes_what_is_held(self):
+        self.assertEqual(self.handle("REGISTER", "alice"), 0)
+        self.disk.full = True
+        self.directory.handle(wire.REGISTER, DT, "bob", [])
+        self.assertRaises(sqlite3.Error, self.store.commit)
+        self.assertEqual(self.handle("LIST_USERS", "alice"), wire.LIST_USERS.not_connected)
+        self.disk.full = False
+        self.store.close()
+        self.store.open()
+        self.assertEqual(len(self.records()), 3)

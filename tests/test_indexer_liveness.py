@@ -211,6 +211,22 @@ class Classic(Base):
         h.advance(T)
         self.assertEqual(len(h.prober.pending), 8)
 
+    def test_a_free_slot_is_used_within_the_tick(self) -> None:
+        """Quick answers do not hold the rate at max_probes per tick: 300 users due
+        together are probed at the tick's allowance (10), never more than 8 at once."""
+        h = LiveHarness(self, max_probes=8)
+        for n in range(300):
+            h.request("REGISTER", f"u{n}")
+            h.request("CONNECT", f"u{n}", 6000 + n)
+        h.advance(T)
+        h.prober.answer(True)  # the probes of the ticks so far
+        before = len(h.prober.calls)
+        h.clock.advance(h.liveness.tick)
+        while h.prober.pending:
+            self.assertLessEqual(len(h.prober.pending), 8)
+            h.prober.answer(True)
+        self.assertEqual(len(h.prober.calls) - before, -(-300 * h.liveness.tick // T))
+
 
 class Audited(Base):
     audit = True

@@ -133,6 +133,7 @@ class Liveness:
         #: In flight: user -> (the address probed, its Deferred).
         self._probes: dict[str, tuple[Address, Deferred]] = {}
         self._scheduled = 0  # of those, how many the tick started (bounded by max_probes)
+        self._allowance = 0  # probes this tick may still start
         self.probes_sent = 0  # diagnostics and the benchmark
         self.stopped = False
         self._loop = LoopingCall(self.check)
@@ -165,16 +166,21 @@ class Liveness:
                 "{user} renewed nothing for {timeout} s: dropped", user=user, timeout=leases.timeout
             )
             self.drop(user)
-        silent = leases.silent
-        population = len(silent) + self._scheduled
-        budget = max(1, math.ceil(population * self.tick / leases.timeout))
-        budget = min(budget, self.max_probes - self._scheduled)
-        while silent and budget > 0:
+        population = len(leases.silent) + self._scheduled
+        self._allowance = max(1, math.ceil(population * self.tick / leases.timeout))
+        self._probe_due()
+
+    def _probe_due(self) -> None:
+        """Probe the silent users past their lease, oldest first, while this tick's
+        allowance lasts and fewer than ``max_probes`` are in flight."""
+        silent = self.leases.silent
+        expired = self.leases.now() - self.leases.timeout
+        while silent and self._allowance > 0 and self._scheduled < self.max_probes:
             user, last = next(iter(silent.items()))
             if last > expired:
                 break
             del silent[user]
-            budget -= 1
+            self._allowance -= 1
             self._scheduled += 1
             self.probe(user).addCallback(self._probed, user)
 
@@ -185,6 +191,7 @@ class Liveness:
         if not answered and not self.leases.heard(user) and self.address_of(user) is not None:
             self.log.info("{user}'s peer does not answer: dropped", user=user)
             self.drop(user)
+        self._probe_due()  # a slot is free: the rest of this tick's allowance may use it
 
     def probe(self, user: str) -> Deferred:
         """Probe the user's recorded address; fires True if it answered.

@@ -39,6 +39,8 @@ from p2p.console import say
 
 #: What to do about a port that cannot be listened on.
 PORT_FIX = "stop the program that holds it, or choose another --listen"
+#: What to do about a listening description that is not one.
+ENDPOINT_FIX = "give --listen a server endpoint such as tcp:PORT or unix:PATH"
 
 #: What to do about a file, by the errno of the failure.
 FILE_FIXES = {
@@ -151,7 +153,8 @@ class ListenFailure:
         if not self._starting:
             super().cannot_listen(failure)  # type: ignore[misc]
             return
+        fix = PORT_FIX if failure.check(CannotListenError) else ENDPOINT_FIX
         raise StartFailure(
             f"{self.label} cannot listen on {self.description}: "
-            f"{_reason(failure.getErrorMessage())}: {PORT_FIX}"
+            f"{_reason(failure.getErrorMessage())}: {fix}"
         ) from failure.value

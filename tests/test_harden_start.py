@@ -241,3 +241,22 @@ class StartFailures(TestCase):
             cwd, "p2p-stack", [*common, logger, "--db=:memory:"], "stack: logger cannot listen"
         )
         self.assertIn(str(port), line)
+
+    # --- Descriptions that are not endpoints ------------------------------------
+
+    @defer.inlineCallbacks
+    def test_listen_description_not_an_endpoint(self):
+        line = yield self.assert_one_line(
+            folder(self), "p2p-time", ["--listen", "nonsense:1"], "nonsense:1"
+        )
+        self.assertIn("give --listen a server endpoint", line)
+
+    @defer.inlineCallbacks
+    def test_logger_description_not_an_endpoint(self):
+        """A bad --logger is a usage error (twistd's help and the error), not a traceback."""
+        args = [*TWISTD, "-n", "--pidfile=", "p2p-indexer", "--db", ":memory:"]
+        proc = spawn(self, [*args, "--logger", "nonsense:1"], cwd=folder(self))
+        code = yield deadline(proc.ended)
+        self.assertNotIn(code, (0, None), proc.output())
+        self.assertNotIn("Traceback", proc.output())
+        self.assertIn("--logger nonsense:1: Unknown endpoint type: 'nonsense'", proc.output())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as default_reactor
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
@@ -147,6 +148,11 @@ class Options(LogOptions, usage.Options):
             self["logger-program"] = parse_program(self["logger-program"])
         if not self["logger-host"]:
             self["logger-host"] = os.environ.get("LOGGER_HOST") or None
+        if self["logger"]:  # parsed now: at makeService it would end in a traceback
+            try:
+                clientFromString(default_reactor, self["logger"])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise usage.UsageError(f"--logger {self['logger']}: {exc}") from None
 
     @property
     def audit(self) -> bool:

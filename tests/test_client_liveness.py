@@ -38,6 +38,7 @@ from p2p.peer.server import PeerServer
 from tests.support import DEADLINE, deadline, hold_port, poll_until
 from tests.test_client_e2e import ShellProcess, Stack
 from tests.test_client_indexer import ScriptedIndexer
+from tests.test_client_interop import ARITY, ClassicIndexer
 from tests.test_client_shell import FakeOutput, FakeServer
 
 LEASE = 30  # seconds, as the scripted indexer announces it
@@ -619,3 +620,52 @@ class LiveClientTests(TestCase):
         yield again.check("CONNECT alice", "c> CONNECT OK")  # the stale entry replaced
         self.no_notice(again)
         yield self.timeouts_pass(2, always="alice")
+
+
+class _SeenOps(ClassicIndexer):
+    """The interop tests' classic indexer, also keeping the operations it does not know
+    (a TLS ClientHello's first bytes among them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unknown: list[bytes] = []
+
+    def buildProtocol(self, addr):
+        proto = super().buildProtocol(addr)
+        received = proto.dataReceived
+
+        def data_received(data: bytes) -> None:
+            op = data.split(b"\0", 1)[0]
+            if op not in ARITY and not proto.buffer:
+                self.unknown.append(op)
+            received(data)
+
+        proto.dataReceived = data_received
+        return proto
+
+
+class ClassicIndexerLeaseTests(TestCase):
+    """Against a classic indexer the client tries ALIVE once, then never again."""
+
+    @defer.inlineCallbacks
+    def test_alive_is_tried_once_per_session(self):
+        indexer = _SeenOps()
+        listening = reactor.listenTCP(0, indexer, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        wsdl = f"http://127.0.0.1:{hold_port(self)}/?wsdl"
+        quiet = ShellProcess(self, "alice", port, wsdl)
+        verbose = ShellProcess(self, "bob", port, wsdl, extra=("--verbose",))
+        for shell, user in ((quiet, "alice"), (verbose, "bob")):
+            yield shell.check(f"REGISTER {user}", "c> REGISTER OK")
+            yield shell.check(f"CONNECT {user}", "c> CONNECT OK")
+        yield poll_until(lambda: indexer.unknown.count(b"ALIVE") == 2, what="each one's ALIVE")
+        for shell, user in ((quiet, "alice"), (verbose, "bob")):
+            yield shell.check(f"DISCONNECT {user}", "c> DISCONNECT OK")
+            yield shell.check(f"CONNECT {user}", "c> CONNECT OK")
+            yield shell.check("LIST_CONTENT alice", "c> LIST_CONTENT OK")
+            yield shell.check("LIST_CONTENT alice", "c> LIST_CONTENT OK")
+        self.assertEqual(indexer.unknown.count(b"ALIVE"), 2)
+        self.assertEqual([e for e in quiet.proc.errlines if "ALIVE" in e], [])
+        said = [e for e in verbose.proc.errlines if "does not know ALIVE" in e]
+        self.assertEqual(len(said), 1, verbose.proc.output())

@@ -208,3 +208,20 @@ class HeldRecords(TestCase):
         self.store.close()
         self.store.open()
         self.assertEqual(len(self.records()), 3)
+
+    def test_no_expiry_while_full(self):
+        """Dropping a user whose client is gone is a change: it waits for the disk."""
+        self.assertEqual(self.handle("REGISTER", "alice"), 0)
+        self.assertEqual(self.handle("CONNECT", "alice", 5000), 0)
+        self.disk.full = True
+        self.directory.handle(wire.LIST_USERS, DT, "alice", [])
+        self.assertRaises(sqlite3.Error, self.store.commit)
+        self.directory.load()
+        self.assertFalse(self.directory.expire("alice", DT))
+        self.assertFalse(self.store.in_transaction)  # nothing for the turn's commit to fail
+        self.assertIn("alice", self.directory.connected)
+        self.disk.full = False
+        self.assertTrue(self.directory.expire("alice", DT))
+        self.store.commit()
+        self.assertNotIn("alice", self.directory.connected)
+        self.assertEqual(self.records()[-2:], [f"alice LIST_USERS {DT}", f"alice DISCONNECT {DT}"])

@@ -170,6 +170,11 @@ class Directory:
         if row is None or row.address is None:
             self.leases.end(user)
             return False
+        if not self.store.serves(True, self.audit):
+            # A full disk: a write now would fail the turn, reads included. A fresh
+            # lease: dropped later, once the store takes writes again.
+            self.leases.start(user)
+            return False
         self._disconnect(user, row, [], None, None)
         if self.audit:
             self._audit(user, wire.DISCONNECT.name, datetime, [])

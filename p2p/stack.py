@@ -369,6 +369,9 @@ class StackService(StartGuard, ServiceLogs, MultiService):
         """A part's failure (worded by its own guard): one line, then status 1."""
         with contextlib.suppress(ValueError):
             globalLogPublisher.removeObserver(self._observe)
+        for part in self:  # the part's fix names its --listen: the stack's is --PART-listen
+            if text.startswith(f"{getattr(part, 'label', part.name)} "):
+                text = text.replace("--listen", f"--{part.name}-listen")
         super().cannot_start(f"cannot start the stack: {text}")
 
     def _announce(self, reactor) -> None:

@@ -241,6 +241,7 @@ class StartFailures(TestCase):
             cwd, "p2p-stack", [*common, logger, "--db=:memory:"], "stack: logger cannot listen"
         )
         self.assertIn(str(port), line)
+        self.assertIn("choose another --logger-listen", line)  # the stack's option
 
     # --- Descriptions that are not endpoints ------------------------------------
 

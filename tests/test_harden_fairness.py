@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import selectors
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -316,10 +318,9 @@ class LoggerFlood(FloodTestCase):
         path = self.dir / "p2p-audit.log"
         return path.read_text().splitlines() if path.exists() else []
 
-    def start_audited_indexer(self, logger_port: int):
-        return self.start_indexer(
-            "--db", str(self.dir / "indexer.db"), "--logger", f"tcp:host={GOOD}:port={logger_port}"
-        )
+    def start_audited_indexer(self, logger_port: int, logger: str | None = None):
+        logger = logger or f"tcp:host={GOOD}:port={logger_port}"
+        return self.start_indexer("--db", str(self.dir / "indexer.db"), "--logger", logger)
 
     @defer.inlineCallbacks
     def register(self, port: int, user: str):
@@ -352,6 +353,22 @@ class LoggerFlood(FloodTestCase):
         yield self.flood(logger_port)  # before the relay ever connects
         indexer, port = yield self.start_audited_indexer(logger_port)
         for user in ("alice", "bob", "carol"):
+            yield self.register(port, user)
+            yield self.wait_audit(user)
+        self.assert_clean(logger)
+        self.assert_clean(indexer)
+
+    @defer.inlineCallbacks
+    def test_relay_on_its_own_listener_when_its_address_floods(self):
+        """An attacker on the indexer's own address shares its per-source slots: a UNIX
+        socket listener of the relay's own has caps of its own (docs/operations.md)."""
+        where = Path(tempfile.mkdtemp(prefix="p2p-"))  # a socket path must be short
+        self.addCleanup(shutil.rmtree, where)
+        sock = where / "logger.sock"
+        logger, logger_port = yield self.start_logger("--listen", f"unix:{sock}")
+        yield self.flood(logger_port, source=GOOD)  # the relay's address, on TCP
+        indexer, port = yield self.start_audited_indexer(logger_port, f"unix:path={sock}")
+        for user in ("alice", "bob"):
             yield self.register(port, user)
             yield self.wait_audit(user)
         self.assert_clean(logger)

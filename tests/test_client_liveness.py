@@ -35,7 +35,7 @@ from p2p.client.indexer_client import (
 from p2p.client.shell import Shell
 from p2p.client.time_client import advanced
 from p2p.peer.server import PeerServer
-from tests.support import DEADLINE, deadline, hold_port, poll_until
+from tests.support import DEADLINE, deadline, exchange, hold_port, poll_until
 from tests.test_client_e2e import ShellProcess, Stack
 from tests.test_client_indexer import ScriptedIndexer
 from tests.test_client_interop import ARITY, ClassicIndexer
@@ -567,7 +567,9 @@ class LiveClientTests(TestCase):
         self.assertEqual((yield self.stack.raw("REGISTER", "alice"))[0], wire.OK)  # unclaimed
         alice = self.stack.shell("alice")
         yield alice.check("CONNECT alice", "c> CONNECT OK")
-        self.assertEqual((yield self.stack.raw("DISCONNECT", "alice"))[0], wire.OK)
+        # Someone else's classic DISCONNECT, from a raw socket.
+        raw = b"DISCONNECT\x0025/11/2026 02:15:41\x00alice\x00"
+        self.assertEqual((yield exchange(self.stack.port, raw)), b"\x00")
         notice = yield alice.proc.wait_for_line(
             r"the indexer dropped alice \((.*)\); reconnecting$"
         )

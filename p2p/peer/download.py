@@ -13,6 +13,14 @@ Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
 either holds the whole file or is untouched.
 
+What a peer can cost (:class:`Limits`): disk is reserved one bounded step ahead
+of the bytes written, never for a size merely announced (a lying size would fill
+the disk, and reserving it would block the reactor); before each step the
+destination's filesystem must keep at least 1 GiB and 5 % free, so neither a
+huge FETCH size nor a classic GET_FILE peer streaming forever fills it; and a
+peer sending fewer than ``min_rate`` bytes/s over a window is cut, not only a
+silent one.
+
 The download is an Automat state machine; its states, and the inputs that
 move it (from the connection, the file and the caller)::
 
@@ -44,6 +52,7 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,6 +72,33 @@ RECV_SIZE = 1024 * 1024
 PROGRESS_INTERVAL = 0.1
 
 Progress = Callable[[int, "int | None"], None]
+
+#: Default lowest rate a peer may send at, in bytes/s, averaged over ``Limits.rate_window``.
+DEFAULT_MIN_RATE = 1024.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one download may cost the downloader (protocol.md section 2.3).
+
+    ``min_rate``: bytes/s a peer must send on average over each ``rate_window``
+    seconds once file bytes flow, else it is cut (0: no minimum).
+    ``reserve_step``: bytes reserved (``posix_fallocate``) ahead of those written.
+    ``min_free_bytes`` / ``min_free_share``: the transfer stops before a step
+    would leave less than this many bytes, or this share of the filesystem, free.
+    ``statvfs``: how the destination's filesystem is measured (tests fake it).
+    """
+
+    min_rate: float = DEFAULT_MIN_RATE
+    rate_window: float = 30.0
+    reserve_step: int = 64 * 1024 * 1024
+    min_free_bytes: int = 1024**3
+    min_free_share: float = 0.05
+    statvfs: Callable[[Any], Any] | None = None
+
+
+class DiskLimit(OSError):
+    """A reservation step would leave the destination's filesystem too full."""
 
 
 class NoSuchFile(Exception):
@@ -88,37 +124,71 @@ class WrongPeer(DownloadFailed):
 class _PartFile:
     """The hidden ``.<name>.*.part`` file beside the destination.
 
-    Written as bytes arrive, then either renamed over the destination
+    Written as bytes arrive, with disk reserved one step ahead of them
+    (:meth:`make_room`), then either renamed over the destination
     (:meth:`store`) or removed (:meth:`discard`). Raises OSError on disk trouble.
     """
 
-    def __init__(self, destination: Path) -> None:
+    def __init__(self, destination: Path, limits: Limits | None = None) -> None:
         self.destination = destination
+        self.limits = limits or Limits()
         self.fd: int | None
         self.fd, self.path = tempfile.mkstemp(
             dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
         )
+        self.reserved = 0  # bytes allocated from the start of the file
+        self.written = 0
 
-    def reserve(self, size: int) -> None:
-        """Allocate the file's blocks up front: a full disk fails now, and the
-        writes that follow are cheaper. Filesystems without the call are fine."""
-        if size <= 0 or not hasattr(os, "posix_fallocate"):
+    def room(self) -> int:
+        """Bytes the destination's filesystem can still take while keeping the
+        limits' margin free (negative when it is already past it)."""
+        st = (self.limits.statvfs or os.statvfs)(self.destination.parent)
+        keep = max(
+            self.limits.min_free_bytes, int(self.limits.min_free_share * st.f_blocks * st.f_frsize)
+        )
+        return st.f_bavail * st.f_frsize - keep
+
+    def make_room(self, end: int, cap: int | None = None) -> None:
+        """Make sure the file's first ``end`` bytes are reserved, reserving one
+        step further (never past ``cap``, the announced size) when they are not.
+        Raises :class:`DiskLimit` when the step would leave too little free, and
+        OSError when the disk refuses it; filesystems without the call are fine."""
+        if end <= self.reserved:
             return
-        try:
-            os.posix_fallocate(self.fd, 0, size)
-        except OverflowError as exc:  # a lying peer's 20-digit size, past off_t
-            raise OSError(errno.EFBIG, "larger than any file can be") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise
+        target = end + self.limits.reserve_step
+        if cap is not None:
+            target = max(end, min(cap, target))
+        grow = target - self.reserved
+        room = self.room()
+        if grow > room:
+            raise DiskLimit(
+                errno.ENOSPC,
+                f"stopped at {self.written} bytes: {grow} more would leave less than "
+                f"{_size(self.limits.min_free_bytes)} or {self.limits.min_free_share:.0%} "
+                f"free on the disk holding {self.destination.parent} "
+                f"(room for {max(room, 0)} bytes)",
+            )
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(self.fd, self.reserved, grow)
+            except OverflowError as exc:  # past off_t
+                raise OSError(errno.EFBIG, "larger than any file can be") from exc
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+        self.reserved = target
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
+        self.written += len(data)
 
     def store(self) -> None:
-        """Give the file the usual permissions and rename it over the destination."""
+        """Give back what was reserved past the bytes written, give the file the
+        usual permissions and rename it over the destination."""
+        if self.reserved > self.written:
+            os.ftruncate(self.fd, self.written)
         os.fchmod(self.fd, 0o666 & ~_umask())
         os.close(self.fd)
         self.fd = None
@@ -135,6 +205,14 @@ class _PartFile:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             self.path = None
+
+
+def _size(n: int) -> str:
+    """``n`` bytes for a message: in GiB or MiB when it is a whole number of them."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
 
 
 def _umask() -> int:
@@ -190,6 +268,9 @@ class _Events(Protocol):
 
     def timed_out(self) -> None:
         "The peer said nothing for ``timeout`` seconds."
+
+    def too_slow(self, got: int) -> None:
+        "The peer sent only ``got`` bytes in the last rate window: under the minimum rate."
 
     def refused(self, why: BaseException) -> None:
         "A TLS connection ended before its handshake completed (``why``: a wrong key, or not TLS)."
@@ -320,6 +401,7 @@ class _Download:
     ) -> None:
         self.endpoint = endpoint
         self.verify = verify
+        self.limits = part.limits
         self.where = where
         self.remote_name = remote_name
         self.part = part
@@ -334,6 +416,8 @@ class _Download:
         self.size = 0  # FETCH: bytes announced
         self.received = 0
         self.last_report = float("-inf")
+        self.window_start = 0  # bytes received when the current rate window began
+        self.rate_call: Any = None
 
     def connect(self, op: str) -> None:
         """Open a new connection that asks ``op`` for the file."""
@@ -346,8 +430,30 @@ class _Download:
         self.attempt = endpoints.connectProtocol(self.endpoint, self.client)
         self.attempt.addErrback(self.client.unreachable)
 
+    def watch_rate(self) -> None:
+        """Start a rate window: at its end the peer must have sent ``min_rate``
+        bytes/s on average, or it is cut (``too_slow``)."""
+        if self.limits.min_rate <= 0:
+            return
+        self.window_start = self.received
+        self.rate_call = self.reactor.callLater(self.limits.rate_window, self._check_rate)
+
+    def _check_rate(self) -> None:
+        self.rate_call = None
+        got = self.received - self.window_start
+        if got < self.limits.min_rate * self.limits.rate_window:
+            self.events.too_slow(got)
+        else:
+            self.watch_rate()
+
+    def stop_watching_rate(self) -> None:
+        call, self.rate_call = self.rate_call, None
+        if call is not None and call.active():
+            call.cancel()
+
     def hang_up(self) -> None:
         """Drop the current connection or connection attempt."""
+        self.stop_watching_rate()
         client, self.client = self.client, None
         attempt, self.attempt = self.attempt, None
         if client is not None:
@@ -355,10 +461,15 @@ class _Download:
         if attempt is not None and not attempt.called:
             attempt.cancel()
 
-    def take(self, events: _Events, data: bytes) -> bool:
-        """Write bytes of the file; False (and ``broken``) if the disk refused them."""
+    def take(self, events: _Events, data: bytes, size: int | None = None) -> bool:
+        """Write bytes of the file (of ``size`` bytes, if announced), reserving
+        disk a step ahead; False (and ``broken``) if the disk, or its limits, refused them."""
         try:
+            self.part.make_room(self.received + len(data), size)
             self.part.write(data)
+        except DiskLimit as exc:
+            events.broken(exc.strerror)
+            return False
         except OSError as exc:
             events.broken(f"cannot write the file: {exc}")
             return False
@@ -499,13 +610,18 @@ def _read_size(events: _Events, d: _Download, data: bytes) -> None:
 
 @fetch_receiving_size.upon(_Events.sized).to(fetch_receiving_bytes)
 def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
+    # Only the first step is reserved now; a size past the room left fails at once.
     try:
-        d.part.reserve(size)
+        room = d.part.room()
+        if size > room:
+            raise DiskLimit(errno.ENOSPC, f"room for {max(room, 0)} bytes within the disk limits")
+        d.part.make_room(min(size, max(len(rest), 1)), size)
     except OSError as exc:
         events.broken(f"no room for {size} bytes: {exc}")
         return
     d.size = size
     d.report(size, force=True)
+    d.watch_rate()
     _take_fetch_bytes(events, d, rest)
 
 
@@ -513,7 +629,7 @@ def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
 def _take_fetch_bytes(events: _Events, d: _Download, data: bytes) -> None:
     if d.received + len(data) > d.size:
         events.broken("peer sent more than the size it announced")
-    elif d.take(events, data):
+    elif d.take(events, data, d.size):
         d.report(d.size)
         if d.received == d.size:
             events.all_received()
@@ -521,7 +637,7 @@ def _take_fetch_bytes(events: _Events, d: _Download, data: bytes) -> None:
 
 @fetch_receiving_bytes.upon(_Events.all_received).to(fetch_received_all)
 def _wait_for_close(events: _Events, d: _Download) -> None:
-    pass
+    d.stop_watching_rate()
 
 
 @fetch_received_all.upon(_Events.data_received).to(failed)
@@ -536,6 +652,11 @@ def _cut(events: _Events, d: _Download, *_why: object) -> None:
 
 
 @get_file_requesting.upon(_Events.answered_ok).to(get_file_receiving_bytes)
+def _stream(events: _Events, d: _Download, rest: bytes) -> None:
+    d.watch_rate()
+    _take_get_file_bytes(events, d, rest)
+
+
 @get_file_receiving_bytes.upon(_Events.data_received).loop()
 def _take_get_file_bytes(events: _Events, d: _Download, data: bytes) -> None:
     if d.take(events, data):
@@ -553,6 +674,18 @@ def _lost(events: _Events, d: _Download, reason: Failure) -> None:
 @get_file_receiving_bytes.upon(_Events.timed_out).to(failed)
 def _stalled(events: _Events, d: _Download) -> None:
     d.fail(DownloadFailed(f"no data for {d.timeout:g} s"))
+
+
+@fetch_receiving_bytes.upon(_Events.too_slow).to(failed)
+@get_file_receiving_bytes.upon(_Events.too_slow).to(failed)
+def _too_slow(events: _Events, d: _Download, got: int) -> None:
+    window = d.limits.rate_window
+    d.fail(
+        DownloadFailed(
+            f"peer too slow: {got} bytes in the last {window:g} s, under the minimum "
+            f"{d.limits.min_rate:g} bytes/s (--min-rate); nothing was kept"
+        )
+    )
 
 
 @fetch_received_all.upon(_Events.closed).to(storing)
@@ -610,13 +743,14 @@ def start(
     reactor: Any,
     timeout: float,
     verify: tls.ClientOptions | None = None,
+    limits: Limits | None = None,
 ) -> Deferred[int]:
     """Run one download over connections from ``endpoint`` (``where`` names it
     in messages; ``verify``: the TLS options ``endpoint`` checks the peer with,
     if any); see :func:`download`."""
     destination = Path(destination)
     try:
-        part = _PartFile(destination)
+        part = _PartFile(destination, limits)
     except OSError as exc:
         return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
     d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify)
@@ -634,6 +768,7 @@ def download(
     reactor=None,
     timeout: float = 30.0,
     expected_fingerprint: str | None = None,
+    limits: Limits | None = None,
 ) -> Deferred[int]:
     """Download ``remote_name`` from the peer at ``host:port`` into ``destination``.
 
@@ -643,6 +778,8 @@ def download(
     gets ``(received, total or None)`` as bytes arrive, at most every 0.1 s
     and once at the end. ``timeout`` bounds the connection attempt and any
     silence of the peer. Cancelling the Deferred drops the transfer.
+    ``limits`` bound what the peer can cost: disk reserved a step at a time, a
+    margin kept free, a minimum rate (:class:`Limits`; its defaults if None).
 
     With ``expected_fingerprint`` (the owner's, from LIST_PEERS) the download
     goes over TLS and a peer whose key has another fingerprint is refused
@@ -657,4 +794,6 @@ def download(
         verify = tls.client_options(expected_fingerprint)
         endpoint = endpoints.wrapClientTLS(verify, endpoint)
     where = f"{host}:{port}"
-    return start(endpoint, where, remote_name, destination, progress, reactor, timeout, verify)
+    return start(
+        endpoint, where, remote_name, destination, progress, reactor, timeout, verify, limits
+    )

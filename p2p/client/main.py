@@ -78,6 +78,7 @@ class Options(usage.Options):
         ],
         ["timeout", None, wire.DEFAULT_TIMEOUT, "Seconds to wait for the indexer.", float],
         ["download-timeout", None, 30.0, "Seconds a peer may stay silent during GET_FILE.", float],
+        ["min-rate", None, 1024.0, "Bytes/s a GET_FILE peer must average over 30 s.", float],
         ["time-timeout", None, 5.0, "Seconds to wait for the time service.", float],
         [
             "indexer-fingerprint",
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
+    from p2p.peer import download
     from p2p.peer.server import PeerServer
 
     output = StdioOutput()
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         server_factory=partial(PeerServer, max_per_source=options["max-per-source"]),
         reactor=reactor,
         download_timeout=options["download-timeout"],
+        download=partial(download.download, limits=download.Limits(min_rate=options["min-rate"])),
+        no_such_file=download.NoSuchFile,
         home=home,
     )
 

@@ -25,15 +25,9 @@ sys.path.insert(0, str(REPO))
 from bench.indexer_load import request, spawn_indexer  # noqa: E402
 from p2p import wire  # noqa: E402
 from p2p.indexer.store import Store  # noqa: E402
+from tests.support import rss_bytes  # noqa: E402
 
 WHEN = "27/11/2026 12:00:00"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             address = ("127.0.0.1", port)
             ask = wire.encode_request("LIST_CONTENT", WHEN, "reader", "big")
             listing = request(address, ask)
-            before = rss_mb(server.pid)
+            before = rss_bytes(server.pid) / 2**20
             readers = []
             for i in range(args.readers):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -72,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 reply = request(address, good)
                 waits.append(time.perf_counter() - began)
                 assert reply[:1] == b"\0", reply[:20]
-            after = rss_mb(server.pid)
+            after = rss_bytes(server.pid) / 2**20
             for s in readers:
                 s.close()
         finally:

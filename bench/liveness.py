@@ -43,14 +43,7 @@ from bench.indexer_load import (  # noqa: E402
     tls_context,
 )
 from p2p import wire  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process in KiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from tests.support import rss_bytes  # noqa: E402
 
 
 def serve_probes(counter: list[int]) -> int:
@@ -180,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         address = ("127.0.0.1", ix_port)
         try:
-            idle_rss = rss_kib(server.pid)
+            idle_rss = rss_bytes(server.pid) // 1024
             began = time.time()
             shares = [names[i :: args.loaders] for i in range(args.loaders)]
             joiners = [
@@ -218,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu = cpu_seconds(server.pid) - cpu0
             wall = time.time() - wall0
             probed = probes[0] - probes0
-            rss = rss_kib(server.pid)
+            rss = rss_bytes(server.pid) // 1024
             results = [out.get() for _ in loaders]
             for p in loaders:
                 p.join()

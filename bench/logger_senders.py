@@ -39,6 +39,7 @@ from p2p import wire  # noqa: E402
 from p2p.logcontract import relay_machinename  # noqa: E402
 from p2p.oncrpc import rpc  # noqa: E402
 from p2p.oncrpc.record import RecordReader, encode_record  # noqa: E402
+from tests.support import rss_bytes  # noqa: E402
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
@@ -63,13 +64,6 @@ def start(work: Path, extra: list[str]) -> tuple[subprocess.Popen, int, float]:
         time.sleep(0.01)
     child.kill()
     raise RuntimeError("logger did not start:\n" + out.read_text())
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def call(xid: int, proc: int, args: bytes, cred: rpc.OpaqueAuth = rpc.NULL_AUTH) -> bytes:
@@ -127,7 +121,7 @@ def probe(port: int, stop: threading.Event, waits: list[float]) -> None:
 def measure(name: str, extra: list[str], senders: int, window: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"logger-senders-{name}-"))
     child, port, _ = start(work, extra)
-    before = rss_mb(child.pid)
+    before = rss_bytes(child.pid) / 2**20
     stop, waits = threading.Event(), []
     prober = threading.Thread(target=probe, args=(port, stop, waits))
     prober.start()
@@ -136,7 +130,7 @@ def measure(name: str, extra: list[str], senders: int, window: int) -> dict:
     elapsed = time.monotonic() - began
     stop.set()
     prober.join()
-    after = rss_mb(child.pid)
+    after = rss_bytes(child.pid) / 2**20
     child.send_signal(signal.SIGTERM)
     child.wait(30)
     journal = (work / "p2p-audit.log.state").stat().st_size / 1e6

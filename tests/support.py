@@ -339,6 +339,14 @@ def url_port(url: str) -> int:
     return int(re.match(r"http://.*:(\d+)/", url).group(1))
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, in bytes (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 def kill_on_cleanup(testcase: TestCase, proc: ServiceProcess) -> None:
     """Make sure a process is gone at the end of the test even if it ignores SIGTERM."""
     testcase.addCleanup(lambda: proc.kill() if not proc.exited else None)
@@ -359,6 +367,7 @@ __all__ = [
     "kill_on_cleanup",
     "logger_ports",
     "poll_until",
+    "rss_bytes",
     "run_command",
     "spawn",
     "spawn_twistd",

@@ -20,19 +20,11 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.indexer.store import Store
-from tests.support import exchange, indexer_port, poll_until, spawn_twistd
+from tests.support import exchange, indexer_port, poll_until, rss_bytes, spawn_twistd
 
 WHEN = "27/11/2026 12:00:00"
 FILES = 8000
 READERS = 100
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def never_reading_readers(port: int, count: int, data: bytes) -> list[socket.socket]:

@@ -31,7 +31,7 @@ from p2p.peer import sender
 from p2p.peer.download import DownloadFailed, NoSuchFile, WrongPeer, download
 from p2p.peer.server import PeerServer
 from tests.recording_relay import RecordingRelay
-from tests.support import _UntilClosed, deadline, exchange, poll_until, spawn
+from tests.support import _UntilClosed, deadline, exchange, poll_until, rss_bytes, spawn
 from tests.test_peer_transfer import share_and_destination
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -416,11 +416,7 @@ class StalledTLSDownloaderTests(TestCase):
         port = int(match.group(1))
 
         def rss() -> int:
-            with open(f"/proc/{child.transport.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-            raise AssertionError("no VmRSS")
+            return rss_bytes(child.transport.pid)
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False

@@ -22,7 +22,7 @@ from p2p import twisted_internals, wire
 from p2p.peer.download import DownloadFailed, NoSuchFile, download
 from p2p.peer.sender import SendfileProducer
 from p2p.peer.server import PeerServer
-from tests.support import deadline, exchange, poll_until, spawn
+from tests.support import deadline, exchange, poll_until, rss_bytes, spawn
 
 #: A peer server in a child process, serving every file of the directory in argv[1].
 CHILD_SERVER = """
@@ -532,12 +532,7 @@ class ChildPeerTests(TestCase):
         self.assertEqual(leftovers(self.dest), [])
 
     def rss(self) -> int:
-        pid = self.child.transport.pid
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return rss_bytes(self.child.transport.pid)
 
     @defer.inlineCallbacks
     def test_stalled_downloader_memory(self):

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
+from p2p import wire
 from p2p.console import say
 
 log = Logger()
@@ -155,6 +156,25 @@ class ListeningService(Service):
 #: sixteenth of ``wire.DEFAULT_MAX_CONNECTIONS`` (1024), so one address alone
 #: never fills the cap; a NAT in front of many honest users still gets 64.
 DEFAULT_MAX_PER_SOURCE = 64
+
+#: ``--max-connections`` and ``--max-per-source``, the ``usage.Options`` rows of a
+#: server whose factory is a :class:`ConnectionCap`.
+CAP_OPTIONS: list[list] = [
+    [
+        "max-connections",
+        None,
+        wire.DEFAULT_MAX_CONNECTIONS,
+        "Open connections beyond which new ones are closed at once.",
+        positive_int,
+    ],
+    [
+        "max-per-source",
+        None,
+        DEFAULT_MAX_PER_SOURCE,
+        "Open connections from one address beyond which its new ones are closed at once.",
+        positive_int,
+    ],
+]
 
 
 def source_of(addr: object) -> str:

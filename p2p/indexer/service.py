@@ -37,10 +37,9 @@ from p2p.indexer.store import (
     unlock_database,
 )
 from p2p.listening import (
-    DEFAULT_MAX_PER_SOURCE,
+    CAP_OPTIONS,
     ListeningService,
     positive_float,
-    positive_int,
 )
 from p2p.logcontract import parse_program
 from p2p.logs import LogOptions, ServiceLogs
@@ -70,20 +69,7 @@ class Options(LogOptions, usage.Options):
             "Seconds a client has to send its whole request (and read the reply).",
             positive_float,
         ],
-        [
-            "max-connections",
-            None,
-            wire.DEFAULT_MAX_CONNECTIONS,
-            "Open connections beyond which new ones are closed at once.",
-            positive_int,
-        ],
-        [
-            "max-per-source",
-            None,
-            DEFAULT_MAX_PER_SOURCE,
-            "Open connections from one address beyond which its new ones are closed at once.",
-            positive_int,
-        ],
+        *CAP_OPTIONS,
         [
             "peer-timeout",
             None,

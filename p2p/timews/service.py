@@ -10,10 +10,9 @@ from twisted.python import usage
 from p2p import wire
 from p2p.console import say
 from p2p.listening import (
-    DEFAULT_MAX_PER_SOURCE,
+    CAP_OPTIONS,
     CappedWrappingFactory,
     ListeningService,
-    positive_int,
 )
 from p2p.logs import LogOptions, ServiceLogs
 from p2p.startup import ListenFailure, StartGuard
@@ -47,20 +46,7 @@ class Options(LogOptions, usage.Options):
             "Endpoint to listen on (Twisted endpoint string, e.g. tcp:8000:interface=127.0.0.1).",
         ],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes.", int],
-        [
-            "max-connections",
-            None,
-            wire.DEFAULT_MAX_CONNECTIONS,
-            "Open connections beyond which new ones are closed at once.",
-            positive_int,
-        ],
-        [
-            "max-per-source",
-            None,
-            DEFAULT_MAX_PER_SOURCE,
-            "Open connections from one address beyond which its new ones are closed at once.",
-            positive_int,
-        ],
+        *CAP_OPTIONS,
     ]
 
     def postOptions(self) -> None:

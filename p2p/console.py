@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from twisted.python import usage
+
 
 def say(line: str) -> None:
     """Print one operator line on the real standard output, unbuffered."""
@@ -28,3 +30,13 @@ def say(line: str) -> None:
             stream.flush()
     except (OSError, ValueError):
         pass  # stdout closed (daemonised, or the reader went away): the line is optional
+
+
+def parse_command_line(options: usage.Options, argv: list[str] | None, program: str) -> None:
+    """Parse a command's arguments (``sys.argv[1:]`` when ``argv`` is None); on a usage
+    error print the help and the reason on stderr and exit 2, as every p2p command does."""
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as exc:
+        sys.stderr.write(f"{options}\n{program}: {exc}\n")
+        sys.exit(2)

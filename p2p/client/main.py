@@ -34,6 +34,7 @@ from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
 from p2p.client.shell import Shell
 from p2p.client.time_client import TimeClient, wsdl_url
+from p2p.console import parse_command_line
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, positive_int
 from p2p.tls import is_fingerprint
 
@@ -191,11 +192,7 @@ def move_identity(options: Options, home: Home) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Run the shell until QUIT, end of input, Ctrl-C/Ctrl-D or SIGTERM."""
     options = Options()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as exc:
-        sys.stderr.write(f"{options}\np2p-client: {exc}\n")
-        sys.exit(2)
+    parse_command_line(options, argv, "p2p-client")
 
     home = Home()
     if options["export-identity"] is not None or options["import-identity"] is not None:

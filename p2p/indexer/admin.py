@@ -28,6 +28,7 @@ from pathlib import Path
 from twisted.python import usage
 
 from p2p import wire
+from p2p.console import parse_command_line
 from p2p.indexer.store import MEMORY, DatabaseBusy, Store, lock_database, unlock_database
 
 #: The default database, as ``twistd p2p-indexer`` has it.
@@ -155,11 +156,7 @@ def release(db: str, name: str, datetime: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run one ``p2p-admin`` command; exit 0 when done, 1 when refused, 2 on bad usage."""
     options = Options()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as exc:
-        sys.stderr.write(f"{options}\np2p-admin: {exc}\n")
-        sys.exit(2)
+    parse_command_line(options, argv, "p2p-admin")
     command = options.subOptions
     try:
         if options.subCommand == "prune":

@@ -146,6 +146,20 @@ MAX_DESCRIPTION = 256
 MAX_PORT_FIELD = 5
 #: A FETCH offset travels as a decimal string (a 64-bit size has 20 digits).
 MAX_OFFSET_FIELD = 20
+#: A file size travels as a decimal string: 0 .. 2**63-1, at most 20 digits.
+MAX_SIZE_FIELD = 20
+MAX_FILE_SIZE = 2**63 - 1
+#: A content hash: SHA-256 in lowercase hex.
+SHA256_LENGTH = 64
+#: The longest mode of PUBLISH_FILE (``replace``).
+MAX_MODE = 7
+#: A SEARCH query: one string, as long as a description may be.
+MAX_WORDS = MAX_DESCRIPTION
+#: SEARCH's limit: 1 .. MAX_SEARCH_LIMIT hits (decimal, at most 4 digits).
+MAX_SEARCH_LIMIT = 1000
+MAX_LIMIT_FIELD = 4
+#: The limit our client sends when none is given.
+DEFAULT_SEARCH_LIMIT = 100
 #: The longest field anywhere in the classic protocols.
 MAX_FIELD = max(MAX_OP, MAX_DATETIME, MAX_NAME, MAX_DESCRIPTION)
 
@@ -160,6 +174,11 @@ class FieldKind(Enum):
     TEXT = "text"  # descriptions: any printable UTF-8, spaces allowed
     PORT = "port"
     OFFSET = "offset"
+    SIZE = "size"  # a file size: decimal 0 .. 2**63-1
+    SHA256 = "sha256"  # 64 lowercase hex digits
+    MODE = "mode"  # PUBLISH_FILE: new or replace
+    WORDS = "words"  # a SEARCH query: as TEXT
+    LIMIT = "limit"  # SEARCH: decimal 1 .. MAX_SEARCH_LIMIT
 
 
 LIMITS: dict[FieldKind, int] = {
@@ -170,7 +189,24 @@ LIMITS: dict[FieldKind, int] = {
     FieldKind.TEXT: MAX_DESCRIPTION,
     FieldKind.PORT: MAX_PORT_FIELD,
     FieldKind.OFFSET: MAX_OFFSET_FIELD,
+    FieldKind.SIZE: MAX_SIZE_FIELD,
+    FieldKind.SHA256: SHA256_LENGTH,
+    FieldKind.MODE: MAX_MODE,
+    FieldKind.WORDS: MAX_WORDS,
+    FieldKind.LIMIT: MAX_LIMIT_FIELD,
 }
+
+#: PUBLISH_FILE's modes: ``new`` fails on a name already published (as PUBLISH),
+#: ``replace`` creates or updates the entry.
+PUBLISH_MODES = frozenset({"new", "replace"})
+#: Numeric kinds: ASCII digits only, each with its range.
+_NUMBERS: dict[FieldKind, tuple[int, int]] = {
+    FieldKind.PORT: (1, 65535),
+    FieldKind.OFFSET: (0, 10**MAX_OFFSET_FIELD - 1),  # any offset its digits can spell
+    FieldKind.SIZE: (0, MAX_FILE_SIZE),
+    FieldKind.LIMIT: (1, MAX_SEARCH_LIMIT),
+}
+_HEX = frozenset(b"0123456789abcdef")
 
 
 class BadField(ValueError):
@@ -215,17 +251,28 @@ def check_text(text: str) -> bool:
 def decode_field(raw: bytes, kind: FieldKind) -> str | int:
     """Validate one received field and return its value; ``BadField`` if invalid.
 
-    PORT gives an int in 1..65535, OFFSET an int >= 0, the others a str.
+    PORT gives an int in 1..65535, OFFSET an int >= 0, SIZE an int in
+    0..2**63-1, LIMIT an int in 1..MAX_SEARCH_LIMIT, the others a str.
     """
     if not raw or len(raw) > LIMITS[kind]:
         raise BadField(f"{kind.value}: length {len(raw)}")
-    if kind in (FieldKind.PORT, FieldKind.OFFSET):
-        if not raw.isdigit():
+    bounds = _NUMBERS.get(kind)
+    if bounds is not None:
+        if not raw.isdigit():  # bytes.isdigit: ASCII digits only (no sign, no blank)
             raise BadField(f"{kind.value}: not a decimal number")
         number = int(raw)
-        if kind is FieldKind.PORT and not 1 <= number <= 65535:
-            raise BadField(f"port out of range: {number}")
+        if not bounds[0] <= number <= bounds[1]:
+            raise BadField(f"{kind.value} out of range: {number}")
         return number
+    if kind is FieldKind.SHA256:
+        if len(raw) != SHA256_LENGTH or not _HEX.issuperset(raw):
+            raise BadField("sha256: not 64 lowercase hex digits")
+        return raw.decode("ascii")
+    if kind is FieldKind.MODE:
+        mode = raw.decode("ascii", "replace")
+        if mode not in PUBLISH_MODES:
+            raise BadField(f"mode: not one of {sorted(PUBLISH_MODES)}")
+        return mode
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -236,7 +283,7 @@ def decode_field(raw: bytes, kind: FieldKind) -> str | int:
         raise BadField(
             f"user name is not NFC, or has whitespace, control or format characters: {text!r}"
         )
-    if kind is FieldKind.TEXT and not check_text(text):
+    if kind in (FieldKind.TEXT, FieldKind.WORDS) and not check_text(text):
         raise BadField(f"text has control characters: {text!r}")
     if kind in (FieldKind.OP, FieldKind.DATETIME) and any(
         _is_control(c) or c in LINE_SEPARATORS for c in text
@@ -299,12 +346,32 @@ CLASSIC_OPS: dict[str, OpSpec] = {
 #: the lease in seconds follows as a decimal string. 2 tells a client its user was dropped.
 ALIVE = OpSpec("ALIVE", (), error=3, no_user=1, not_connected=2)
 
+#: Extension (protocol.md section 8): PUBLISH with the file's size and SHA-256, and a mode
+#: (``new``: code 3 when the name is published, as PUBLISH; ``replace``: create or update).
+PUBLISH_FILE = OpSpec(
+    "PUBLISH_FILE",
+    (FieldKind.NAME, FieldKind.TEXT, FieldKind.SIZE, FieldKind.SHA256, FieldKind.MODE),
+    error=4,
+    no_user=1,
+    not_connected=2,
+    own=3,
+)
+#: Extension: LIST_CONTENT with each file's size and SHA-256 (``-`` when not published).
+LIST_FILES = OpSpec("LIST_FILES", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
+#: Extension: full-text search over every connected owner's files (words, limit).
+SEARCH = OpSpec("SEARCH", (FieldKind.WORDS, FieldKind.LIMIT), error=3, no_user=1, not_connected=2)
+#: Shown for the size or hash of a file published without them (classic PUBLISH).
+UNKNOWN = "-"
+
 #: Every operation the indexer serves: the classic ones and the extensions.
-OPS: dict[str, OpSpec] = {**CLASSIC_OPS, LIST_PEERS.name: LIST_PEERS, ALIVE.name: ALIVE}
+OPS: dict[str, OpSpec] = {
+    **CLASSIC_OPS,
+    **{op.name: op for op in (LIST_PEERS, ALIVE, PUBLISH_FILE, LIST_FILES, SEARCH)},
+}
 OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
 
 #: Operations that change nothing (what ``--classic read-only`` still serves).
-READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE"})
+READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE", "LIST_FILES", "SEARCH"})
 #: Operations that are not audited: a heartbeat changes nothing and comes every few seconds.
 UNAUDITED_OPS = frozenset({"ALIVE"})
 #: Default ``--peer-timeout``: seconds after which a connected user whose client is gone is dropped.
@@ -324,7 +391,7 @@ TLS_IDLE_TIMEOUT = 60.0
 CLIENT_IDLE = 20.0
 
 #: Operations whose audit record carries the file name.
-AUDIT_FILE_OPS = frozenset({"PUBLISH", "DELETE"})
+AUDIT_FILE_OPS = frozenset({"PUBLISH", "DELETE", "PUBLISH_FILE"})
 
 
 def audit_record(user: str, op: str, datetime: str, file_name: str | None = None) -> str:

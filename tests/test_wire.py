@@ -47,6 +47,49 @@ class ValidationTests(TestCase):
             self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.PORT)
 
 
+class SearchFieldTests(TestCase):
+    """The fields of section 8: size, sha256, mode, words, limit."""
+
+    def test_size(self):
+        decode = wire.decode_field
+        self.assertEqual(decode(b"0", wire.FieldKind.SIZE), 0)
+        self.assertEqual(decode(b"9223372036854775807", wire.FieldKind.SIZE), 2**63 - 1)
+        for bad in (
+            b"",
+            b"9223372036854775808",
+            b"-1",
+            b"+1",
+            b" 1",
+            b"1.0",
+            b"\xd9\xa3",
+            b"1" * 21,
+        ):
+            self.assertRaises(wire.BadField, decode, bad, wire.FieldKind.SIZE)
+
+    def test_sha256(self):
+        good = b"0123456789abcdef" * 4
+        self.assertEqual(wire.decode_field(good, wire.FieldKind.SHA256), good.decode())
+        for bad in (good.upper(), good[:-1], good + b"0", b"g" * 64, b"-", b""):
+            self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.SHA256)
+
+    def test_mode(self):
+        self.assertEqual(wire.decode_field(b"new", wire.FieldKind.MODE), "new")
+        self.assertEqual(wire.decode_field(b"replace", wire.FieldKind.MODE), "replace")
+        for bad in (b"NEW", b"", b"add", b"new ", b"\xff"):
+            self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.MODE)
+
+    def test_words_and_limit(self):
+        self.assertEqual(
+            wire.decode_field("cancio\u0301n cuna".encode(), wire.FieldKind.WORDS),
+            "cancio\u0301n cuna",
+        )
+        for bad in (b"", b"a\nb", b"a" * 257, b"\xff"):
+            self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.WORDS)
+        self.assertEqual(wire.decode_field(b"1000", wire.FieldKind.LIMIT), 1000)
+        for bad in (b"0", b"1001", b"-5", b"", b"01000", b"abc"):
+            self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.LIMIT)
+
+
 class CodesTests(TestCase):
     def test_code_table(self):
         expected = {
@@ -61,9 +104,20 @@ class CodesTests(TestCase):
         }
         self.assertEqual({name: op.codes for name, op in wire.CLASSIC_OPS.items()}, expected)
         # The extensions: LIST_PEERS answers exactly as LIST_USERS does.
-        self.assertEqual(set(wire.OPS) - set(wire.CLASSIC_OPS), {"LIST_PEERS", "ALIVE"})
+        self.assertEqual(
+            set(wire.OPS) - set(wire.CLASSIC_OPS),
+            {"LIST_PEERS", "ALIVE", "PUBLISH_FILE", "LIST_FILES", "SEARCH"},
+        )
         self.assertEqual(wire.LIST_PEERS.codes, expected["LIST_USERS"])
         self.assertEqual(wire.ALIVE.codes, expected["DISCONNECT"])
+        # Section 8: PUBLISH_FILE and LIST_FILES answer as PUBLISH and LIST_CONTENT.
+        self.assertEqual(wire.PUBLISH_FILE.codes, expected["PUBLISH"])
+        self.assertEqual(wire.PUBLISH_FILE.error, wire.PUBLISH.error)
+        self.assertEqual(wire.LIST_FILES.codes, expected["LIST_CONTENT"])
+        self.assertEqual(wire.SEARCH.codes, (0, 1, 2, 3))
+        self.assertEqual(wire.SEARCH.error, 3)
+        self.assertLessEqual({"LIST_FILES", "SEARCH"}, wire.READ_OPS)
+        self.assertNotIn("PUBLISH_FILE", wire.READ_OPS)
 
     def test_audit_record(self):
         self.assertEqual(

@@ -59,7 +59,13 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def start_logger(program: int, extra: list[str]) -> tuple[subprocess.Popen, int, Path]:
+def start_logger(
+    program: int, extra: list[str], twistd_options: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int, Path]:
+    """``twistd -n p2p-logger`` on one free port (TCP and UDP) in a temporary directory.
+
+    ``twistd_options`` go before the plugin name (``--profile=...``, ``--reactor=...``).
+    """
     work = Path(tempfile.mkdtemp(prefix="logger-bench-"))
     port = free_port()
     out = open(work / "stdout.txt", "wb")  # noqa: SIM115 - the child keeps it
@@ -70,6 +76,7 @@ def start_logger(program: int, extra: list[str]) -> tuple[subprocess.Popen, int,
         "-n",
         "--pidfile=",
         "--logfile=twistd.log",
+        *twistd_options,
         "p2p-logger",
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",

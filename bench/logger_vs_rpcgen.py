@@ -1,0 +1,166 @@
+"""Our logger beside an rpcgen-built C logger, one LOG call at a time, TCP and UDP.
+
+Usage::
+
+    .venv/bin/python bench/logger_vs_rpcgen.py [--seconds 3] [--rounds 3]
+    .venv/bin/python bench/logger_vs_rpcgen.py --profile /tmp/logger.prof   # cProfile ours
+
+The reference is what ``rpcgen`` makes of ``p2p/logger/logger.x`` with a LOG
+procedure that appends the record and a newline to a file with one write(2)
+before replying 0 (``bench/logger_rpcgen_server.c``). The client is the C
+client of the foreign-client tests (``tests/c/log_client.c`` with ``-t``):
+it calls LOG, waits for the reply, calls again, for ``--seconds``. Both are
+built here with rpcgen and gcc against libtirpc (skipped, with a message, when
+those are missing); neither server registers with rpcbind.
+
+``twistd -n p2p-logger`` runs as a child on free ports (``--no-rpcbind``,
+audit file and printed records in a temporary directory), the C server on
+ports the kernel chooses. Each round runs the same client against each server
+over TCP then UDP, the order of the servers alternating between rounds.
+Printed: every run, then per transport the median calls/s of each server and
+the ratio ours/rpcgen. At the end both audit files must hold exactly one line
+per answered call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from logger_load import RECORD, start_logger
+
+REPO = Path(__file__).resolve().parent.parent
+LOGGER_X = REPO / "p2p/logger/logger.x"
+PROGRAM = 0x20000155
+
+
+def missing_tools() -> list[str]:
+    missing = [f"{tool}" for tool in ("rpcgen", "gcc") if shutil.which(tool) is None]
+    if not Path("/usr/include/tirpc/rpc/rpc.h").exists():
+        missing.append("libtirpc headers (/usr/include/tirpc, Debian package libtirpc-dev)")
+    return missing
+
+
+def build(work: Path) -> tuple[Path, Path]:
+    """rpcgen the stubs of logger.x; compile the C server and the C client (-O2)."""
+    shutil.copy(LOGGER_X, work / "logger.x")
+    for flag, out in (("-h", "logger.h"), ("-m", "logger_svc.c"), ("-c", "logger_xdr.c")):
+        subprocess.run(["rpcgen", "-C", flag, "-o", out, "logger.x"], cwd=work, check=True)
+    subprocess.run(["rpcgen", "-C", "-l", "-o", "logger_clnt.c", "logger.x"], cwd=work, check=True)
+    cc = ["gcc", "-O2", "-I/usr/include/tirpc", "-I."]
+    server, client = work / "rpcgen_server", work / "log_client"
+    sources = {
+        server: [str(REPO / "bench/logger_rpcgen_server.c"), "logger_svc.c"],
+        client: [str(REPO / "tests/c/log_client.c"), "logger_clnt.c"],
+    }
+    for target, files in sources.items():
+        subprocess.run(
+            [*cc, "-o", str(target), *files, "logger_xdr.c", "-ltirpc"], cwd=work, check=True
+        )
+    return server, client
+
+
+def start_rpcgen(server: Path, work: Path) -> tuple[subprocess.Popen, dict[str, int], Path]:
+    """The C server; its ports from the line it prints first."""
+    audit = work / "rpcgen-audit.log"
+    child = subprocess.Popen(
+        [str(server), hex(PROGRAM), str(audit)], stdout=subprocess.PIPE, text=True
+    )
+    words = child.stdout.readline().split()  # rpcgen logger tcp PORT udp PORT
+    if len(words) != 6:
+        child.kill()
+        raise RuntimeError(f"the rpcgen server did not start: {words}")
+    return child, {words[2]: int(words[3]), words[4]: int(words[5])}, audit
+
+
+def run_client(client: Path, kind: str, port: int, seconds: float) -> tuple[int, float]:
+    """(calls, seconds) of one timed run of the C client."""
+    out = subprocess.run(
+        [str(client), "-t", str(seconds), kind, "127.0.0.1", str(port), hex(PROGRAM), RECORD],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    words = out.stdout.split()
+    if out.returncode != 0 or len(words) != 4:
+        raise RuntimeError(f"C client failed against port {port}: {out.stderr.strip()}")
+    return int(words[1]), float(words[3])
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, servers interleaved")
+    parser.add_argument("--profile", help="run our logger under cProfile, stats to this file")
+    parser.add_argument(
+        "--transports", default="tcp,udp", help="comma-separated: tcp, udp (default both)"
+    )
+    return parser.parse_args()
+
+
+def main() -> int:
+    options = parse()
+    missing = missing_tools()
+    if missing:
+        print("logger_vs_rpcgen: skipped, not installed: " + ", ".join(missing))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="logger-vs-rpcgen-"))
+    server, client = build(work)
+    profile = ()
+    if options.profile:
+        profile = (f"--profile={os.path.abspath(options.profile)}", "--profiler=cprofile")
+        profile += ("--savestats",)
+    ours, our_port, our_work = start_logger(PROGRAM, [], twistd_options=profile)
+    theirs, their_ports, their_audit = start_rpcgen(server, work)
+    ports = {"ours": {"tcp": our_port, "udp": our_port}, "rpcgen": their_ports}
+    rates: dict[tuple[str, str], list[float]] = {}
+    calls = {"ours": 0, "rpcgen": 0}
+    transports = options.transports.split(",")
+    print(f"built in {work}; our logger's files in {our_work}")
+    try:
+        for round_ in range(options.rounds):
+            order = ("ours", "rpcgen") if round_ % 2 == 0 else ("rpcgen", "ours")
+            for kind in transports:
+                for name in order:
+                    done, elapsed = run_client(client, kind, ports[name][kind], options.seconds)
+                    calls[name] += done
+                    rates.setdefault((name, kind), []).append(done / elapsed)
+                    print(
+                        f"round {round_ + 1} {kind} {name:6s}: {done:7d} calls in "
+                        f"{elapsed:5.2f} s = {done / elapsed:7.0f} LOG/s",
+                        flush=True,
+                    )
+    finally:
+        ours.send_signal(signal.SIGTERM)
+        theirs.terminate()
+        ours.wait(30)
+        theirs.wait(10)
+    print()
+    for kind in transports:
+        mine = statistics.median(rates["ours", kind])
+        ref = statistics.median(rates["rpcgen", kind])
+        print(
+            f"{kind}: ours {mine:7.0f} LOG/s, rpcgen {ref:7.0f} LOG/s, "
+            f"ratio {mine / ref:.2f} (median of {options.rounds})"
+        )
+    stored = {
+        "ours": (our_work / "p2p-audit.log").read_bytes().count(b"\n"),
+        "rpcgen": their_audit.read_bytes().count(b"\n"),
+    }
+    for name in ("ours", "rpcgen"):
+        print(f"{name} audit file: {stored[name]} records for {calls[name]} answered calls")
+    if stored != calls:
+        print("MISMATCH: a server answered a call whose record is not in its audit file")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,8 +6,10 @@ a time, as a user at a shell does: full user life cycles (REGISTER, CONNECT,
 PUBLISH x3, LIST_CONTENT, LIST_PEERS, DELETE x3, DISCONNECT, UNREGISTER).
 ``tls`` is the default our client uses (one kept TLS connection presenting the
 user's key, so every name is claimed); ``plaintext`` is the classic protocol, a
-connection per request (``use_tls=False``). The DATETIME stamp is fixed, so the
-time service is not part of the figure (bench/time_load.py measures it).
+connection per request (``use_tls=False``). In those two the DATETIME stamp is
+fixed; ``tls+time`` is a whole command as the shell runs it: a get_time call to
+a real ``twistd p2p-time`` through the client's own ``TimeClient`` (zeep, in the
+thread pool), then the request over TLS.
 
     python bench/client_latency.py --seconds 5 --rounds 3
 """
@@ -27,12 +29,14 @@ sys.path.insert(0, str(REPO))
 from twisted.internet import defer, task  # noqa: E402
 
 from bench.indexer_load import cpu_seconds, spawn_indexer  # noqa: E402
+from bench.time_load import start_service  # noqa: E402
 from p2p import wire  # noqa: E402
 from p2p.client.home import Home  # noqa: E402
 from p2p.client.indexer_client import IndexerClient  # noqa: E402
+from p2p.client.time_client import TimeClient  # noqa: E402
 
 DATETIME = "01/01/2026 00:00:00"
-MODES = ("plaintext", "tls")
+MODES = ("plaintext", "tls", "tls+time")
 
 
 def life_cycle(user: str) -> list[tuple[str, tuple]]:
@@ -46,15 +50,18 @@ def life_cycle(user: str) -> list[tuple[str, tuple]]:
 
 
 @defer.inlineCallbacks
-def run(reactor, mode: str, port: int, seconds: float, home: Home, tag: str):
-    """Life cycles for ``seconds``; fires with (round trips in seconds, unexpected codes)."""
+def run(reactor, mode: str, port: int, seconds: float, home: Home, tag: str, stamp=None):
+    """Life cycles for ``seconds``; fires with (round trips in seconds, unexpected codes).
+
+    ``stamp``: where the DATETIME of each request comes from (default: fixed).
+    """
     client = IndexerClient(
         "127.0.0.1",
         port,
-        lambda: defer.succeed(DATETIME),
+        stamp if stamp is not None else (lambda: defer.succeed(DATETIME)),
         reactor=reactor,
         home=home,
-        use_tls=mode == "tls",
+        use_tls=mode != "plaintext",
     )
     samples: list[float] = []
     unexpected = 0
@@ -63,14 +70,14 @@ def run(reactor, mode: str, port: int, seconds: float, home: Home, tag: str):
     while time.perf_counter() < end:
         user = f"{tag}{n}"
         n += 1
-        if mode == "tls":
+        if mode != "plaintext":
             home.create_identity(user)  # as REGISTER makes it (on disk, 0600), not timed
         for op, args in life_cycle(user):
             began = time.perf_counter()
             code, _rows = yield client.request(op, user, *args)
             samples.append(time.perf_counter() - began)
             unexpected += code != wire.OK
-        if mode == "tls":
+        if mode != "plaintext":
             # A user's shell keeps one connection; the next user is another shell.
             yield client.close()
             home.forget_identity(user)
@@ -91,13 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal failed
         with tempfile.TemporaryDirectory() as workdir:
             server, port = spawn_indexer(workdir, "normal")
+            timews, wsdl = start_service([])
+            clock = TimeClient(wsdl, warn=lambda text: print("time client:", text), reactor=reactor)
             try:
                 home = Home(Path(workdir) / "home")
                 for round_ in range(1, args.rounds + 1):
                     for mode in MODES:
                         cpu = cpu_seconds(server.pid)
+                        stamp = clock.now if mode == "tls+time" else None
                         samples, unexpected = yield run(
-                            reactor, mode, port, args.seconds, home, f"r{round_}{mode[0]}x"
+                            reactor, mode, port, args.seconds, home, f"r{round_}{mode[0]}x", stamp
                         )
                         cpu = cpu_seconds(server.pid) - cpu
                         failed = failed or unexpected > 0
@@ -117,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
             finally:
                 server.terminate()
+                timews.terminate()
                 server.wait()
+                timews.wait()
                 server._drain.wait()
         summary(figures)
         if failed:
@@ -137,6 +149,11 @@ def summary(figures: dict) -> None:
         )
     tls, plain = (statistics.median(r[0] for r in figures[m]) for m in ("tls", "plaintext"))
     print(f"  TLS / plaintext: {tls / plain:.0%} of the requests/s (target: at least 50%)")
+    p50 = statistics.median(r[1] for r in figures["tls+time"])
+    print(
+        f"  a whole command (get_time through zeep, then the request): p50 {p50:.2f} ms "
+        "(target: under 5 ms)"
+    )
 
 
 if __name__ == "__main__":

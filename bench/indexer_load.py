@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +129,17 @@ class Talker:
         return read_reply(self.conn, _COLUMNS.get(op, 0))
 
 
+def life_cycle(user: str, port: int) -> list[tuple[str, tuple]]:
+    """The requests of one user's life cycle: (operation, arguments after the user)."""
+    files = [f"file{i}.txt" for i in range(3)]
+    steps: list[tuple[str, tuple]] = [("REGISTER", ()), ("CONNECT", (port,))]
+    steps += [("PUBLISH", (f, f"the file {f}")) for f in files]
+    steps += [("LIST_CONTENT", (user,)), ("LIST_USERS", ())]
+    steps += [("DELETE", (f,)) for f in files]
+    steps += [("DISCONNECT", ()), ("UNREGISTER", ())]
+    return steps
+
+
 def client(
     index: int,
     address: tuple[str, int],
@@ -136,9 +148,14 @@ def client(
     out,
     mode: str = "plaintext",
     pem: str | None = None,
+    stamp: Callable[[], str] | None = None,
 ) -> None:
     """Run life cycles until the deadline; report (requests, unexpected codes, first
-    unexpected, round-trip samples in seconds)."""
+    unexpected, round-trip samples in seconds).
+
+    ``stamp``: called before each request for its DATETIME, inside the measured
+    round trip (a time service call, as our client makes); default a constant.
+    """
     enc = wire.encode_request
     talk = Talker(mode, address, tls_context(pem) if pem else None)
     clock = time.perf_counter
@@ -153,21 +170,13 @@ def client(
     while time.time() < end:
         user = f"b{os.getpid()}x{n}"
         n += 1
-        files = [f"file{i}.txt" for i in range(3)]
-        steps = [(enc("REGISTER", DATETIME, user), 0), (enc("CONNECT", DATETIME, user, port), 0)]
-        steps += [(enc("PUBLISH", DATETIME, user, f, f"the file {f}"), 0) for f in files]
-        steps += [
-            (enc("LIST_CONTENT", DATETIME, user, user), 0),
-            (enc("LIST_USERS", DATETIME, user), 0),
-        ]
-        steps += [(enc("DELETE", DATETIME, user, f), 0) for f in files]
-        steps += [(enc("DISCONNECT", DATETIME, user), 0), (enc("UNREGISTER", DATETIME, user), 0)]
-        for data, expected in steps:
+        for op, rest in life_cycle(user, port):
             began = clock()
-            reply = talk(data[: data.index(b"\0")].decode(), data)
+            data = enc(op, stamp() if stamp is not None else DATETIME, user, *rest)
+            reply = talk(op, data)
             samples.append(clock() - began)
             done += 1
-            if not reply or reply[0] != expected:
+            if not reply or reply[0] != wire.OK:
                 unexpected += 1
                 if first_unexpected is None:
                     first_unexpected = (data, reply[:20])

@@ -60,6 +60,16 @@ class TimeServiceTests(TestCase):
         return deadline(d, 10)
 
     @defer.inlineCallbacks
+    def get_wsdl(self, host: bytes):
+        """GET ?wsdl asking for ``host``: the response and its body."""
+        response = yield deadline(
+            self.agent.request(b"GET", f"{self.base}?wsdl".encode(), Headers({b"host": [host]})),
+            10,
+        )
+        body = yield readBody(response)
+        return response, body
+
+    @defer.inlineCallbacks
     def assert_fault(self, response, code: int = 500):
         body = yield readBody(response)
         self.assertEqual(response.code, code, body)
@@ -104,15 +114,7 @@ class TimeServiceTests(TestCase):
     @defer.inlineCallbacks
     def test_wsdl_address_follows_host(self):
         """The WSDL names the service at the host the client asked for."""
-        response = yield deadline(
-            self.agent.request(
-                b"GET",
-                f"{self.base}?wsdl".encode(),
-                Headers({b"host": [b"timehost.example:8123"]}),
-            ),
-            10,
-        )
-        body = yield readBody(response)
+        response, body = yield self.get_wsdl(b"timehost.example:8123")
         self.assertEqual(response.code, 200)
         root = etree.fromstring(body)
         wsdl_ns = {
@@ -122,6 +124,33 @@ class TimeServiceTests(TestCase):
         address = root.find("w:service/w:port/s:address", wsdl_ns)
         self.assertEqual(address.get("location"), "http://timehost.example:8123/")
         self.assertEqual(root.findall("w:portType/w:operation", wsdl_ns)[0].get("name"), "get_time")
+
+    @defer.inlineCallbacks
+    def test_wsdl_is_byte_identical(self):
+        """The WSDL is Spyne's, byte for byte, whatever fast path answers get_time."""
+        yield self.assert_still_answers()
+        response, body = yield self.get_wsdl(b"timehost.example:8123")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, (Path(__file__).parent / "data" / "time.wsdl").read_bytes())
+
+    @defer.inlineCallbacks
+    def test_every_answer_names_the_current_second(self):
+        """Repeated identical calls (answered from memory after the first) each name the
+        second they were answered in, across a change of second."""
+        seen: set[str] = set()
+        give_up = time.time() + 10
+        while len(seen) < 2 and time.time() < give_up:
+            before = time.time()
+            response = yield self.post(GET_TIME)
+            body = yield readBody(response)
+            after = time.time()
+            self.assertEqual(response.code, 200, body)
+            path = "e:Body/t:get_timeResponse/t:get_timeResult"
+            stamp = etree.fromstring(body).findtext(path, namespaces=NS)
+            self.assertLessEqual(int(before), parse_time(stamp))
+            self.assertLessEqual(parse_time(stamp), after)
+            seen.add(stamp)
+        self.assertEqual(len(seen), 2, "no change of second seen in 10 s")
 
     @defer.inlineCallbacks
     def test_not_xml(self):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from p2p import wire
 from p2p.logs import one_line
+from p2p.timews.answers import BODY, CONTENT_TYPE, STAMP, ValidatedAnswers
 from p2p.timews.fault import log_fault, soap_fault
 
 #: Target namespace of the WSDL and of the SOAP body elements.
@@ -68,7 +69,14 @@ class TimeService(ServiceBase):
     @rpc(_returns=Unicode)
     def get_time(ctx) -> str:
         """The current local time as dd/mm/YYYY HH:MM:SS."""
-        return wire.format_datetime()
+        # (This docstring is the WSDL's documentation of the operation: keep it.)
+        # The stamp is also left in the request's environ, so the answer can be
+        # learned for identical requests (p2p.timews.answers).
+        stamp = wire.format_datetime()
+        environ = getattr(ctx.transport, "req_env", None)
+        if isinstance(environ, dict):
+            environ[STAMP] = stamp
+        return stamp
 
 
 def make_application() -> Application:
@@ -142,9 +150,10 @@ class GuardedWsgiApplication(WsgiApplication):
     short line (never a traceback: a client must not be able to fill the log).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, answers: ValidatedAnswers | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.event_manager.add_listener("wsgi_exception", _note_fault)
+        self.answers = answers
 
     def __call__(self, environ: dict, start_response, wsgi_url=None):
         environ = dict(environ)
@@ -181,6 +190,8 @@ class GuardedWsgiApplication(WsgiApplication):
                 reason,
             )
         headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
+        if self.answers is not None:
+            self.answers.learn(environ, status, headers, body)
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
 
@@ -205,13 +216,22 @@ class GuardedWsgiApplication(WsgiApplication):
             )
         if not body:
             raise _Answer("500 Internal Server Error", "Client", "empty body")
-        mime, charset = _charset(body, environ.get("CONTENT_TYPE", ""))
+        environ[BODY] = body
+        environ[CONTENT_TYPE] = environ.get("CONTENT_TYPE", "")
+        mime, charset = _charset(body, environ[CONTENT_TYPE])
         environ["CONTENT_TYPE"] = mime if charset is None else f"{mime}; charset={charset}"
         environ["CONTENT_LENGTH"] = str(len(body))
         environ["wsgi.input"] = BytesIO(body)
         return super().__call__(environ, start_response, wsgi_url)
 
 
-def make_wsgi_application(max_content_length: int) -> WsgiApplication:
-    """The application as a WSGI callable; Spyne also refuses bodies over the cap."""
-    return GuardedWsgiApplication(make_application(), max_content_length=max_content_length)
+def make_wsgi_application(
+    max_content_length: int, answers: ValidatedAnswers | None = None
+) -> WsgiApplication:
+    """The application as a WSGI callable; Spyne also refuses bodies over the cap.
+
+    With ``answers``, every answer it can be reused for is remembered there.
+    """
+    return GuardedWsgiApplication(
+        make_application(), max_content_length=max_content_length, answers=answers
+    )

@@ -345,6 +345,9 @@ CLASSIC_OPS: dict[str, OpSpec] = {
 #: Extension: renews the connected user's lease (protocol.md, "Liveness"); after code 0
 #: the lease in seconds follows as a decimal string. 2 tells a client its user was dropped.
 ALIVE = OpSpec("ALIVE", (), error=3, no_user=1, not_connected=2)
+#: Extension (protocol.md section 7.3): ALIVE, and the lease is then held by this kept
+#: (TLS) connection for as long as it stays open; code 3 on a connection that is not kept.
+HOLD = OpSpec("HOLD", (), error=3, no_user=1, not_connected=2)
 
 #: Extension (protocol.md section 8): PUBLISH with the file's size and SHA-256, and a mode
 #: (``new``: code 3 when the name is published, as PUBLISH; ``replace``: create or update).
@@ -366,16 +369,21 @@ UNKNOWN = "-"
 #: Every operation the indexer serves: the classic ones and the extensions.
 OPS: dict[str, OpSpec] = {
     **CLASSIC_OPS,
-    **{op.name: op for op in (LIST_PEERS, ALIVE, PUBLISH_FILE, LIST_FILES, SEARCH)},
+    **{op.name: op for op in (LIST_PEERS, ALIVE, HOLD, PUBLISH_FILE, LIST_FILES, SEARCH)},
 }
 OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
 
 #: Operations that change nothing (what ``--classic read-only`` still serves).
-READ_OPS = frozenset({"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE", "LIST_FILES", "SEARCH"})
+READ_OPS = frozenset(
+    {"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE", "HOLD", "LIST_FILES", "SEARCH"}
+)
 #: Operations that are not audited: a heartbeat changes nothing and comes every few seconds.
-UNAUDITED_OPS = frozenset({"ALIVE"})
+UNAUDITED_OPS = frozenset({"ALIVE", "HOLD"})
 #: Default ``--peer-timeout``: seconds after which a connected user whose client is gone is dropped.
 DEFAULT_PEER_TIMEOUT = 60.0
+#: A held lease (HOLD) whose connection is lost keeps this fraction of the lease: the
+#: client reconnects and holds again within it, or is dropped.
+HELD_GRACE = 1 / 3
 #: Shown in LIST_PEERS for a name that no key has claimed.
 UNCLAIMED = "-"
 

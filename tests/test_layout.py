@@ -26,6 +26,7 @@ FLOORS = {
     "oncrpc": 0,
     "logs": 0,
     "startup": 0,
+    "keepalive": 0,
     "indexer": 1,
     "logger": 1,
     "timews": 1,

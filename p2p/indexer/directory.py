@@ -83,6 +83,7 @@ class Directory:
             wire.LIST_CONTENT.name: self._list_content,
             wire.LIST_PEERS.name: self._list_peers,
             wire.ALIVE.name: self._alive,
+            wire.HOLD.name: self._alive,  # the factory then ties the lease to the connection
         }
 
     def load(self) -> None:

@@ -2,11 +2,16 @@
 
 docs/protocol.md section 7. Every connected user holds a lease of
 ``timeout`` seconds, kept in memory only (a restart gives everyone a fresh one:
-the grace period). Any request of the user renews it; our clients also send
-``ALIVE`` every third of it.
+the grace period). Any request of the user renews it; our clients send
+``HOLD`` once on their kept TLS connection, which then holds the lease for as
+long as it stays open (TCP keepalive finds a vanished host), or else ``ALIVE``
+every third of it.
 
 - A user that sent ``ALIVE`` since its CONNECT (*renewing*) and lets its lease
   run out is dropped.
+- A *held* user never expires while a holding connection is open. When the
+  last one closes, the user has ``wire.HELD_GRACE`` of the lease to hold
+  again (or send anything); then it is dropped.
 - A user that never did (a classic client, or one of ours not heard from since
   a restart: *silent*) is probed once its last evidence is ``timeout`` old: a
   TCP connect to its recorded address, closed at once without a byte. An
@@ -54,7 +59,11 @@ class Leases:
     ``renewing``: users that sent ALIVE since their CONNECT, by their last
     request. ``silent``: the others, by their last request or answered probe
     (a user being probed is in neither until its probe ends or it is heard
-    from).
+    from). ``held``: users whose lease a kept connection holds (HOLD), with
+    the connections holding it; they never expire while one of those
+    connections is open. ``grace``: users whose last holding connection
+    closed, by the deadline to hold again (``wire.HELD_GRACE`` of the lease);
+    a user is in only one of the four.
     """
 
     def __init__(
@@ -64,6 +73,8 @@ class Leases:
         self.now = now
         self.renewing: OrderedDict[str, float] = OrderedDict()
         self.silent: OrderedDict[str, float] = OrderedDict()
+        self.held: dict[str, set[object]] = {}
+        self.grace: OrderedDict[str, float] = OrderedDict()
 
     @property
     def seconds(self) -> int:
@@ -71,41 +82,79 @@ class Leases:
         return max(1, int(self.timeout))
 
     def start(self, user: str) -> None:
-        """A fresh lease (CONNECT, or a restart): silent until the user sends ALIVE."""
+        """A fresh lease (CONNECT, or a restart): silent until the user sends ALIVE.
+
+        Connections that held an earlier lease of the user hold this one no more.
+        """
         self.renewing.pop(user, None)
+        self.held.pop(user, None)
+        self.grace.pop(user, None)
         self.silent[user] = self.now()
         self.silent.move_to_end(user)
 
     def seen(self, user: str) -> None:
         """A request of the connected ``user``: its lease is renewed."""
+        if user in self.held:
+            return
+        if self.grace.pop(user, None) is not None:  # it talks: alive, and renewing
+            self.renewing[user] = self.now()
+            return
         entries = self.renewing if user in self.renewing else self.silent
         entries[user] = self.now()
         entries.move_to_end(user)
 
     def renewed(self, user: str) -> None:
         """ALIVE from the connected ``user``: it renews from now on, and is never probed."""
+        if user in self.held:
+            return
         self.silent.pop(user, None)
+        self.grace.pop(user, None)
         self.renewing[user] = self.now()
         self.renewing.move_to_end(user)
+
+    def hold(self, user: str, connection: object) -> None:
+        """HOLD from the connected ``user`` on ``connection``: no expiry while it is open."""
+        self.renewing.pop(user, None)
+        self.silent.pop(user, None)
+        self.grace.pop(user, None)
+        self.held.setdefault(user, set()).add(connection)
+
+    def release(self, user: str, connection: object) -> None:
+        """``connection`` closed. If it was the last holding the user's lease, the lease
+        runs again with ``wire.HELD_GRACE`` of it left: time enough for a live client to
+        connect again and hold it, while a client that is gone leaves well within one
+        lease of its last sign of life."""
+        holders = self.held.get(user)
+        if holders is None or connection not in holders:
+            return
+        holders.discard(connection)
+        if holders:
+            return
+        del self.held[user]
+        self.grace[user] = self.now() + self.timeout * wire.HELD_GRACE
 
     def end(self, user: str) -> None:
         """The user is no longer connected."""
         self.renewing.pop(user, None)
         self.silent.pop(user, None)
+        self.held.pop(user, None)
+        self.grace.pop(user, None)
 
     def reset(self, connected: list[str]) -> None:
         """Match the connected users (after a load): new ones get a fresh lease."""
         keep = set(connected)
-        for entries in (self.renewing, self.silent):
+        for entries in (self.renewing, self.silent, self.held, self.grace):
             for user in [u for u in entries if u not in keep]:
                 del entries[user]
         for user in connected:
-            if user not in self.renewing and user not in self.silent:
+            if not self.heard(user):
                 self.start(user)
 
     def heard(self, user: str) -> bool:
-        """True when the user is renewing or was heard from since its probe began."""
-        return user in self.renewing or user in self.silent
+        """True when the user is renewing, held, or was heard from since its probe began."""
+        return (
+            user in self.renewing or user in self.silent or user in self.held or user in self.grace
+        )
 
 
 class Liveness:
@@ -164,6 +213,16 @@ class Liveness:
             del renewing[user]
             self.log.info(
                 "{user} renewed nothing for {timeout} s: dropped", user=user, timeout=leases.timeout
+            )
+            self.drop(user)
+        now, grace = leases.now(), leases.grace
+        while grace:
+            user, deadline = next(iter(grace.items()))
+            if deadline > now:
+                break
+            del grace[user]
+            self.log.info(
+                "{user}'s held connection closed and it did not hold again: dropped", user=user
             )
             self.drop(user)
         population = len(leases.silent) + self._scheduled

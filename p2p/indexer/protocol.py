@@ -51,6 +51,7 @@ from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
 from p2p.indexer.liveness import Liveness
 from p2p.indexer.store import Store
+from p2p.keepalive import keep_alive
 from p2p.listening import ConnectionCap
 from p2p.tls import is_tls, peer_fingerprint
 
@@ -109,6 +110,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     _out: memoryview | None = None  # the reply not yet handed to the transport (kept)
     _head: bytes = b""  # the reply code, written with the first piece of ``_out``
     _paused = False  # the transport's buffer is full: hand it no more (kept)
+    held: frozenset[str] | set[str] = frozenset()  # users whose lease this connection holds
+    lost = False  # the connection is closed
 
     def __init__(self, factory: IndexerFactory, addr: object = None) -> None:
         self.factory = factory
@@ -144,6 +147,17 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._done = True
         self.setTimeout(None)
         self.factory.connection_closed(self.addr)
+        self.lost = True
+        for user in self.held:
+            self.factory.directory.leases.release(user, self)
+
+    def hold(self, user: str, lease: float) -> None:
+        """This connection now holds ``user``'s lease (HOLD): it is not closed for being
+        idle, and TCP keepalive (tuned to the lease) tells when the host is gone."""
+        if not self.held:
+            self.held = set()
+            keep_alive(self.transport, lease)
+        self.held.add(user)
 
     def timeoutConnection(self) -> None:
         """Silent for too long (mid-request, or not reading its reply): cut it.
@@ -220,8 +234,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
             self._refuse()
             return True
         count = len(values)
-        if count == 2 and op is not wire.ALIVE:  # DATETIME and USER: the operator line
-            # (not for the heartbeat: 10,000 users would print 500 lines a second)
+        if count == 2 and op.name not in wire.UNAUDITED_OPS:  # DATETIME and USER: the
+            # operator line (not for the heartbeat: 10,000 users would print 500 lines a second)
             self.factory.note(f"s> {op.name} FROM {values[1]}")
         if count == len(fields):
             self._done = True
@@ -315,7 +329,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._values = []
         self._done = False
         self._idle = True
-        self.setTimeout(self.factory.idle_timeout)
+        self.setTimeout(None if self.held else self.factory.idle_timeout)
         pending, self._pending = self._pending, b""
         self.transport.resumeProducing()
         if pending:
@@ -438,6 +452,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         the recorded address: a peer that does not answer is stale, and the
         CONNECT replaces it.
         """
+        if op is wire.HOLD and not proto.keep_open:
+            proto.reply(_CODES[op.error])  # only a kept connection can hold a lease
+            return
         if op is wire.CONNECT and self.liveness is not None and not self.stopped:
             stale = self.directory.stale_address(values[1], proto.identity)
             if stale is not None:
@@ -493,6 +510,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             self.log.failure("store write failed; answering with the error code")
             self._recover()
             code, body = op.error, b""
+        if op is wire.HOLD and code == wire.OK and not proto.lost:
+            self.directory.leases.hold(user, proto)
+            proto.hold(user, self.directory.leases.timeout)
         self._replies.append((proto, _CODES[code], body))
         self._flush_soon()
 

@@ -67,11 +67,13 @@ def build(work: Path) -> tuple[Path, Path]:
     return server, client
 
 
-def start_rpcgen(server: Path, work: Path) -> tuple[subprocess.Popen, dict[str, int], Path]:
+def start_rpcgen(
+    server: Path, work: Path, pin: list[str]
+) -> tuple[subprocess.Popen, dict[str, int], Path]:
     """The C server; its ports from the line it prints first."""
     audit = work / "rpcgen-audit.log"
     child = subprocess.Popen(
-        [str(server), hex(PROGRAM), str(audit)], stdout=subprocess.PIPE, text=True
+        [*pin, str(server), hex(PROGRAM), str(audit)], stdout=subprocess.PIPE, text=True
     )
     words = child.stdout.readline().split()  # rpcgen logger tcp PORT udp PORT
     if len(words) != 6:
@@ -80,18 +82,28 @@ def start_rpcgen(server: Path, work: Path) -> tuple[subprocess.Popen, dict[str, 
     return child, {words[2]: int(words[3]), words[4]: int(words[5])}, audit
 
 
-def run_client(client: Path, kind: str, port: int, seconds: float) -> tuple[int, float]:
-    """(calls, seconds) of one timed run of the C client."""
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_client(
+    client: Path, kind: str, port: int, seconds: float, server: int, pin: list[str]
+) -> tuple[int, float, float]:
+    """(calls, seconds, server CPU seconds) of one timed run of the C client."""
+    before = cpu_seconds(server)
     out = subprocess.run(
-        [str(client), "-t", str(seconds), kind, "127.0.0.1", str(port), hex(PROGRAM), RECORD],
+        [*pin, str(client), "-t", str(seconds), kind, "127.0.0.1", str(port), hex(PROGRAM), RECORD],
         capture_output=True,
         text=True,
         check=False,
     )
+    cpu = cpu_seconds(server) - before
     words = out.stdout.split()
     if out.returncode != 0 or len(words) != 4:
         raise RuntimeError(f"C client failed against port {port}: {out.stderr.strip()}")
-    return int(words[1]), float(words[3])
+    return int(words[1]), float(words[3]), cpu
 
 
 def parse() -> argparse.Namespace:
@@ -101,6 +113,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--profile", help="run our logger under cProfile, stats to this file")
     parser.add_argument(
         "--transports", default="tcp,udp", help="comma-separated: tcp, udp (default both)"
+    )
+    parser.add_argument(
+        "--pin",
+        metavar="CPUS",
+        help="run servers and client on these CPUs (taskset list, e.g. 1: all on one core)",
     )
     return parser.parse_args()
 
@@ -117,10 +134,15 @@ def main() -> int:
     if options.profile:
         profile = (f"--profile={os.path.abspath(options.profile)}", "--profiler=cprofile")
         profile += ("--savestats",)
+    pin = ["taskset", "-c", options.pin] if options.pin else []
     ours, our_port, our_work = start_logger(PROGRAM, [], twistd_options=profile)
-    theirs, their_ports, their_audit = start_rpcgen(server, work)
+    theirs, their_ports, their_audit = start_rpcgen(server, work, pin)
+    pids = {"ours": ours.pid, "rpcgen": theirs.pid}
+    if options.pin:
+        subprocess.run([*pin, "-p", str(ours.pid)], check=True, capture_output=True)
     ports = {"ours": {"tcp": our_port, "udp": our_port}, "rpcgen": their_ports}
     rates: dict[tuple[str, str], list[float]] = {}
+    costs: dict[tuple[str, str], list[float]] = {}  # server CPU microseconds per call
     calls = {"ours": 0, "rpcgen": 0}
     transports = options.transports.split(",")
     print(f"built in {work}; our logger's files in {our_work}")
@@ -129,12 +151,16 @@ def main() -> int:
             order = ("ours", "rpcgen") if round_ % 2 == 0 else ("rpcgen", "ours")
             for kind in transports:
                 for name in order:
-                    done, elapsed = run_client(client, kind, ports[name][kind], options.seconds)
+                    done, elapsed, cpu = run_client(
+                        client, kind, ports[name][kind], options.seconds, pids[name], pin
+                    )
                     calls[name] += done
                     rates.setdefault((name, kind), []).append(done / elapsed)
+                    costs.setdefault((name, kind), []).append(cpu / done * 1e6)
                     print(
                         f"round {round_ + 1} {kind} {name:6s}: {done:7d} calls in "
-                        f"{elapsed:5.2f} s = {done / elapsed:7.0f} LOG/s",
+                        f"{elapsed:5.2f} s = {done / elapsed:7.0f} LOG/s, "
+                        f"server CPU {cpu / done * 1e6:5.1f} us/call",
                         flush=True,
                     )
     finally:
@@ -146,9 +172,11 @@ def main() -> int:
     for kind in transports:
         mine = statistics.median(rates["ours", kind])
         ref = statistics.median(rates["rpcgen", kind])
+        cpu = {name: statistics.median(costs[name, kind]) for name in ("ours", "rpcgen")}
         print(
             f"{kind}: ours {mine:7.0f} LOG/s, rpcgen {ref:7.0f} LOG/s, "
-            f"ratio {mine / ref:.2f} (median of {options.rounds})"
+            f"ratio {mine / ref:.2f} (median of {options.rounds}); server CPU per call: "
+            f"ours {cpu['ours']:.1f} us, rpcgen {cpu['rpcgen']:.1f} us"
         )
     stored = {
         "ours": (our_work / "p2p-audit.log").read_bytes().count(b"\n"),

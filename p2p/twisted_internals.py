@@ -25,7 +25,9 @@ Fast paths:
 - the peer's file server hands a file to the kernel with ``os.sendfile``
   (:func:`sendfile_socket`, :func:`resume_when_writable`);
 - over TLS, it hands OpenSSL a whole chunk of the file at once and sends the
-  records that come out in one piece (:func:`tls_bulk_writer`).
+  records that come out in one piece (:func:`tls_bulk_writer`);
+- the audit logger sends each RPC reply straight on the socket when nothing
+  waits before it (:func:`send_now`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 #: The names of the fast paths below.
-FAST_PATHS = frozenset({"read_now", "send_last", "sendfile", "tls_bulk"})
+FAST_PATHS = frozenset({"read_now", "send_last", "sendfile", "tls_bulk", "send_now"})
 
 
 def _enabled(setting: str) -> frozenset[str]:
@@ -105,6 +107,24 @@ def send_last(transport: interfaces.ITransport, data: bytes) -> bytes | memoryvi
         transport.connectionLost(_DONE)
         return None
     return memoryview(data)[sent:] if sent else data
+
+
+def send_now(transport: interfaces.ITransport, data: bytes) -> None:
+    """Write ``data`` on a connection that stays open, sent at once when nothing waits before it.
+
+    ``transport.write`` only buffers: the reactor registers the socket for
+    writability, sends one poll later and unregisters it. A client that waits
+    for each reply before its next call pays that turn of the reactor on every
+    call. On a plain TCP or UNIX transport with an empty buffer the bytes go
+    straight to the socket (:func:`_send_or_buffer`); what it does not take,
+    or any other transport (TLS, a test's), goes through ``transport.write``,
+    so buffering and a registered producer's pause work as usual. Plain
+    Twisted: ``transport.write``.
+    """
+    if "send_now" in ENABLED and not getattr(transport, "TLS", False):
+        _send_or_buffer(transport, data)
+    else:
+        transport.write(data)
 
 
 def sendfile_socket(transport: interfaces.ITransport) -> socket.socket | None:

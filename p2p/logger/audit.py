@@ -195,10 +195,11 @@ class AuditLog:
 
     @staticmethod
     def _write_all(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        written = os.write(fd, data)  # all of it, unless the disk fills meanwhile
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view) :]
 
     def _journal(self, entry: dict) -> None:
         data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")

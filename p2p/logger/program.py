@@ -30,6 +30,10 @@ DEFAULT_MAX_MESSAGE = 4096
 MAX_FAILED_SENDERS = 1024
 
 
+#: LOG's results, encoded once.
+_RESULTS = {LOG_OK: rpc.pack_int(LOG_OK), LOG_ERROR: rpc.pack_int(LOG_ERROR)}
+
+
 def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:
     if call.cred.flavor != rpc.AUTH_SYS:
         return None
@@ -42,6 +46,8 @@ def valid_record(text: str) -> bool:
     ``wire.LINE_SEPARATORS`` (U+2028/U+2029) end a line for str.splitlines(),
     JavaScript and many editors, so a record holding one would read as two.
     """
+    if text.isascii() and text.isprintable():  # the usual record, checked in C
+        return bool(text)
     return bool(text) and wire.check_text(text) and wire.LINE_SEPARATORS.isdisjoint(text)
 
 
@@ -88,7 +94,7 @@ class LoggerProgram:
                 # An earlier record of this sender was not stored: storing this one
                 # first would break the order (and the earlier one would then look
                 # like a duplicate). The relay resends from the failed one.
-                return rpc.pack_int(LOG_ERROR)
+                return _RESULTS[LOG_ERROR]
         try:
             result = self._log(args, identity)
         except GarbageArgs:
@@ -102,8 +108,8 @@ class LoggerProgram:
             if self.relay_seen is not None:
                 self.relay_seen(peer)
         if result == LOG_OK and self.durable is not None:
-            return self.durable().addCallback(lambda _: rpc.pack_int(LOG_OK))
-        return rpc.pack_int(result)
+            return self.durable().addCallback(lambda _: _RESULTS[LOG_OK])
+        return _RESULTS[result]
 
     def _failed(self, identity: tuple[str, int] | None) -> None:
         if identity is not None:

@@ -19,6 +19,8 @@ def encode_record(data: bytes, fragment_size: int = MAX_FRAGMENT) -> bytes:
     """``data`` as one record, cut into fragments of at most ``fragment_size`` bytes."""
     if fragment_size < 1:
         raise ValueError("fragment_size must be positive")
+    if len(data) <= fragment_size:  # one fragment: what a server's replies are
+        return (len(data) | LAST_FRAGMENT).to_bytes(4, "big") + data
     parts = []
     view = memoryview(data)
     start = 0
@@ -62,6 +64,13 @@ class RecordReader:
         self._started = False  # a fragment of the current record was seen (even empty)
 
     def feed(self, data: bytes) -> list[bytes | Oversized]:
+        if not (self._buffer or self._in_fragment or self._started) and len(data) > 4:
+            # Between records, a read holding exactly one whole single-fragment
+            # record (a client waiting for each reply sends just that): no copy
+            # through the buffer.
+            header = int.from_bytes(data[:4], "big")
+            if header == (len(data) - 4) | LAST_FRAGMENT and len(data) - 4 <= self.max_record:
+                return [data[4:]]
         out: list[bytes | Oversized] = []
         self._buffer += data
         pos = 0

@@ -19,6 +19,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from p2p import twisted_internals
 from p2p.listening import ConnectionCap, KnownSources
 from p2p.oncrpc import rpc
 from p2p.oncrpc.record import Oversized, RecordReader, encode_record
@@ -58,22 +59,46 @@ class Program:
 
 
 class Dispatcher:
-    """Answers call messages for a set of programs."""
+    """Answers call messages for a set of programs.
+
+    A call with null credentials and verifier to a known procedure (what a C
+    client sends, one call at a time) is recognised by the 36 bytes after its
+    XID in one dict lookup (``rpc.plain_call_key``), which says everything the
+    field-by-field checks below would find; any other call takes them.
+    """
 
     def __init__(self, programs: list[Program]) -> None:
         self.programs = {p.number: p for p in programs}
+        #: (program, version, procedure number, procedure) by their plain-call key.
+        self._plain = {
+            rpc.plain_call_key(p.number, vers, number): (p.number, vers, number, procedure)
+            for p in programs
+            for vers, procedures in p.versions.items()
+            for number, procedure in procedures.items()
+        }
 
     def handle(self, data: bytes | Oversized, peer: object = None) -> defer.Deferred:
         """Fire with the encoded reply, or None when no reply can be made."""
+        reply = self.answer(data, peer)
+        return reply if isinstance(reply, defer.Deferred) else defer.succeed(reply)
+
+    def answer(
+        self, data: bytes | Oversized, peer: object = None
+    ) -> bytes | defer.Deferred[bytes | None] | None:
+        """The encoded reply (None when none can be made), or a Deferred of it only
+        when the procedure answers later: the transports send a ready reply in
+        the same turn, without a Deferred per call."""
         try:
-            result = self._handle(data, peer)
+            plain = self._plain.get(data[4 : rpc.PLAIN_HEADER]) if type(data) is bytes else None
+            if plain is not None:
+                prog, vers, number, procedure = plain
+                call = rpc.Call(int.from_bytes(data[:4], "big"), prog, vers, number)
+                return self._run(procedure, call, data[rpc.PLAIN_HEADER :], peer)
+            return self._handle(data, peer)
         except Exception:
             log.failure("RPC dispatch failed")
             xid = rpc.peek_xid(data.prefix if isinstance(data, Oversized) else data)
-            result = None if xid is None else rpc.accept_error(xid, rpc.SYSTEM_ERR)
-        if isinstance(result, defer.Deferred):
-            return result.addCallback(_encode)
-        return defer.succeed(_encode(result))
+            return None if xid is None else _encode(rpc.accept_error(xid, rpc.SYSTEM_ERR))
 
     def _handle(self, data: bytes | Oversized, peer: object):
         oversized = isinstance(data, Oversized)
@@ -84,32 +109,37 @@ class Dispatcher:
             log.debug("dropping undecodable message: {exc}", exc=exc)
             return None
         if call.rpcvers != rpc.RPC_VERSION:
-            return rpc.rpc_mismatch(call.xid)
+            return _encode(rpc.rpc_mismatch(call.xid))
         auth = rpc.check_auth(call)
         if auth != rpc.AUTH_OK:
-            return rpc.auth_error(call.xid, auth)
+            return _encode(rpc.auth_error(call.xid, auth))
         program = self.programs.get(call.prog)
         if program is None:
-            return rpc.accept_error(call.xid, rpc.PROG_UNAVAIL)
+            return _encode(rpc.accept_error(call.xid, rpc.PROG_UNAVAIL))
         procedures = program.versions.get(call.vers)
         if procedures is None:
-            return rpc.accept_error(call.xid, rpc.PROG_MISMATCH, program.low, program.high)
+            return _encode(rpc.accept_error(call.xid, rpc.PROG_MISMATCH, program.low, program.high))
         procedure = procedures.get(call.proc)
         if procedure is None:
-            return rpc.accept_error(call.xid, rpc.PROC_UNAVAIL)
+            return _encode(rpc.accept_error(call.xid, rpc.PROC_UNAVAIL))
         if oversized:
-            return rpc.accept_error(call.xid, rpc.GARBAGE_ARGS)
+            return _encode(rpc.accept_error(call.xid, rpc.GARBAGE_ARGS))
+        return self._run(procedure, call, args, peer)
+
+    @staticmethod
+    def _run(procedure: Procedure, call: rpc.Call, args: bytes, peer: object):
+        """The procedure's encoded reply (or a Deferred of it)."""
         try:
             result = procedure(call, args, peer)
         except GarbageArgs as exc:
             log.debug("garbage arguments: {exc}", exc=exc)
-            return rpc.accept_error(call.xid, rpc.GARBAGE_ARGS)
-        if isinstance(result, defer.Deferred):
-            return result.addCallbacks(
-                lambda body: rpc.success(call.xid, body),
-                lambda failure: _failed(call, failure),
-            )
-        return rpc.success(call.xid, result)
+            return _encode(rpc.accept_error(call.xid, rpc.GARBAGE_ARGS))
+        if type(result) is bytes or not isinstance(result, defer.Deferred):
+            return rpc.encode_success(call.xid, result)
+        return result.addCallbacks(
+            lambda body: rpc.encode_success(call.xid, body),
+            lambda failure: _encode(_failed(call, failure)),
+        )
 
 
 def _failed(call: rpc.Call, failure: Failure) -> rpc.Reply:
@@ -155,12 +185,14 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def __init__(self, dispatcher: Dispatcher, max_record: int) -> None:
         self.dispatcher = dispatcher
+        self.peer: object = None  # the transport's peer, given to each procedure
         self.reader = RecordReader(max_record, keep=rpc.MAX_CALL_HEADER)
         self.connected_ = False
         self._record_deadline = False  # the partial-record timeout is running
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        self.peer = self.transport.getPeer()
         self.transport.registerProducer(self, True)
         if self.idle_timeout is not None:
             self._idle = True
@@ -168,10 +200,17 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         records = self.reader.feed(data)
+        ready: list[bytes] = []  # replies made in this read, sent together
         for record in records:
             if isinstance(record, Oversized):
                 log.info("oversized record of {size} bytes", size=record.size)
-            self.dispatcher.handle(record, self.transport.getPeer()).addCallback(self._reply)
+            reply = self.dispatcher.answer(record, self.peer)
+            if type(reply) is bytes:
+                ready.append(encode_record(reply))
+            elif reply is not None:  # a Deferred: the replies before it go first
+                self._send(ready)
+                reply.addCallback(self._reply)
+        self._send(ready)
         if not self.connected_:
             return
         if self.reader.partial:
@@ -194,8 +233,16 @@ class RpcStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.transport.abortConnection()
 
     def _reply(self, reply: bytes | None) -> None:
-        if reply is not None and self.connected_:
-            self.transport.write(encode_record(reply))
+        if reply is not None:
+            self._send([encode_record(reply)])
+
+    def _send(self, records: list[bytes]) -> None:
+        """Write the replies in one piece, straight on the socket when nothing waits
+        (``send_now``: a client waiting for each reply gets it a turn of the reactor
+        sooner), and forget them."""
+        if records and self.connected_:
+            twisted_internals.send_now(self.transport, b"".join(records))
+        records.clear()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected_ = False
@@ -299,14 +346,21 @@ class RpcDatagramProtocol(protocol.DatagramProtocol):
         if cached is not None:
             self.transport.write(cached, addr)
             return
+        reply = self.dispatcher.answer(data, addr)
+        if reply is None or type(reply) is bytes:
+            self._done(reply, key, data, addr)
+            return
         self._in_progress.add(key)
 
         def done(reply: bytes | None) -> None:
             self._in_progress.discard(key)
-            if reply is None:
-                return
-            self.cache.put(key, data, reply)
-            if self.transport is not None:
-                self.transport.write(reply, addr)
+            self._done(reply, key, data, addr)
 
-        self.dispatcher.handle(data, addr).addCallback(done)
+        reply.addCallback(done)
+
+    def _done(self, reply: bytes | None, key: tuple[object, int], data: bytes, addr) -> None:
+        if reply is None:
+            return
+        self.cache.put(key, data, reply)
+        if self.transport is not None:
+            self.transport.write(reply, addr)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from p2p.keepalive import keep_alive, keepalive_timing, tcp_socket
 from tests.test_indexer_liveness import Base, T
-from tests.test_indexer_tls import ALICE, MALLORY, FakeTLSTransport, request
+from tests.test_indexer_tls import ALICE, MALLORY, kept_connection, request
 
 GRACE = T * wire.HELD_GRACE
 
@@ -26,13 +25,7 @@ class Hold(Base):
 
     def kept(self, identity=None):
         """A kept (TLS) connection to the indexer: its protocol and transport."""
-        proto = self.h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = FakeTLSTransport(
-            identity.cert if identity else None,
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
-        )
-        proto.makeConnection(transport)
-        return proto, transport
+        return kept_connection(self.h.factory, identity)
 
     def send(self, proto, transport, data: bytes) -> bytes:
         proto.dataReceived(data)

@@ -47,6 +47,17 @@ def request(op: str, user: str, *args) -> bytes:
     return wire.encode_request(op, DT, user, *args)
 
 
+def kept_connection(factory, identity: tls.Identity | None):
+    """A kept (TLS) connection to ``factory`` presenting ``identity``: protocol, transport."""
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = FakeTLSTransport(
+        identity.cert if identity else None,
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+    )
+    proto.makeConnection(transport)
+    return proto, transport
+
+
 class KeptConnection(TestCase):
     """One TLS connection, many requests."""
 
@@ -55,13 +66,7 @@ class KeptConnection(TestCase):
         self.proto, self.transport = self.connect(ALICE)
 
     def connect(self, identity: tls.Identity | None):
-        proto = self.h.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = FakeTLSTransport(
-            identity.cert if identity else None,
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
-        )
-        proto.makeConnection(transport)
-        return proto, transport
+        return kept_connection(self.h.factory, identity)
 
     def exchange(self, data: bytes, proto=None, transport=None) -> bytes:
         """Send ``data``, end the reactor turn, return (and forget) what came back."""

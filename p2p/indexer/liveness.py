@@ -202,32 +202,27 @@ class Liveness:
             d.cancel()
 
     def check(self) -> None:
-        """One tick: drop renewing users past their lease, probe silent ones past it."""
+        """One tick: drop renewing users past their lease and released ones past their
+        grace, probe silent ones past their lease."""
         leases = self.leases
-        expired = leases.now() - leases.timeout
-        renewing = leases.renewing
-        while renewing:
-            user, last = next(iter(renewing.items()))
-            if last > expired:
-                break
-            del renewing[user]
-            self.log.info(
-                "{user} renewed nothing for {timeout} s: dropped", user=user, timeout=leases.timeout
-            )
-            self.drop(user)
-        now, grace = leases.now(), leases.grace
-        while grace:
-            user, deadline = next(iter(grace.items()))
-            if deadline > now:
-                break
-            del grace[user]
-            self.log.info(
-                "{user}'s held connection closed and it did not hold again: dropped", user=user
-            )
-            self.drop(user)
+        now = leases.now()
+        self._drop_until(leases.renewing, now - leases.timeout, "renewed nothing for a lease")
+        self._drop_until(
+            leases.grace, now, "did not hold its lease again after its connection closed"
+        )
         population = len(leases.silent) + self._scheduled
         self._allowance = max(1, math.ceil(population * self.tick / leases.timeout))
         self._probe_due()
+
+    def _drop_until(self, entries: OrderedDict[str, float], limit: float, why: str) -> None:
+        """Drop the users at the head of ``entries`` (oldest first) whose time is <= limit."""
+        while entries:
+            user, when = next(iter(entries.items()))
+            if when > limit:
+                break
+            del entries[user]
+            self.log.info("{user} {why}: dropped", user=user, why=why)
+            self.drop(user)
 
     def _probe_due(self) -> None:
         """Probe the silent users past their lease, oldest first, while this tick's

@@ -27,7 +27,8 @@ Fast paths:
 - over TLS, it hands OpenSSL a whole chunk of the file at once and sends the
   records that come out in one piece (:func:`tls_bulk_writer`);
 - the audit logger sends each RPC reply straight on the socket when nothing
-  waits before it (:func:`send_now`).
+  waits before it (:func:`send_now`), and each UDP reply with one ``sendto``
+  (:func:`send_datagram`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import socket
 from collections.abc import Callable
 
 from OpenSSL import SSL
-from twisted.internet import interfaces, tcp
+from twisted.internet import interfaces, tcp, udp
 from twisted.internet.error import ConnectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -125,6 +126,24 @@ def send_now(transport: interfaces.ITransport, data: bytes) -> None:
         _send_or_buffer(transport, data)
     else:
         transport.write(data)
+
+
+def send_datagram(port: interfaces.IUDPTransport, data: bytes, addr: tuple[str, int]) -> None:
+    """Send one datagram from an unconnected UDP port to the address one came from.
+
+    ``udp.Port.write`` first checks that the address is an IP address of the
+    port's family (parsing it three or four times) before its ``sendto``; an
+    address ``recvfrom`` gave is one. Any error goes the plain way, so
+    Twisted's handling (a retry on EINTR, MessageLengthError, ...) applies.
+    Plain Twisted: ``port.write(data, addr)``.
+    """
+    if "send_now" in ENABLED and isinstance(port, udp.Port) and port._connectedAddr is None:
+        try:
+            port.socket.sendto(data, addr)
+            return
+        except OSError:
+            pass
+    port.write(data, addr)
 
 
 def sendfile_socket(transport: interfaces.ITransport) -> socket.socket | None:

@@ -344,7 +344,7 @@ class RpcDatagramProtocol(protocol.DatagramProtocol):
             return  # the original is still being handled; its reply will answer both
         cached = self.cache.get(key, data)
         if cached is not None:
-            self.transport.write(cached, addr)
+            twisted_internals.send_datagram(self.transport, cached, addr)
             return
         reply = self.dispatcher.answer(data, addr)
         if reply is None or type(reply) is bytes:
@@ -363,4 +363,4 @@ class RpcDatagramProtocol(protocol.DatagramProtocol):
             return
         self.cache.put(key, data, reply)
         if self.transport is not None:
-            self.transport.write(reply, addr)
+            twisted_internals.send_datagram(self.transport, reply, addr)

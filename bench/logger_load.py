@@ -60,11 +60,16 @@ def free_port() -> int:
 
 
 def start_logger(
-    program: int, extra: list[str], twistd_options: tuple[str, ...] = ()
+    program: int,
+    extra: list[str],
+    twistd_options: tuple[str, ...] = (),
+    repo: Path = REPO,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, int, Path]:
     """``twistd -n p2p-logger`` on one free port (TCP and UDP) in a temporary directory.
 
-    ``twistd_options`` go before the plugin name (``--profile=...``, ``--reactor=...``).
+    ``twistd_options`` go before the plugin name (``--profile=...``, ``--reactor=...``);
+    ``repo`` is the checkout whose code runs, ``env`` more environment variables.
     """
     work = Path(tempfile.mkdtemp(prefix="logger-bench-"))
     port = free_port()
@@ -87,8 +92,8 @@ def start_logger(
         "--no-rpcbind",
         *extra,
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    child = subprocess.Popen(args, cwd=work, stdout=out, stderr=subprocess.STDOUT, env=env)
+    child_env = dict(os.environ, **(env or {}), PYTHONPATH=str(repo))
+    child = subprocess.Popen(args, cwd=work, stdout=out, stderr=subprocess.STDOUT, env=child_env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if re.search(rb"s> logger program", (work / "stdout.txt").read_bytes()):

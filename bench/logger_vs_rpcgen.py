@@ -115,6 +115,14 @@ def parse() -> argparse.Namespace:
         "--transports", default="tcp,udp", help="comma-separated: tcp, udp (default both)"
     )
     parser.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also our logger with P2P_PLAIN_TWISTED=send_now (replies through transport.write)",
+    )
+    parser.add_argument(
+        "--baseline", metavar="CHECKOUT", help="also the logger of another checkout (before/after)"
+    )
+    parser.add_argument(
         "--pin",
         metavar="CPUS",
         help="run servers and client on these CPUs (taskset list, e.g. 1: all on one core)",
@@ -130,59 +138,77 @@ def main() -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="logger-vs-rpcgen-"))
     server, client = build(work)
-    profile = ()
+    profile: tuple[str, ...] = ()
     if options.profile:
         profile = (f"--profile={os.path.abspath(options.profile)}", "--profiler=cprofile")
         profile += ("--savestats",)
     pin = ["taskset", "-c", options.pin] if options.pin else []
-    ours, our_port, our_work = start_logger(PROGRAM, [], twistd_options=profile)
-    theirs, their_ports, their_audit = start_rpcgen(server, work, pin)
-    pids = {"ours": ours.pid, "rpcgen": theirs.pid}
-    if options.pin:
-        subprocess.run([*pin, "-p", str(ours.pid)], check=True, capture_output=True)
-    ports = {"ours": {"tcp": our_port, "udp": our_port}, "rpcgen": their_ports}
+    # name -> (process, {"tcp": port, "udp": port}, audit file)
+    servers: dict[str, tuple[subprocess.Popen, dict[str, int], Path]] = {}
+    loggers = [("ours", REPO, {}, profile)]
+    if options.compare_plain:
+        loggers.append(("plain", REPO, {"P2P_PLAIN_TWISTED": "send_now"}, ()))
+    if options.baseline:
+        loggers.append(("baseline", Path(options.baseline).resolve(), {}, ()))
+    try:
+        for name, repo, env, twistd_options in loggers:
+            child, port, files = start_logger(PROGRAM, [], twistd_options, repo, env)
+            servers[name] = (child, {"tcp": port, "udp": port}, files / "p2p-audit.log")
+            print(f"{name}: twistd p2p-logger from {repo}, files in {files}")
+        servers["rpcgen"] = start_rpcgen(server, work, pin)
+        print(f"rpcgen: built in {work}")
+        if options.pin:
+            for child, _ports, _audit in servers.values():
+                subprocess.run([*pin, "-p", str(child.pid)], check=True, capture_output=True)
+        results = measure(options, client, servers, pin)
+    finally:
+        for child, _ports, _audit in servers.values():
+            child.send_signal(signal.SIGTERM)
+        for child, _ports, _audit in servers.values():
+            child.wait(30)
+    return report(options, servers, *results)
+
+
+def measure(options, client: Path, servers: dict, pin: list[str]):
+    """Run the client against each server, TCP then UDP, per round; rates, costs, calls."""
     rates: dict[tuple[str, str], list[float]] = {}
     costs: dict[tuple[str, str], list[float]] = {}  # server CPU microseconds per call
-    calls = {"ours": 0, "rpcgen": 0}
-    transports = options.transports.split(",")
-    print(f"built in {work}; our logger's files in {our_work}")
-    try:
-        for round_ in range(options.rounds):
-            order = ("ours", "rpcgen") if round_ % 2 == 0 else ("rpcgen", "ours")
-            for kind in transports:
-                for name in order:
-                    done, elapsed, cpu = run_client(
-                        client, kind, ports[name][kind], options.seconds, pids[name], pin
-                    )
-                    calls[name] += done
-                    rates.setdefault((name, kind), []).append(done / elapsed)
-                    costs.setdefault((name, kind), []).append(cpu / done * 1e6)
-                    print(
-                        f"round {round_ + 1} {kind} {name:6s}: {done:7d} calls in "
-                        f"{elapsed:5.2f} s = {done / elapsed:7.0f} LOG/s, "
-                        f"server CPU {cpu / done * 1e6:5.1f} us/call",
-                        flush=True,
-                    )
-    finally:
-        ours.send_signal(signal.SIGTERM)
-        theirs.terminate()
-        ours.wait(30)
-        theirs.wait(10)
+    calls = dict.fromkeys(servers, 0)
+    names = list(servers)
+    for round_ in range(options.rounds):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for kind in options.transports.split(","):
+            for name in order:
+                child, ports, _audit = servers[name]
+                done, elapsed, cpu = run_client(
+                    client, kind, ports[kind], options.seconds, child.pid, pin
+                )
+                calls[name] += done
+                rates.setdefault((name, kind), []).append(done / elapsed)
+                costs.setdefault((name, kind), []).append(cpu / done * 1e6)
+                print(
+                    f"round {round_ + 1} {kind} {name:8s}: {done:7d} calls in "
+                    f"{elapsed:5.2f} s = {done / elapsed:7.0f} LOG/s, "
+                    f"server CPU {cpu / done * 1e6:5.1f} us/call",
+                    flush=True,
+                )
+    return rates, costs, calls
+
+
+def report(options, servers: dict, rates: dict, costs: dict, calls: dict) -> int:
+    """Medians, ratios to rpcgen; 1 when an audit file misses an answered call."""
     print()
-    for kind in transports:
-        mine = statistics.median(rates["ours", kind])
+    for kind in options.transports.split(","):
         ref = statistics.median(rates["rpcgen", kind])
-        cpu = {name: statistics.median(costs[name, kind]) for name in ("ours", "rpcgen")}
-        print(
-            f"{kind}: ours {mine:7.0f} LOG/s, rpcgen {ref:7.0f} LOG/s, "
-            f"ratio {mine / ref:.2f} (median of {options.rounds}); server CPU per call: "
-            f"ours {cpu['ours']:.1f} us, rpcgen {cpu['rpcgen']:.1f} us"
-        )
-    stored = {
-        "ours": (our_work / "p2p-audit.log").read_bytes().count(b"\n"),
-        "rpcgen": their_audit.read_bytes().count(b"\n"),
-    }
-    for name in ("ours", "rpcgen"):
+        for name in servers:
+            rate = statistics.median(rates[name, kind])
+            cpu = statistics.median(costs[name, kind])
+            print(
+                f"{kind} {name:8s}: {rate:7.0f} LOG/s, ratio to rpcgen {rate / ref:.2f}, "
+                f"server CPU {cpu:5.1f} us/call (medians of {options.rounds})"
+            )
+    stored = {name: audit.read_bytes().count(b"\n") for name, (_c, _p, audit) in servers.items()}
+    for name in servers:
         print(f"{name} audit file: {stored[name]} records for {calls[name]} answered calls")
     if stored != calls:
         print("MISMATCH: a server answered a call whose record is not in its audit file")

@@ -32,7 +32,7 @@ SEED = 20261125
 
 # --- The reference model (protocol.md section 1, independent of p2p.wire's checks) ---
 
-LIMIT = {"op": 32, "datetime": 64, "user": 256, "name": 256, "text": 256}
+LIMIT = {"op": 32, "datetime": 64, "user": 256, "name": 256, "text": 256, "words": 256}
 
 
 def _utf8(raw: bytes) -> str | None:
@@ -50,6 +50,15 @@ def model_valid(kind: str, raw: bytes) -> bool:
     """Whether protocol.md accepts ``raw`` as a field of ``kind``."""
     if kind == "port":
         return 1 <= len(raw) <= 5 and all(0x30 <= b <= 0x39 for b in raw) and 1 <= int(raw) <= 65535
+    # Section 8: a size is 1-20 ASCII digits up to 2**63-1, a limit 1-4 up to 1000.
+    if kind == "size":
+        return 1 <= len(raw) <= 20 and all(0x30 <= b <= 0x39 for b in raw) and int(raw) < 2**63
+    if kind == "limit":
+        return 1 <= len(raw) <= 4 and all(0x30 <= b <= 0x39 for b in raw) and 1 <= int(raw) <= 1000
+    if kind == "sha256":
+        return len(raw) == 64 and all(b in b"0123456789abcdef" for b in raw)
+    if kind == "mode":
+        return raw in (b"new", b"replace")
     if not 1 <= len(raw) <= LIMIT[kind]:
         return False
     text = _utf8(raw)
@@ -61,7 +70,7 @@ def model_valid(kind: str, raw: bytes) -> bool:
         return not any(
             ch.isspace() or _cc(ch) or unicodedata.category(ch) == "Cf" for ch in text
         ) and unicodedata.is_normalized("NFC", text)
-    if kind == "text":
+    if kind in ("text", "words"):
         return not any(_cc(ch) and ch != "\t" for ch in text)
     # DATETIME ends up in an audit record, which the logger stores as one line.
     return not any(_cc(ch) or ch in "\u2028\u2029" for ch in text)
@@ -78,6 +87,10 @@ ARG_KINDS = {
     "LIST_CONTENT": ("name",),
     "LIST_PEERS": (),
     "ALIVE": (),
+    "HOLD": (),
+    "PUBLISH_FILE": ("name", "text", "size", "sha256", "mode"),
+    "LIST_FILES": ("name",),
+    "SEARCH": ("words", "limit"),
 }
 ERROR = {"REGISTER": 2, "UNREGISTER": 2, "CONNECT": 3, "DISCONNECT": 3}
 
@@ -96,9 +109,13 @@ class Model:
     def __init__(self) -> None:
         self.users: dict[str, dict[str, str]] = {}
         self.connected: dict[str, tuple[str, int]] = {}
+        #: (owner, file) -> (size, sha256) as LIST_FILES shows them ("-" when not published).
+        self.identity: dict[tuple[str, str], tuple[str, str]] = {}
 
     def apply(self, op: str, user: str, args: list, ip: str) -> bytes:
         """The expected reply bytes of a well-formed request."""
+        if op == "HOLD":  # only over TLS: a plaintext request gets the error code
+            return b"\3"
         exists = user in self.users
         online = user in self.connected
         if op == "REGISTER":
@@ -112,6 +129,7 @@ class Model:
             if online:
                 return b"\2"
             del self.users[user]
+            self.identity = {k: v for k, v in self.identity.items() if k[0] != user}
             return b"\0"
         if op == "CONNECT":
             if online:
@@ -128,11 +146,13 @@ class Model:
             if args[0] in files:
                 return b"\3"
             files[args[0]] = args[1]
+            self.identity.pop((user, args[0]), None)
             return b"\0"
         if op == "DELETE":
             if args[0] not in files:
                 return b"\3"
             del files[args[0]]
+            self.identity.pop((user, args[0]), None)
             return b"\0"
         if op == "LIST_USERS":
             return b"\0" + _listing((n, a[0], a[1]) for n, a in self.connected.items())
@@ -144,6 +164,23 @@ class Model:
             if args[0] not in self.users:
                 return b"\3"
             return b"\0" + _listing(self.users[args[0]].items())
+        if op == "PUBLISH_FILE":
+            name, description, size, sha256, mode = args
+            if name in files and mode == "new":
+                return b"\3"
+            files[name] = description
+            self.identity[(user, name)] = (str(int(size)), sha256)
+            return b"\0"
+        if op == "LIST_FILES":
+            owner = args[0]
+            if owner not in self.users:
+                return b"\3"
+            return b"\0" + _listing(
+                (n, d, *self.identity.get((owner, n), ("-", "-")))
+                for n, d in self.users[owner].items()
+            )
+        if op == "SEARCH":  # the code here; Fuzz checks each hit is a connected owner's file
+            return b"\0" if any(ch.isalnum() for ch in args[0]) else b"\3"
         raise AssertionError(op)
 
 
@@ -182,6 +219,28 @@ PORTS_BAD = [
 ]
 
 
+#: Good and bad values of the fields of protocol.md section 8.
+SECTION_8_FIELDS = {
+    "size": (
+        [b"0", b"12", b"00012", b"9223372036854775807"],
+        [b"", b"-1", b"+1", b"1 ", b"1.0", b"9223372036854775808", b"1" * 21, b"\xd9\xa3"],
+    ),
+    "sha256": (
+        [b"0123456789abcdef" * 4, b"f" * 64],
+        [b"", b"-", b"A" * 64, b"0" * 63, b"0" * 65, b"g" * 64],
+    ),
+    "mode": ([b"new", b"replace"], [b"", b"NEW", b"add", b"new ", b"\xff"]),
+    "words": (
+        [b"a", b"alice b", "\u00e9 \u540d".encode(), b"fi*", b'"OR" NEAR(x', b"*:^-", b"w" * 256],
+        [b"", b"w" * 257, b"a\nb", b"\xc3\x28"],
+    ),
+    "limit": (
+        [b"1", b"3", b"100", b"1000", b"0100"],
+        [b"", b"0", b"1001", b"-1", b"1e3", b"01000"],
+    ),
+}
+
+
 def random_name(rng: random.Random, valid: bool) -> bytes:
     if valid:
         base = rng.choice(NAMES[:6]) if rng.random() < 0.8 else rng.choice(NAMES)
@@ -209,6 +268,9 @@ def random_field(rng: random.Random, kind: str, valid: bool) -> bytes:
         if valid:
             return rng.choice(["a file", "tab\there", "é ünï", "d" * 256, "\u2028sep"]).encode()
         return rng.choice([b"", b"d" * 257, b"line\nbreak", b"nul\x01", b"\xc3\x28", b"\x85"])
+    if kind in SECTION_8_FIELDS:
+        good, bad = SECTION_8_FIELDS[kind]
+        return rng.choice(good if valid else bad)
     if kind == "datetime":
         if valid:
             return rng.choice([DT, "x", "d" * 64]).encode()
@@ -297,6 +359,9 @@ class Fuzz(TestCase):
                 continue
             args = [f.decode() for f in fields[3:]]
             want = model.apply(op, fields[2].decode(), args, "127.0.0.1")
+            if op == "SEARCH" and want == b"\0":
+                self.assert_hits(reply, model, int(args[1]), where)
+                continue
             self.assertEqual(reply, want, where)
             self.assertIn(reply[0], wire.OPS[op].codes, where)
         # Memory and the store agree with the model at the end, and after a reload.
@@ -312,6 +377,22 @@ class Fuzz(TestCase):
         for _seq, record in h.store.db.execute("SELECT seq, record FROM outbox"):
             self.assertTrue(valid_record(record), record)
         self.assertEqual(h.factory.open_connections, 0)
+
+    def assert_hits(self, reply: bytes, model: Model, limit: int, where: str) -> None:
+        """A SEARCH reply: code 0, at most ``limit`` hits, each a connected owner's file."""
+        self.assertEqual(reply[:1], b"\0", where)
+        fields = reply[1:].split(b"\0")
+        self.assertEqual(fields.pop(), b"", where)
+        count = int(fields[0])
+        self.assertLessEqual(count, limit, where)
+        self.assertEqual(len(fields), 1 + 6 * count, where)
+        for i in range(count):
+            owner, name, description, size, sha256, _copies = (
+                f.decode() for f in fields[1 + 6 * i : 7 + 6 * i]
+            )
+            self.assertIn(owner, model.connected, where)
+            self.assertEqual(model.users[owner].get(name), description, where)
+            self.assertEqual(model.identity.get((owner, name), ("-", "-")), (size, sha256), where)
 
     def test_fuzz_against_model(self) -> None:
         self.run_fuzz(SEED, 3000, audit=False)

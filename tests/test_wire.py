@@ -106,7 +106,7 @@ class CodesTests(TestCase):
         # The extensions: LIST_PEERS answers exactly as LIST_USERS does.
         self.assertEqual(
             set(wire.OPS) - set(wire.CLASSIC_OPS),
-            {"LIST_PEERS", "ALIVE", "PUBLISH_FILE", "LIST_FILES", "SEARCH"},
+            {"LIST_PEERS", "ALIVE", "HOLD", "PUBLISH_FILE", "LIST_FILES", "SEARCH"},
         )
         self.assertEqual(wire.LIST_PEERS.codes, expected["LIST_USERS"])
         self.assertEqual(wire.ALIVE.codes, expected["DISCONNECT"])

@@ -30,6 +30,7 @@ tells the factory which CONNECT must first probe the address recorded.
 from __future__ import annotations
 
 from p2p import wire
+from p2p.indexer.fulltext import query_words
 from p2p.indexer.liveness import Leases
 from p2p.indexer.store import Store, UserRow
 
@@ -72,6 +73,8 @@ class Directory:
         #: Each owner's LIST_CONTENT listing, kept until the owner's files change: one
         #: shared, immutable listing per change, however many ask (and never read it).
         self._contents: dict[str, bytes] = {}
+        #: The same for LIST_FILES (names, descriptions, sizes and hashes, from the store).
+        self._file_listings: dict[str, bytes] = {}
         self._handlers = {
             wire.REGISTER.name: self._register,
             wire.UNREGISTER.name: self._unregister,
@@ -84,6 +87,9 @@ class Directory:
             wire.LIST_PEERS.name: self._list_peers,
             wire.ALIVE.name: self._alive,
             wire.HOLD.name: self._alive,  # the factory then ties the lease to the connection
+            wire.PUBLISH_FILE.name: self._publish_file,
+            wire.LIST_FILES.name: self._list_files,
+            wire.SEARCH.name: self._search,
         }
 
     def load(self) -> None:
@@ -93,6 +99,7 @@ class Directory:
         self.leases.reset(list(self.connected))
         self._listings.clear()
         self._contents.clear()
+        self._file_listings.clear()
 
     def handle(
         self,
@@ -206,7 +213,7 @@ class Directory:
         if row.address is not None:  # refused while connected
             return wire.UNREGISTER.error, b""
         del self.users[user]
-        self._contents.pop(user, None)
+        self._files_changed(user)
         self.store.remove_user(user)
         return wire.OK, b""
 
@@ -248,8 +255,20 @@ class Directory:
         if name in row.files:
             return wire.PUBLISH.own, b""
         row.files[name] = description
-        self._contents.pop(user, None)
+        self._files_changed(user)
         self.store.add_file(user, name, description)
+        return wire.OK, b""
+
+    def _publish_file(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """PUBLISH with size and hash; mode ``replace`` updates an entry in place."""
+        name, description, size, sha256, mode = args
+        if name in row.files and mode != "replace":
+            return wire.PUBLISH_FILE.own, b""
+        row.files[name] = description  # an existing entry keeps its place
+        self._files_changed(user)
+        self.store.publish_file(user, name, description, size, sha256)
         return wire.OK, b""
 
     def _delete(
@@ -259,7 +278,7 @@ class Directory:
         if name not in row.files:
             return wire.DELETE.own, b""
         del row.files[name]
-        self._contents.pop(user, None)
+        self._files_changed(user)
         self.store.remove_file(user, name)
         return wire.OK, b""
 
@@ -301,3 +320,43 @@ class Directory:
                 return wire.LIST_CONTENT.own, b""
             listing = self._contents[name] = wire.encode_listing(owner.files.items())
         return wire.OK, listing
+
+    def _list_files(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """LIST_CONTENT with sizes and hashes (wire.UNKNOWN where published without)."""
+        name = args[0]
+        listing = self._file_listings.get(name)
+        if listing is None:
+            if name not in self.users:
+                return wire.LIST_FILES.own, b""
+            listing = self._file_listings[name] = wire.encode_listing(
+                (file, description, _known(size), _known(sha256))
+                for file, description, size, sha256 in self.store.list_files(name)
+            )
+        return wire.OK, listing
+
+    def _search(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """The best hits among connected owners' files; the error code for a query
+        without a word (only punctuation, say)."""
+        text, limit = args
+        words = query_words(text)
+        if not words:
+            return wire.SEARCH.error, b""
+        hits = self.store.search(words, limit)
+        return wire.OK, wire.encode_listing(
+            (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies)
+            for h in hits
+        )
+
+    def _files_changed(self, user: str) -> None:
+        """``user``'s files changed: its cached listings are stale."""
+        self._contents.pop(user, None)
+        self._file_listings.pop(user, None)
+
+
+def _known(value: int | str | None) -> int | str:
+    """A size or hash as listed: itself, or wire.UNKNOWN when it was not published."""
+    return wire.UNKNOWN if value is None else value

@@ -30,6 +30,19 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
+from p2p.indexer.fulltext import (
+    FTS_DELETE,
+    FTS_INSERT,
+    FTS_SCHEMA,
+    FTS_TABLE,
+    Hit,
+    bm25,
+    fold,
+    fts5_match,
+    inverse_frequency,
+    length,
+)
+
 #: The database that keeps nothing (tests, throw-away runs).
 MEMORY = ":memory:"
 #: ``--sync`` choices and the PRAGMA synchronous each one sets.
@@ -50,6 +63,8 @@ CREATE TABLE IF NOT EXISTS files (
     user TEXT NOT NULL,
     name TEXT NOT NULL,
     description TEXT NOT NULL,
+    size INTEGER,
+    sha256 TEXT,
     UNIQUE (user, name)
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -58,6 +73,45 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 
+
+#: What SEARCH needs beside ``files`` (protocol.md section 8.3): the full-text index,
+#: the index of content hashes (copies), and ``online``: the ids of the files whose
+#: owner is connected, kept by triggers as users connect and files come and go, so
+#: "owner connected" is one integer lookup per candidate, not a join with ``users``.
+SEARCH_SCHEMA = (
+    FTS_SCHEMA
+    + """
+CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256) WHERE sha256 IS NOT NULL;
+CREATE TABLE IF NOT EXISTS online (id INTEGER PRIMARY KEY);
+CREATE TRIGGER IF NOT EXISTS online_file_added AFTER INSERT ON files
+    WHEN (SELECT ip FROM users WHERE name = new.user) IS NOT NULL
+BEGIN
+    INSERT OR IGNORE INTO online (id) VALUES (new.id);
+END;
+CREATE TRIGGER IF NOT EXISTS online_file_removed AFTER DELETE ON files BEGIN
+    DELETE FROM online WHERE id = old.id;
+END;
+CREATE TRIGGER IF NOT EXISTS online_user AFTER UPDATE OF ip ON users
+    WHEN (old.ip IS NULL) != (new.ip IS NULL)
+BEGIN
+    DELETE FROM online WHERE new.ip IS NULL AND id IN (SELECT id FROM files WHERE user = new.name);
+    INSERT OR IGNORE INTO online (id)
+        SELECT id FROM files WHERE new.ip IS NOT NULL AND user = new.name;
+END;
+"""
+)
+#: Files of connected owners matching a query, newest first: the candidates SEARCH ranks.
+_CANDIDATES = f"""
+SELECT f.user, f.name, f.description, f.size, f.sha256
+FROM {FTS_TABLE} JOIN online o ON o.id = {FTS_TABLE}.rowid JOIN files f ON f.id = {FTS_TABLE}.rowid
+WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
+"""
+#: How many files match a query word, counted up to a cap (for its BM25 weight).
+_MATCHING = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
+#: At most this many of the newest matching files of connected owners are ranked.
+SEARCH_CANDIDATES = 1000
+#: A word's matches are counted up to this many (more: the same, lowest, weight).
+MATCHING_CAP = 5000
 
 #: The columns of ``users`` that make a database the indexer's (any version: the
 #: other tables and columns are added when missing).
@@ -181,6 +235,8 @@ class Store:
         self.max_held = max_held
         #: The last commit failed and no write succeeded since: changes are refused.
         self.failing = False
+        #: How many files there are (None: not counted since the last rollback).
+        self._file_count: int | None = None
 
     # --- Life cycle --------------------------------------------------------
 
@@ -213,6 +269,18 @@ class Store:
         columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
         if "identity" not in columns:  # a database of a version without claims
             db.execute("ALTER TABLE users ADD COLUMN identity TEXT")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+        for column, kind in (("size", "INTEGER"), ("sha256", "TEXT")):
+            if column not in columns:  # a database of a version without content identity
+                db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+        db.executescript(SEARCH_SCHEMA)
+        if FTS_TABLE not in tables:  # a database of a version without search: index it, once
+            db.execute(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}) VALUES ('rebuild')")
+        if "online" not in tables:
+            db.execute(
+                "INSERT INTO online (id) SELECT f.id FROM files f JOIN users u ON u.name = f.user"
+                " WHERE u.ip IS NOT NULL"
+            )
         row = db.execute("SELECT value FROM meta WHERE key = 'sender_id'").fetchone()
         if row is None:
             self._sender_id = uuid.uuid4().hex
@@ -266,10 +334,12 @@ class Store:
 
     def prune_orphans(self) -> int:
         """Delete the ``files`` rows whose user does not exist (``p2p-admin prune``); how many."""
-        cursor = self._begin().execute(
-            "DELETE FROM files WHERE user NOT IN (SELECT name FROM users)"
-        )
-        return cursor.rowcount
+        db = self._begin()
+        orphans = "FROM files WHERE user NOT IN (SELECT name FROM users)"
+        for row in db.execute(f"SELECT id, name, description {orphans}").fetchall():
+            db.execute(FTS_DELETE, row)
+        self._file_count = None
+        return db.execute(f"DELETE {orphans}").rowcount
 
     def user(self, name: str) -> UserRow | None:
         """One user with address, claim and files (None if there is no such user)."""
@@ -306,21 +376,133 @@ class Store:
     def remove_user(self, name: str) -> None:
         """The user, its files and its claim."""
         db = self._begin()
+        files = db.execute("SELECT id, name, description FROM files WHERE user = ?", (name,))
+        for row in files.fetchall():
+            db.execute(FTS_DELETE, row)
         db.execute("DELETE FROM files WHERE user = ?", (name,))
         db.execute("DELETE FROM users WHERE name = ?", (name,))
+        self._file_count = None
 
     def set_address(self, name: str, address: tuple[str, int] | None) -> None:
         ip, port = address if address is not None else (None, None)
         self._begin().execute("UPDATE users SET ip = ?, port = ? WHERE name = ?", (ip, port, name))
 
-    def add_file(self, user: str, name: str, description: str) -> None:
-        self._begin().execute(
-            "INSERT INTO files (user, name, description) VALUES (?, ?, ?)",
-            (user, name, description),
+    def add_file(
+        self,
+        user: str,
+        name: str,
+        description: str,
+        size: int | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        """A new entry of ``user`` (PUBLISH: no size, no hash), searchable at once."""
+        db = self._begin()
+        cursor = db.execute(
+            "INSERT INTO files (user, name, description, size, sha256) VALUES (?, ?, ?, ?, ?)",
+            (user, name, description, size, sha256),
         )
+        db.execute(FTS_INSERT, (cursor.lastrowid, name, description))
+        if self._file_count is not None:
+            self._file_count += 1
+
+    def publish_file(
+        self, user: str, name: str, description: str, size: int | None, sha256: str | None
+    ) -> None:
+        """Create ``user``'s entry ``name``, or update its description, size and hash in
+        place (it keeps its id, hence its place in the owner's listing)."""
+        db = self._begin()
+        old = db.execute(
+            "SELECT id, name, description FROM files WHERE user = ? AND name = ?", (user, name)
+        ).fetchone()
+        if old is None:
+            self.add_file(user, name, description, size, sha256)
+            return
+        db.execute(
+            "UPDATE files SET description = ?, size = ?, sha256 = ? WHERE id = ?",
+            (description, size, sha256, old[0]),
+        )
+        if description != old[2]:
+            db.execute(FTS_DELETE, old)
+            db.execute(FTS_INSERT, (old[0], name, description))
 
     def remove_file(self, user: str, name: str) -> None:
-        self._begin().execute("DELETE FROM files WHERE user = ? AND name = ?", (user, name))
+        db = self._begin()
+        old = db.execute(
+            "SELECT id, name, description FROM files WHERE user = ? AND name = ?", (user, name)
+        ).fetchone()
+        if old is None:
+            return
+        db.execute(FTS_DELETE, old)
+        db.execute("DELETE FROM files WHERE id = ?", (old[0],))
+        if self._file_count is not None:
+            self._file_count -= 1
+
+    # --- Reads of content identity and search (protocol.md section 8) -----------
+
+    def list_files(self, owner: str) -> list[tuple[str, str, int | None, str | None]]:
+        """``owner``'s files as LIST_FILES lists them: name, description, size, sha256
+        (None when published without), in the order LIST_CONTENT lists them."""
+        return self.db.execute(
+            "SELECT name, description, size, sha256 FROM files WHERE user = ? ORDER BY id",
+            (owner,),
+        ).fetchall()
+
+    def search(self, words: list[str], limit: int) -> list[Hit]:
+        """The best ``limit`` files of connected owners matching every word (as
+        :func:`p2p.indexer.fulltext.query_words` gives them), best first.
+
+        Bounded work, however common the words: the newest
+        :data:`SEARCH_CANDIDATES` (at least ``limit``) matching files of
+        connected owners are ranked by BM25, each word weighted by how many files
+        it matches, counted up to :data:`MATCHING_CAP`. When fewer match, the
+        ranking covers all of them. Ties: owner, then name. Then the copies of
+        the hits' hashes, in one grouped query.
+        """
+        if not words:
+            return []
+        db = self.db
+        candidates = db.execute(
+            _CANDIDATES, (fts5_match(words), max(SEARCH_CANDIDATES, limit))
+        ).fetchall()
+        if not candidates:
+            return []
+        folded = [fold(word) for word in words]
+        if len(words) == 1:
+            weights = [1.0]  # one word: its weight orders nothing
+        else:
+            total = self.file_count()
+            weights = [
+                inverse_frequency(
+                    total, db.execute(_MATCHING, (fts5_match([w]), MATCHING_CAP)).fetchone()[0]
+                )
+                for w in words
+            ]
+        average = sum(length(c[1]) + length(c[2]) for c in candidates) / len(candidates)
+        ranked = sorted(
+            candidates,
+            key=lambda c: (-bm25(folded, weights, c[1], c[2], max(average, 1.0)), c[0], c[1]),
+        )[:limit]
+        hashes = list({c[4] for c in ranked if c[4] is not None})
+        copies = dict(self._copies(hashes)) if hashes else {}
+        return [
+            Hit(owner, name, description, size, sha, copies.get(sha, 1) if sha else 1)
+            for owner, name, description, size, sha in ranked
+        ]
+
+    def _copies(self, hashes: list[str]) -> list[tuple[str, int]]:
+        """For each hash, how many connected users published a file with it."""
+        marks = ",".join("?" * len(hashes))
+        return self.db.execute(
+            "SELECT f.sha256, count(DISTINCT f.user) FROM files f JOIN online o ON o.id = f.id"
+            f" WHERE f.sha256 IS NOT NULL AND f.sha256 IN ({marks}) GROUP BY f.sha256",
+            hashes,
+        ).fetchall()
+
+    def file_count(self) -> int:
+        """How many files are published (kept up to date once counted)."""
+        if self._file_count is None:
+            self._file_count = self.db.execute("SELECT count(*) FROM files").fetchone()[0]
+        return self._file_count
 
     def add_outbox(self, record: str) -> None:
         """Queue one audit record in the current transaction, or hold it in memory while
@@ -409,6 +591,7 @@ class Store:
     def rollback(self) -> None:
         """Drop the pending changes (after a failure)."""
         self._in_transaction = False
+        self._file_count = None
         self._outbox_added = False
         self._records.clear()
         self._last_seq = self._committed_seq

@@ -1,0 +1,139 @@
+"""Search semantics (protocol.md section 8.3) and their SQLite FTS5 form.
+
+What a query means does not depend on the store: :func:`query_words` splits it
+the way every store must (at each character that is not a letter, a digit or a
+combining mark), and :class:`Hit` is what a store's ``search`` returns. The
+rest is how the SQLite store implements it: an FTS5 index over the files'
+names and descriptions (external content: the text is stored once, in
+``files``), kept in step by triggers, and :func:`fts5_match`, which turns the
+words into an FTS5 query that can hold no FTS5 syntax.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+
+#: Unicode categories that belong to a word: letters, digits, combining marks.
+_WORD_CATEGORIES = frozenset("LNM")
+#: BM25 weights of the name and the description columns: a match in the name
+#: counts ten times one in the description.
+NAME_WEIGHT = 10.0
+DESCRIPTION_WEIGHT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One SEARCH hit: a connected owner's file and how many connected users have its bytes."""
+
+    owner: str
+    name: str
+    description: str
+    size: int | None
+    sha256: str | None
+    copies: int
+
+
+def query_words(text: str) -> list[str]:
+    """The words of a query: runs of letters, digits and combining marks, in NFC.
+
+    Everything else separates words and means nothing else (quotes, ``*``,
+    ``:``, ``-``, brackets). Case and accents stay: the index folds both.
+    Repeated words count once.
+    """
+    words: list[str] = []
+    current: list[str] = []
+    for ch in unicodedata.normalize("NFC", text):
+        if unicodedata.category(ch)[0] in _WORD_CATEGORIES:
+            current.append(ch)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    return list(dict.fromkeys(words))
+
+
+def fts5_match(words: list[str]) -> str:
+    """An FTS5 MATCH expression: every word as a quoted prefix, all of them required.
+
+    A quoted string is a plain phrase to FTS5 (``"`` inside is doubled, though
+    :func:`query_words` never keeps one), so ``OR``, ``NEAR``, ``^`` or a
+    column filter in a query are only words.
+    """
+    return " ".join('"{}"*'.format(word.replace('"', '""')) for word in words)
+
+
+#: Fold a word as the index's tokenizer does (unicode61, remove_diacritics 2): drop the
+#: combining marks of the canonical decomposition, then lower the case.
+_MARKS = {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Mn"}
+_TOKENS = re.compile(r"[^\W_]+").findall
+
+
+def fold(text: str) -> str:
+    """``text`` without accents and in lower case, as the index compares words."""
+    return unicodedata.normalize("NFD", text).translate(_MARKS).lower()
+
+
+def bm25(
+    words: list[str],
+    idf: list[float],
+    name: str,
+    description: str,
+    average_length: float,
+) -> float:
+    """The BM25 score of one file for the folded query ``words`` (higher is better).
+
+    As FTS5's ``bm25()`` with the weights above (k1 1.2, b 0.75): a word's
+    frequency is its weighted number of prefix matches in the name and in the
+    description, the document's length their number of words together.
+    """
+    name_tokens = _TOKENS(fold(name))
+    description_tokens = _TOKENS(fold(description))
+    length = len(name_tokens) + len(description_tokens)
+    norm = K1 * (1 - B + B * length / average_length)
+    score = 0.0
+    for word, weight in zip(words, idf, strict=True):
+        frequency = NAME_WEIGHT * sum(t.startswith(word) for t in name_tokens)
+        frequency += DESCRIPTION_WEIGHT * sum(t.startswith(word) for t in description_tokens)
+        score += weight * frequency * (K1 + 1) / (frequency + norm)
+    return score
+
+
+def inverse_frequency(files: int, matching: int) -> float:
+    """BM25's weight of a word found in ``matching`` of ``files`` files (at least 1e-6)."""
+    return max(math.log((files - matching + 0.5) / (matching + 0.5)), 1e-6)
+
+
+def length(text: str) -> int:
+    """How many words the index sees in ``text``."""
+    return len(_TOKENS(fold(text)))
+
+
+K1 = 1.2
+B = 0.75
+
+#: The full-text index over ``files`` (external content: the text is stored once).
+#: The store writes it in the same transaction as each change of ``files``, with
+#: its own statements: a trigger would make FTS5 flush its pending terms to disk
+#: at every row (a trigger's statement is a savepoint), about four times the cost.
+#: Prefix indexes of PREFIXES characters answer short query words without merging
+#: every term that starts with them.
+FTS_TABLE = "files_fts"
+PREFIXES = "1 2 3"
+FTS_SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
+    name, description,
+    content='files', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2',
+    detail=column,
+    prefix='{PREFIXES}'
+);
+"""
+FTS_INSERT = f"INSERT INTO {FTS_TABLE} (rowid, name, description) VALUES (?, ?, ?)"
+FTS_DELETE = (
+    f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, description) VALUES ('delete', ?, ?, ?)"
+)

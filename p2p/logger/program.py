@@ -86,6 +86,10 @@ class LoggerProgram:
         )
 
     def log(self, call: rpc.Call, args: bytes, peer: object) -> bytes | defer.Deferred:
+        if call.cred.flavor != rpc.AUTH_SYS:
+            # Not a relay (a C client's call): no sender to keep in order or
+            # deduplicate, so nothing to look up before or after storing.
+            return self._answer(self._log(args, None))
         identity = _relay_identity(call)
         if identity is not None:
             sender, seq = identity
@@ -107,6 +111,10 @@ class LoggerProgram:
                 del self.failed[identity[0]]
             if self.relay_seen is not None:
                 self.relay_seen(peer)
+        return self._answer(result)
+
+    def _answer(self, result: int) -> bytes | defer.Deferred:
+        """LOG's encoded result; once the record is on disk with ``durable`` (--fsync)."""
         if result == LOG_OK and self.durable is not None:
             return self.durable().addCallback(lambda _: _RESULTS[LOG_OK])
         return _RESULTS[result]

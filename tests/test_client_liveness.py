@@ -44,6 +44,7 @@ from tests.test_client_shell import FakeOutput, FakeServer
 LEASE = 30  # seconds, as the scripted indexer announces it
 DEFAULT_ANSWERS = {
     "ALIVE": (wire.OK, [(str(LEASE),)]),
+    "HOLD": (wire.OK, [(str(LEASE),)]),
     "CONNECT": (wire.OK, None),
     "DISCONNECT": (wire.OK, None),
     "LIST_USERS": (wire.OK, []),
@@ -77,8 +78,22 @@ class AnsweringIndexer:
     def ops(self, op: str | None = None) -> list[tuple]:
         return [r for r in self.requests if op is None or r[0] == op]
 
+    def hold(self, user: str, on_lost) -> Deferred:
+        """HOLD; ``lose()`` then plays the held connection closing."""
+        self.on_lost = on_lost
+        return self.request("HOLD", user)
 
-class LeaseTests(TestCase):
+    def unhold(self, user: str) -> None:
+        self.requests.append(("unhold", user))
+
+    def lose(self) -> None:
+        """The connection the indexer held the lease on closes."""
+        self.on_lost()
+
+
+class LeaseFixture(TestCase):
+    """A shell over an indexer that answers from a script, on the memory clock."""
+
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.output = FakeOutput()
@@ -107,8 +122,13 @@ class LeaseTests(TestCase):
             home=Home(self.mktemp()),
         )
         self.lease = self.shell.session.lease
+        self.lease.hold_supported = self.holds
         self.events: list[dict] = []
         self.lease.log = Logger(observer=self.events.append)
+
+    #: These tests renew with ALIVE, as against an indexer that cannot hold the lease
+    #: (HoldTests below: one that can).
+    holds = False
 
     def connect(self) -> None:
         self.shell.submit("CONNECT alice")
@@ -119,6 +139,10 @@ class LeaseTests(TestCase):
 
     def notes(self, text: str) -> list[str]:
         return [n for n in self.output.notes if text in n]
+
+
+class LeaseTests(LeaseFixture):
+    """Renewing with ALIVE (an indexer that cannot hold the lease)."""
 
     def test_renews_right_after_connect_then_every_third_of_the_lease(self) -> None:
         self.connect()
@@ -320,6 +344,94 @@ class LeaseTests(TestCase):
         self.clock.pump([LEASE / 3] * 5)
         self.assertEqual(self.alive(), 1)
         self.assertFalse(self.clock.getDelayedCalls())
+
+
+class HoldTests(LeaseFixture):
+    """The indexer holds the lease on the kept connection (protocol.md 7.3)."""
+
+    holds = True
+
+    def hold(self) -> int:
+        return len(self.indexer.ops("HOLD"))
+
+    def test_held_after_connect_then_nothing_is_sent(self) -> None:
+        self.connect()
+        self.clock.advance(0)
+        self.assertEqual(self.indexer.requests[-1], ("HOLD", "alice"))
+        self.clock.pump([LEASE / 3] * 30)  # ten leases idle at the prompt
+        self.assertEqual((self.hold(), self.alive()), (1, 0))
+        self.assertTrue(self.lease.running)
+        self.assertEqual(self.output.lines, ["c> CONNECT OK"])
+
+    def test_lost_connection_is_held_again_at_once(self) -> None:
+        self.connect()
+        self.clock.advance(0)
+        self.indexer.lose()
+        self.assertEqual(self.hold(), 1)
+        self.clock.advance(0)
+        self.assertEqual(self.hold(), 2)
+        self.assertEqual(self.notes("dropped"), [])
+
+    def test_unreachable_after_a_loss_is_asked_again_every_ninth(self) -> None:
+        refused = IndexerError("connection refused")
+        self.connect()
+        self.clock.advance(0)
+        self.indexer.answers["HOLD"] = [refused, refused]
+        self.indexer.lose()
+        self.clock.advance(0)
+        self.assertEqual(self.hold(), 2)  # refused
+        self.clock.advance(LEASE / 9 - 0.1)
+        self.assertEqual(self.hold(), 2)
+        self.clock.advance(0.1)
+        self.assertEqual(self.hold(), 3)  # refused again
+        self.clock.advance(LEASE / 9)
+        self.assertEqual(self.hold(), 4)  # held
+        self.clock.pump([LEASE / 3] * 10)
+        self.assertEqual((self.hold(), self.alive()), (4, 0))
+
+    def test_an_indexer_without_hold_gets_alive(self) -> None:
+        self.indexer.answers["HOLD"] = [UnknownOperation("the indexer does not know HOLD")]
+        self.connect()
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual((self.hold(), self.alive()), (1, 1))
+        self.clock.advance(LEASE / 3)
+        self.assertEqual(self.alive(), 2)
+        self.shell.submit("DISCONNECT alice")
+        self.shell.submit("CONNECT alice")
+        self.clock.pump([0, 0])
+        self.assertEqual((self.hold(), self.alive()), (1, 3))  # HOLD is not asked again
+        said = [e for e in self.events if "does not know HOLD" in e["log_format"]]
+        self.assertEqual(len(said), 1)
+
+    def test_code_3_gets_alive(self) -> None:
+        """A plaintext (classic fallback) connection cannot hold: ALIVE instead."""
+        self.indexer.answers["HOLD"] = [(3, None)]
+        self.connect()
+        self.clock.pump([0, 0])
+        self.assertEqual((self.hold(), self.alive()), (1, 1))
+
+    def test_dropped_is_noticed_reconnected_and_held_again(self) -> None:
+        self.connect()
+        self.clock.advance(0)
+        self.indexer.answers["HOLD"] = [(wire.HOLD.not_connected, None)]
+        self.indexer.lose()
+        self.clock.pump([0, 0, 0])
+        self.assertEqual(len(self.notes("the indexer dropped alice")), 1)
+        self.assertEqual(len(self.indexer.ops("CONNECT")), 2)
+        self.assertEqual(self.hold(), 3)
+        self.assertEqual(len(self.notes("is connected again")), 1)
+
+    def test_disconnect_unholds_and_a_late_loss_is_ignored(self) -> None:
+        self.connect()
+        self.clock.advance(0)
+        on_lost = self.indexer.on_lost
+        self.shell.submit("DISCONNECT alice")
+        self.assertIn(("unhold", "alice"), self.indexer.requests)
+        on_lost()
+        self.clock.pump([0, LEASE])
+        self.assertEqual(self.hold(), 1)
+        self.assertFalse(self.lease.running)
 
 
 class StampTests(TestCase):

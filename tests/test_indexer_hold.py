@@ -112,6 +112,34 @@ class Hold(Base):
         self.assertEqual(self.h.leases.grace, {})
         self.assertIn("alice", self.h.leases.silent)
 
+    def test_own_disconnect_keeps_the_connection(self) -> None:
+        proto, transport = self.hold()
+        self.assertEqual(self.send(proto, transport, request("DISCONNECT", "alice")), b"\x00")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(proto.held, set())
+
+    def test_disconnect_from_elsewhere_closes_the_holder(self) -> None:
+        """Its client learns at once that the user is gone (it holds again: code 2)."""
+        _proto, transport = self.hold()
+        self.assertEqual(self.h.request("DISCONNECT", "alice"), b"\x00")  # another client
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.online(), set())
+
+    def test_connect_from_elsewhere_closes_the_old_holder(self) -> None:
+        """A CONNECT that replaced a dead entry (the lock-out rule) ends the old hold."""
+        _proto, transport = self.hold()
+        self.assertEqual(self.h.request("DISCONNECT", "alice"), b"\x00")
+        self.assertEqual(self.h.request("CONNECT", "alice", 5002), b"\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.leases.held, {})
+
+    def test_holder_mid_request_is_answered_then_closed(self) -> None:
+        proto, transport = self.hold()
+        proto.dataReceived(request("LIST_USERS", "alice"))  # answered at the turn's end
+        self.assertEqual(self.h.request("DISCONNECT", "alice"), b"\x00")  # the same turn
+        self.assertTrue(transport.value().startswith(b"\x00"))  # the listing, whole
+        self.assertTrue(transport.disconnecting)
+
     def test_lost_before_the_reply_holds_nothing(self) -> None:
         """A connection closed while its HOLD waited for the turn's commit holds nothing."""
         proto, _transport = self.kept()

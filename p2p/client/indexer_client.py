@@ -34,14 +34,15 @@ from zope.interface import implementer
 from p2p import tls, wire
 from p2p.client.home import Home
 from p2p.client.time_client import advanced
+from p2p.keepalive import keep_alive
 
 #: Fields per row of the listings that follow code 0.
 LISTING_COLUMNS: dict[str, int] = {"LIST_USERS": 3, "LIST_CONTENT": 2, "LIST_PEERS": 4}
-#: Replies with a fixed number of fields (no count) after code 0: ALIVE's lease in seconds.
-FIXED_FIELDS: dict[str, int] = {"ALIVE": 1}
+#: Replies with a fixed number of fields (no count) after code 0: the lease in seconds.
+FIXED_FIELDS: dict[str, int] = {"ALIVE": 1, "HOLD": 1}
 #: Operations stamped without asking the time service: a heartbeat comes every few
 #: seconds, so it gets the last stamp advanced by the time elapsed since (``time_client.advanced``).
-ESTIMATED_STAMP_OPS = frozenset({"ALIVE"})
+ESTIMATED_STAMP_OPS = frozenset({"ALIVE", "HOLD"})
 
 Row = tuple[str, ...]
 Reply = tuple[int, list[Row] | None]
@@ -196,6 +197,8 @@ class _Channel(protocol.Protocol):
         self._pending: tuple[_ReplyParser, Deferred] | None = None
         self._idle_call = None
         self._closing: list[Deferred] = []
+        #: While the indexer holds a lease on this connection (HOLD): called if it is lost.
+        self.on_lost: Callable[[], None] | None = None
 
     def handshakeCompleted(self) -> None:
         self.alive = True
@@ -238,7 +241,21 @@ class _Channel(protocol.Protocol):
             d.callback(reply)
 
     def _rest(self) -> None:
-        self._idle_call = self.reactor.callLater(self.idle, self.close)
+        if self.on_lost is None:  # a held connection is never closed for being idle
+            self._idle_call = self.reactor.callLater(self.idle, self.close)
+
+    def hold(self, on_lost: Callable[[], None], lease: float) -> None:
+        """The indexer holds a lease on this connection: keep it open (TCP keepalive
+        tuned to ``lease`` notices a dead path) and call ``on_lost`` if it closes."""
+        self.on_lost = on_lost
+        self._stop_idle()
+        keep_alive(self.transport, lease)
+
+    def unhold(self) -> None:
+        """Nothing is held any more: an idle connection closes again after ``idle``."""
+        self.on_lost = None
+        if self.alive and self._pending is None and self._idle_call is None:
+            self._rest()
 
     def _stop_idle(self) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -247,6 +264,7 @@ class _Channel(protocol.Protocol):
 
     def close(self) -> Deferred:
         """Close the connection; fires when it is closed."""
+        self.on_lost = None  # closed on purpose: nothing is lost
         self._stop_idle()
         self.alive = False
         if self.ended:
@@ -270,6 +288,9 @@ class _Channel(protocol.Protocol):
         closing, self._closing = self._closing, []
         for d in closing:
             d.callback(None)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            self.reactor.callLater(0, on_lost)
 
 
 class IndexerClient:
@@ -347,6 +368,32 @@ class IndexerClient:
                 return result
         result = yield self._classic(payload, shape)
         return result
+
+    @defer.inlineCallbacks
+    def hold(self, user: str, on_lost: Callable[[], None]):
+        """Ask the indexer to hold ``user``'s lease on the kept connection (HOLD, protocol.md
+        7.3); fires with the reply. After code 0 that connection stays open and
+        ``on_lost`` is called (once) when it closes other than by :meth:`close` or
+        :meth:`unhold`. Over the classic protocol the indexer answers 3."""
+        code, rows = yield self.request(wire.HOLD.name, user)
+        if code == wire.OK:
+            channel = self._channels.get(self._key_of(user))
+            if channel is None or not channel.alive:
+                self.reactor.callLater(0, on_lost)
+            else:
+                channel.hold(on_lost, lease_seconds(rows) or wire.DEFAULT_PEER_TIMEOUT)
+        return code, rows
+
+    def unhold(self, user: str) -> None:
+        """``user``'s lease is no longer held here (disconnected): forget ``on_lost``."""
+        channel = self._channels.get(self._key_of(user))
+        if channel is not None:
+            channel.unhold()
+
+    def _key_of(self, user: str) -> str | None:
+        """The key of the channel a request for ``user`` travels on."""
+        identity = self.home.identity(user) if self.home is not None else None
+        return identity.fingerprint if identity is not None else None
 
     def estimated_datetime(self) -> str:
         """A DATETIME without asking the time service: the last stamp it gave, advanced
@@ -487,6 +534,15 @@ class IndexerClient:
             )
         self.note(text)  # every time: a refused command must say why and how to fix it
         return IndexerKeyChanged(text)
+
+
+def lease_seconds(rows: list[Row] | None) -> float | None:
+    """The lease in seconds from ALIVE's or HOLD's reply field, or None if it has none."""
+    try:
+        text = rows[0][0]
+    except (TypeError, IndexError):
+        return None
+    return float(text) if text.isdigit() and int(text) > 0 else None
 
 
 def _op_of(payload: bytes) -> str:

@@ -1,13 +1,18 @@
-"""Keeps the connected user listed: the ALIVE lease (protocol.md, "Liveness").
+"""Keeps the connected user listed: the lease (protocol.md, "Liveness").
 
-An indexer that knows the extension ``ALIVE`` drops a connected user whose
-lease is not renewed in time, so that a killed client does not stay listed.
-While this shell has a connected user, :class:`Lease` renews it: one ``ALIVE``
-right after ``CONNECT OK``, then every third of the lease the indexer gave in
-its last reply. Everything runs on the reactor (a ``callLater`` per renewal),
-a renewal that got no answer is tried again after a
-third of that), so neither a prompt waiting for input nor a long ``GET_FILE`` holds it up; it
-prints nothing on stdout (the result lines are the commands').
+An indexer that knows the liveness extension drops a connected user whose
+lease is not kept, so that a killed client does not stay listed. While this
+shell has a connected user, :class:`Lease` keeps it: right after ``CONNECT OK``
+it asks the indexer to *hold* the lease on the kept TLS connection (``HOLD``,
+section 7.3), then only watches that connection, and when it is lost connects
+again and holds again at once (retrying every ninth of the lease while the
+indexer cannot be reached). Where the indexer cannot hold (it does not know
+``HOLD``, or the connection is the classic, plaintext one) it renews with
+``ALIVE`` every third of the lease the indexer gave in its last reply, a
+renewal that got no answer tried again after a third of that. Everything runs
+on the reactor (a ``callLater`` per attempt), so neither a prompt waiting for
+input nor a long ``GET_FILE`` holds it up; it prints nothing on stdout (the
+result lines are the commands').
 
 When the indexer answers that it no longer lists the user (it expired the
 lease, or a ``DISCONNECT`` this shell did not send removed it), the lease says
@@ -26,11 +31,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2p import wire
-from p2p.client.indexer_client import UnknownOperation
+from p2p.client.indexer_client import UnknownOperation, lease_seconds
 from p2p.client.session import Session, reason
 
 #: The operation that renews the lease (None until the wire module defines it).
 ALIVE = getattr(wire, "ALIVE", None)
+#: The operation that asks the indexer to hold the lease on the kept connection.
+HOLD = getattr(wire, "HOLD", None)
 #: The lease assumed before the indexer has said its own.
 DEFAULT_LEASE = getattr(wire, "DEFAULT_PEER_TIMEOUT", 60.0)
 #: Never renew more often than this, whatever lease an indexer announces.
@@ -60,6 +67,10 @@ class Lease:
         self.lease: float = DEFAULT_LEASE
         #: False once the indexer said it does not know ALIVE: never asked again.
         self.supported = ALIVE is not None
+        #: False once the indexer could not hold the lease (unknown HOLD, or code 3).
+        self.hold_supported = HOLD is not None
+        #: The user whose lease the indexer holds on our connection now, if any.
+        self.held: str | None = None
         #: Reactor time the lease last began: CONNECT OK or a renewal sent and answered 0.
         self.renewed_at: float | None = None
         self._call: Any = None
@@ -78,8 +89,8 @@ class Lease:
 
     @property
     def running(self) -> bool:
-        """A renewal is scheduled or under way."""
-        return self._call is not None
+        """A renewal is scheduled or under way, or the indexer holds the lease."""
+        return self._call is not None or self.held is not None
 
     def start(self) -> None:
         """The session's user has just connected: renew now, then every :attr:`interval`."""
@@ -89,11 +100,15 @@ class Lease:
             self._schedule(0)
 
     def stop(self) -> None:
-        """No more renewals; an answer still on its way is ignored."""
+        """No more renewals; an answer still on its way is ignored; a held lease's
+        connection is no longer watched (the session disconnects the user)."""
         self._turn += 1
         call, self._call = self._call, None
         if call is not None and call.active():
             call.cancel()
+        held, self.held = self.held, None
+        if held is not None:
+            self.session.indexer.unhold(held)
 
     # --- renewing -----------------------------------------------------------
 
@@ -101,9 +116,57 @@ class Lease:
         self._call = self.reactor.callLater(max(0.0, delay), self._renew, self._turn)
 
     def _renew(self, turn: int) -> Deferred:
-        return self._ask(turn).addErrback(
-            lambda failure: self.log.failure("renewing the lease failed", failure)
+        holding = self.hold_supported and not self.session.indexer.classic
+        attempt = self._hold(turn) if holding else self._ask(turn)
+        return attempt.addErrback(
+            lambda failure: self.log.failure("keeping the lease failed", failure)
         )
+
+    @defer.inlineCallbacks
+    def _hold(self, turn: int):
+        """Ask the indexer to hold the lease on our kept connection (HOLD)."""
+        user = self.session.user
+        if user is None:
+            self._call = None
+            return
+        sent = self.reactor.seconds()
+        try:
+            code, rows = yield self.session.indexer.hold(user, lambda: self._lost(turn, user))
+        except UnknownOperation:
+            self._cannot_hold("the indexer does not know HOLD: renewing with ALIVE", turn)
+            return
+        except Exception as exc:
+            if turn == self._turn:  # unreachable, timed out: try again soon
+                self.log.info("HOLD for {user}: {why}", user=user, why=reason(exc))
+                self._schedule(sent + self.retry_interval - self.reactor.seconds())
+            return
+        if turn != self._turn:
+            if code == wire.OK:
+                self.session.indexer.unhold(user)
+            return
+        if code == wire.OK:
+            self.lease = lease_seconds(rows) or self.lease
+            self.renewed_at = sent
+            self.held = user
+            self._call = None  # nothing to send: the connection holds it
+        elif code in (HOLD.no_user, HOLD.not_connected):
+            yield self._dropped(turn, user, code, sent)
+        else:  # 3: a connection that cannot hold (plaintext), or a key refused
+            self._cannot_hold(f"the indexer answered HOLD with {code}: renewing with ALIVE", turn)
+
+    def _cannot_hold(self, why: str, turn: int) -> None:
+        self.hold_supported = False
+        self.log.info(why)
+        if turn == self._turn:
+            self._schedule(0)
+
+    def _lost(self, turn: int, user: str) -> None:
+        """The connection that held the lease closed: connect again and hold again now."""
+        if turn != self._turn or self.held != user:
+            return
+        self.held = None
+        self.log.info("the connection holding {user}'s lease closed; holding it again", user=user)
+        self._schedule(0)
 
     @defer.inlineCallbacks
     def _ask(self, turn: int):
@@ -127,7 +190,7 @@ class Lease:
         if turn != self._turn:
             return
         if code == wire.OK:
-            self.lease = _lease_of(rows) or self.lease
+            self.lease = lease_seconds(rows) or self.lease
             self.renewed_at = sent
             self._schedule(sent + self.interval - self.reactor.seconds())
         elif code in (ALIVE.no_user, ALIVE.not_connected):
@@ -160,7 +223,8 @@ class Lease:
         if failure is None:
             session.output.note(f"{user} is connected again, serving on port {port}")
             self.renewed_at = self.reactor.seconds()
-            self._schedule(self.interval)
+            holding = self.hold_supported and not session.indexer.classic
+            self._schedule(0 if holding else self.interval)
             return
         session.output.note(
             f"could not connect {user} again: {failure}; {user} is offline now "
@@ -193,15 +257,6 @@ class Lease:
             return self.session.home.identity(user) is not None and not self.session.indexer.classic
         except Exception:
             return False
-
-
-def _lease_of(rows: list[tuple[str, ...]] | None) -> float | None:
-    """The lease in seconds from ALIVE's reply field, or None if it carries none."""
-    try:
-        text = rows[0][0]
-    except (TypeError, IndexError):
-        return None
-    return float(text) if text.isdigit() and int(text) > 0 else None
 
 
 def _connect_refused(code: int) -> str:

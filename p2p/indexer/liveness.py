@@ -75,6 +75,9 @@ class Leases:
         self.silent: OrderedDict[str, float] = OrderedDict()
         self.held: dict[str, set[object]] = {}
         self.grace: OrderedDict[str, float] = OrderedDict()
+        #: Called with (connection, user) for each connection that held a lease ended by
+        #: the user's DISCONNECT or a new CONNECT (not by the connection's own close).
+        self.on_end: Callable[[object, str], None] | None = None
 
     @property
     def seconds(self) -> int:
@@ -87,7 +90,7 @@ class Leases:
         Connections that held an earlier lease of the user hold this one no more.
         """
         self.renewing.pop(user, None)
-        self.held.pop(user, None)
+        self._unhold(user)
         self.grace.pop(user, None)
         self.silent[user] = self.now()
         self.silent.move_to_end(user)
@@ -137,8 +140,15 @@ class Leases:
         """The user is no longer connected."""
         self.renewing.pop(user, None)
         self.silent.pop(user, None)
-        self.held.pop(user, None)
+        self._unhold(user)
         self.grace.pop(user, None)
+
+    def _unhold(self, user: str) -> None:
+        """The user's lease ends otherwise than by its holders' close: tell them."""
+        holders = self.held.pop(user, None)
+        if holders and self.on_end is not None:
+            for connection in holders:
+                self.on_end(connection, user)
 
     def reset(self, connected: list[str]) -> None:
         """Match the connected users (after a load): new ones get a fresh lease."""

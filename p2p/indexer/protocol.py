@@ -112,6 +112,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     _paused = False  # the transport's buffer is full: hand it no more (kept)
     held: frozenset[str] | set[str] = frozenset()  # users whose lease this connection holds
     lost = False  # the connection is closed
+    _close_when_answered = False  # close once the request under way is answered
 
     def __init__(self, factory: IndexerFactory, addr: object = None) -> None:
         self.factory = factory
@@ -150,6 +151,20 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self.lost = True
         for user in self.held:
             self.factory.directory.leases.release(user, self)
+
+    def lease_ended(self, user: str) -> None:
+        """``user``'s lease this connection held ended by a request on another
+        connection (a DISCONNECT, a new CONNECT): close, so the client learns it now
+        (section 7.3); after the reply of a request under way, if any."""
+        if user not in self.held:
+            return
+        self.held.discard(user)
+        if self.held or self.lost:
+            return
+        if self._idle:
+            self._close_kept(None)
+        else:
+            self._close_when_answered = True
 
     def hold(self, user: str, lease: float) -> None:
         """This connection now holds ``user``'s lease (HOLD): it is not closed for being
@@ -329,6 +344,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._values = []
         self._done = False
         self._idle = True
+        if self._close_when_answered:
+            self._close_kept(None)
+            return
         self.setTimeout(None if self.held else self.factory.idle_timeout)
         pending, self._pending = self._pending, b""
         self.transport.resumeProducing()
@@ -431,6 +449,25 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.stale = False
         #: Drops users whose client is gone (None: everyone stays until DISCONNECT).
         self.liveness: Liveness | None = None
+        #: The connection whose request is being applied (see :meth:`_lease_ended`).
+        self._asking: IndexerProtocol | None = None
+
+    @property
+    def directory(self) -> Directory:
+        return self._directory
+
+    @directory.setter
+    def directory(self, directory: Directory) -> None:
+        self._directory = directory
+        directory.leases.on_end = self._lease_ended
+
+    def _lease_ended(self, proto: IndexerProtocol, user: str) -> None:
+        """A lease ``proto`` held ended by a request: unless that request came on
+        ``proto`` itself, it closes so its client learns it (section 7.3)."""
+        if proto is not self._asking:
+            proto.lease_ended(user)
+        else:
+            proto.held.discard(user)
 
     # --- Connections ------------------------------------------------------------
 
@@ -502,6 +539,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             # A peer on a UNIX socket has no IP: it is on this host, like loopback.
             source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
             address = (self.policy.record_ip(source), args[0])
+        self._asking = proto  # whose request ends a lease it may hold: not closed for it
         try:
             if stale is not None:
                 self.directory.forget_stale(user, stale)
@@ -510,6 +548,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             self.log.failure("store write failed; answering with the error code")
             self._recover()
             code, body = op.error, b""
+        finally:
+            self._asking = None
         if op is wire.HOLD and code == wire.OK and not proto.lost:
             self.directory.leases.hold(user, proto)
             proto.hold(user, self.directory.leases.timeout)

@@ -3,10 +3,13 @@
 Starts ``twistd p2p-indexer --peer-timeout T`` and connects ``--users`` users
 (default 10,000), every one announcing the port of one listener of this
 process, which accepts and closes every connection: each probe succeeds. Most
-users renew with ALIVE every T/3 seconds, spread evenly, from ``--loaders``
-processes (one TCP connection per request, plaintext, as a classic-framed
-client would); ``--classic`` of them (default 1,000) never send anything after
-CONNECT, so the indexer probes each about once per T.
+users keep their lease as ``--mode`` says, from ``--loaders`` processes: by
+default (``hold``) as our client does, one TLS connection per user that sent
+``HOLD`` once and stays open; or with ``ALIVE`` every T/3 seconds, spread
+evenly (``plaintext``: one TCP connection per request, as a classic-framed
+client would; ``tls``, ``tls-handshake-each``). ``--classic`` of them (default
+1,000) never send anything after CONNECT, so the indexer probes each about
+once per T.
 
 After one full lease (so the classic users' first probes have come due), the
 indexer's CPU time and RSS are measured over ``--seconds`` (default one lease):
@@ -110,6 +113,9 @@ def renew(
     pem: str | None = None,
 ) -> None:
     """ALIVE for each user once per ``period``, spread evenly; report (sent, not ok)."""
+    if mode == "hold":
+        hold(address, users, until, out, pem)
+        return
     talker = Talker(mode, address, tls_context(pem) if pem else None)
     if not users:  # every user classic (--classic = --users): only probes
         time.sleep(max(0.0, until - time.time()))
@@ -133,6 +139,23 @@ def renew(
                 failed += 1
 
 
+def hold(address: tuple[str, int], users: list[str], until: float, out, pem: str | None) -> None:
+    """One TLS connection per user, each sending HOLD once, all kept open until ``until``
+    (as each of our clients keeps its own); report (HOLDs sent, not ok)."""
+    talker = Talker("tls", address, tls_context(pem) if pem else None)
+    held, failed = [], 0
+    for user in users:
+        conn = talker._tls()
+        conn.sendall(wire.encode_request("HOLD", DATETIME, user))
+        if read_alive(conn)[:1] != b"\0":
+            failed += 1
+        held.append(conn)
+    time.sleep(max(0.0, until - time.time()))
+    for conn in held:
+        conn.close()
+    out.put((len(users), failed))
+
+
 def listed(address: tuple[str, int], as_user: str) -> int:
     """How many users LIST_USERS shows."""
     reply = request(address, wire.encode_request("LIST_USERS", DATETIME, as_user))
@@ -148,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="measured (one lease)")
     parser.add_argument(
         "--mode",
-        choices=MODES,
-        default="plaintext",
-        help="how ALIVE travels: plaintext, a connection per request (default); tls, one "
-        "kept TLS connection per load process; tls-handshake-each, a TLS handshake per ALIVE "
-        "(a client whose connection was closed as idle between two renewals)",
+        choices=(*MODES, "hold"),
+        default="hold",
+        help="how the lease is kept: hold, one TLS connection per user holding it (HOLD, "
+        "as our client does; default); or ALIVE every lease/3: plaintext, a connection per "
+        "request; tls, one kept TLS connection per load process; tls-handshake-each, a TLS "
+        "handshake per ALIVE",
     )
     args = parser.parse_args(argv)
     lease = args.peer_timeout
@@ -168,8 +192,18 @@ def main(argv: list[str] | None = None) -> int:
 
             pem = os.path.join(workdir, "loader.pem")
             Path(pem).write_bytes(Identity.generate().to_pem())
+        room = str(args.users + 4096)  # held connections count against the caps
         server, ix_port = spawn_indexer(
-            workdir, "normal", extra=("--peer-timeout", str(lease), "--max-connections", "4096")
+            workdir,
+            "normal",
+            extra=(
+                "--peer-timeout",
+                str(lease),
+                "--max-connections",
+                room,
+                "--max-per-source",
+                room,
+            ),
         )
         address = ("127.0.0.1", ix_port)
         try:
@@ -225,14 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     share = cpu / wall * 100
     per_user = share / args.users
     grown = (rss - idle_rss) / args.users
+    how = (
+        "held by one TLS connection each (HOLD once)"
+        if args.mode == "hold"
+        else f"ALIVE every {lease / 3:g} s, {args.mode}"
+    )
     print(
-        f"peer timeout {lease:g} s, {len(renewing)} renewing (ALIVE every {lease / 3:g} s, "
-        f"{args.mode}), "
+        f"peer timeout {lease:g} s, {len(renewing)} renewing ({how}), "
         f"{len(classic)} classic; measured {wall:.0f} s after one lease"
     )
-    print(f"ALIVE sent {sent} ({sent / (until - load_start):.0f}/s), not ok {failed}")
+    print(f"{'HOLD' if args.mode == 'hold' else 'ALIVE'} sent {sent}, not ok {failed}")
     print(f"probes answered in the window: {probed} ({probed / wall:.1f}/s)")
-    renewals = sent / (until - load_start) * wall
+    renewals = sent / (until - load_start) * wall if args.mode != "hold" else 0
     if renewals:
         print(f"indexer CPU per renewal (all its CPU / ALIVEs): {cpu / renewals * 1e6:.0f} us")
     print(

@@ -189,6 +189,9 @@ class ServerOptions:
         ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
         # One id for every process of this service, so tickets and sessions keep working.
         ctx.set_session_id(b"p2p")
+        # An idle connection gives its record buffers back (about 20 KiB each): the
+        # indexer keeps one connection per online user of ours (protocol.md 7.3).
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         self._ctx = ctx
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:

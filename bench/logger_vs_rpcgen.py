@@ -17,9 +17,12 @@ those are missing); neither server registers with rpcbind.
 audit file and printed records in a temporary directory), the C server on
 ports the kernel chooses. Each round runs the same client against each server
 over TCP then UDP, the order of the servers alternating between rounds.
-Printed: every run, then per transport the median calls/s of each server and
-the ratio ours/rpcgen. At the end both audit files must hold exactly one line
-per answered call.
+Printed: every run with the server's CPU time per call (user + system, from
+/proc), then per transport and server the median calls/s, its ratio to
+rpcgen's median, the median of the per-round ratios (each run against the
+rpcgen run of its round: on a busy machine neighbouring runs are disturbed
+alike) and the median CPU per call. At the end every audit file must hold
+exactly one line per answered call.
 """
 
 from __future__ import annotations
@@ -203,9 +206,14 @@ def report(options, servers: dict, rates: dict, costs: dict, calls: dict) -> int
         for name in servers:
             rate = statistics.median(rates[name, kind])
             cpu = statistics.median(costs[name, kind])
+            # each round's ratio, against the rpcgen run of the same round (a busy
+            # machine disturbs neighbouring runs alike), then their median
+            pairs = zip(rates[name, kind], rates["rpcgen", kind], strict=True)
+            paired = statistics.median(mine / theirs for mine, theirs in pairs)
             print(
-                f"{kind} {name:8s}: {rate:7.0f} LOG/s, ratio to rpcgen {rate / ref:.2f}, "
-                f"server CPU {cpu:5.1f} us/call (medians of {options.rounds})"
+                f"{kind} {name:8s}: {rate:7.0f} LOG/s, ratio to rpcgen {rate / ref:.2f} "
+                f"(per round {paired:.2f}), server CPU {cpu:5.1f} us/call "
+                f"(medians of {options.rounds})"
             )
     stored = {name: audit.read_bytes().count(b"\n") for name, (_c, _p, audit) in servers.items()}
     for name in servers:

@@ -75,24 +75,30 @@ _TOKENS = re.compile(r"[^\W_]+").findall
 
 def fold(text: str) -> str:
     """``text`` without accents and in lower case, as the index compares words."""
+    if text.isascii():
+        return text.lower()
     return unicodedata.normalize("NFD", text).translate(_MARKS).lower()
+
+
+def tokens(text: str) -> list[str]:
+    """The folded words of ``text``, as the index holds them."""
+    return _TOKENS(fold(text))
 
 
 def bm25(
     words: list[str],
     idf: list[float],
-    name: str,
-    description: str,
+    name_tokens: list[str],
+    description_tokens: list[str],
     average_length: float,
 ) -> float:
     """The BM25 score of one file for the folded query ``words`` (higher is better).
 
     As FTS5's ``bm25()`` with the weights above (k1 1.2, b 0.75): a word's
     frequency is its weighted number of prefix matches in the name and in the
-    description, the document's length their number of words together.
+    description (as :func:`tokens` gives them), the document's length their
+    number of words together.
     """
-    name_tokens = _TOKENS(fold(name))
-    description_tokens = _TOKENS(fold(description))
     length = len(name_tokens) + len(description_tokens)
     norm = K1 * (1 - B + B * length / average_length)
     score = 0.0
@@ -106,11 +112,6 @@ def bm25(
 def inverse_frequency(files: int, matching: int) -> float:
     """BM25's weight of a word found in ``matching`` of ``files`` files (at least 1e-6)."""
     return max(math.log((files - matching + 0.5) / (matching + 0.5)), 1e-6)
-
-
-def length(text: str) -> int:
-    """How many words the index sees in ``text``."""
-    return len(_TOKENS(fold(text)))
 
 
 K1 = 1.2

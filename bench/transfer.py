@@ -15,12 +15,16 @@ the servers' CPU time per GiB is printed. ``--tls`` adds a peer server with an
 identity and a TLS download checked against its fingerprint (what our clients
 do between each other) beside the plaintext one, in the same rounds; with
 ``--compare-plain`` too, a TLS peer server without the fast paths as well
-(``tls_bulk``: see ``p2p/twisted_internals.py``). Never run as a test.
+(``tls_bulk``: see ``p2p/twisted_internals.py``). ``--verified`` adds a
+download from the plaintext peer checked against the file's size and SHA-256
+(what GET_FILE does when the owner published them: the hash runs in a thread
+as the bytes arrive), in the same rounds. Never run as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
     .venv/bin/python bench/transfer.py --compare-plain   # and without sendfile
     .venv/bin/python bench/transfer.py --tls             # and over TLS
+    .venv/bin/python bench/transfer.py --verified        # and verified (SHA-256)
 """
 
 from __future__ import annotations
@@ -123,11 +127,12 @@ def raw_copy(port: int, destination: Path | None) -> tuple[int, float]:
 
 
 def peer_download(
-    port: int, destination: Path, fingerprint: str | None = None
+    port: int, destination: Path, fingerprint: str | None = None, expected=None
 ) -> tuple[int, float]:
     """One ``download()`` on a fresh reactor-driven call; blocks until it is done.
 
-    With ``fingerprint``: over TLS, the server's key checked against it."""
+    With ``fingerprint``: over TLS, the server's key checked against it; with
+    ``expected`` (``Expected``): the bytes checked against its size and SHA-256."""
     from twisted.internet import reactor
 
     from p2p.peer.download import download
@@ -147,6 +152,7 @@ def peer_download(
         destination,
         reactor=reactor,
         expected_fingerprint=fingerprint,
+        expected=expected,
     ).addBoth(done)
     reactor.run(installSignalHandlers=False)
     result = outcome["result"]
@@ -183,6 +189,11 @@ def main() -> None:
         action="store_true",
         help="also a download over TLS from a peer with an identity, in the same rounds",
     )
+    parser.add_argument(
+        "--verified",
+        action="store_true",
+        help="also a download checked against the published size and SHA-256, in the same rounds",
+    )
     opts = parser.parse_args()
 
     size = opts.size_mb * 1024 * 1024
@@ -193,7 +204,8 @@ def main() -> None:
         dest.mkdir()
         source = share / "source.bin"
         make_source(source, size)
-        expected = sha256(source) if opts.verify else None
+        digest = sha256(source) if opts.verify or opts.verified else None
+        expected = digest if opts.verify else None
         os.sync()
         raw_child, raw_port = start_child(RAW_SENDER, str(source))
         children = [raw_child]
@@ -216,6 +228,14 @@ def main() -> None:
             fingerprint = said[child.pid][0] if extra else None
             run = functools.partial(peer_download, fingerprint=fingerprint)
             peer_runs.append((label, run, port, dest / "peer.bin"))
+            if label == "peer" and opts.verified:
+                from p2p.peer.download import Expected
+
+                published = Expected(size, digest)
+                run = functools.partial(peer_download, expected=published)
+                peer_runs.append(("peer verified", run, port, dest / "peer.bin"))
+                senders["peer verified"] = child
+                rates["peer verified"] = []
         server_cpu: dict[str, list[float]] = {label: [] for label in senders}
         client_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
@@ -260,6 +280,8 @@ def main() -> None:
     pairs = [("peer", "raw copy"), ("peer", "raw discard")]
     if opts.compare_plain:
         pairs.append(("peer", "peer plain"))
+    if opts.verified:
+        pairs += [("peer verified", "raw copy"), ("peer verified", "peer")]
     if opts.tls:
         pairs.append(("peer tls", "peer"))
     if opts.tls and opts.compare_plain:

@@ -63,7 +63,9 @@ class Peer:
         self.protocol.connectionLost(reason)
 
 
-class DownloadMachineTests(TestCase):
+class MachineCase(TestCase):
+    """A download started on a fake endpoint and a Clock, its destination in a fresh folder."""
+
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.endpoint = FakeEndpoint()
@@ -72,7 +74,8 @@ class DownloadMachineTests(TestCase):
         self.dest = self.dir / "out"
         self.progress: list[tuple[int, int | None]] = []
 
-    def start(self, destination: Path | None = None) -> Deferred:
+    def start(self, destination: Path | None = None, **how) -> Deferred:
+        """``module.start`` on the fake endpoint; ``how``: its keyword arguments."""
         return module.start(
             self.endpoint,
             "peer:1",
@@ -81,6 +84,7 @@ class DownloadMachineTests(TestCase):
             lambda received, total: self.progress.append((received, total)),
             self.clock,
             TIMEOUT,
+            **how,
         )
 
     def accept(self, index: int = -1) -> Peer:
@@ -97,6 +101,8 @@ class DownloadMachineTests(TestCase):
     def failure(self, d: Deferred, kind: type[BaseException]) -> BaseException:
         return self.failureResultOf(d, kind).value
 
+
+class DownloadMachineTests(MachineCase):
     # --- FETCH: connecting -> requesting -> receiving size -> receiving bytes -> done ---
 
     def test_fetch_to_the_end(self) -> None:

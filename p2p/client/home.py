@@ -11,8 +11,13 @@ or the new one) and readable by the owner only:
   known_hosts: the key each indexer had when first met (or as pinned with
   ``--indexer-fingerprint``).
 - ``published/<user>.json``: for each share directory, the names this client
-  published from it. The peer server serves a file only if it is listed here:
-  what the indexer lists never decides what is served.
+  published from it, each with what it told the indexer of it (description,
+  size, SHA-256 and the file's stamp then; nothing after a classic PUBLISH).
+  The peer server serves a file only if it is listed here, and only while it
+  is still what was published: what the indexer lists never decides what is
+  served.
+- ``content_hashes.json``: sizes and SHA-256 of files by path and stamp
+  (:mod:`p2p.client.content`), so republishing an unchanged file is instant.
 
 File names are percent-quoted user names (only lowercase ASCII letters, digits,
 ``-`` and ``_`` kept, so names differing only in case stay apart on a
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from p2p.client.content import Claim
 from p2p.tls import Identity, is_fingerprint, write_private
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -88,6 +94,10 @@ class Home:
 
     def published_file(self, user: str) -> Path:
         return self.path / "published" / f"{file_stem(user)}.json"
+
+    @property
+    def content_cache_file(self) -> Path:
+        return self.path / "content_hashes.json"
 
     def _write(self, path: Path, data: bytes) -> None:
         """Atomic, owner-only; the home itself made 0700 when missing."""
@@ -203,44 +213,68 @@ class Home:
 
     # --- what was published from here ------------------------------------------
 
-    def _published_all(self, user: str) -> dict[str, frozenset[str]]:
-        def parse(data: bytes) -> dict[str, frozenset[str]]:
+    def _published_all(self, user: str) -> dict[str, dict[str, Claim | None]]:
+        def parse(data: bytes) -> dict[str, dict[str, Claim | None]]:
             try:
                 raw = json.loads(data)
-            except ValueError as exc:
+                record = {}
+                for directory, names in raw.items():
+                    if isinstance(names, list):  # as written before claims were kept
+                        names = dict.fromkeys(names)
+                    record[str(directory)] = {
+                        str(n): Claim.from_json(c) if c is not None else None
+                        for n, c in names.items()
+                    }
+            except (ValueError, AttributeError) as exc:
                 raise HomeError(f"{self.published_file(user)} is damaged: {exc}") from exc
-            return {str(d): frozenset(map(str, names)) for d, names in raw.items()}
+            return record
 
         return self._read(self.published_file(user), parse, {})
 
     def published(self, user: str, share_dir: Path | str) -> frozenset[str]:
         """The names ``user`` published from ``share_dir`` with this client."""
-        return self._published_all(user).get(_share_key(share_dir), frozenset())
+        return frozenset(self._published_all(user).get(_share_key(share_dir), {}))
+
+    def claim(self, user: str, share_dir: Path | str, name: str) -> Claim | None:
+        """What ``user`` told the indexer of ``name`` from ``share_dir`` (None: not
+        published from here, or published without size and hash)."""
+        return self._published_all(user).get(_share_key(share_dir), {}).get(name)
 
     def _change_published(
-        self, user: str, share_dir: Path | str | None, change: Callable[[set[str]], None]
+        self,
+        user: str,
+        share_dir: Path | str | None,
+        change: Callable[[dict[str, Claim | None]], None],
     ) -> None:
-        record = {d: set(names) for d, names in self._published_all(user).items()}
+        record = {d: dict(names) for d, names in self._published_all(user).items()}
         dirs = list(record) if share_dir is None else [_share_key(share_dir)]
         for directory in dirs:
-            change(record.setdefault(directory, set()))
-        record = {d: sorted(names) for d, names in record.items() if names}
+            change(record.setdefault(directory, {}))
+        out = {
+            d: {n: (c.to_json() if c is not None else None) for n, c in sorted(names.items())}
+            for d, names in record.items()
+            if names
+        }
         path = self.published_file(user)
-        if record:
-            self._write(path, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
+        if out:
+            self._write(path, json.dumps(out, indent=1, sort_keys=True).encode("utf-8"))
         else:
             path.unlink(missing_ok=True)
             self._cache.pop(path, None)
 
-    def add_published(self, user: str, share_dir: Path | str, name: str) -> None:
-        self._change_published(user, share_dir, lambda names: names.add(name))
+    def add_published(
+        self, user: str, share_dir: Path | str, name: str, claim: Claim | None = None
+    ) -> None:
+        """Record ``name`` as published from ``share_dir``, with what the indexer was
+        told of it (None: no size and hash), replacing what was recorded."""
+        self._change_published(user, share_dir, lambda names: names.__setitem__(name, claim))
 
     def remove_published(self, user: str, share_dir: Path | str, name: str) -> None:
-        self._change_published(user, share_dir, lambda names: names.discard(name))
+        self._change_published(user, share_dir, lambda names: names.pop(name, None))
 
     def clear_published(self, user: str, share_dir: Path | str | None = None) -> None:
         """Forget what ``user`` published from ``share_dir`` (None: from everywhere)."""
-        self._change_published(user, share_dir, set.clear)
+        self._change_published(user, share_dir, dict.clear)
 
 
 def _share_key(share_dir: Path | str) -> str:

@@ -13,6 +13,13 @@ Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
 either holds the whole file or is untouched.
 
+Given what the owner published (:class:`Expected`: the size and SHA-256 from
+``LIST_FILES``, protocol.md section 8), the download is *verified* before that
+rename: a size other than the one published fails it at once (FETCH) or as soon
+as it is exceeded, and the SHA-256 of the bytes, computed as they arrive in a
+thread beside the reactor (:class:`_Digest`), must match; otherwise
+:class:`ContentMismatch` and nothing is kept.
+
 What a peer can cost (:class:`Limits`): disk is reserved one bounded step ahead
 of the bytes written, never for a size merely announced (a lying size would fill
 the disk, and reserving it would block the reactor); before each step the
@@ -26,11 +33,13 @@ move it (from the connection, the file and the caller)::
 
     idle ──start──▶ fetch_connecting ──connected──▶ fetch_requesting
     fetch_requesting ──answered_ok──▶ fetch_receiving_size ──sized──▶ fetch_receiving_bytes
-    fetch_receiving_bytes ──all_received──▶ fetch_received_all ──closed/lost──▶ storing
+    fetch_receiving_bytes ──all_received──▶ fetch_received_all ──closed/lost──▶ verifying
+    verifying ──verified──▶ storing ──stored──▶ done
     fetch_requesting ──closed/lost/timed_out/answered_error──▶ get_file_connecting
     fetch_receiving_size ──closed/lost/malformed──▶ get_file_connecting
     get_file_connecting ──connected──▶ get_file_requesting ──answered_ok──▶ get_file_receiving_bytes
-    get_file_receiving_bytes ──closed──▶ storing ──stored──▶ done
+    get_file_receiving_bytes ──closed──▶ verifying
+    *_receiving_bytes, verifying ──mismatch──▶ failed (ContentMismatch)
     any *_requesting ──answered_no_file──▶ failed (NoSuchFile)
     any other trouble (unreachable, a cut, a timeout once bytes flow, a lying
     peer, a disk error, cancel) ──▶ failed (DownloadFailed, CancelledError)
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -57,9 +67,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, endpoints, error, protocol, threads
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IReactorThreads, IStreamClientEndpoint
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -75,6 +85,19 @@ Progress = Callable[[int, "int | None"], None]
 
 #: Default lowest rate a peer may send at, in bytes/s, averaged over ``Limits.rate_window``.
 DEFAULT_MIN_RATE = 1024.0
+#: Bytes collected before they go to the hashing thread together (one thread hand-off each).
+HASH_BATCH = 4 * 1024 * 1024
+#: Bytes waiting for the hashing thread past which the peer's connection is paused.
+HASH_BACKLOG = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the owner published for the file (``LIST_FILES``): its size and SHA-256
+    in lowercase hex; None where it published none."""
+
+    size: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,10 @@ class NoSuchFile(Exception):
 
 class DownloadFailed(Exception):
     """Anything else: peer unreachable or gone, cut transfer, peer error, disk error."""
+
+
+class ContentMismatch(DownloadFailed):
+    """What arrived is not what the owner published (its size or SHA-256 differs)."""
 
 
 class WrongPeer(DownloadFailed):
@@ -221,6 +248,91 @@ def _umask() -> int:
     return mask
 
 
+# --- the running hash --------------------------------------------------------------
+
+
+def in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
+    """``f(*args)`` in the reactor's thread pool, off the reactor; fires with its result.
+    A reactor without threads (a test's Clock) runs it inline."""
+    if IReactorThreads.providedBy(reactor):
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    return defer.maybeDeferred(f, *args)
+
+
+class _Digest:
+    """SHA-256 of the bytes as they arrive, computed beside the reactor.
+
+    Bytes are collected into batches of about :data:`HASH_BATCH` and hashed in
+    the reactor's thread pool one batch at a time, in order; hashlib releases
+    the GIL, so the hash runs on another core while the reactor keeps
+    receiving. ``throttle(True)`` is called when more than :data:`HASH_BACKLOG`
+    bytes wait for the thread (pause the connection), ``throttle(False)`` when
+    they no longer do. A reactor without threads (a test's Clock) hashes inline.
+    """
+
+    def __init__(self, reactor: Any, throttle: Callable[[bool], None]) -> None:
+        self._sha = hashlib.sha256()
+        self._reactor = reactor
+        self._threaded = IReactorThreads.providedBy(reactor)
+        self._throttle = throttle
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._busy = False
+        self._paused = False
+        self._failure: Failure | None = None
+        self._result: Deferred[str] | None = None
+
+    def update(self, data: bytes) -> None:
+        if not self._threaded:
+            self._sha.update(data)
+            return
+        self._waiting.append(data)
+        self._waiting_bytes += len(data)
+        if not self._busy and self._waiting_bytes >= HASH_BATCH:
+            self._submit()
+        if not self._paused and self._waiting_bytes >= HASH_BACKLOG:
+            self._paused = True
+            self._throttle(True)
+
+    def hexdigest(self) -> Deferred[str]:
+        """Fires with the hash of every byte given, once the thread has seen them all."""
+        self._result = Deferred()
+        if not self._busy:
+            self._next()
+        return self._result
+
+    def _submit(self) -> None:
+        batch, self._waiting, self._waiting_bytes = self._waiting, [], 0
+        self._busy = True
+        in_thread(self._reactor, _hash_batch, self._sha, batch).addBoth(self._hashed)
+
+    def _hashed(self, result: object) -> None:
+        self._busy = False
+        if isinstance(result, Failure):
+            self._failure = result
+        self._next()
+        if self._paused and self._waiting_bytes < HASH_BACKLOG:
+            self._paused = False
+            self._throttle(False)
+
+    def _next(self) -> None:
+        """Hash what waits when there is enough of it (or the end came); fire at the end."""
+        finishing = self._result is not None
+        if self._waiting and (finishing or self._waiting_bytes >= HASH_BATCH):
+            self._submit()  # (only threaded: inline, nothing waits)
+            return
+        if finishing and not self._result.called:
+            if self._failure is not None:
+                self._result.errback(self._failure)
+            else:
+                self._result.callback(self._sha.hexdigest())
+
+
+def _hash_batch(sha: Any, batch: list[bytes]) -> None:
+    for data in batch:
+        sha.update(data)
+
+
 # --- the machine's inputs ------------------------------------------------------
 
 
@@ -277,6 +389,12 @@ class _Events(Protocol):
 
     def broken(self, why: str) -> None:
         "The transfer cannot go on: a disk error, or a peer breaking its word."
+
+    def mismatch(self, why: str) -> None:
+        "What arrives is not what the owner published (its size or its SHA-256)."
+
+    def verified(self) -> None:
+        "All bytes arrived and they are what the owner published (or nothing was published)."
 
     def stored(self) -> None:
         "The file is in place at the destination."
@@ -398,9 +516,12 @@ class _Download:
         reactor: Any,
         timeout: float,
         verify: tls.ClientOptions | None = None,
+        expected: Expected | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.verify = verify
+        self.expected = expected or Expected()
+        self.digest = _Digest(reactor, self.throttle) if self.expected.sha256 else None
         self.limits = part.limits
         self.where = where
         self.remote_name = remote_name
@@ -463,7 +584,12 @@ class _Download:
 
     def take(self, events: _Events, data: bytes, size: int | None = None) -> bool:
         """Write bytes of the file (of ``size`` bytes, if announced), reserving
-        disk a step ahead; False (and ``broken``) if the disk, or its limits, refused them."""
+        disk a step ahead, and hash them; False (and ``broken``) if the disk, or
+        its limits, refused them, or (``mismatch``) they go past the size published."""
+        published = self.expected.size
+        if published is not None and self.received + len(data) > published:
+            events.mismatch(f"the peer sent more than the {published} bytes published")
+            return False
         try:
             self.part.make_room(self.received + len(data), size)
             self.part.write(data)
@@ -474,7 +600,49 @@ class _Download:
             events.broken(f"cannot write the file: {exc}")
             return False
         self.received += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
         return True
+
+    def throttle(self, pause: bool) -> None:
+        """Pause (or resume) reading from the peer while the hash catches up."""
+        transport = self.client.transport if self.client is not None else None
+        if transport is not None:
+            (transport.pauseProducing if pause else transport.resumeProducing)()
+
+    def check_size(self, events: _Events, size: int) -> bool:
+        """False (and ``mismatch``) if the peer announces a size other than the one published."""
+        published = self.expected.size
+        if published is not None and size != published:
+            events.mismatch(f"the peer offers {size} bytes, not the {published} published")
+            return False
+        return True
+
+    def check(self, events: _Events) -> None:
+        """All bytes are in: ``verified`` if they are what was published, else ``mismatch``
+        (the hash may come later, from its thread)."""
+        if not self.check_size(events, self.received):
+            return
+        if self.digest is None:
+            events.verified()
+            return
+
+        def compare(got: str) -> None:
+            if self.result.called:  # cancelled while the hash was finishing
+                return
+            if got == self.expected.sha256:
+                events.verified()
+            else:
+                events.mismatch(
+                    f"the SHA-256 of what arrived ({got}) is not the one published "
+                    f"({self.expected.sha256})"
+                )
+
+        def trouble(failure: Failure) -> None:
+            if not self.result.called:
+                events.mismatch(f"the SHA-256 could not be computed: {failure.value}")
+
+        self.digest.hexdigest().addCallbacks(compare, trouble)
 
     def report(self, total: int | None, force: bool = False) -> None:
         if self.progress is None:
@@ -507,6 +675,7 @@ fetch_received_all = _machine.state("fetch_received_all")
 get_file_connecting = _machine.state("get_file_connecting")
 get_file_requesting = _machine.state("get_file_requesting")
 get_file_receiving_bytes = _machine.state("get_file_receiving_bytes")
+verifying = _machine.state("verifying")
 storing = _machine.state("storing")
 done = _machine.state("done")
 failed = _machine.state("failed")
@@ -619,6 +788,8 @@ def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
     except OSError as exc:
         events.broken(f"no room for {size} bytes: {exc}")
         return
+    if not d.check_size(events, size):
+        return
     d.size = size
     d.report(size, force=True)
     d.watch_rate()
@@ -688,11 +859,23 @@ def _too_slow(events: _Events, d: _Download, got: int) -> None:
     )
 
 
-@fetch_received_all.upon(_Events.closed).to(storing)
-@fetch_received_all.upon(_Events.lost).to(storing)
-@get_file_receiving_bytes.upon(_Events.closed).to(storing)
-def _store(events: _Events, d: _Download, *_why: object) -> None:
+@fetch_received_all.upon(_Events.closed).to(verifying)
+@fetch_received_all.upon(_Events.lost).to(verifying)
+@get_file_receiving_bytes.upon(_Events.closed).to(verifying)
+def _verify(events: _Events, d: _Download, *_why: object) -> None:
     d.hang_up()
+    d.check(events)
+
+
+@fetch_receiving_bytes.upon(_Events.mismatch).to(failed)
+@get_file_receiving_bytes.upon(_Events.mismatch).to(failed)
+@verifying.upon(_Events.mismatch).to(failed)
+def _mismatch(events: _Events, d: _Download, why: str) -> None:
+    d.fail(ContentMismatch(f"{why}; nothing was kept"))
+
+
+@verifying.upon(_Events.verified).to(storing)
+def _store(events: _Events, d: _Download) -> None:
     try:
         d.part.store()
     except OSError as exc:
@@ -727,6 +910,7 @@ def _refused(events: _Events, d: _Download, why: BaseException) -> None:
 for _state in _LIVE:
     _state.upon(_Events.cancel).to(failed)(_cancelled)
     _state.upon(_Events.refused).to(failed)(_refused)
+verifying.upon(_Events.cancel).to(failed)(_cancelled)
 
 _Machine = _machine.build()
 
@@ -744,6 +928,7 @@ def start(
     timeout: float,
     verify: tls.ClientOptions | None = None,
     limits: Limits | None = None,
+    expected: Expected | None = None,
 ) -> Deferred[int]:
     """Run one download over connections from ``endpoint`` (``where`` names it
     in messages; ``verify``: the TLS options ``endpoint`` checks the peer with,
@@ -753,7 +938,7 @@ def start(
         part = _PartFile(destination, limits)
     except OSError as exc:
         return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
-    d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify)
+    d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify, expected)
     d.events = _Machine(d)
     d.events.start()
     return d.result
@@ -769,6 +954,7 @@ def download(
     timeout: float = 30.0,
     expected_fingerprint: str | None = None,
     limits: Limits | None = None,
+    expected: Expected | None = None,
 ) -> Deferred[int]:
     """Download ``remote_name`` from the peer at ``host:port`` into ``destination``.
 
@@ -785,6 +971,10 @@ def download(
     goes over TLS and a peer whose key has another fingerprint is refused
     during the handshake, before the request is sent: :class:`WrongPeer`.
     Without it, plaintext, as classic peers speak.
+
+    With ``expected`` (what the owner published: size, SHA-256) the bytes are
+    checked before the file is renamed into place: :class:`ContentMismatch`
+    when they differ, and nothing is kept.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -795,5 +985,14 @@ def download(
         endpoint = endpoints.wrapClientTLS(verify, endpoint)
     where = f"{host}:{port}"
     return start(
-        endpoint, where, remote_name, destination, progress, reactor, timeout, verify, limits
+        endpoint,
+        where,
+        remote_name,
+        destination,
+        progress,
+        reactor,
+        timeout,
+        verify,
+        limits,
+        expected,
     )

@@ -127,8 +127,9 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--pin",
-        metavar="CPUS",
-        help="run servers and client on these CPUs (taskset list, e.g. 1: all on one core)",
+        metavar="SERVER_CPUS[/CLIENT_CPUS]",
+        help="taskset CPU lists: 1 runs everything on CPU 1 (each call's CPU time adds up); "
+        "1/0 the servers on CPU 1 and the client on CPU 0 (each call wakes the other CPU)",
     )
     return parser.parse_args()
 
@@ -145,7 +146,9 @@ def main() -> int:
     if options.profile:
         profile = (f"--profile={os.path.abspath(options.profile)}", "--profiler=cprofile")
         profile += ("--savestats",)
-    pin = ["taskset", "-c", options.pin] if options.pin else []
+    server_cpus, _, client_cpus = (options.pin or "").partition("/")
+    pin = ["taskset", "-c", server_cpus] if server_cpus else []
+    client_pin = ["taskset", "-c", client_cpus or server_cpus] if server_cpus else []
     # name -> (process, {"tcp": port, "udp": port}, audit file)
     servers: dict[str, tuple[subprocess.Popen, dict[str, int], Path]] = {}
     loggers = [("ours", REPO, {}, profile)]
@@ -160,10 +163,12 @@ def main() -> int:
             print(f"{name}: twistd p2p-logger from {repo}, files in {files}")
         servers["rpcgen"] = start_rpcgen(server, work, pin)
         print(f"rpcgen: built in {work}")
-        if options.pin:
+        if pin:
             for child, _ports, _audit in servers.values():
-                subprocess.run([*pin, "-p", str(child.pid)], check=True, capture_output=True)
-        results = measure(options, client, servers, pin)
+                subprocess.run(
+                    ["taskset", "-pc", server_cpus, str(child.pid)], check=True, capture_output=True
+                )
+        results = measure(options, client, servers, client_pin)
     finally:
         for child, _ports, _audit in servers.values():
             child.send_signal(signal.SIGTERM)

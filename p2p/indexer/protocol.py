@@ -569,12 +569,20 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         if lines:
             say("\n".join(lines))
         if self.store.in_transaction:
+            changes = self.store.changes
             try:
                 self.store.commit()
             except sqlite3.Error:
                 self.log.failure("commit failed; the turn's requests get their error code")
                 self._recover()
-                replies = [(p, _CODES[p.op.error], b"") for p, _, _ in replies]
+                # A turn of reads only (their audit records, the search index's upkeep)
+                # changed nothing: their answers stand, their records are held.
+                replies = [
+                    (p, code, body)
+                    if not changes and p.op.name in wire.READ_OPS
+                    else (p, _CODES[p.op.error], b"")
+                    for p, code, body in replies
+                ]
         for proto, code, body in replies:
             proto.reply(code, body)
 

@@ -75,13 +75,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 #: What SEARCH needs beside ``files`` (protocol.md section 8.3): the full-text index,
-#: the index of content hashes (copies), and ``online``: the ids of the files whose
-#: owner is connected, kept by triggers as users connect and files come and go, so
-#: "owner connected" is one integer lookup per candidate, not a join with ``users``.
+#: the index of content hashes (copies), ``online``: the ids of the files whose owner
+#: is connected, kept by triggers as users connect and files come and go, so "owner
+#: connected" is one integer lookup per candidate, not a join with ``users``; and
+#: ``index_queue``: the files changed since the full-text index was last brought up to
+#: date (written in the transaction of the change, applied in batches: see
+#: :meth:`Store.update_index`); a row that removed an indexed text holds that text.
 SEARCH_SCHEMA = (
     FTS_SCHEMA
     + """
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256) WHERE sha256 IS NOT NULL;
+CREATE TABLE IF NOT EXISTS index_queue (
+    seq INTEGER PRIMARY KEY,
+    id INTEGER NOT NULL,
+    name TEXT,
+    description TEXT
+);
 CREATE TABLE IF NOT EXISTS online (id INTEGER PRIMARY KEY);
 CREATE TRIGGER IF NOT EXISTS online_file_added AFTER INSERT ON files
     WHEN (SELECT ip FROM users WHERE name = new.user) IS NOT NULL
@@ -113,6 +122,10 @@ _MATCHING = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} 
 SEARCH_CANDIDATES = 300
 #: How much of the database SQLite maps into memory (address space, not RAM).
 MMAP_SIZE = 1 << 32
+#: Queued index changes applied together: FTS5 writes a segment at every commit that
+#: changed it (about 70 us over a million files), so a change per commit would cost
+#: PUBLISH and DELETE that much each; applied by the hundred it is a few us a change.
+INDEX_BATCH = 256
 #: A word's matches are counted up to this many (more: the same, lowest, weight).
 MATCHING_CAP = 5000
 
@@ -240,6 +253,10 @@ class Store:
         self.failing = False
         #: How many files there are (None: not counted since the last rollback).
         self._file_count: int | None = None
+        #: How many index changes are queued (``index_queue``).
+        self._queued = 0
+        #: The open transaction changes the directory (see :attr:`changes`).
+        self._changes = False
 
     # --- Life cycle --------------------------------------------------------
 
@@ -296,6 +313,7 @@ class Store:
             db.execute("INSERT INTO meta (key, value) VALUES ('sender_id', ?)", (self._sender_id,))
         else:
             self._sender_id = row[0]
+        self._queued = _count_queued(db)
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._committed_seq = self._last_seq = row[0] if row else 0
 
@@ -346,7 +364,7 @@ class Store:
         db = self._begin()
         orphans = "FROM files WHERE user NOT IN (SELECT name FROM users)"
         for row in db.execute(f"SELECT id, name, description {orphans}").fetchall():
-            db.execute(FTS_DELETE, row)
+            self._queue(*row)
         self._file_count = None
         return db.execute(f"DELETE {orphans}").rowcount
 
@@ -366,12 +384,24 @@ class Store:
 
     # --- Changes (inside the current group transaction) -----------------------
 
-    def _begin(self) -> sqlite3.Connection:
+    def _begin(self, change: bool = True) -> sqlite3.Connection:
+        """The connection, in the group transaction; ``change``: what is written is a
+        change of the directory (not an audit record, a probe or the index's upkeep)."""
         db = self._db if self._db is not None else self.db
         if not self._in_transaction:
             db.execute("BEGIN")
             self._in_transaction = True
+            self._changes = False
+        if change:
+            self._changes = True
         return db
+
+    @property
+    def changes(self) -> bool:
+        """Whether the open transaction changes the directory: when its commit fails,
+        only the replies of a transaction without changes may stand (reads, whose
+        audit records are then held)."""
+        return self._in_transaction and self._changes
 
     @property
     def in_transaction(self) -> bool:
@@ -387,7 +417,7 @@ class Store:
         db = self._begin()
         files = db.execute("SELECT id, name, description FROM files WHERE user = ?", (name,))
         for row in files.fetchall():
-            db.execute(FTS_DELETE, row)
+            self._queue(*row)
         db.execute("DELETE FROM files WHERE user = ?", (name,))
         db.execute("DELETE FROM users WHERE name = ?", (name,))
         self._file_count = None
@@ -410,7 +440,7 @@ class Store:
             "INSERT INTO files (user, name, description, size, sha256) VALUES (?, ?, ?, ?, ?)",
             (user, name, description, size, sha256),
         )
-        db.execute(FTS_INSERT, (cursor.lastrowid, name, description))
+        self._queue(cursor.lastrowid)
         if self._file_count is not None:
             self._file_count += 1
 
@@ -431,8 +461,7 @@ class Store:
             (description, size, sha256, old[0]),
         )
         if description != old[2]:
-            db.execute(FTS_DELETE, old)
-            db.execute(FTS_INSERT, (old[0], name, description))
+            self._queue(*old)
 
     def remove_file(self, user: str, name: str) -> None:
         db = self._begin()
@@ -441,10 +470,50 @@ class Store:
         ).fetchone()
         if old is None:
             return
-        db.execute(FTS_DELETE, old)
+        self._queue(*old)
         db.execute("DELETE FROM files WHERE id = ?", (old[0],))
         if self._file_count is not None:
             self._file_count -= 1
+
+    def _queue(self, file_id: int, name: str | None = None, description: str | None = None) -> None:
+        """Note that file ``file_id`` changed, with the text it had (None: a new file)."""
+        self._begin().execute(
+            "INSERT INTO index_queue (id, name, description) VALUES (?, ?, ?)",
+            (file_id, name, description),
+        )
+        self._queued += 1
+
+    def update_index(self) -> None:
+        """Bring the full-text index up to date with ``files``, in the current transaction:
+        at a commit once :data:`INDEX_BATCH` files are queued, and before any search, so
+        a search always sees every change before it.
+
+        Per file, only the net change is written: the first queued row says what the
+        index holds (the text it had, or nothing for a file new since), ``files``
+        what it must hold now. A file published and deleted in between costs nothing.
+        """
+        db = self._begin(change=False)
+        queued = db.execute("SELECT seq, id, name, description FROM index_queue ORDER BY seq")
+        rows = queued.fetchall()
+        if not rows:
+            self._queued = 0
+            return
+        indexed: dict[int, tuple[str, str] | None] = {}
+        for _seq, file_id, name, description in rows:
+            if file_id not in indexed:
+                indexed[file_id] = None if name is None else (name, description)
+        for file_id, held in indexed.items():
+            now = db.execute(
+                "SELECT name, description FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
+            if held == now:
+                continue
+            if held is not None:
+                db.execute(FTS_DELETE, (file_id, *held))
+            if now is not None:
+                db.execute(FTS_INSERT, (file_id, *now))
+        db.execute("DELETE FROM index_queue WHERE seq <= ?", (rows[-1][0],))
+        self._queued = 0
 
     # --- Reads of content identity and search (protocol.md section 8) -----------
 
@@ -470,6 +539,10 @@ class Store:
         if not words:
             return []
         db = self.db
+        if self._queued and not (self.failing or self.held):
+            # (on a full disk the index is searched as it is: a file whose row is gone
+            # is never a hit, one added meanwhile is not found yet)
+            self.update_index()
         candidates = db.execute(
             _CANDIDATES, (fts5_match(words), max(SEARCH_CANDIDATES, limit))
         ).fetchall()
@@ -527,7 +600,9 @@ class Store:
         self._insert_record(record)
 
     def _insert_record(self, record: str) -> None:
-        cursor = self._begin().execute("INSERT INTO outbox (record) VALUES (?)", (record,))
+        cursor = self._begin(change=False).execute(
+            "INSERT INTO outbox (record) VALUES (?)", (record,)
+        )
         self._last_seq = cursor.lastrowid
         self._outbox_added = True
         self._records.append(record)
@@ -547,7 +622,9 @@ class Store:
         if self._in_transaction:
             return False  # the turn's own commit decides
         try:
-            self._begin().execute("UPDATE meta SET value = value WHERE key = 'sender_id'")
+            self._begin(change=False).execute(
+                "UPDATE meta SET value = value WHERE key = 'sender_id'"
+            )
             self.commit()  # the cheap probe: one page
             held, self.held = self.held, deque()
             for record in held:
@@ -574,9 +651,11 @@ class Store:
         """
         if not self._in_transaction:
             return
-        self._in_transaction = False
         added, self._outbox_added = self._outbox_added, False
         try:
+            if self._queued >= INDEX_BATCH:
+                self.update_index()
+            self._in_transaction = False
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             # The requests were answered with their error code; each keeps its one
@@ -609,6 +688,8 @@ class Store:
         self._last_seq = self._committed_seq
         if self._db is not None and self._db.in_transaction:
             self._db.execute("ROLLBACK")
+        if self._db is not None:
+            self._queued = _count_queued(self._db)
 
     # --- Outbox API of the logger relay ----------------------------------------
 
@@ -657,3 +738,8 @@ class Store:
 def _row(ip: str | None, port: int | None, identity: str | None) -> UserRow:
     """A user row from its columns (no files yet)."""
     return UserRow(address=(ip, port) if ip is not None else None, identity=identity)
+
+
+def _count_queued(db: sqlite3.Connection) -> int:
+    """How many index changes wait in ``index_queue``."""
+    return db.execute("SELECT count(*) FROM index_queue").fetchone()[0]

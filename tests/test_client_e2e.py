@@ -220,7 +220,8 @@ class CommandLineTests(TestCase):
         yield a.check("PUBLISH f.txt again", "c> PUBLISH FAIL, CONTENT ALREADY PUBLISHED")
         yield a.check("DELETE g.txt", "c> DELETE FAIL, CONTENT NOT PUBLISHED")
         yield a.check("LIST_CONTENT nobody", "c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST")
-        yield a.check("list_content alice", "c> LIST_CONTENT OK", '\tf.txt "first  file"')
+        # No file f.txt to hash: published classically, its size unknown (``-``).
+        yield a.check("list_content alice", "c> LIST_CONTENT OK", '\tf.txt - "first  file"')
         yield b.check("CONNECT bob", "c> CONNECT OK")
         yield b.check("LIST_CONTENT bob", "c> LIST_CONTENT OK")
         listing = yield a.run("LIST_USERS", 3)
@@ -327,11 +328,11 @@ class CommandLineTests(TestCase):
     @defer.inlineCallbacks
     def test_help_and_comments(self):
         a = self.stack.shell("alice")
-        lines = yield a.run("HELP", 11)
+        lines = yield a.run("HELP", 12)
         self.assertEqual([line.split()[0] for line in lines][:2], ["REGISTER", "UNREGISTER"])
         yield a.run("# a comment line, ignored", 0)
         yield a.check("register alice", "c> REGISTER OK")
-        self.assertEqual(len(a.lines), 12)
+        self.assertEqual(len(a.lines), 13)
 
 
 def b_port(shell: ShellProcess) -> int:
@@ -416,7 +417,7 @@ class TimeServiceDownTests(TestCase):
         yield a.check("REGISTER alice", "c> REGISTER OK")
         yield a.check("CONNECT alice", "c> CONNECT OK")
         yield a.check("PUBLISH f.txt text", "c> PUBLISH OK")
-        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tf.txt "text"')
+        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tf.txt - "text"')
         yield a.check("DISCONNECT alice", "c> DISCONNECT OK")
         warnings = [line for line in a.proc.errlines if "time service" in line]
         self.assertEqual(len(warnings), 1, a.proc.output())

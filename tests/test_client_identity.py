@@ -261,7 +261,7 @@ class MoveIdentityTests(TestCase):
         third = stack.shell("alice")
         yield third.check("CONNECT alice", "c> CONNECT FAIL")  # not alice's key: refused
         yield second.check("CONNECT alice", "c> CONNECT OK")  # still hers
-        yield second.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tf.txt "moved"')
+        yield second.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tf.txt - "moved"')
 
         # Importing over another identity of alice is refused unless told.
         clash = fresh_home(self)

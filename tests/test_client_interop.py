@@ -6,7 +6,10 @@ extensions), play "someone else's" system. Real ``python -m p2p.client``
 processes, driven through a pipe, must work with them line for line, and what
 our client puts on the wire is captured and checked byte for byte:
 ``OP, DATETIME, USER, args``, every one NUL-terminated, DATETIME as
-``dd/mm/YYYY HH:MM:SS``, the port as a decimal string.
+``dd/mm/YYYY HH:MM:SS``, the port as a decimal string. The extensions our
+client tries (TLS, PUBLISH_FILE, LIST_FILES, SEARCH, LIST_PEERS, HOLD) are
+closed unanswered there, as a classic indexer does with any unknown OP, and
+the client falls back (protocol.md 8.4).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class ClassicIndexer(protocol.Factory):
     def __init__(self) -> None:
         self.users: dict[str, dict] = {}  # name -> {"addr": (ip, port) | None, "files": {}}
         self.requests: list[bytes] = []  # every request, raw, in arrival order
+        self.unanswered: list[bytes] = []  # the first field of each request closed unanswered
 
     def buildProtocol(self, addr):
         proto = _ClassicIndexerProtocol()
@@ -118,6 +122,7 @@ class _ClassicIndexerProtocol(protocol.Protocol):
             return
         wanted = ARITY.get(fields[0])
         if wanted is None:
+            self.factory.unanswered.append(fields[0])
             self.transport.loseConnection()  # unknown OP: close, no reply byte
             return
         if len(fields) < wanted:
@@ -238,7 +243,9 @@ class ClassicIndexerTests(InteropTestCase):
         self.assertRequest(sent[-1], b"DELETE", b"alice", b"other.txt")
         yield a.check("LIST_CONTENT bob", "c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST")
         self.assertRequest(sent[-1], b"LIST_CONTENT", b"alice", b"bob")
-        yield a.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tnotes.txt "my  notes, spaced"')
+        yield a.check(
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\tnotes.txt - "my  notes, spaced"'
+        )
 
         # Another program registers and connects bob and carol; the listing comes in the
         # classic indexer's own order, with the IPs it stored, printed as given.
@@ -295,7 +302,7 @@ class ClassicIndexerTests(InteropTestCase):
         self.indexer.users["alice"]["files"]["a\rb"] = "one\ntwo\x1b[2J\tend\x7f"
         self.indexer.users["m\x1b]0;x\x07"] = {"addr": ("1.2.3.4\n", "9"), "files": {}}
         yield a.check(
-            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\ta\\rb "one\\ntwo\\x1b[2J\tend\\x7f"'
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\ta\\rb - "one\\ntwo\\x1b[2J\tend\\x7f"'
         )
         yield a.check(
             "LIST_USERS",
@@ -303,6 +310,47 @@ class ClassicIndexerTests(InteropTestCase):
             "\tm\\x1b]0;x\\x07 1.2.3.4\\n 9",
             f"\talice 127.0.0.1 {self.indexer.users['alice']['addr'][1]}",
         )
+
+    @defer.inlineCallbacks
+    def test_the_search_extensions_fall_back(self):
+        share = Path(self.mktemp())
+        share.mkdir()
+        (share / "canción_de_cuna.txt").write_bytes(b"a la nanita nana\n")
+        (share / "b.txt").write_bytes(b"bee")
+        a = self.shell("alice", share=share)
+        sent, unanswered = self.indexer.requests, self.indexer.unanswered
+        yield a.check("REGISTER alice", "c> REGISTER OK")
+        yield a.check("CONNECT alice", "c> CONNECT OK")
+        # PUBLISH_FILE is closed unanswered: the same request as classic PUBLISH, once noted.
+        yield a.check("PUBLISH canción_de_cuna.txt nana para dormir", "c> PUBLISH OK")
+        self.assertRequest(
+            sent[-1], b"PUBLISH", b"alice", "canción_de_cuna.txt".encode(), b"nana para dormir"
+        )
+        yield a.check("PUBLISH b.txt bees", "c> PUBLISH OK")
+        self.assertRequest(sent[-1], b"PUBLISH", b"alice", b"b.txt", b"bees")
+        yield a.check("PUBLISH b.txt again", "c> PUBLISH FAIL, CONTENT ALREADY PUBLISHED")
+        # LIST_FILES likewise: LIST_CONTENT, every size unknown.
+        for _ in range(2):
+            yield a.check(
+                "LIST_CONTENT alice",
+                "c> LIST_CONTENT OK",
+                '\tcanción_de_cuna.txt - "nana para dormir"',
+                '\tb.txt - "bees"',
+            )
+            self.assertRequest(sent[-1], b"LIST_CONTENT", b"alice", b"alice")
+        yield a.check("LIST_CONTENT nobody", "c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST")
+        # SEARCH has no classic counterpart: the plain FAIL line, and why on stderr, each time.
+        yield a.check("SEARCH cancion", "c> SEARCH FAIL")
+        yield a.check("SEARCH --limit 3 cun", "c> SEARCH FAIL")
+        unsupported = [line for line in a.proc.errlines if "does not support search" in line]
+        self.assertEqual(len(unsupported), 2, a.proc.output())
+        # Each extension was tried once in the session, then not asked again.
+        for op in (b"PUBLISH_FILE", b"LIST_FILES", b"SEARCH"):
+            self.assertEqual(unanswered.count(op), 1, (op, unanswered))
+        for op in ("PUBLISH_FILE", "LIST_FILES"):
+            said = [line for line in a.proc.errlines if f"does not know {op}" in line]
+            self.assertEqual(len(said), 1, a.proc.output())
+        self.assertEqual(len(a.lines), 14, a.proc.output())  # nothing else on stdout
 
     @defer.inlineCallbacks
     def test_other_error_codes_cut_replies_and_unknown_codes(self):
@@ -369,6 +417,9 @@ class ClassicPeerTests(InteropTestCase):
         self.assertFalse((a.cwd / "m.bin").exists())
         yield a.check("GET_FILE nobody data.bin n.bin", "c> GET_FILE FAIL")
         self.assertEqual(sorted(p.name for p in a.cwd.iterdir()), ["dést.bin", "got.bin"])
+        # No hash published there: each download that worked says it is unverified.
+        unverified = [line for line in a.proc.errlines if "is unverified" in line]
+        self.assertEqual(len(unverified), 2, a.proc.output())
 
     @defer.inlineCallbacks
     def test_a_classic_peer_that_ignores_the_operation(self):

@@ -272,7 +272,7 @@ class SimpleCommandTests(ShellTestCase):
         self.connect()
         self.check_codes(
             "LIST_CONTENT bob",
-            "LIST_CONTENT",
+            "LIST_FILES",
             {
                 0: "c> LIST_CONTENT OK",
                 1: "c> LIST_CONTENT FAIL, USER DOES NOT EXIST",
@@ -282,7 +282,7 @@ class SimpleCommandTests(ShellTestCase):
             },
             "c> LIST_CONTENT FAIL",
         )
-        self.assertEqual(self.indexer.requests[0], ("LIST_CONTENT", "alice", "bob"))
+        self.assertEqual(self.indexer.requests[0], ("LIST_FILES", "alice", "bob"))
 
     def test_listings_are_tab_indented(self) -> None:
         self.connect()
@@ -299,7 +299,7 @@ class SimpleCommandTests(ShellTestCase):
         )
         self.assertEqual(
             self.send("LIST_CONTENT bob"),
-            ["c> LIST_CONTENT OK", '\ta.txt "first file"', '\tb "x"'],
+            ["c> LIST_CONTENT OK", '\ta.txt - "first file"', '\tb - "x"'],
         )
 
     def test_syntax_error_and_unknown_command_ask_nothing(self) -> None:
@@ -338,7 +338,7 @@ class RealAnswerTests(ShellTestCase):
             self.send("LIST_CONTENT bob"), ["c> LIST_CONTENT FAIL, REMOTE USER DOES NOT EXIST"]
         )
         self.assertEqual(
-            self.send("LIST_CONTENT alice"), ["c> LIST_CONTENT OK", '\tf.txt "a description"']
+            self.send("LIST_CONTENT alice"), ["c> LIST_CONTENT OK", '\tf.txt - "a description"']
         )
         self.assertEqual(self.send("DELETE f.txt"), ["c> DELETE OK"])
         self.assertEqual(self.send("LIST_CONTENT alice"), ["c> LIST_CONTENT OK"])
@@ -363,7 +363,7 @@ class RealAnswerTests(ShellTestCase):
         ):
             self.assertEqual(self.send(command), [line], command)
         # Each line is the indexer's answer, not a local refusal.
-        ops = ["PUBLISH", "DELETE", "LIST_USERS", "LIST_CONTENT"]
+        ops = ["PUBLISH", "DELETE", "LIST_USERS", "LIST_FILES"]
         self.assertEqual(self.indexer.ops(), ops + ops)
 
     def test_an_indexer_in_error_gets_the_plain_fail_lines(self) -> None:
@@ -494,7 +494,8 @@ class ConnectTests(ShellTestCase):
         self.assertIn("not inside the share directory", self.output.notes[-1])
         self.assertEqual(self.send("PUBLISH missing.txt later"), ["c> PUBLISH OK"])
         self.assertIn("no file missing.txt", self.output.notes[-1])
-        self.assertEqual(self.indexer.ops().count("PUBLISH"), 4)
+        # The shared file with its size and hash; the others, which cannot be read, without.
+        self.assertEqual(self.indexer.ops(), ["PUBLISH_FILE"] + ["PUBLISH"] * 3)
 
     def test_disconnect_stops_the_server(self) -> None:
         self.connect()
@@ -540,8 +541,11 @@ class GetFileTests(ShellTestCase):
         """bob registered classically: unclaimed (``-``), so a plaintext download."""
         self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
         self.assertEqual(self.downloads, [("10.0.0.2", 5555, "r.bin", Path("l.bin"))])
-        self.assertEqual(self.checked, [{}])
-        self.assertEqual(self.indexer.requests, [("LIST_PEERS", "alice")])
+        self.assertEqual(self.checked, [{}])  # nothing published of r.bin: unverified
+        self.assertEqual(
+            self.indexer.requests, [("LIST_PEERS", "alice"), ("LIST_FILES", "alice", "bob")]
+        )
+        self.assertIn("unverified", self.output.notes[-1])
 
     def list_peers(self, *rows: tuple[str, str, int, str]) -> None:
         """The next LIST_PEERS answers these rows."""
@@ -574,13 +578,13 @@ class GetFileTests(ShellTestCase):
         # It does not know LIST_PEERS (closes without a reply byte): asked again classically.
         self.indexer.faults["LIST_PEERS"] = UnknownOperation("what is LIST_PEERS?")
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE OK"])
-        self.assertEqual(self.indexer.ops(), ["LIST_PEERS", "LIST_USERS"])
+        self.assertEqual(self.indexer.ops(), ["LIST_PEERS", "LIST_USERS", "LIST_FILES"])
         self.assertEqual(self.checked, [{}])
         # Known to be classic: LIST_USERS at once.
         self.indexer.requests.clear()
         self.indexer.classic = True
         self.assertEqual(self.send("GET_FILE bob r l"), ["c> GET_FILE OK"])
-        self.assertEqual(self.indexer.ops(), ["LIST_USERS"])
+        self.assertEqual(self.indexer.ops(), ["LIST_USERS", "LIST_FILES"])
         self.assertEqual(self.checked, [{}, {}])
 
     def test_no_such_file(self) -> None:

@@ -332,7 +332,7 @@ class RecordedTrafficTests(TestCase):
         yield alice.check(f"REGISTER {user}", "c> REGISTER OK")
         yield alice.check(f"CONNECT {user}", "c> CONNECT OK")
         yield alice.check(f"PUBLISH {name} {text}", "c> PUBLISH OK")
-        yield alice.check(f"LIST_CONTENT {user}", "c> LIST_CONTENT OK", f'\t{name} "{text}"')
+        yield alice.check(f"LIST_CONTENT {user}", "c> LIST_CONTENT OK", f'\t{name} 7 "{text}"')
         listing = yield alice.run("LIST_USERS", 2)
         self.assertEqual(listing[0], "c> LIST_USERS OK")
         self.assertTrue(listing[1].startswith(f"\t{user} 127.0.0.1 "), listing)

@@ -143,7 +143,7 @@ class TwoClientTests(TransferTestCase):
         self.assertEqual(bob.lines[before:], ["c> GET_FILE FAIL"], bob.proc.output())
         self.assertFalse((bob.cwd / "huge.bin").exists())
         self.assertEqual(list(bob.cwd.glob(".huge.bin.*")), [])
-        yield bob.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\thuge.bin "big"')
+        yield bob.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", '\thuge.bin 1073741824 "big"')
 
 
 class ThreeClientTests(TransferTestCase):

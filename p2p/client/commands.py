@@ -7,6 +7,7 @@ names are case-insensitive; arguments keep their case.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2p import wire
@@ -21,10 +22,35 @@ class CommandSpec:
     summary: str
     #: The last parameter takes the rest of the line, spaces included (PUBLISH's description).
     rest: bool = False
+    #: The usage line's arguments when ``params`` do not tell them (options, several words).
+    syntax: str | None = None
+    #: Turns the words after the name into the command's arguments; ValueError if they
+    #: do not fit (the usage line is printed). None: exactly one word per parameter.
+    reads: Callable[[list[str]], tuple[str, ...]] | None = None
 
     @property
     def usage(self) -> str:
+        if self.syntax is not None:
+            return f"{self.name} {self.syntax}"
         return " ".join((self.name, *(f"<{p}>" for p in self.params)))
+
+
+def search_arguments(words: list[str]) -> tuple[str, str]:
+    """``[--limit N] <words...>`` -> ``(limit, query)``: the limit 1..1000 (default 100),
+    the words joined by single spaces. ValueError if the limit is not one, or no word."""
+    limit = wire.DEFAULT_SEARCH_LIMIT
+    if words and (words[0] == "--limit" or words[0].startswith("--limit=")):
+        option, _, value = words.pop(0).partition("=")
+        if not value:
+            value = words.pop(0) if words else ""
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(f"{option} takes a number")
+        limit = int(value)
+        if not 1 <= limit <= wire.MAX_SEARCH_LIMIT:
+            raise ValueError(f"{option} goes from 1 to {wire.MAX_SEARCH_LIMIT}")
+    if not words:
+        raise ValueError("no word to search for")
+    return str(limit), " ".join(words)
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -41,7 +67,14 @@ COMMANDS: dict[str, CommandSpec] = {
         ),
         CommandSpec("DELETE", ("file",), "withdraw a published file"),
         CommandSpec("LIST_USERS", (), "list the connected users"),
-        CommandSpec("LIST_CONTENT", ("user",), "list the files a user published"),
+        CommandSpec("LIST_CONTENT", ("user",), "list the files a user published, with sizes"),
+        CommandSpec(
+            "SEARCH",
+            ("limit", "words"),
+            "find the files of connected users by words",
+            syntax="[--limit N] <words...>",
+            reads=search_arguments,
+        ),
         CommandSpec("DISCONNECT", ("user",), "go offline and stop serving files"),
         CommandSpec(
             "GET_FILE",
@@ -79,6 +112,11 @@ def parse(line: str) -> Parsed | None:
     spec = COMMANDS.get(name)
     if spec is None:
         raise ParseError(f"Unknown command: {words[0]} (type HELP for the list of commands)")
+    if spec.reads is not None:
+        try:
+            return Parsed(name, spec.reads(words[1:]))
+        except ValueError:
+            raise ParseError(f"Syntax error. Usage: {spec.usage}") from None
     if spec.rest:
         # Keep the description's own spacing: split only as far as the fixed words.
         words = line.strip().split(None, len(spec.params))

@@ -6,7 +6,11 @@ LIST_USERS and every owner counts as unclaimed. An owner with a fingerprint
 is downloaded from over TLS, and a peer holding another key is refused (the
 address was hijacked, or the owner moved and someone else took the port);
 an unclaimed owner (``-``) is downloaded from in plaintext, as classic peers
-speak. The download itself is ``p2p.peer.download`` (or whatever the shell
+speak. What the owner published of the file (size and SHA-256, from
+``LIST_FILES``, protocol.md section 8) is handed to the download, which checks
+the bytes against it before renaming them into place; a file published
+without them (a classic owner or indexer) is downloaded unverified, and stderr
+says so. The download itself is ``p2p.peer.download`` (or whatever the shell
 was given), drawing a progress bar when stdout is a terminal. The
 destination is checked before anyone is asked anything. A running download
 can be cancelled (QUIT, Ctrl-C, SIGTERM).
@@ -24,14 +28,11 @@ from twisted.internet.defer import Deferred
 from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
+from p2p.client.indexer_client import UnknownOperation
 from p2p.client.progress import ProgressBar
 from p2p.client.session import Session, reason
+from p2p.peer.download import ContentMismatch, Expected
 from p2p.tls import FingerprintMismatch, is_fingerprint
-
-try:
-    from p2p.client.indexer_client import UnknownOperation
-except ImportError:  # an indexer client without the extension ops' error
-    from p2p.client.indexer_client import ReplyCut as UnknownOperation
 
 
 class GetFile:
@@ -86,9 +87,15 @@ class GetFile:
             self.output.line(results.GET_FILE_FAIL)
             return
         host, port, fingerprint = address
+        expected = yield self._published(user, owner, remote)
         bar = _LazyProgress(self.output.progress_stream(), f"{remote} from {owner}")
-        # Only a claimed owner's download is TLS; a fake download need not know the keyword.
-        checked = {} if fingerprint is None else {"expected_fingerprint": fingerprint}
+        # Only a claimed owner's download is TLS, only a published hash is checked;
+        # a fake download need not know the keywords.
+        checked: dict[str, Any] = {}
+        if fingerprint is not None:
+            checked["expected_fingerprint"] = fingerprint
+        if expected is not None:
+            checked["expected"] = expected
         self._current = self.download(
             host,
             port,
@@ -104,9 +111,19 @@ class GetFile:
         except self.no_such_file:
             bar.finish()
             self.output.line(results.GET_FILE_NO_FILE)
-            self.output.note(f"GET_FILE: {owner} has no file {remote} to share")
+            changed = (
+                " (or its copy changed since it was published and is being published "
+                "again: try again shortly)"
+                if expected is not None
+                else ""
+            )
+            self.output.note(f"GET_FILE: {owner} has no file {remote} to share{changed}")
             return
         except Exception as exc:
+            if isinstance(exc, ContentMismatch):
+                bar.finish()
+                self._fail(f"what {owner} sent is not what {owner} published: {reason(exc)}")
+                return
             if _wrong_key(exc):
                 bar.finish()
                 self._fail(
@@ -121,6 +138,30 @@ class GetFile:
             self._current = None
         bar.finish()
         self.output.line(results.GET_FILE_OK)
+        if expected is None:
+            self.output.note(
+                f"GET_FILE: {owner} published no SHA-256 of {remote} (a classic client or "
+                "indexer): what arrived is unverified"
+            )
+
+    @defer.inlineCallbacks
+    def _published(self, user: str, owner: str, remote: str):
+        """What ``owner`` published of ``remote`` (``LIST_FILES``): an :class:`Expected`
+        with its SHA-256, or None when none was published or cannot be known."""
+        try:
+            code, rows = yield self.session.indexer.request("LIST_FILES", user, owner)
+        except UnknownOperation:
+            return None
+        except Exception as exc:
+            self.output.note(f"GET_FILE: LIST_FILES could not be asked: {reason(exc)}")
+            return None
+        if code != wire.OK or rows is None:
+            return None
+        for name, _description, size, sha256 in rows:
+            if name == remote and field_problem(sha256, wire.FieldKind.SHA256) is None:
+                known = field_problem(size, wire.FieldKind.SIZE) is None
+                return Expected(int(size) if known else None, sha256)
+        return None
 
     @defer.inlineCallbacks
     def _find_peer(self, user: str, owner: str):

@@ -37,7 +37,13 @@ from p2p.client.time_client import advanced
 from p2p.keepalive import keep_alive
 
 #: Fields per row of the listings that follow code 0.
-LISTING_COLUMNS: dict[str, int] = {"LIST_USERS": 3, "LIST_CONTENT": 2, "LIST_PEERS": 4}
+LISTING_COLUMNS: dict[str, int] = {
+    "LIST_USERS": 3,
+    "LIST_CONTENT": 2,
+    "LIST_PEERS": 4,
+    "LIST_FILES": 4,
+    "SEARCH": 6,
+}
 #: Replies with a fixed number of fields (no count) after code 0: the lease in seconds.
 FIXED_FIELDS: dict[str, int] = {"ALIVE": 1, "HOLD": 1}
 #: Operations stamped without asking the time service: a heartbeat comes every few
@@ -332,6 +338,8 @@ class IndexerClient:
         self.idle = idle
         #: True once the indexer is known to speak only the classic protocol.
         self.classic = not use_tls
+        #: Extension operations the indexer closed on unanswered: not asked again.
+        self.unknown_ops: set[str] = set()
         #: The last DATETIME from ``timestamp`` and the reactor time it came at.
         self._stamped: tuple[str, float] | None = None
         self._channels: dict[str | None, _Channel] = {}
@@ -350,6 +358,8 @@ class IndexerClient:
         """
         if op not in wire.OPS:
             raise ValueError(f"unknown indexer operation {op!r}")
+        if op in self.unknown_ops:
+            raise UnknownOperation(f"the indexer at {self.where} does not know {op}")
         if identity is KEPT:
             identity = self.home.identity(user) if self.home is not None else None
         if op in ESTIMATED_STAMP_OPS:
@@ -407,6 +417,7 @@ class IndexerClient:
 
     def _unanswered(self, op: str) -> IndexerError:
         if op not in wire.CLASSIC_OPS:
+            self.unknown_ops.add(op)  # an indexer does not learn operations mid-session
             return UnknownOperation(f"the indexer at {self.where} does not know {op}")
         return _cut()
 

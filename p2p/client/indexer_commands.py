@@ -1,5 +1,10 @@
 """The commands that ask the indexer: REGISTER, UNREGISTER, CONNECT, DISCONNECT,
-PUBLISH, DELETE, LIST_USERS, LIST_CONTENT.
+PUBLISH, DELETE, LIST_USERS, LIST_CONTENT, SEARCH.
+
+PUBLISH sends the file's size and SHA-256 (``PUBLISH_FILE``, computed off the
+reactor and cached), LIST_CONTENT asks ``LIST_FILES`` to show sizes; against an
+indexer that does not know them (a classic one) they fall back to ``PUBLISH``
+and ``LIST_CONTENT`` (protocol.md 8.4), and SEARCH fails with a note.
 
 Each checks its arguments locally (a name the protocol cannot carry, no
 connected user), asks the indexer, prints the outcome line of
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -22,7 +28,8 @@ from twisted.internet.defer import Deferred
 from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
-from p2p.client.indexer_client import IndexerKeyChanged
+from p2p.client.content import Claim
+from p2p.client.indexer_client import IndexerKeyChanged, UnknownOperation
 from p2p.client.session import Session, quietly, reason
 from p2p.tls import Identity
 
@@ -33,6 +40,8 @@ class IndexerCommands:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.output = session.output
+        #: Extension operations already said (on stderr) to be unknown to the indexer.
+        self._noted: set[str] = set()
 
     def table(self) -> dict[str, Callable[..., Deferred]]:
         """Command name -> what runs it, for the shell's dispatch."""
@@ -44,32 +53,48 @@ class IndexerCommands:
             "DELETE": self.delete,
             "LIST_USERS": self.list_users,
             "LIST_CONTENT": self.list_content,
+            "SEARCH": self.search,
             "DISCONNECT": self.disconnect,
         }
 
     # --- helpers --------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _ask(self, op: str, user: str, *args: str | int, **how: Any):
-        """Ask the indexer; print the outcome line; fire with ``(code, rows)``.
+    def _ask(self, op: str, user: str, *args: str | int, command: str | None = None, **how: Any):
+        """Ask the indexer; print the outcome line of ``command`` (default ``op``);
+        fire with ``(code, rows)``.
 
         ``code`` is None when the indexer could not be asked or answered badly.
-        ``how`` goes to the indexer client (``identity=``).
+        ``UnknownOperation`` (an extension the indexer does not know) is raised,
+        nothing printed: the caller falls back. ``how`` goes to the indexer
+        client (``identity=``).
         """
+        command = command or op
         try:
             code, rows = yield self.session.indexer.request(op, user, *args, **how)
         except IndexerKeyChanged:
-            self.output.line(results.fail_line(op))  # the client has said why, and the fix
+            self.output.line(results.fail_line(command))  # the client has said why, and the fix
             return None, None
+        except UnknownOperation:
+            if op in wire.CLASSIC_OPS:
+                raise AssertionError(f"{op} is classic") from None
+            raise
         except Exception as exc:
-            self.output.line(results.fail_line(op))
-            self.output.note(f"{op}: the indexer could not be asked: {reason(exc)}")
+            self.output.line(results.fail_line(command))
+            self.output.note(f"{command}: the indexer could not be asked: {reason(exc)}")
             return None, None
-        self.output.line(results.outcome_line(op, code))
-        if code not in results.OUTCOMES[op][0]:
-            hint = results.HINTS.get(op, "")
-            self.output.note(f"{op}: the indexer refused the request (code {code}){hint}")
+        self.output.line(results.outcome_line(command, code))
+        if code not in results.OUTCOMES[command][0]:
+            hint = results.HINTS.get(command, "")
+            self.output.note(f"{command}: the indexer refused the request (code {code}){hint}")
         return code, rows
+
+    def _classic_note(self, op: str, consequence: str) -> None:
+        """Say once per shell that the indexer does not know ``op``, and what follows."""
+        if op not in self._noted:
+            self._noted.add(op)
+            where = getattr(self.session.indexer, "where", "the indexer")
+            self.output.note(f"note: the indexer at {where} does not know {op}: {consequence}")
 
     def _refused(self, op: str, value: str, kind: wire.FieldKind = wire.FieldKind.NAME) -> bool:
         """Print the plain FAIL line if ``value`` cannot travel as a ``kind``; True if so."""
@@ -164,7 +189,8 @@ class IndexerCommands:
             self.output.line(results.fail_line("CONNECT"))
             self.output.note(f"CONNECT: {reason(exc)}")
             return
-        extra = {"identity": identity} if _takes(session.server_factory, "identity") else {}
+        wanted = {"identity": identity, "is_current": session.is_current}
+        extra = {k: v for k, v in wanted.items() if _takes(session.server_factory, k)}
         server = session.server_factory(
             session.share_dir, session.is_published, reactor=session.reactor, **extra
         )
@@ -211,18 +237,62 @@ class IndexerCommands:
 
     @defer.inlineCallbacks
     def publish(self, name: str, description: str):
+        """PUBLISH_FILE with the file's size and SHA-256 (classic PUBLISH when it cannot
+        be read, or the indexer does not know PUBLISH_FILE)."""
         user = self._need_user("PUBLISH")
         if user is None or self._refused("PUBLISH", name):
             return
         if self._refused("PUBLISH", description, wire.FieldKind.TEXT):
             return
-        self._warn_if_not_shared(name)
-        code, _rows = yield self._ask("PUBLISH", user, name, description)
-        if code in (wire.OK, wire.PUBLISH.own):
-            session = self.session
-            self._home("PUBLISH", lambda: session.home.add_published(user, session.share_dir, name))
+        session = self.session
+        path = self._shared_file(name)
+        found = None
+        if path is not None and "PUBLISH_FILE" not in self._noted:
+            try:
+                found = yield session.content.identify(path)
+            except OSError as exc:
+                self.output.note(
+                    f"PUBLISH: cannot read {name} ({reason(exc)}): published without its "
+                    "size and SHA-256, so downloads of it cannot be verified"
+                )
+        code = None
+        if found is not None:
+            try:
+                code, _rows = yield self._ask(
+                    "PUBLISH_FILE",
+                    user,
+                    name,
+                    description,
+                    found.size,
+                    found.sha256,
+                    "new",
+                    command="PUBLISH",
+                )
+            except UnknownOperation:
+                self._classic_note(
+                    "PUBLISH_FILE",
+                    "files are published without size and SHA-256 (classic PUBLISH), "
+                    "so downloads of them cannot be verified",
+                )
+                found = None
+        if found is None:
+            code, _rows = yield self._ask("PUBLISH", user, name, description)
+        if code == wire.OK:
+            claim = Claim(description, found) if found is not None else None
+            self._home(
+                "PUBLISH", lambda: session.home.add_published(user, session.share_dir, name, claim)
+            )
+        elif code == wire.PUBLISH.own:  # published before: keep what was recorded of it
 
-    def _warn_if_not_shared(self, name: str) -> None:
+            def keep() -> None:
+                if name not in session.home.published(user, session.share_dir):
+                    session.home.add_published(user, session.share_dir, name)
+
+            self._home("PUBLISH", keep)
+
+    def _shared_file(self, name: str) -> Path | None:
+        """The file ``name`` names in the share directory; None, with a warning, if
+        it is outside it or is not a regular file (yet)."""
         root = self.session.share_dir.resolve()
         path = (root / name).resolve()
         if not path.is_relative_to(root) or path == root:
@@ -234,6 +304,9 @@ class IndexerCommands:
             self.output.note(
                 f"PUBLISH: warning: there is no file {name} in the share directory {root} (yet)"
             )
+        else:
+            return path
+        return None
 
     @defer.inlineCallbacks
     def delete(self, name: str):
@@ -259,13 +332,36 @@ class IndexerCommands:
 
     @defer.inlineCallbacks
     def list_content(self, owner: str):
+        """LIST_FILES, to show sizes; LIST_CONTENT (sizes ``-``) if the indexer does not know it."""
         user = self._need_user("LIST_CONTENT")
         if user is None or self._refused("LIST_CONTENT", owner):
             return
-        code, rows = yield self._ask("LIST_CONTENT", user, owner)
+        try:
+            code, rows = yield self._ask("LIST_FILES", user, owner, command="LIST_CONTENT")
+        except UnknownOperation:
+            self._classic_note("LIST_FILES", "listings show no sizes")
+            code, rows = yield self._ask("LIST_CONTENT", user, owner)
+            rows = [(name, text, wire.UNKNOWN, wire.UNKNOWN) for name, text in rows or ()]
         if code == wire.OK:
-            for name, description in rows:
-                self.output.line(results.content_row(name, description))
+            for name, description, size, _sha256 in rows:
+                self.output.line(results.content_row(name, size, description))
+
+    @defer.inlineCallbacks
+    def search(self, limit: str, words: str):
+        """SEARCH: the hits, best first; ``c> SEARCH FAIL`` from an indexer without it."""
+        user = self._need_user("SEARCH")
+        if user is None or self._refused("SEARCH", words, wire.FieldKind.WORDS):
+            return
+        try:
+            code, rows = yield self._ask("SEARCH", user, words, limit)
+        except UnknownOperation:
+            self.output.line(results.fail_line("SEARCH"))
+            where = getattr(self.session.indexer, "where", "the indexer")
+            self.output.note(f"SEARCH: the indexer at {where} does not support search")
+            return
+        if code == wire.OK:
+            for owner, name, description, size, _sha256, copies in rows:
+                self.output.line(results.search_row(owner, name, size, description, copies))
 
 
 def _takes(factory: Callable[..., Any], keyword: str) -> bool:

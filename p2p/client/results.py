@@ -64,12 +64,22 @@ OUTCOMES: dict[str, tuple[dict[int, str], str]] = {
         no_user="DISCONNECT FAIL / USER DOES NOT EXIST",
         not_connected="DISCONNECT FAIL / USER NOT CONNECTED",
     ),
+    "SEARCH": _outcomes(
+        "SEARCH",
+        "SEARCH FAIL",
+        no_user="SEARCH FAIL, USER DOES NOT EXIST",
+        not_connected="SEARCH FAIL, USER NOT CONNECTED",
+    ),
 }
+#: The extensions that answer for a classic operation print that operation's lines.
+OUTCOMES["PUBLISH_FILE"] = OUTCOMES["PUBLISH"]
+OUTCOMES["LIST_FILES"] = OUTCOMES["LIST_CONTENT"]
 
 #: Extra words for a human when an operation gets its "any other error" code.
 HINTS = {
     "UNREGISTER": "; a connected user cannot be unregistered, DISCONNECT it first",
     "CONNECT": "; the port sent may be unacceptable",
+    "SEARCH": "; a query needs a word of letters or digits",
 }
 
 GET_FILE_OK = "c> GET_FILE OK"
@@ -98,9 +108,19 @@ def user_row(name: str, ip: str, port: str) -> str:
     return f"\t{shown(name)} {shown(ip)} {shown(port)}"
 
 
-def content_row(name: str, description: str) -> str:
-    """One LIST_CONTENT row, tab-indented, the description in double quotes."""
-    return f'\t{shown(name)} "{shown(description, keep_tab=True)}"'
+def content_row(name: str, size: str, description: str) -> str:
+    """One LIST_CONTENT row, tab-indented: name, size (``-``: unknown), the description
+    in double quotes."""
+    return f'\t{shown(name)} {shown(size)} "{shown(description, keep_tab=True)}"'
+
+
+def search_row(owner: str, name: str, size: str, description: str, copies: str) -> str:
+    """One SEARCH hit, tab-indented: as a LIST_CONTENT row after its owner, and how many
+    connected users have the same content when more than one does."""
+    row = f"\t{shown(owner)} {content_row(name, size, description)[1:]}"
+    if copies.isdigit() and int(copies) > 1:
+        row += f" ({int(copies)} users have it)"
+    return row
 
 
 def shown(text: str, keep_tab: bool = False) -> str:

@@ -4,8 +4,11 @@ and the local state (identities, what was published from here) in its home.
 The commands read and change this state; the peer server asks
 :meth:`Session.is_published` before serving a file, which reads the record of
 what this client published (never the indexer's listing: anyone could publish
-in a user's name there). A shell has at most one connected user (protocol.md
-section 5).
+in a user's name there), then :meth:`Session.is_current`: a file that changed
+since its size and SHA-256 were published is refused, hashed again off the
+reactor and published again (``PUBLISH_FILE`` mode ``replace``), so this peer
+never serves bytes that fail a downloader's check. A shell has at most one
+connected user (protocol.md section 5).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2p import wire
+from p2p.client import content
+from p2p.client.content import Claim, Stamp
 from p2p.client.home import Home
+from p2p.client.indexer_client import UnknownOperation
 
 
 class Output(Protocol):
@@ -79,6 +85,10 @@ class Session:
         #: Renews the connected user's lease (``p2p.client.lease.Lease``, set by the shell):
         #: ``start()`` when a user connects, ``stop()`` before it goes.
         self.lease: Any = None
+        #: Sizes and SHA-256 of the files published from here, computed off the reactor.
+        self.content = content.for_reactor(self.home.content_cache_file, reactor)
+        #: Names being hashed and published again because they changed (one at a time each).
+        self.refreshing: dict[str, Deferred] = {}
 
     def is_published(self, name: str) -> bool:
         """Whether the peer server may serve ``name``: the connected user published it
@@ -91,6 +101,68 @@ class Session:
         except Exception:
             self.log.failure("cannot read what {user} published", user=user)
             return False
+
+    def is_current(self, name: str, st: Any) -> bool:
+        """Whether the file ``name``, as ``st`` (its ``os.stat_result``) shows it, is still
+        what the connected user published. If not, it is hashed and published again
+        (:meth:`republish`) and False is returned: the request is refused meanwhile."""
+        user = self.user
+        if user is None:
+            return False
+        try:
+            claim = self.home.claim(user, self.share_dir, name)
+        except Exception:
+            self.log.failure("cannot read what {user} published", user=user)
+            return False
+        if claim is None or Stamp.of(st) == claim.content.stamp:
+            return True  # nothing was claimed of it (classic PUBLISH), or unchanged
+        self.republish(user, name, claim)
+        return False
+
+    def republish(self, user: str, name: str, claim: Claim) -> Deferred:
+        """Hash ``name`` again and publish it again with its new size and SHA-256;
+        fires when done (at most one at a time per name)."""
+        running = self.refreshing.get(name)
+        if running is not None:
+            return running
+        self.output.note(
+            f"{name} changed since {user} published it: refusing it to peers until it is "
+            "hashed and published again"
+        )
+        d = self._republish(user, name, claim)
+        self.refreshing[name] = d
+        d.addErrback(lambda f: self.log.failure("publishing {name} again", f, name=name))
+        d.addBoth(lambda _: self.refreshing.pop(name, None))
+        return d
+
+    @defer.inlineCallbacks
+    def _republish(self, user: str, name: str, claim: Claim):
+        try:
+            found = yield self.content.identify(self.share_dir / name)
+        except OSError as exc:
+            self.output.note(f"{name} cannot be read to publish it again: {reason(exc)}")
+            return
+        text = claim.description
+        new_claim: Claim | None = Claim(text, found)
+        try:
+            code, _rows = yield self.indexer.request(
+                "PUBLISH_FILE", user, name, text, found.size, found.sha256, "replace"
+            )
+        except UnknownOperation:  # the indexer no longer knows it: DELETE, then PUBLISH
+            yield self.indexer.request("DELETE", user, name)
+            code, _rows = yield self.indexer.request("PUBLISH", user, name, text)
+            new_claim = None
+        except Exception as exc:
+            self.output.note(f"{name} could not be published again: {reason(exc)}")
+            return
+        if code != wire.OK:
+            self.output.note(f"{name} could not be published again: the indexer answered {code}")
+            return
+        if self.user == user:
+            self.home.add_published(user, self.share_dir, name, new_claim)
+        self.output.note(
+            f"{name} published again by {user}: {found.size} bytes, SHA-256 {found.sha256}"
+        )
 
     def go_online(self, user: str, server: Any, port: int | None = None) -> None:
         """``user`` is connected and ``server`` serves its files on ``port``."""

@@ -16,6 +16,12 @@ a transfer that makes no progress for ``idle_timeout`` (a stalled downloader)
 is dropped too. The file is streamed by a pull producer (``sender.py``), so a
 slow downloader never makes this process hold more than one chunk of the file.
 
+Given ``is_current(name, stat_result)``, a published file is served only while
+it is still what was published: for a file whose size and SHA-256 were
+published (protocol.md section 8) and that changed since, it answers False and
+the request gets 1, as for a file that is not shared; the client meanwhile
+hashes the file again and publishes it again (``p2p.client.session``).
+
 Given an identity (the user this shell is connected as), the same port also
 speaks TLS (extension, protocol.md "TLS, claimed names, LIST_PEERS"): a
 connection whose first byte starts a TLS handshake gets a TLS 1.3 server
@@ -197,6 +203,11 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             self._note("{op} {name!r}: {exc}", op=op, name=name, exc=exc)
             self._reply(wire.PEER_ERROR)
             return
+        if not self._current(name, fd):
+            os.close(fd)
+            self._note("{op} {name!r} changed since it was published", op=op, name=name)
+            self._reply(wire.PEER_NO_FILE)
+            return
         header = wire.encode_code(wire.PEER_OK)
         offset = 0
         if op == wire.FETCH:
@@ -210,6 +221,17 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
                 return
             header += wire.encode_field(size)
         self._send(fd, offset, size, header, name)
+
+    def _current(self, name: str, fd: int) -> bool:
+        """Whether the open file is still what was published (True without a check)."""
+        check = self.server.is_current
+        if check is None:
+            return True
+        try:
+            return bool(check(name, os.fstat(fd)))
+        except Exception:
+            self.log.failure("is_current({name!r}) raised", name=name)
+            return False
 
     # --- transfer ----------------------------------------------------------
 
@@ -280,6 +302,8 @@ class PeerServer:
 
     With ``identity`` (the user's :class:`p2p.tls.Identity`) the port serves
     TLS as that user beside classic plaintext; without it, plaintext only.
+    ``is_current(name, stat_result)``: False refuses a published file that
+    changed since it was published (answered 1).
     """
 
     def __init__(
@@ -295,11 +319,14 @@ class PeerServer:
         max_per_source: int = DEFAULT_MAX_PER_SOURCE,
         use_sendfile: bool = True,
         identity: tls.Identity | None = None,
+        is_current: Callable[[str, os.stat_result], bool] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.share_dir = Path(share_dir)
         self.is_published = is_published
+        #: Whether an open published file is still what was published (None: not checked).
+        self.is_current = is_current
         self.reactor = reactor
         self.request_timeout = request_timeout
         self.request_deadline = request_deadline

@@ -111,6 +111,28 @@ class ServerUnitTests(TestCase):
         self.assertEqual(reply, bytes([wire.PEER_ERROR]))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_a_file_changed_since_published_is_refused_as_not_shared(self) -> None:
+        seen: list[tuple[str, int]] = []
+
+        def is_current(name: str, st: os.stat_result) -> bool:
+            seen.append((name, st.st_size))
+            return name != "hello.txt"
+
+        self.server.is_current = is_current
+        for op in (("GET_FILE", "hello.txt"), ("FETCH", "hello.txt", 0)):
+            reply, transport = self.request(wire.encode_fields(*op))
+            self.assertEqual(reply, bytes([wire.PEER_NO_FILE]), op)
+            self.assertTrue(transport.disconnecting)
+        # The check sees the opened file; an unchanged one is served as before.
+        self.assertEqual(seen, [("hello.txt", 11)] * 2)
+        reply, _ = self.request(wire.encode_fields("FETCH", "empty", 0))
+        self.assertEqual(reply, b"\x000\x00")
+        # A check that raises is "any other error", logged, nothing served.
+        self.server.is_current = lambda name, st: 1 / 0
+        reply, _ = self.request(wire.encode_fields("GET_FILE", "hello.txt"))
+        self.assertEqual(reply, bytes([wire.PEER_ERROR]))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_bad_name_is_error(self) -> None:
         for name in (b"a b", b"\xff\xfe", b"x" * (wire.MAX_NAME + 1)):
             reply, transport = self.request(b"GET_FILE\0" + name + b"\0")

@@ -203,8 +203,12 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             self._note("{op} {name!r}: {exc}", op=op, name=name, exc=exc)
             self._reply(wire.PEER_ERROR)
             return
-        if not self._current(name, fd):
+        current = self._current(name, fd)
+        if current is not True:
             os.close(fd)
+            if current is None:
+                self._reply(wire.PEER_ERROR)
+                return
             self._note("{op} {name!r} changed since it was published", op=op, name=name)
             self._reply(wire.PEER_NO_FILE)
             return
@@ -222,8 +226,9 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             header += wire.encode_field(size)
         self._send(fd, offset, size, header, name)
 
-    def _current(self, name: str, fd: int) -> bool:
-        """Whether the open file is still what was published (True without a check)."""
+    def _current(self, name: str, fd: int) -> bool | None:
+        """Whether the open file is still what was published (True without a check);
+        None if the check failed."""
         check = self.server.is_current
         if check is None:
             return True
@@ -231,7 +236,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             return bool(check(name, os.fstat(fd)))
         except Exception:
             self.log.failure("is_current({name!r}) raised", name=name)
-            return False
+            return None
 
     # --- transfer ----------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The shell in a terminal (a pseudo-terminal here): the download progress bar,
+"""The shell in a terminal (a pseudo-terminal here): downloads in the background
+with a status area under the prompt, DOWNLOADS and CANCEL, Ctrl-C, Ctrl-D and QUIT,
 and line editing over non-ASCII text.
 """
 
@@ -23,10 +24,12 @@ from tests.test_client_interop import ClassicIndexer
 PROMPT = b"\x1b[4hc> "
 #: Replace mode (insert mode off).
 INSERT_OFF = b"\x1b[4l"
-#: One redraw of the bar: label, bar, percentage, bytes, rate and time left.
+#: One status line: label, bar, percentage, bytes, rate and time left.
 BAR = re.compile(
-    r"f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
+    r"\[1\] f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
 )
+#: A status line as drawn under the prompt line, up to the move back up to it.
+STATUS = re.compile(rb"\r\n(\[1\] f\.bin from slow  [^\r\n\x1b]*)\x1b\[1A")
 
 
 class _TricklingPeer(protocol.Protocol):
@@ -104,48 +107,66 @@ class TerminalCase(TestCase):
         self.indexer.users["slow"] = {"addr": ("127.0.0.1", str(peer.getHost().port)), "files": {}}
 
 
-class ProgressBarTests(TerminalCase):
-    @defer.inlineCallbacks
-    def test_progress_bar_then_a_clean_result_line(self):
-        self.resize(80)
-        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
-        bars = yield self.download_with_a_bar()
-        self.assertTrue(any(BAR.fullmatch(bar) for bar in bars), bars)
-        self.assertGreater(len(bars), 2, "redrawn as bytes arrive")
+class BackgroundDownloadTests(TerminalCase):
+    """GET_FILE returns to the prompt; progress shows in a status area under it."""
 
     @defer.inlineCallbacks
-    def download_with_a_bar(self):
-        """GET_FILE from a slow peer; checks the screen; fires with the bars drawn."""
-        self.slow_peer()
+    def connected(self, pieces: int = _TricklingPeer.PIECES):
+        self.slow_peer(pieces)
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
         yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+
+    @defer.inlineCallbacks
+    def test_status_area_then_a_clean_result_line(self):
+        self.resize(100)
+        yield self.connected()
         start = len(self.raw)
         yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "c> GET_FILE OK\r\n")
-        shown = self.raw[start:]
         self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
-        # The bar is redrawn in place (\r), never wider than the terminal.
-        _echo, drawn = shown.split(b"\r\n", 1)
-        # The terminal is in replace mode while the command runs (in insert mode, each
-        # \r redraw would push the last one right), in insert mode again at the prompt.
-        self.assertLess(
-            self.raw.rfind(b"\x1b[4h", 0, start), self.raw.rfind(INSERT_OFF, 0, start + 40)
-        )
-        self.assertNotIn(b"\x1b[4h", drawn.split(b"c> GET_FILE OK")[0])
-        yield poll_until(lambda: self.raw.endswith(PROMPT), what="the prompt, in insert mode")
-        # The result line starts at the line's start, after the bar was erased.
-        redraws, _after = drawn.split(b"\rc> GET_FILE OK\r\n", 1)
-        bars = [seg.decode().rstrip() for seg in redraws.split(b"\r") if seg.strip()]
-        self.assertEqual(redraws.split(b"\r")[-1].strip(), b"", "the bar is erased")
-        self.assertLessEqual(max(map(len, bars)), 79)
-        return bars
+        shown = self.raw[start:]
+        # The prompt came back at once, before any byte arrived, under the entered line.
+        echo, rest = shown.split(b"\r\n", 1)
+        self.assertIn(b"GET_FILE slow f.bin f.bin", echo)
+        self.assertLess(rest.find(PROMPT), rest.find(b"%"))
+        # Status lines under the prompt, redrawn as bytes arrive, never wider than the
+        # terminal; each followed by a move back up to the prompt line.
+        bars = [m.decode() for m in STATUS.findall(shown)]
+        self.assertGreater(len(bars), 2, shown)
+        self.assertTrue(any(BAR.search(bar) for bar in bars), bars)
+        self.assertLessEqual(max(map(columns_of, bars)), 99)
+        # The result line is printed above the prompt, after the status area was erased;
+        # then the prompt is drawn again, and no status line is left under it.
+        before, _after = shown.rsplit(b"c> GET_FILE OK\r\n", 1)
+        self.assertTrue(before.endswith(b"\r\x1b[J" + INSERT_OFF), before[-40:])
+        yield poll_until(lambda: self.raw.endswith(b"\r\x1b[J" + PROMPT), what="a bare prompt")
+        self.assertIn(b"saved as " + str(self.cwd / "f.bin").encode(), self.raw)
 
     @defer.inlineCallbacks
-    def test_the_bar_fits_a_narrow_terminal(self):
-        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
-        self.resize(50)
-        yield self.download_with_a_bar()
-        bars = self.raw.split(b"GET_FILE slow")[-1].split(b"\r")
-        self.assertLessEqual(max(len(seg.decode().rstrip()) for seg in bars), 49)
-        self.assertIn("f.bin f…".encode(), self.raw)
+    def test_commands_answer_while_a_download_runs_and_the_typed_line_stays(self):
+        yield self.connected(pieces=1000)  # 50 s or more: far longer than the test
+        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "[1] f.bin from slow  ")
+        yield self.type_keys(b"LIST_USERS\r", "c> LIST_USERS OK")
+        self.assertIn(b"\tslow 127.0.0.1", self.raw)
+        # A half-typed line is drawn again, whole, with every status redraw.
+        self.proc.write(b"LIST_US")
+        mark = len(self.raw)
+        redrawn = re.compile(re.escape(PROMPT) + rb"LIST_US\r+\n\[1\] f\.bin")
+        yield poll_until(
+            lambda: len(redrawn.findall(self.raw, mark)) >= 2,
+            what="status redraws keeping the typed line",
+        )
+        yield self.type_keys(b"ERS\r", "c> LIST_USERS OK", 2)
+        # DOWNLOADS: one line per transfer, with progress and rate.
+        yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK")
+        yield poll_until(lambda: re.search(rb"\t\[1\] f\.bin from slow  +\d+%", self.raw))
+        self.assertNotRegex(self.raw, rb"c> GET_FILE (OK|FAIL)")
+        # CANCEL: the FAIL line, and nothing left at the destination.
+        yield self.type_keys(b"CANCEL 1\r", "c> CANCEL OK")
+        self.assertIn(b"c> GET_FILE FAIL\r\n", self.raw)
+        self.assertEqual(list(self.cwd.iterdir()), [])
+        yield self.type_keys(b"CANCEL 1\r", "c> CANCEL FAIL, NO SUCH DOWNLOAD")
+        yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK", 2)
+        self.assertFalse(self.proc.exited)
 
     def resize(self, columns: int, rows: int = 24) -> None:
         """Set the pty's size, as a terminal window does."""
@@ -203,21 +224,47 @@ class EditingTests(TerminalCase):
 
 
 class InterruptTests(TerminalCase):
-    """Ctrl-C in the middle of a download."""
+    """Ctrl-C clears the line; Ctrl-D and QUIT quit, saying what they cancel."""
 
     @defer.inlineCallbacks
-    def test_ctrl_c_mid_download(self):
-        self.slow_peer(pieces=1000)  # 20 s or more: Ctrl-C comes long before the end
+    def test_ctrl_c_clears_the_line_and_the_download_goes_on(self):
+        self.slow_peer(pieces=32)  # about 1.6 s
         yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
         yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
-        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "f.bin from slow")
-        self.proc.write(b"\x03")
+        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "[1] f.bin from slow")
+        yield self.type_keys(b"REGISTER bo\x03", "^C")
+        yield self.type_keys(b"\x03LIST_USERS\r", "c> LIST_USERS OK")
+        yield self.type_keys(b"", "c> GET_FILE OK")
+        self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
+        self.assertFalse(self.proc.exited)
+        ops = [r.split(b"\0")[0] for r in self.indexer.requests]
+        self.assertEqual(ops, [b"REGISTER", b"CONNECT", b"LIST_USERS", b"LIST_USERS"])
+        self.assertIsNotNone(self.indexer.users["alice"]["addr"])
+        self.proc.write(b"\x04")
         code = yield deadline(self.proc.ended)
         self.assertEqual(code, 0, self.raw)
-        self.assertIn(b"\rc> GET_FILE FAIL\r\n", self.raw)
+        self.assertIsNone(self.indexer.users["alice"]["addr"])
+
+    @defer.inlineCallbacks
+    def quit_mid_download(self, keys: bytes):
+        self.slow_peer(pieces=1000)  # 50 s or more: the quit comes long before the end
+        yield self.type_keys(b"REGISTER alice\r", "c> REGISTER OK")
+        yield self.type_keys(b"CONNECT alice\r", "c> CONNECT OK")
+        yield self.type_keys(b"GET_FILE slow f.bin f.bin\r", "[1] f.bin from slow")
+        self.proc.write(keys)
+        code = yield deadline(self.proc.ended)
+        self.assertEqual(code, 0, self.raw)
+        self.assertIn(b"quitting with 1 download running: cancelled", self.raw)
+        self.assertIn(b"c> GET_FILE FAIL\r\n", self.raw)
         self.assertEqual(list(self.cwd.iterdir()), [])
         self.assertIsNone(self.indexer.users["alice"]["addr"])
         self.assertTrue(self.raw.endswith(INSERT_OFF), self.raw[-60:])
+
+    def test_ctrl_d_mid_download(self):
+        return self.quit_mid_download(b"\x04")
+
+    def test_quit_mid_download(self):
+        return self.quit_mid_download(b"QUIT\r")
 
     @defer.inlineCallbacks
     def test_the_terminal_is_left_in_replace_mode(self):

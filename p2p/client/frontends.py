@@ -6,9 +6,10 @@ Two input front ends over ``twisted.internet.stdio.StandardIO``:
   plain lines, so scripts can drive the shell; end of input quits.
 - :class:`TerminalInput`, a ``twisted.conch.recvline.HistoricRecvLine`` behind an
   ``insults.ServerProtocol`` with the terminal in raw mode (twisted.conch.stdio's
-  approach): the line can be edited and history recalled with the arrow keys;
-  Ctrl-C and Ctrl-D (on an empty line) quit. :func:`raw_terminal` restores the
-  terminal at exit.
+  approach): the line can be edited and history recalled with the arrow keys,
+  running downloads show in a status area under it, and output is printed above
+  both; Ctrl-C clears the line, Ctrl-D (on an empty line) quits.
+  :func:`raw_terminal` restores the terminal at exit.
 
 Output is written synchronously, in order, with :class:`StdioOutput`: result lines
 on fd 1, notes for humans on fd 2 (the raw terminal keeps output processing on, so
@@ -30,7 +31,7 @@ from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
 from zope.interface import implementer
 
-from p2p.client.progress import columns_of
+from p2p.client.progress import columns_of, fit_line
 
 PROMPT = "c> "
 #: ECMA-48 "reset mode: IRM": the terminal back in replace mode, as it was before the shell.
@@ -68,15 +69,24 @@ class StdioOutput:
         self.stdout = stdout
         self.stderr = stderr
         self.show_progress = os.isatty(stdout)
+        #: The editable prompt, when there is one: output goes above its line and
+        #: status area, which are drawn again below it (:meth:`ShellTerminal.print_above`).
+        self.screen: ShellTerminal | None = None
 
     def _encode(self, text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
 
     def line(self, text: str) -> None:
-        write_all(self.stdout, self._encode(text + "\n"))
+        self._write(self.stdout, self._encode(text + "\n"))
 
     def note(self, text: str) -> None:
-        write_all(self.stderr, self._encode(text + "\n"))
+        self._write(self.stderr, self._encode(text + "\n"))
+
+    def _write(self, fd: int, data: bytes) -> None:
+        if self.screen is not None:
+            self.screen.print_above(fd, data)
+        else:
+            write_all(fd, data)
 
     def progress_stream(self) -> StdioOutput | None:
         return self if self.show_progress else None
@@ -163,7 +173,7 @@ class PipeInput(protocol.Protocol):
 
 
 class ShellTerminal(recvline.HistoricRecvLine):
-    """An editable, history-keeping prompt feeding the shell.
+    """An editable, history-keeping prompt feeding the shell, with a status area.
 
     ``recvline`` edits bytes: each byte is one entry of ``lineBuffer`` and one
     column on screen, so the cursor keys and Backspace split UTF-8 characters.
@@ -171,14 +181,44 @@ class ShellTerminal(recvline.HistoricRecvLine):
     (its UTF-8 bytes, combining marks joined to the character before them),
     moved over by its width on screen: 2 columns for wide (East Asian) text.
     Bytes that are not UTF-8 stay as they came (one entry each).
+
+    Under the input line, the *status area* shows one line per running download
+    (``status()`` gives their label, fraction done and parts, see
+    :mod:`~p2p.client.progress`); :meth:`refresh` redraws it at most
+    ``REFRESHES_PER_SECOND`` times a second. Output arriving meanwhile is printed
+    above both (:meth:`print_above`), so neither the line being typed nor the
+    status is disturbed. While a command runs the prompt is hidden; keys typed
+    then are kept and take effect when it comes back (typed ahead, as in a shell).
+
+    Ctrl-C clears the line being typed (it never quits); Ctrl-D on an empty line
+    calls ``quit``.
     """
 
     ps = (PROMPT.encode(), PROMPT.encode())
+    #: At most this many status lines; beyond, one line says how many more run.
+    MAX_STATUS_LINES = 4
+    REFRESHES_PER_SECOND = 5
 
-    def __init__(self, submit: Callable[[str], None], interrupt: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        submit: Callable[[str], None],
+        quit: Callable[[], None],
+        status: Callable[[], list[tuple[str, float | None, list[str]]]] = list,
+        columns: Callable[[], int | None] = lambda: None,
+        reactor=None,
+    ) -> None:
         self.submit = submit
-        self.interrupt = interrupt
+        self.quit = quit
+        self.status = status
+        self.columns = columns
+        self.reactor = reactor
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        #: The prompt and the line being typed are on screen (no command is running).
+        self.prompt_shown = False
+        #: Keys typed while the prompt was hidden, handled when it comes back.
+        self.typed_ahead = b""
+        self._last_refresh = float("-inf")
+        self._refresh_call = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -189,6 +229,93 @@ class ShellTerminal(recvline.HistoricRecvLine):
     def initializeScreen(self) -> None:
         # RecvLine resets (clears) the whole screen; a shell must not.
         self.setInsertMode()
+
+    # --- the input line and the status area under it ----------------------------
+
+    def _width(self) -> int:
+        return self.columns() or 80
+
+    def _offsets(self) -> tuple[int, int]:
+        """Columns from the prompt's start to the cursor and to the input's end."""
+        start = len(PROMPT)
+        cursor = start + self._columns(self.lineBuffer[: self.lineBufferIndex])
+        return cursor, cursor + self._columns(self.lineBuffer[self.lineBufferIndex :])
+
+    def _status_text(self, width: int) -> list[bytes]:
+        rows = self.status()
+        shown = rows
+        if len(rows) > self.MAX_STATUS_LINES:
+            shown = rows[: self.MAX_STATUS_LINES - 1]
+        lines = [fit_line(label, done, parts, width) for label, done, parts in shown]
+        if len(rows) > len(shown):
+            lines.append(f"... and {len(rows) - len(shown)} more (DOWNLOADS lists them)")
+        return [line.encode("utf-8", "surrogateescape") for line in lines]
+
+    def _erase(self) -> None:
+        """Erase the input line (when shown) and the status area; the cursor ends at
+        the first column of the row where they started."""
+        self.terminal.write(b"\r")
+        if self.prompt_shown:
+            row = self._offsets()[0] // self._width()
+            if row:
+                self.terminal.cursorUp(row)
+        self.terminal.eraseToDisplayEnd()
+
+    def _draw(self) -> None:
+        """Draw the input line (when shown) then the status area under it, and put
+        the cursor back where the typing goes."""
+        width = self._width()
+        lines = self._status_text(width)
+        if not self.prompt_shown:
+            if lines:
+                self.terminal.write(b"\r\n".join(lines))
+                if len(lines) > 1:
+                    self.terminal.cursorUp(len(lines) - 1)
+                self.terminal.write(b"\r")
+            return
+        self.terminal.setModes([insults.modes.IRM])
+        self.drawInputLine()
+        cursor, end = self._offsets()
+        if not lines:
+            self._back(end - cursor)
+            return
+        self.terminal.write(b"\r\n" + b"\r\n".join(lines))
+        last_input_row = max(end - 1, 0) // width
+        self.terminal.cursorUp(len(lines) + last_input_row - cursor // width)
+        self.terminal.write(b"\r")
+        self._forward(cursor % width)
+
+    def redraw(self) -> None:
+        """Draw the input line and status area again in place."""
+        self._erase()
+        self._draw()
+
+    def print_above(self, fd: int, data: bytes) -> None:
+        """Write ``data`` (whole lines) to ``fd`` above the input line and status area."""
+        self._erase()
+        self.terminal.resetModes([insults.modes.IRM])
+        write_all(fd, data)
+        self._draw()
+
+    def leave(self) -> None:
+        """Erase the status area (and the prompt): the shell is ending."""
+        self._erase()
+        self.prompt_shown = False
+
+    def refresh(self) -> None:
+        """The status changed: redraw it, at most ``REFRESHES_PER_SECOND`` times a second
+        (a later call is scheduled rather than dropped, so the last state shows)."""
+        if self.reactor is None:
+            self.redraw()
+            return
+        if self._refresh_call is not None and self._refresh_call.active():
+            return
+        wait = self._last_refresh + 1.0 / self.REFRESHES_PER_SECOND - self.reactor.seconds()
+        if wait > 0:
+            self._refresh_call = self.reactor.callLater(wait, self.refresh)
+            return
+        self._last_refresh = self.reactor.seconds()
+        self.redraw()
 
     def keystrokeReceived(self, keyID, modifier) -> None:
         if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:
@@ -259,32 +386,72 @@ class ShellTerminal(recvline.HistoricRecvLine):
         if buf:
             self.characterReceived(buf, False)
 
+    def handle_RETURN(self) -> None:
+        # The entered line stays on screen as typed; the status area goes under
+        # what the command prints, then under the next prompt.
+        self.handle_END()
+        self.terminal.eraseToDisplayEnd()
+        self.prompt_shown = False
+        super().handle_RETURN()
+
     def lineReceived(self, line: bytes) -> None:
         # Insert mode is for editing at the prompt only: a command's output (the
         # progress bar's \r redraws above all) must overwrite, not push text right.
         self.terminal.resetModes([insults.modes.IRM])
+        self._draw()
         self.submit(decode_line(line))
 
     def show_prompt(self) -> None:
-        """Draw the prompt and whatever has been typed so far (in insert mode)."""
-        self.terminal.setModes([insults.modes.IRM])
-        self.drawInputLine()
-        self._back(self._columns(self.lineBuffer[self.lineBufferIndex :]))
+        """Draw the prompt and whatever has been typed so far (in insert mode) with
+        the status area under it, then handle the keys typed ahead meanwhile."""
+        if self.prompt_shown:
+            return
+        self._erase()
+        self.prompt_shown = True
+        self._draw()
+        keys, self.typed_ahead = self.typed_ahead, b""
+        if keys:
+            self.terminal.dataReceived(keys)
+
+    def keys_received(self, data: bytes) -> None:
+        """Keys from the terminal: handled now at the prompt, else kept for it. A
+        Ctrl-C typed ahead drops what was typed ahead before it."""
+        if self.prompt_shown and not self.typed_ahead:
+            self.terminal.dataReceived(data)
+            return
+        self.typed_ahead += data
+        if b"\x03" in self.typed_ahead:
+            self.typed_ahead = self.typed_ahead.rpartition(b"\x03")[2]
+
+    def _replace_line(self, entries: list[bytes], index: int) -> None:
+        """Make the input line ``entries`` with the cursor before ``entries[index]``."""
+        self._erase()
+        self.lineBuffer = entries
+        self.lineBufferIndex = index
+        self._draw()
 
     def handle_INTERRUPT(self) -> None:
-        self.terminal.write(b"^C\n")
-        self.interrupt()
+        """Ctrl-C: the line being typed is left on screen, marked ``^C``, and a fresh
+        empty prompt is drawn under it (as bash does). Nothing else stops."""
+        self.handle_END()
+        self.terminal.write(b"^C")
+        self.terminal.eraseToDisplayEnd()
+        self.terminal.write(b"\r\n")
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+        self.historyPosition = len(self.historyLines)
+        self._draw()
 
     def handle_EOF(self) -> None:
         if not self.lineBuffer:
-            self.terminal.write(b"\n")
-            self.interrupt()
+            self._erase()
+            self.prompt_shown = False
+            self.terminal.resetModes([insults.modes.IRM])
+            self.quit()
 
     def handle_KILL_LINE(self) -> None:
-        self.handle_HOME()
-        self.terminal.eraseToLineEnd()
-        self.lineBuffer = []
-        self.lineBufferIndex = 0
+        """Ctrl-U: delete from the line's start to the cursor."""
+        self._replace_line(self.lineBuffer[self.lineBufferIndex :], 0)
 
 
 def _width(entry: bytes) -> int:
@@ -317,14 +484,14 @@ class _TerminalWriter:
 
 @implementer(interfaces.IHalfCloseableProtocol)
 class _KeyRelay(protocol.Protocol):
-    """Keys from stdin to the terminal protocol; end of input counts as Ctrl-D."""
+    """Keys from stdin to the prompt; end of input counts as Ctrl-D."""
 
-    def __init__(self, server: insults.ServerProtocol, end: Callable[[], None]) -> None:
-        self.server = server
+    def __init__(self, prompt: ShellTerminal, end: Callable[[], None]) -> None:
+        self.prompt = prompt
         self.end = end
 
     def dataReceived(self, data: bytes) -> None:
-        self.server.dataReceived(data)
+        self.prompt.keys_received(data)
 
     def readConnectionLost(self) -> None:
         self.end()
@@ -345,12 +512,23 @@ def attach_pipe(reactor, submit, end, note) -> PipeInput:
     return proto
 
 
-def attach_terminal(reactor, submit, interrupt) -> ShellTerminal:
-    """Read keys from the (raw) terminal on stdin into an editable prompt."""
-    server = insults.ServerProtocol(ShellTerminal, submit, interrupt)
+def attach_terminal(
+    reactor,
+    submit: Callable[[str], None],
+    quit: Callable[[], None],
+    output: StdioOutput,
+    status: Callable[[], list[tuple[str, float | None, list[str]]]] = list,
+) -> ShellTerminal:
+    """Read keys from the (raw) terminal on stdin into an editable prompt; ``output``
+    then prints above it, and ``status()`` is shown under it."""
+    server = insults.ServerProtocol(
+        ShellTerminal, submit, quit, status=status, columns=output.columns, reactor=reactor
+    )
     server.makeConnection(_TerminalWriter(1))
-    stdio.StandardIO(_KeyRelay(server, interrupt), stdin=0, stdout=_null_stdout(), reactor=reactor)
-    return server.terminalProtocol
+    prompt = server.terminalProtocol
+    output.screen = prompt
+    stdio.StandardIO(_KeyRelay(prompt, quit), stdin=0, stdout=_null_stdout(), reactor=reactor)
+    return prompt
 
 
 @contextlib.contextmanager

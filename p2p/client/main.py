@@ -2,10 +2,11 @@
 
 Wires the pieces together: options, the client's home (``$P2P_HOME``), the
 time client, the indexer client, the shell, and the input front end (an
-editable prompt in a terminal, plain lines from a pipe). Every way of ending
-(QUIT, end of input, Ctrl-C, Ctrl-D, SIGTERM) stops the reactor, and a
-before-shutdown trigger disconnects the connected user and stops the peer
-server first.
+editable prompt in a terminal, where downloads run in the background under a
+status area; plain lines from a pipe, each command ending before the next).
+Every way of ending (QUIT, end of input, Ctrl-D, SIGTERM; Ctrl-C only outside a
+terminal) stops the reactor, and a before-shutdown trigger cancels running
+downloads, disconnects the connected user and stops the peer server first.
 
 ``--export-identity USER FILE`` and ``--import-identity FILE`` move a user's
 identity between homes (machines) and exit without starting the shell.
@@ -245,8 +246,22 @@ def main(argv: list[str] | None = None) -> None:
         attach_pipe(reactor, shell.submit, shell.end_of_input, output.note)
         reactor.run()
         return
+    shell.background = True  # GET_FILE returns to the prompt; DOWNLOADS, CANCEL
+    output.show_progress = False  # the status area under the prompt shows progress
+
+    def quit_now() -> None:
+        shell.say_running()
+        stop()
+
     with raw_terminal(0):
-        terminal = attach_terminal(reactor, shell.submit, stop)
+        terminal = attach_terminal(
+            reactor, shell.submit, quit_now, output, status=shell.transfers.status_lines
+        )
+        shell.transfers.on_change = terminal.refresh
         shell.on_idle = terminal.show_prompt
         terminal.show_prompt()
-        reactor.run()
+        try:
+            reactor.run()
+        finally:
+            output.screen = None
+            terminal.leave()

@@ -26,11 +26,15 @@ from twisted.python.failure import Failure
 
 from p2p.client import commands
 from p2p.client.command_queue import CommandQueue, Quit
-from p2p.client.get_file import GetFile
 from p2p.client.home import Home
 from p2p.client.indexer_commands import IndexerCommands
 from p2p.client.lease import Lease
 from p2p.client.session import Indexer, Output, Session
+from p2p.client.transfers import COMMANDS as TRANSFER_COMMANDS
+from p2p.client.transfers import Transfers
+
+for _spec in TRANSFER_COMMANDS:  # parsed and listed by HELP like the others
+    commands.COMMANDS.setdefault(_spec.name, _spec)
 
 
 class Shell:
@@ -71,10 +75,17 @@ class Shell:
             indexer, output, share_dir, peer_listen, reactor, server_factory, home
         )
         self.session.lease = Lease(self.session)
-        self._get_file = GetFile(self.session, download, no_such_file, download_timeout)
+        self.transfers = Transfers(
+            self.session, download, no_such_file, download_timeout, clock=reactor.seconds
+        )
+        #: GET_FILE returns at once and its download runs beside the next commands
+        #: (a terminal); else each download ends before the next line runs (scripts).
+        self.background = False
         self._commands: dict[str, Callable[..., Any]] = {
             **IndexerCommands(self.session).table(),
             "GET_FILE": self._get_file,
+            "DOWNLOADS": self.transfers.downloads_command,
+            "CANCEL": self.transfers.cancel_command,
             "HELP": self._help,
             "QUIT": self._quit,
         }
@@ -134,25 +145,37 @@ class Shell:
             return None
         return self._commands[parsed.name](*parsed.args)
 
+    def _get_file(self, owner: str, remote: str, local: str) -> Deferred | None:
+        transfer = self.transfers.start(owner, remote, local)
+        return None if self.background else transfer.done
+
     def _help(self) -> None:
         for text in commands.help_text():
             self.output.line(text)
 
     @defer.inlineCallbacks
     def _quit(self):
+        self.say_running()
         yield self.shutdown()
         raise Quit()
+
+    def say_running(self) -> None:
+        """Say on stderr how many downloads are running (quitting cancels them)."""
+        count = len(self.transfers.running)
+        if count:
+            plural = "download" if count == 1 else "downloads"
+            self.output.note(f"quitting with {count} {plural} running: cancelled")
 
     # --- ending -------------------------------------------------------------
 
     def shutdown(self) -> Deferred:
-        """Cancel a running download, disconnect the connected user, stop the
+        """Cancel the running downloads, disconnect the connected user, stop the
         peer server and close the connections to the indexer (once; idempotent).
 
         Used by QUIT, end of input, Ctrl-C/Ctrl-D and SIGTERM alike.
         """
         if self._shutdown is None:
-            self._get_file.cancel()
+            self.transfers.cancel_all()
             self._shutdown = self.session.close()
             close = getattr(self.session.indexer, "close", None)
             if close is not None:

@@ -1,0 +1,167 @@
+"""Downloads as transfers: in the background (a terminal's shell), DOWNLOADS with
+progress, rate, time left or stalled, CANCEL, QUIT saying what it cancels; and the
+meter behind the progress (a recent rate, stalled after a silence).
+
+The shell runs over the real indexer in memory (``tests.test_client_shell``) with
+a fake download whose progress and end the test drives, on a memory clock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from p2p.client.progress import Meter
+from tests.test_client_shell import ShellTestCase
+
+
+class _Download:
+    """One fake download: its progress callback and the Deferred the test fires."""
+
+    def __init__(self, destination: Path, progress) -> None:
+        self.destination = destination
+        self.progress = progress
+        self.cancelled = False
+        self.result: Deferred = Deferred(self._cancel)
+
+    def _cancel(self, _d: Deferred) -> None:
+        self.cancelled = True
+
+
+class TransferTestCase(ShellTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.running: list[_Download] = []
+
+        def download(host, port, name, destination, progress=None, **_kw):
+            self.running.append(_Download(Path(destination), progress))
+            return self.running[-1].result
+
+        self.shell.transfers.download = download
+        self.connect()
+        self.assertEqual(self.indexer.other("REGISTER", "bob"), 0)
+        self.assertEqual(self.indexer.other("CONNECT", "bob", 5555, peer="10.0.0.2"), 0)
+
+
+class BackgroundTests(TransferTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.shell.background = True
+
+    def test_get_file_returns_at_once_and_prints_its_result_when_it_ends(self) -> None:
+        self.assertEqual(self.send("GET_FILE bob a.bin a.bin"), [])
+        self.assertFalse(self.shell.busy)
+        # The next command answers while the download runs.
+        self.assertEqual(self.send("LIST_USERS")[0], "c> LIST_USERS OK")
+        self.running[0].progress(10, 10)
+        self.running[0].result.callback(10)
+        self.assertEqual(self.output.lines[-1], "c> GET_FILE OK")
+        self.assertEqual(self.shell.transfers.running, {})
+
+    def test_downloads_shows_progress_rate_time_left_then_stalled(self) -> None:
+        self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
+        first, second = self.running
+        first.progress(0, 4000)
+        self.reactor.advance(1)
+        first.progress(1000, 4000)
+        self.assertEqual(
+            self.send("DOWNLOADS"),
+            [
+                "c> DOWNLOADS OK",
+                "\t[1] a.bin from bob   25%  1000 B / 3.9 KiB  1000 B/s  0:03 left",
+                "\t[2] b.bin from bob  0 B  0 B/s",
+            ],
+        )
+        # No byte for a while: stalled, and for how long, instead of a stale rate.
+        self.reactor.advance(6)
+        self.assertEqual(
+            self.send("DOWNLOADS")[1], "\t[1] a.bin from bob   25%  1000 B / 3.9 KiB  stalled 0:06"
+        )
+        first.progress(2000, 4000)
+        self.assertNotIn("stalled", self.send("DOWNLOADS")[1])
+        self.assertEqual(second.destination, Path("b.bin"))
+
+    def test_a_transfer_still_asking_the_indexer(self) -> None:
+        held = self.indexer.hold("LIST_PEERS")
+        self.send("GET_FILE bob a.bin a.bin")
+        self.assertEqual(
+            self.send("DOWNLOADS"), ["c> DOWNLOADS OK", "\t[1] a.bin from bob  asking the indexer"]
+        )
+        # Cancelled then: the download is never started.
+        self.assertEqual(self.send("CANCEL 1"), ["c> GET_FILE FAIL", "c> CANCEL OK"])
+        held.callback(None)
+        self.assertEqual(self.running, [])
+        self.assertEqual(self.output.lines[-1], "c> CANCEL OK")
+
+    def test_cancel(self) -> None:
+        self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
+        self.assertEqual(self.send("CANCEL 2"), ["c> GET_FILE FAIL", "c> CANCEL OK"])
+        self.assertEqual([d.cancelled for d in self.running], [False, True])
+        self.assertIn("GET_FILE: download 2 cancelled", self.output.notes)
+        self.assertEqual(list(self.shell.transfers.running), [1])
+        for gone in ("2", "3", "x", "-1"):
+            self.assertEqual(self.send(f"CANCEL {gone}"), ["c> CANCEL FAIL, NO SUCH DOWNLOAD"])
+        self.assertEqual(self.send("CANCEL"), ["Syntax error. Usage: CANCEL <n>"])
+        self.running[0].result.callback(3)
+        self.assertEqual(self.output.lines[-1], "c> GET_FILE OK")
+        self.assertEqual(self.send("DOWNLOADS"), ["c> DOWNLOADS OK"])
+
+    def test_a_finished_download_says_size_time_and_where(self) -> None:
+        self.send("GET_FILE bob a.bin a.bin")
+        self.reactor.advance(75)
+        self.running[0].result.callback(3 * 1024 * 1024)
+        saved = [note for note in self.output.notes if "saved as" in note]
+        self.assertEqual(
+            saved,
+            [
+                "GET_FILE: a.bin from bob: 3.0 MiB (3145728 bytes) in 1:15, saved as "
+                f"{Path('a.bin').resolve()}"
+            ],
+        )
+
+    def test_quit_says_how_many_run_and_cancels_them(self) -> None:
+        self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
+        self.send("QUIT")
+        self.assertIn("quitting with 2 downloads running: cancelled", self.output.notes)
+        self.assertEqual([d.cancelled for d in self.running], [True, True])
+        self.assertEqual(self.output.lines[-2:], ["c> GET_FILE FAIL"] * 2)
+        self.assertTrue(self.shell.ended.called)
+
+
+class ScriptTests(TransferTestCase):
+    """Not in the background (stdin not a terminal): each GET_FILE ends first."""
+
+    def test_the_next_line_waits_for_the_download(self) -> None:
+        self.send("GET_FILE bob a.bin a.bin", "DOWNLOADS", "CANCEL 1")
+        self.assertTrue(self.shell.busy)
+        self.assertEqual(self.output.lines, ["c> CONNECT OK"])
+        self.running[0].result.callback(3)
+        self.assertEqual(
+            self.output.lines[1:],
+            ["c> GET_FILE OK", "c> DOWNLOADS OK", "c> CANCEL FAIL, NO SUCH DOWNLOAD"],
+        )
+
+
+class MeterTests(TestCase):
+    def test_the_rate_is_recent(self) -> None:
+        meter = Meter(0.0, 1000, window=5.0, stall_after=5.0)
+        for second in range(1, 11):
+            meter.update(second * 50, None, float(second))  # 50 B/s for 10 s
+        meter.update(600, None, 11.0)  # 100 B in the last second
+        # Over the last 5 s (6..11): 300 B in 5 s, not 600 B in 11 s.
+        self.assertAlmostEqual(meter.rate(11.0), 60.0)
+        self.assertAlmostEqual(meter.left(11.0), 400 / 60.0)
+
+    def test_stalled_after_a_silence(self) -> None:
+        meter = Meter(0.0, 100, stall_after=5.0)
+        meter.update(40, None, 1.0)
+        self.assertIsNone(meter.stalled_for(5.9))
+        meter.update(40, None, 3.0)  # progress reported, but no new byte
+        self.assertEqual(meter.stalled_for(6.0), 5.0)
+        self.assertEqual(meter.rate(6.0), 0.0)
+        self.assertIsNone(meter.left(6.0))
+        self.assertEqual(meter.describe(6.0), [" 40%", "40 B / 100 B", "stalled 0:05"])
+        meter.update(41, None, 7.0)
+        self.assertIsNone(meter.stalled_for(7.0))

@@ -55,6 +55,19 @@ def positive_float(text: str) -> float:
     return number
 
 
+def local_http_url(address: object, path: str) -> str | None:
+    """``http://HOST:PORT/PATH`` where a client on this host reaches a listening TCP
+    address (the wildcard interface becomes loopback); None for other addresses."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return None
+    host = wire.local_host(host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}{path}"
+
+
 def listen(reactor, description: str, factory: IProtocolFactory) -> Deferred[IListeningPort]:
     """Listen on a server endpoint description; fires with the listening port.
 

@@ -27,6 +27,7 @@ FLOORS = {
     "logs": 0,
     "startup": 0,
     "keepalive": 0,
+    "metrics": 0,
     "indexer": 1,
     "logger": 1,
     "timews": 1,

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from p2p.client.commands import COMMANDS
 from p2p.client.home import Home
 from p2p.client.indexer_client import IndexerClient
 from p2p.tls import Identity, write_private
@@ -328,11 +329,11 @@ class CommandLineTests(TestCase):
     @defer.inlineCallbacks
     def test_help_and_comments(self):
         a = self.stack.shell("alice")
-        lines = yield a.run("HELP", 12)
-        self.assertEqual([line.split()[0] for line in lines][:2], ["REGISTER", "UNREGISTER"])
+        lines = yield a.run("HELP", len(COMMANDS))
+        self.assertEqual([line.split()[0] for line in lines], list(COMMANDS))
         yield a.run("# a comment line, ignored", 0)
         yield a.check("register alice", "c> REGISTER OK")
-        self.assertEqual(len(a.lines), 13)
+        self.assertEqual(len(a.lines), len(COMMANDS) + 1)
 
 
 def b_port(shell: ShellProcess) -> int:
@@ -386,7 +387,12 @@ class TerminalTests(TestCase):
         # "REGISTR bob", five keys left, insert the missing E.
         yield type_keys(b"REGISTR bob" + b"\x1b[D" * 5 + b"E\r", "c> REGISTER OK", 2)
         yield type_keys(b"CONNECT alice\r", "c> CONNECT OK")
-        proc.write(b"\x03")  # Ctrl-C: disconnect, then leave
+        # Ctrl-C drops the line being typed and leaves nothing; Ctrl-D then leaves.
+        yield type_keys(b"REGISTER carol\x03LIST_USERS\r", "c> LIST_USERS OK")
+        self.assertFalse(proc.exited)
+        code, _ = yield stack.raw("REGISTER", "carol")
+        self.assertEqual(code, wire.OK)  # the Ctrl-C'd REGISTER carol was never sent
+        proc.write(b"\x04")
         yield self.check_ended_disconnected(stack, proc)
 
     @defer.inlineCallbacks

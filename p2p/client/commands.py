@@ -81,6 +81,8 @@ COMMANDS: dict[str, CommandSpec] = {
             ("user", "remote file", "local file"),
             "download a file from a connected user",
         ),
+        CommandSpec("DOWNLOADS", (), "list the running downloads: progress, rate, time left"),
+        CommandSpec("CANCEL", ("n",), "stop running download number n (as DOWNLOADS shows it)"),
         CommandSpec("HELP", (), "show this list"),
         CommandSpec("QUIT", (), "disconnect and leave"),
     )

@@ -30,11 +30,7 @@ from p2p.client.home import Home
 from p2p.client.indexer_commands import IndexerCommands
 from p2p.client.lease import Lease
 from p2p.client.session import Indexer, Output, Session
-from p2p.client.transfers import COMMANDS as TRANSFER_COMMANDS
 from p2p.client.transfers import Transfers
-
-for _spec in TRANSFER_COMMANDS:  # parsed and listed by HELP like the others
-    commands.COMMANDS.setdefault(_spec.name, _spec)
 
 
 class Shell:

@@ -22,16 +22,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from p2p.client.commands import CommandSpec
 from p2p.client.get_file import GetFile
 from p2p.client.progress import Meter, human_bytes, human_duration
 from p2p.client.session import Session
 
-#: The shell commands of this module (protocol.md section 5).
-COMMANDS = (
-    CommandSpec("DOWNLOADS", (), "list the running downloads: progress, rate, time left"),
-    CommandSpec("CANCEL", ("n",), "stop running download number n (as DOWNLOADS shows it)"),
-)
+#: The lines of DOWNLOADS and CANCEL (protocol.md section 5).
 DOWNLOADS_OK = "c> DOWNLOADS OK"
 CANCEL_OK = "c> CANCEL OK"
 CANCEL_FAIL = "c> CANCEL FAIL, NO SUCH DOWNLOAD"

@@ -50,6 +50,7 @@ from p2p.console import say
 from p2p.indexer.address import AddressPolicy
 from p2p.indexer.directory import Directory
 from p2p.indexer.liveness import Liveness
+from p2p.indexer.metrics import IndexerMetrics
 from p2p.indexer.store import Store
 from p2p.keepalive import keep_alive
 from p2p.listening import ConnectionCap
@@ -113,6 +114,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
     held: frozenset[str] | set[str] = frozenset()  # users whose lease this connection holds
     lost = False  # the connection is closed
     _close_when_answered = False  # close once the request under way is answered
+    began = 0.0  # when the first byte of the request under way arrived (0: none yet)
 
     def __init__(self, factory: IndexerFactory, addr: object = None) -> None:
         self.factory = factory
@@ -211,6 +213,8 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         if self._idle:  # a new request starts: it has the usual time
             self._idle = False
             self.setTimeout(self.factory.timeout)
+        if not self.began:
+            self.began = self.factory.reactor.seconds()
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
@@ -270,6 +274,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         it, and a reset can destroy the code before the sender reads it.
         """
         self._done = True
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.refused(self)
         if self.keep_open:
             self._close_kept(None if self._op is None else _CODES[self._op.error])
             return
@@ -295,6 +302,9 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         listing, not one each. A short reply goes out in one piece: the fast
         path (when allowed) sends it straight on the socket and closes at once.
         """
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.answered(self, code)
         transport = self.transport
         if transport is None or not transport.connected or transport.disconnecting:
             return
@@ -344,6 +354,7 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         self._values = []
         self._done = False
         self._idle = True
+        self.began = 0.0
         if self._close_when_answered:
             self._close_kept(None)
             return
@@ -421,6 +432,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
 
     noisy = False
     log = Logger()
+    #: Counts requests by operation and code, and their latency (None: not counted).
+    metrics: IndexerMetrics | None = None
 
     def __init__(
         self,

@@ -125,6 +125,8 @@ class OutboxRelay(service.Service):
         self.acked_through = 0  # every seq up to here is acknowledged
         self.deleted_through = 0
         self.delivered = 0  # acknowledged rows (diagnostics, tests)
+        #: Since when committed rows wait to be acknowledged (None: caught up); metrics.
+        self.behind_since: float | None = None
         self._delete_call = None
         self._stall_call = None
         self._resume_call = None
@@ -264,6 +266,8 @@ class OutboxRelay(service.Service):
             d.addCallbacks(self._replied, self._call_failed, (seq, proto), None, (proto,))
         if rows and self._stall_call is None:
             self._stall_call = self.reactor.callLater(self.reply_timeout, self.stalled)
+        if not self.inflight:  # nothing sent, nothing waiting for its reply
+            self.behind_since = None
 
     @_machine.output()
     def _record_ack(self, seq: int) -> None:
@@ -338,6 +342,7 @@ class OutboxRelay(service.Service):
     def startService(self) -> None:
         super().startService()
         self.sender = self.store.sender_id  # known once the store is open
+        self.behind_since = self.reactor.seconds()  # until a pump finds nothing to send
         self.start()
 
     def stopService(self) -> defer.Deferred:
@@ -358,7 +363,14 @@ class OutboxRelay(service.Service):
             self.lost()
 
     def _outbox_grew(self) -> None:
+        if self.behind_since is None:
+            self.behind_since = self.reactor.seconds()
         self.outbox_grew()
+
+    def lag(self) -> float:
+        """Seconds the relay has been behind the outbox (0 when caught up), for metrics."""
+        since = self.behind_since
+        return 0.0 if since is None else max(0.0, self.reactor.seconds() - since)
 
     def _resume(self) -> None:
         self._resume_call = None

@@ -26,6 +26,7 @@ from p2p.console import say
 from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import CLASSIC_POLICIES, Directory
 from p2p.indexer.liveness import Leases, Liveness, watch
+from p2p.indexer.metrics import IndexerMetrics
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import (
     MEMORY,
@@ -43,6 +44,7 @@ from p2p.listening import (
 )
 from p2p.logcontract import parse_program
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.metrics import METRICS_OPTION, Metrics, counts_wanted, serve_metrics
 from p2p.startup import ListenFailure, StartFailure, StartGuard, file_problem
 from p2p.tls import Identity, SniffingFactory, server_options, write_private
 
@@ -114,6 +116,7 @@ class Options(LogOptions, usage.Options):
             "Requests without a client certificate (classic clients): allow (all), "
             "read-only (LIST_USERS, LIST_CONTENT, LIST_PEERS only) or deny.",
         ],
+        METRICS_OPTION,
     ]
 
     #: The files given by --tls-key/--tls-cert (None: the identity beside the database);
@@ -162,8 +165,11 @@ class IndexerService(ListenFailure, ListeningService):
         identity: Identity | None = None,
         max_per_source: int | None = None,
         identity_files: tuple[Path, Path] | None = None,
+        metrics: IndexerMetrics | None = None,
     ) -> None:
         super().__init__(listen, reactor=reactor if reactor is not None else default_reactor)
+        #: What the requests are counted in (None: not counted).
+        self.metrics = metrics
         self.store = store
         self.directory = directory
         self.timeout = timeout
@@ -205,6 +211,7 @@ class IndexerService(ListenFailure, ListeningService):
                 self.max_connections,
                 max_per_source=self.max_per_source,
             )
+            self.indexer.metrics = self.metrics
             self.factory = SniffingFactory(
                 self.indexer, server_options(self.identity), self.reactor, self.timeout
             )
@@ -310,6 +317,8 @@ class _Indexer(StartGuard, ServiceLogs, MultiService):
     and a failure to start is one line on the terminal and status 1 (``p2p.startup``)."""
 
     label = "indexer"
+    #: The indexer's counts (None without ``--metrics``).
+    metrics: Metrics | None = None
 
 
 def makeService(options: Options, reactor=None) -> IService:
@@ -320,7 +329,8 @@ def makeService(options: Options, reactor=None) -> IService:
     directory = Directory(store, audit=options.audit, classic=options["classic"], leases=leases)
     top = _Indexer()
     top.log_options = options
-    IndexerService(
+    counts = IndexerMetrics() if counts_wanted(options) else None
+    indexer = IndexerService(
         options["listen"],
         store,
         directory,
@@ -329,15 +339,42 @@ def makeService(options: Options, reactor=None) -> IService:
         reactor,
         identity_files=options.identity_files,
         max_per_source=options["max-per-source"],
-    ).setServiceParent(top)
+        metrics=counts,
+    )
+    indexer.setServiceParent(top)
+    relay = None
     if options.audit:
         from p2p.indexer.relay import make_relay
 
-        make_relay(
+        relay = make_relay(
             store,
             endpoint=options["logger"],
             host=options["logger-host"],
             program=options["logger-program"],
             reactor=reactor,
-        ).setServiceParent(top)
+        )
+        relay.setServiceParent(top)
+    if counts is not None:
+        watch_indexer(counts, indexer, relay)
+        top.metrics = counts.metrics
+        serve_metrics(top, options, [counts.metrics])
     return top
+
+
+def watch_indexer(counts: IndexerMetrics, indexer: IndexerService, relay=None) -> None:
+    """The gauges of a running indexer (nothing while it is not started)."""
+
+    def open_connections() -> int | None:
+        return None if indexer.indexer is None else indexer.indexer.open_connections
+
+    def running_store():
+        return indexer.store if indexer.running and indexer.indexer is not None else None
+
+    counts.watch(open_connections, lambda: len(indexer.directory.connected))
+    if relay is not None:
+
+        def backlog() -> int | None:
+            store = running_store()
+            return None if store is None else store.outbox_count()
+
+        counts.watch_relay(relay, backlog)

@@ -9,15 +9,18 @@ GARBAGE_ARGS when the arguments do not decode or the message is longer than
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
 from twisted.logger import Logger
 
 from p2p import wire
 from p2p.logcontract import LOG_ERROR, LOG_OK, parse_relay_machinename
 from p2p.logger.audit import AuditLog
+from p2p.metrics import Metrics
 from p2p.oncrpc import rpc
 from p2p.oncrpc.server import GarbageArgs, Program, null_procedure
 
@@ -32,6 +35,8 @@ MAX_FAILED_SENDERS = 1024
 
 #: LOG's results, encoded once.
 _RESULTS = {LOG_OK: rpc.pack_int(LOG_OK), LOG_ERROR: rpc.pack_int(LOG_ERROR)}
+#: The result label of each encoded result (NULL's empty one is "ok").
+_RESULT_LABELS = {b"": "ok", **{encoded: str(value) for value, encoded in _RESULTS.items()}}
 
 
 def _relay_identity(call: rpc.Call) -> tuple[str, int] | None:
@@ -73,19 +78,66 @@ class LoggerProgram:
         #: later seqs of that sender are refused until it is stored. Bounded: any
         #: client can invent sender ids, and a failed record costs it no disk.
         self.failed: OrderedDict[str, int] = OrderedDict()
+        #: Where the calls are counted (:meth:`count_in`; None: not counted).
+        self.metrics: Metrics | None = None
 
-    def program(self) -> Program:
-        return Program(
-            self.number,
-            {
-                wire.LOGGER_VERSION: {
-                    wire.LOGGER_PROC_NULL: null_procedure,
-                    wire.LOGGER_PROC_LOG: self.log,
-                }
-            },
+    def count_in(self, metrics: Metrics) -> None:
+        """Count the calls of the next :meth:`program` in ``metrics``: by procedure, transport
+        and result, and their duration; and the records stored."""
+        self.metrics = metrics
+        self._calls = metrics.counter(
+            "calls",
+            "Calls answered, by procedure, transport and result "
+            "(0 or -1 for LOG, ok for NULL, garbage_args).",
+            ("procedure", "transport", "result"),
+        )
+        self._durations = metrics.histogram(
+            "call_duration_seconds",
+            "Seconds from a decoded call to its result (with --fsync: on disk), by procedure.",
+            ("procedure",),
+        )
+        metrics.counted(
+            "records_stored", "Audit records appended to the audit file.", lambda: self.audit.stored
+        )
+        metrics.counted(
+            "records_duplicate",
+            "Relay records already stored, answered 0 without storing them again.",
+            lambda: self.audit.duplicates,
         )
 
+    def program(self) -> Program:
+        procedures = {wire.LOGGER_PROC_NULL: null_procedure, wire.LOGGER_PROC_LOG: self.log}
+        if self.metrics is not None:
+            names = {wire.LOGGER_PROC_NULL: "NULL", wire.LOGGER_PROC_LOG: "LOG"}
+            procedures = {n: self._counted(names[n], p) for n, p in procedures.items()}
+        return Program(self.number, {wire.LOGGER_VERSION: procedures})
+
+    def _counted(self, name: str, procedure):
+        """``procedure``, counting each call and its duration."""
+        calls, durations, clock = self._calls, self._durations, time.monotonic
+
+        def counted(call: rpc.Call, args: bytes, peer: object) -> bytes | defer.Deferred:
+            began = clock()
+            transport = _transport(peer)
+            try:
+                result = procedure(call, args, peer)
+            except GarbageArgs:
+                calls.inc((name, transport, "garbage_args"))
+                raise
+
+            def done(result: bytes) -> bytes:
+                calls.inc((name, transport, _RESULT_LABELS.get(result, "other")))
+                durations.observe(clock() - began, (name,))
+                return result
+
+            if isinstance(result, defer.Deferred):
+                return result.addCallback(done)
+            return done(result)
+
+        return counted
+
     def log(self, call: rpc.Call, args: bytes, peer: object) -> bytes | defer.Deferred:
+        """LOG: store the record; its encoded result (a Deferred of it with --fsync)."""
         if call.cred.flavor != rpc.AUTH_SYS:
             # Not a relay (a C client's call): no sender to keep in order or
             # deduplicate, so nothing to look up before or after storing.
@@ -152,3 +204,10 @@ class LoggerProgram:
             log.error("cannot store audit record: {exc}", exc=exc)
             return LOG_ERROR
         return LOG_OK
+
+
+def _transport(peer: object) -> str:
+    """The transport a call came over, from its peer: a UDP peer is a (host, port) tuple."""
+    if isinstance(peer, tuple):
+        return "udp"
+    return "unix" if isinstance(peer, UNIXAddress) else "tcp"

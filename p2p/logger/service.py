@@ -29,6 +29,7 @@ from p2p.logcontract import parse_program
 from p2p.logger.audit import DEFAULT_MAX_SENDERS, AuditLog
 from p2p.logger.program import DEFAULT_MAX_MESSAGE, LoggerProgram
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.metrics import METRICS_OPTION, Metrics, counts_wanted, serve_metrics
 from p2p.oncrpc import portmap, rpc
 from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamFactory
 from p2p.startup import StartGuard
@@ -127,6 +128,7 @@ class Options(LogOptions, usage.Options):
             "closed (the indexer's relay reconnects).",
             positive_float,
         ],
+        METRICS_OPTION,
     ]
 
     def __init__(self) -> None:
@@ -190,7 +192,7 @@ class FsyncGroup:
         threads.deferToThread(self.sync).addBoth(fire)
 
 
-class LoggerService(StartGuard, ServiceLogs, service.Service):
+class LoggerService(StartGuard, ServiceLogs, service.MultiService):
     """Listeners, audit file and portmapper registration of one logger.
 
     Run by twistd, it logs rate-limited to bounded files (``p2p.logs``). An
@@ -200,8 +202,11 @@ class LoggerService(StartGuard, ServiceLogs, service.Service):
     """
 
     label = "logger"
+    #: The logger's counts (None without ``--metrics``); served by its child, or the stack.
+    metrics: Metrics | None = None
 
     def __init__(self, options: Options, reactor=None) -> None:
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -220,6 +225,16 @@ class LoggerService(StartGuard, ServiceLogs, service.Service):
         #: Sources whose relay records were stored over TCP: they keep a slot at the cap.
         self.relays = KnownSources()
         self.logger.relay_seen = self._relay_seen
+        self.factories: list[RpcStreamFactory] = []  # of the TCP listeners: their connections
+        if counts_wanted(options):
+            self.metrics = Metrics("p2p_logger")
+            self.logger.count_in(self.metrics)
+            self.metrics.gauge(
+                "open_connections",
+                "TCP connections open.",
+                lambda: sum(f.open_connections for f in self.factories),
+            )
+            serve_metrics(self, options, [self.metrics])
         self.dispatcher = Dispatcher([self.logger.program()])
         # record: the largest message plus the longest call header and the length word
         self.max_record = options["max-message"] + rpc.MAX_CALL_HEADER + 8
@@ -252,6 +267,7 @@ class LoggerService(StartGuard, ServiceLogs, service.Service):
                     idle_timeout=self.options["idle-timeout"],
                     known=self.relays,
                 )
+                self.factories.append(factory)
                 # raises at once when the port is taken: twistd reports it and exits
                 d = listen(self.reactor, spec, factory)
                 waits.append(d.addCallback(lambda p: self.ports.append(("tcp", p))))
@@ -304,7 +320,7 @@ class LoggerService(StartGuard, ServiceLogs, service.Service):
 
     @defer.inlineCallbacks
     def stopService(self):
-        super().stopService()
+        yield super().stopService()
         if self.registered:
             self.registered = False
             try:
@@ -318,6 +334,7 @@ class LoggerService(StartGuard, ServiceLogs, service.Service):
             except Exception as exc:
                 log.warn("could not unregister: {exc}", exc=exc)
         ports, self.ports = self.ports, []
+        self.factories = []
         for _kind, port in ports:
             yield port.stopListening()
         self.audit.close()

@@ -201,12 +201,18 @@ def preload(db_path: str, users: int) -> None:
 
 
 def spawn_indexer(
-    workdir: str, sync: str, plain: str = "", extra: tuple[str, ...] = ()
+    workdir: str,
+    sync: str,
+    plain: str = "",
+    extra: tuple[str, ...] = (),
+    db: str | None = None,
+    pythonpath: str = str(REPO),
 ) -> tuple[subprocess.Popen, int]:
     """Start ``twistd p2p-indexer`` on a kernel-chosen port; return it and the port.
 
     ``plain``: its ``P2P_PLAIN_TWISTED`` (``1``: without the Twisted fast paths);
-    ``extra``: more options of the indexer.
+    ``extra``: more options of the indexer; ``db``: its database (default
+    ``bench.db`` in ``workdir``); ``pythonpath``: the tree it runs (default this one).
     """
     args = [
         *TWISTD,
@@ -217,12 +223,12 @@ def spawn_indexer(
         "--listen",
         "tcp:0:interface=127.0.0.1",
         "--db",
-        os.path.join(workdir, "bench.db"),
+        db or os.path.join(workdir, "bench.db"),
         "--sync",
         sync,
         *extra,
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
     env["P2P_PLAIN_TWISTED"] = plain
     started = time.time()
     proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True)

@@ -80,31 +80,34 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFD", text).translate(_MARKS).lower()
 
 
-def tokens(text: str) -> list[str]:
-    """The folded words of ``text``, as the index holds them."""
-    return _TOKENS(fold(text))
+def words_of(text: str) -> tuple[str, int]:
+    """The folded words of ``text`` as the index holds them, each after a space (so
+    ``" " + word`` occurs once per word it starts), and how many there are."""
+    found = _TOKENS(fold(text))
+    return " " + " ".join(found), len(found)
 
 
 def bm25(
     words: list[str],
     idf: list[float],
-    name_tokens: list[str],
-    description_tokens: list[str],
+    name: tuple[str, int],
+    description: tuple[str, int],
     average_length: float,
 ) -> float:
     """The BM25 score of one file for the folded query ``words`` (higher is better).
 
     As FTS5's ``bm25()`` with the weights above (k1 1.2, b 0.75): a word's
     frequency is its weighted number of prefix matches in the name and in the
-    description (as :func:`tokens` gives them), the document's length their
+    description (as :func:`words_of` gives them), the document's length their
     number of words together.
     """
-    length = len(name_tokens) + len(description_tokens)
-    norm = K1 * (1 - B + B * length / average_length)
+    (name_text, name_length), (description_text, description_length) = name, description
+    norm = K1 * (1 - B + B * (name_length + description_length) / average_length)
     score = 0.0
     for word, weight in zip(words, idf, strict=True):
-        frequency = NAME_WEIGHT * sum(t.startswith(word) for t in name_tokens)
-        frequency += DESCRIPTION_WEIGHT * sum(t.startswith(word) for t in description_tokens)
+        start = " " + word
+        frequency = NAME_WEIGHT * name_text.count(start)
+        frequency += DESCRIPTION_WEIGHT * description_text.count(start)
         score += weight * frequency * (K1 + 1) / (frequency + norm)
     return score
 

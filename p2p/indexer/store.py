@@ -40,7 +40,7 @@ from p2p.indexer.fulltext import (
     fold,
     fts5_match,
     inverse_frequency,
-    tokens,
+    words_of,
 )
 
 #: The database that keeps nothing (tests, throw-away runs).
@@ -115,7 +115,10 @@ SELECT f.user, f.name, f.description, f.size, f.sha256
 FROM {FTS_TABLE} JOIN online o ON o.id = {FTS_TABLE}.rowid JOIN files f ON f.id = {FTS_TABLE}.rowid
 WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
 """
-#: How many files match a query word, counted up to a cap (for its BM25 weight).
+#: How many files hold a query word as a whole word, counted up to a cap: its BM25
+#: weight. (As a prefix, a word of more letters than the longest prefix index would
+#: make FTS5 merge the lists of every word it starts, a million files' worth for a
+#: common one; the whole word is read as far as the cap, no further.)
 _MATCHING = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
 #: At most this many of the newest matching files of connected owners are ranked
 #: (or ``limit``, when more are asked for).
@@ -555,12 +558,12 @@ class Store:
             total = self.file_count()
             weights = [
                 inverse_frequency(
-                    total, db.execute(_MATCHING, (fts5_match([w]), MATCHING_CAP)).fetchone()[0]
+                    total, db.execute(_MATCHING, (_term(w), MATCHING_CAP)).fetchone()[0]
                 )
                 for w in words
             ]
-        split = [(tokens(c[1]), tokens(c[2])) for c in candidates]
-        average = max(sum(len(n) + len(d) for n, d in split) / len(split), 1.0)
+        split = [(words_of(c[1]), words_of(c[2])) for c in candidates]
+        average = max(sum(n[1] + d[1] for n, d in split) / len(split), 1.0)
         scores = [bm25(folded, weights, n, d, average) for n, d in split]
         order = sorted(
             range(len(candidates)),
@@ -743,3 +746,8 @@ def _row(ip: str | None, port: int | None, identity: str | None) -> UserRow:
 def _count_queued(db: sqlite3.Connection) -> int:
     """How many index changes wait in ``index_queue``."""
     return db.execute("SELECT count(*) FROM index_queue").fetchone()[0]
+
+
+def _term(word: str) -> str:
+    """The FTS5 query of ``word`` as a whole word (quoted, so only a word)."""
+    return '"{}"'.format(word.replace('"', '""'))

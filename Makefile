@@ -35,9 +35,12 @@ lock:
 # P2P_DEMO_DIR: the stack fills demo/ (ignored by git: alice's share with
 # hello.txt, bob's empty one) and prints a tour to paste, absolute paths only.
 DEMO ?= $(CURDIR)/demo
+# Prometheus metrics of the whole stack, on loopback (the stack prints the URL).
+METRICS ?= tcp:9100:interface=127.0.0.1
 run: $(STAMP)
 	@echo "p2p-stack: twistd log in p2p-stack.log; options: make run ARGS='--help'"
-	P2P_DEMO_DIR='$(DEMO)' $(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack $(ARGS)
+	P2P_DEMO_DIR='$(DEMO)' $(BIN)/twistd -n --pidfile= --logfile=p2p-stack.log p2p-stack \
+	  --metrics $(METRICS) $(ARGS)
 
 # `python -m` puts the checkout first on sys.path: the suite tests this tree.
 test: $(STAMP)

@@ -34,6 +34,7 @@ from p2p.console import say
 from p2p.indexer import service as indexer_service
 from p2p.logger import service as logger_service
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.metrics import BY_PARENT, METRICS_OPTION, MetricsService
 from p2p.startup import StartGuard
 from p2p.timews import service as time_service
 
@@ -125,6 +126,8 @@ class _StackOptionsBase(LogOptions, usage.Options):
         "The indexer, the audit logger and the SOAP time service in one process. "
         "Options two services share are prefixed with the service's name."
     )
+    # One endpoint serves every part's metrics (the parts' own --metrics are not offered).
+    optParameters = [METRICS_OPTION]
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,6 +141,8 @@ class _StackOptionsBase(LogOptions, usage.Options):
                 sub.parseOptions(self.argv[part])
             except usage.UsageError as exc:
                 raise usage.UsageError(f"{part}: {exc}") from None
+            if self["metrics"] is not None:
+                sub["metrics"] = BY_PARENT  # counts; the stack serves them
             self.parts[part] = sub
         self._point_indexer_at_own_logger()
 
@@ -165,7 +170,7 @@ class _StackOptionsBase(LogOptions, usage.Options):
 
 def _build_options_class() -> type[usage.Options]:
     # The parts' log options are the process's: the stack has them once, as its own.
-    own = {name for name, *_ in LogOptions.optParameters}
+    own = {name for name, *_ in LogOptions.optParameters} | {METRICS_OPTION[0]}
     options: list[PartOption] = []
     for part, module in PARTS.items():
         options += [o for o in part_options(part, module.Options) if o.name not in own]
@@ -395,11 +400,15 @@ class StackService(StartGuard, ServiceLogs, MultiService):
 
 
 def makeService(options: usage.Options) -> IService:
-    """The stack: one MultiService holding the logger, the indexer and the time service."""
+    """The stack: one MultiService holding the logger, the indexer and the time service,
+    and with ``--metrics`` the endpoint serving all their metrics."""
     stack = StackService(options)
     for part, module in PARTS.items():
         child = module.makeService(options.parts[part])
         if not child.name:
             child.setName(part)
         child.setServiceParent(stack)
+    if options["metrics"] is not None:
+        collectors = [c.metrics for c in stack if getattr(c, "metrics", None) is not None]
+        MetricsService(options["metrics"], collectors).setServiceParent(stack)
     return stack

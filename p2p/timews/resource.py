@@ -11,6 +11,7 @@ for (Spyne would cache the address of the first request forever).
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import quote, unquote_to_bytes
 from xml.sax.saxutils import escape
 
@@ -18,6 +19,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.web import http, resource, server
 from twisted.web.wsgi import WSGIResource
 
+from p2p.metrics import Metrics
 from p2p.timews.answers import Key, ValidatedAnswers, answer_key
 from p2p.timews.app import make_wsgi_application
 from p2p.timews.fault import log_fault, soap_fault
@@ -44,6 +46,11 @@ class BoundedRequest(server.Request):
 
     _refused = False
     _received = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: When the request line was read (its latency runs from here).
+        self.begun = time.monotonic()
 
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body", DEFAULT_MAX_BODY)
@@ -84,6 +91,9 @@ class BoundedRequest(server.Request):
             f"Content-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode("ascii")
+        counted = getattr(self.channel.site, "counted", None)
+        if counted is not None:
+            counted(self, 413)
         transport = self.channel.transport
         transport.write(head + body)
         transport.loseConnection()
@@ -105,9 +115,37 @@ class TimeSite(server.Site):
         super().__init__(root, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
         self.max_body = max_body
 
+    #: Counts requests and their latency (:meth:`count_in`); None: not counted.
+    metrics: Metrics | None = None
+
+    def count_in(self, metrics: Metrics) -> None:
+        """Count each answered request in ``metrics``: by method and status, and its latency."""
+        self.metrics = metrics
+        self._requests = metrics.counter(
+            "requests", "HTTP requests answered, by method and status code.", ("method", "code")
+        )
+        self._latency = metrics.histogram(
+            "request_duration_seconds",
+            "Seconds from a request's first line to its answer's end, by method.",
+            ("method",),
+        )
+
+    def counted(self, request: server.Request, code: int) -> None:
+        """One request answered with ``code``: count it (when counting)."""
+        if self.metrics is None:
+            return
+        method = request.method.decode("latin-1") if request.method in _METHODS else "other"
+        self._requests.inc((method, str(code)))
+        self._latency.observe(time.monotonic() - request.begun, (method,))
+
     def log(self, request: server.Request) -> None:
+        self.counted(request, request.code)
         if request.code < 400:
             super().log(request)
+
+
+#: Methods counted under their own name (any other is "other": the labels stay few).
+_METHODS = frozenset((b"GET", b"HEAD", b"POST"))
 
 
 def is_wsdl_query(query: bytes) -> bool:

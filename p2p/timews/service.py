@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -13,8 +13,10 @@ from p2p.listening import (
     CAP_OPTIONS,
     CappedWrappingFactory,
     ListeningService,
+    local_http_url,
 )
 from p2p.logs import LogOptions, ServiceLogs
+from p2p.metrics import METRICS_OPTION, Metrics, counts_wanted, serve_metrics
 from p2p.startup import ListenFailure, StartGuard
 from p2p.timews.resource import DEFAULT_MAX_BODY, make_site
 
@@ -24,7 +26,7 @@ log = Logger()
 class Options(LogOptions, usage.Options):
     """Command line of ``twistd p2p-time``."""
 
-    synopsis = "[--listen ENDPOINT] [--max-body BYTES] [--inline]"
+    synopsis = "[--listen ENDPOINT] [--max-body BYTES] [--inline] [--metrics ENDPOINT]"
     longdesc = (
         "SOAP 1.1 time service: one operation, get_time, returning the local time as "
         "dd/mm/YYYY HH:MM:SS. The WSDL is served at /?wsdl."
@@ -47,6 +49,7 @@ class Options(LogOptions, usage.Options):
         ],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body accepted, in bytes.", int],
         *CAP_OPTIONS,
+        METRICS_OPTION,
     ]
 
     def postOptions(self) -> None:
@@ -56,22 +59,14 @@ class Options(LogOptions, usage.Options):
 
 def wsdl_url(address: object) -> str:
     """The WSDL URL a local client can use to reach a listening address."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return f"{address} (not a TCP address)"
-    host = wire.local_host(host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/?wsdl"
+    return local_http_url(address, "/?wsdl") or f"{address} (not a TCP address)"
 
 
-class TimeWebService(StartGuard, ListenFailure, ServiceLogs, ListeningService):
+class TimeWebService(ListenFailure, ListeningService):
     """The listening site; says its WSDL URL once the port is open.
 
     A port that cannot be opened fails at start, so ``twistd`` exits with one
     line and status 1 instead of running without its service (``p2p.startup``).
-    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``).
     """
 
     label = "time service"
@@ -86,6 +81,18 @@ class TimeWebService(StartGuard, ListenFailure, ServiceLogs, ListeningService):
         log.info("time service listening at {url}", url=self.url)
 
 
+class TimeService(StartGuard, ServiceLogs, MultiService):
+    """The time service and, with ``--metrics``, its metrics endpoint.
+
+    Run by twistd, it logs rate-limited to bounded files (``p2p.logs``), and a
+    failure to start is one line on the terminal and status 1 (``p2p.startup``).
+    """
+
+    label = "time service"
+    #: The service's counts (None without ``--metrics``).
+    metrics: Metrics | None = None
+
+
 def makeService(options: Options) -> IService:
     """The time service for ``options`` (not started)."""
     from twisted.internet import reactor
@@ -95,7 +102,15 @@ def makeService(options: Options) -> IService:
     # they can use up a slot each but never the process's file descriptors,
     # and one address only its share of the slots.
     capped = CappedWrappingFactory(site, options["max-connections"], options["max-per-source"])
-    service = TimeWebService(options["listen"], capped, reactor)
-    service.setName("time")
-    service.log_options = options
-    return service
+    top = TimeService()
+    top.setName("time")
+    top.log_options = options
+    TimeWebService(options["listen"], capped, reactor).setServiceParent(top)
+    if counts_wanted(options):
+        top.metrics = Metrics("p2p_time")
+        site.count_in(top.metrics)
+        top.metrics.gauge(
+            "open_connections", "Open HTTP connections.", lambda: capped.open_connections
+        )
+        serve_metrics(top, options, [top.metrics])
+    return top

@@ -230,6 +230,8 @@ class SearchCodes(Base):
             ('"*:^-', 10, 1),  # no word in it
             ("- - -", 10, 1),
             ("\t", 10, 1),
+            ("a b c d e f g h i", 10, 1),  # nine different words: one too many
+            ("a b c d e f g h i j k l m n o p q r s t u v w x y z" * 3, 10, 1),
             ("a", 0, 3),
             ("a", 1001, 3),
             ("a", "ten", 3),
@@ -323,6 +325,11 @@ class SearchSemantics(Base):
             self.found("tie"),
             [("alice", "a_tie.txt"), ("alice", "b_tie.txt"), ("dave", "b_tie.txt")],
         )
+
+    def test_eight_words(self) -> None:
+        self.assertEqual(self.publish("bob", "a_b_c_d.txt", "e f g h"), b"\0")
+        self.assertEqual(self.found("a b c d e f g h"), [("bob", "a_b_c_d.txt")])
+        self.assertEqual(self.found("a b c d e f g h a b"), [("bob", "a_b_c_d.txt")])  # 8 distinct
 
     def test_limit(self) -> None:
         for i in range(12):

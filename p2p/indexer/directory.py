@@ -30,7 +30,7 @@ tells the factory which CONNECT must first probe the address recorded.
 from __future__ import annotations
 
 from p2p import wire
-from p2p.indexer.fulltext import query_words
+from p2p.indexer.fulltext import MAX_QUERY_WORDS, query_words
 from p2p.indexer.liveness import Leases
 from p2p.indexer.store import Store, UserRow
 
@@ -340,10 +340,10 @@ class Directory:
         self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
     ) -> Result:
         """The best hits among connected owners' files; the error code for a query
-        without a word (only punctuation, say)."""
+        without a word (only punctuation, say) or with more than MAX_QUERY_WORDS."""
         text, limit = args
         words = query_words(text)
-        if not words:
+        if not words or len(words) > MAX_QUERY_WORDS:
             return wire.SEARCH.error, b""
         hits = self.store.search(words, limit)
         return wire.OK, wire.encode_listing(

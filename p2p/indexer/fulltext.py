@@ -19,6 +19,10 @@ from dataclasses import dataclass
 
 #: Unicode categories that belong to a word: letters, digits, combining marks.
 _WORD_CATEGORIES = frozenset("LNM")
+#: The most distinct words a query may hold: each is one more list to walk in step
+#: with the others (80 common two-letter words took half a second over a million
+#: files); a query with more gets SEARCH's error code.
+MAX_QUERY_WORDS = 8
 #: BM25 weights of the name and the description columns: a match in the name
 #: counts ten times one in the description.
 NAME_WEIGHT = 10.0

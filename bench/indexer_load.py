@@ -23,6 +23,7 @@ long that no user ever reaches it (protocol.md section 7).
     python bench/indexer_load.py --spawn --compare-plain --plain read_now
     python bench/indexer_load.py --spawn --compare-tls --rounds 3 --seconds 5
     python bench/indexer_load.py --spawn --compare-liveness --rounds 3 --seconds 5
+    python bench/indexer_load.py --spawn --compare-metrics --rounds 3 --clients 4 --seconds 5
     python bench/indexer_load.py --host 127.0.0.1 --port 9090
 """
 
@@ -386,6 +387,18 @@ def compare_tls(args: argparse.Namespace) -> int:
     return 1 if args.failed else 0
 
 
+def compare_metrics(args: argparse.Namespace) -> int:
+    """The indexer counting for /metrics (--metrics) beside the same indexer without."""
+    on_ = ("--metrics", "tcp:0:interface=127.0.0.1")
+    median = compare(args, [("metrics off", "", "plaintext"), ("metrics on", "", "plaintext", on_)])
+    on, off = median["metrics on"], median["metrics off"]
+    print(
+        f"  metrics on / off: {on[0] / off[0]:.1%} of the requests/s "
+        f"(target: within 5%), server CPU per request {on[1] / off[1] - 1:+.1%}"
+    )
+    return 1 if args.failed else 0
+
+
 def compare_liveness(args: argparse.Namespace) -> int:
     """The default lease (60 s) beside one no user ever reaches (liveness idle)."""
     default = ("--peer-timeout", str(wire.DEFAULT_PEER_TIMEOUT))
@@ -435,7 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --spawn: the default --peer-timeout beside one no user reaches",
     )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="with --spawn: the indexer with --metrics beside the same without",
+    )
     args = parser.parse_args(argv)
+    if args.compare_metrics:
+        if not args.spawn:
+            parser.error("--compare-metrics needs --spawn")
+        return compare_metrics(args)
     if args.compare_liveness:
         if not args.spawn:
             parser.error("--compare-liveness needs --spawn")

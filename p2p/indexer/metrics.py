@@ -16,6 +16,8 @@ from p2p.metrics import Metrics
 NO_REPLY = "none"
 #: The operation label of a request whose OP is not one.
 UNKNOWN_OP = "unknown"
+#: The code label of each reply code byte, made once.
+_CODE_LABELS = [str(code) for code in range(256)]
 
 
 class IndexerMetrics:
@@ -40,7 +42,7 @@ class IndexerMetrics:
         """``proto``'s request gets the reply ``code`` now."""
         op = proto.op
         name = op.name if op is not None else UNKNOWN_OP
-        self.requests.inc((name, str(code[0])))
+        self.requests.inc((name, _CODE_LABELS[code[0]]))
         began = proto.began
         if began:
             self.latency.observe(proto.factory.reactor.seconds() - began, (name,))

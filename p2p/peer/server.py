@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from p2p import tls, wire
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, ConnectionCap, listen
+from p2p.peer.metrics import PeerMetrics
 from p2p.peer.sender import make_producer
 from p2p.peer.share import NotShared, open_shared
 
@@ -156,6 +157,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             return
         if op not in _ARGUMENTS:
             self.answered = True
+            self._count(None)
             self.transport.loseConnection()  # unknown operation: no reply byte
             return
         if len(self.fields) > _ARGUMENTS[op]:
@@ -168,9 +170,18 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         if self.fields and self.fields[0] in _ARGUMENTS:
             self._reply(wire.PEER_ERROR)
         else:
+            self._count(None)
             self.transport.loseConnection()
 
+    def _count(self, code: int | None) -> None:
+        """Count this request's answer ``code`` (None: no reply byte), when counting."""
+        metrics = self.server.metrics
+        if metrics is not None:
+            op = self.fields[0] if self.fields else b""
+            metrics.answered(op.decode() if op in _ARGUMENTS else None, code)
+
     def _reply(self, code: int) -> None:
+        self._count(code)
         self.setTimeout(None)
         self.transport.write(wire.encode_code(code))
         self.transport.loseConnection()
@@ -241,6 +252,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
     # --- transfer ----------------------------------------------------------
 
     def _send(self, fd: int, offset: int, size: int, header: bytes, name: str) -> None:
+        self._count(wire.PEER_OK)
         self.setTimeout(self.server.idle_timeout)
         self.producer = make_producer(
             self.transport,
@@ -256,6 +268,11 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             os.close(fd)
             self.setTimeout(None)
             self.transport.unregisterProducer()
+            metrics = self.server.metrics
+            if metrics is not None:
+                complete = not isinstance(result, Failure)
+                seconds = self.server.reactor.seconds() - self._since
+                metrics.uploaded(complete, self.producer.sent, seconds)
             if isinstance(result, Failure):
                 self._note(
                     "{name!r} cut: {why}",
@@ -325,10 +342,13 @@ class PeerServer:
         use_sendfile: bool = True,
         identity: tls.Identity | None = None,
         is_current: Callable[[str, os.stat_result], bool] | None = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.share_dir = Path(share_dir)
+        #: Where requests and uploads are counted (None: not counted).
+        self.metrics = metrics
         self.is_published = is_published
         #: Whether an open published file is still what was published (None: not checked).
         self.is_current = is_current
@@ -351,6 +371,8 @@ class PeerServer:
                 self.factory, tls.server_options(identity), reactor, timeout=request_timeout
             )
         )
+        if metrics is not None:
+            metrics.watch(lambda: self.factory.open_connections)
         self._port = None
         self._connections: set[PeerRequestProtocol] = set()
         self._lost_waiters: list[Callable[[], None]] = []

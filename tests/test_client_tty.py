@@ -17,7 +17,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from p2p.client.progress import ProgressBar, columns_of
-from tests.support import deadline, poll_until, spawn
+from tests.support import deadline, fresh_home, poll_until, spawn
 from tests.test_client_interop import ClassicIndexer
 
 #: The prompt as drawn in the terminal (insert mode on, then ``c> ``).
@@ -70,10 +70,16 @@ class TerminalCase(TestCase):
         self.port = listening.getHost().port
         self.cwd = Path(self.mktemp()).resolve()
         self.cwd.mkdir()
+        self.home = fresh_home(self)
+        self.start_shell()
+
+    def start_shell(self) -> None:
+        """Start the shell in a pty (again: a new process, the same home and directory)."""
         argv = [sys.executable, "-m", "p2p.client", "-s", "127.0.0.1", "-p", str(self.port)]
         argv += ["--wsdl", "http://127.0.0.1:1/?wsdl", "--peer-listen", "tcp:0:interface=127.0.0.1"]
         self.raw = b""
-        self.proc = spawn(self, argv, cwd=self.cwd, name="tty-shell", usePTY=True)
+        env = {"P2P_HOME": str(self.home)}
+        self.proc = spawn(self, argv, cwd=self.cwd, env=env, name="tty-shell", usePTY=True)
         received = self.proc.childDataReceived
 
         def keep(fd, data):

@@ -31,6 +31,8 @@ from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
 from zope.interface import implementer
 
+from p2p.client.completion import Completer, common_prefix
+from p2p.client.history import History
 from p2p.client.progress import columns_of, fit_line
 
 PROMPT = "c> "
@@ -72,11 +74,15 @@ class StdioOutput:
         #: The editable prompt, when there is one: output goes above its line and
         #: status area, which are drawn again below it (:meth:`ShellTerminal.print_above`).
         self.screen: ShellTerminal | None = None
+        #: Told every result line (Tab completion learns names from the listings).
+        self.seen: Callable[[str], None] | None = None
 
     def _encode(self, text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")
 
     def line(self, text: str) -> None:
+        if self.seen is not None:
+            self.seen(text)
         self._write(self.stdout, self._encode(text + "\n"))
 
     def note(self, text: str) -> None:
@@ -206,12 +212,16 @@ class ShellTerminal(recvline.HistoricRecvLine):
         status: Callable[[], list[tuple[str, float | None, list[str]]]] = list,
         columns: Callable[[], int | None] = lambda: None,
         reactor=None,
+        completer: Completer | None = None,
+        history: History | None = None,
     ) -> None:
         self.submit = submit
         self.quit = quit
         self.status = status
         self.columns = columns
         self.reactor = reactor
+        self.completer = completer
+        self.history = history
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         #: The prompt and the line being typed are on screen (no command is running).
         self.prompt_shown = False
@@ -224,7 +234,19 @@ class ShellTerminal(recvline.HistoricRecvLine):
         super().connectionMade()
         self.keyHandlers[b"\x03"] = self.handle_INTERRUPT  # Ctrl-C (no SIGINT in raw mode)
         self.keyHandlers[b"\x04"] = self.handle_EOF  # Ctrl-D
-        self.keyHandlers[b"\x15"] = self.handle_KILL_LINE  # Ctrl-U
+        self.keyHandlers.update(
+            {
+                b"\x01": self.handle_HOME,  # Ctrl-A
+                b"\x05": self.handle_END,  # Ctrl-E
+                b"\x0b": self.handle_KILL_TO_END,  # Ctrl-K
+                b"\x0c": self.handle_CLEAR,  # Ctrl-L
+                b"\x15": self.handle_KILL_LINE,  # Ctrl-U
+                b"\x17": self.handle_KILL_WORD,  # Ctrl-W
+            }
+        )
+        if self.history is not None:
+            self.historyLines = self.history.load()
+            self.historyPosition = len(self.historyLines)
 
     def initializeScreen(self) -> None:
         # RecvLine resets (clears) the whole screen; a shell must not.
@@ -392,6 +414,8 @@ class ShellTerminal(recvline.HistoricRecvLine):
         self.handle_END()
         self.terminal.eraseToDisplayEnd()
         self.prompt_shown = False
+        if self.history is not None and self.lineBuffer:
+            self.history.add(b"".join(self.lineBuffer))
         super().handle_RETURN()
 
     def lineReceived(self, line: bytes) -> None:
@@ -452,6 +476,61 @@ class ShellTerminal(recvline.HistoricRecvLine):
     def handle_KILL_LINE(self) -> None:
         """Ctrl-U: delete from the line's start to the cursor."""
         self._replace_line(self.lineBuffer[self.lineBufferIndex :], 0)
+
+    def handle_KILL_TO_END(self) -> None:
+        """Ctrl-K: delete from the cursor to the line's end."""
+        self._replace_line(self.lineBuffer[: self.lineBufferIndex], self.lineBufferIndex)
+
+    def handle_KILL_WORD(self) -> None:
+        """Ctrl-W: delete the word before the cursor (and the blanks after it)."""
+        end = start = self.lineBufferIndex
+        while start > 0 and self.lineBuffer[start - 1].isspace():
+            start -= 1
+        while start > 0 and not self.lineBuffer[start - 1].isspace():
+            start -= 1
+        self._replace_line(self.lineBuffer[:start] + self.lineBuffer[end:], start)
+
+    def handle_CLEAR(self) -> None:
+        """Ctrl-L: clear the screen; the prompt and status area at its top."""
+        self.terminal.cursorHome()
+        self.terminal.eraseDisplay()
+        self._draw()
+
+    def handle_TAB(self) -> None:
+        """Complete the word before the cursor: a command, a user or a file name (the
+        last listings'). One candidate is put in whole; several, what they share,
+        and if that adds nothing they are listed above the prompt."""
+        if self.completer is None:
+            return
+        typed = b"".join(self.lineBuffer[: self.lineBufferIndex])
+        before = typed.decode("utf-8", "surrogateescape")
+        start, candidates = self.completer.complete(before)
+        if not candidates:
+            return
+        if len(candidates) == 1:
+            text = candidates[0] + " "
+        else:
+            text = common_prefix(candidates)
+            if len(text) <= len(before) - start:
+                self.print_above(
+                    2, ("  ".join(candidates) + "\n").encode("utf-8", "surrogateescape")
+                )
+                return
+        head = _entries(before[:start] + text)
+        self._replace_line(head + self.lineBuffer[self.lineBufferIndex :], len(head))
+
+
+def _entries(text: str) -> list[bytes]:
+    """``text`` as line-buffer entries: one per character, combining marks joined
+    to the character before them."""
+    entries: list[bytes] = []
+    for char in text:
+        data = char.encode("utf-8", "surrogateescape")
+        if entries and unicodedata.combining(char):
+            entries[-1] += data
+        else:
+            entries.append(data)
+    return entries
 
 
 def _width(entry: bytes) -> int:
@@ -518,11 +597,21 @@ def attach_terminal(
     quit: Callable[[], None],
     output: StdioOutput,
     status: Callable[[], list[tuple[str, float | None, list[str]]]] = list,
+    completer: Completer | None = None,
+    history: History | None = None,
 ) -> ShellTerminal:
     """Read keys from the (raw) terminal on stdin into an editable prompt; ``output``
-    then prints above it, and ``status()`` is shown under it."""
+    then prints above it, and ``status()`` is shown under it. ``completer`` completes
+    with Tab the names of the listings ``output`` prints; ``history`` keeps the lines."""
     server = insults.ServerProtocol(
-        ShellTerminal, submit, quit, status=status, columns=output.columns, reactor=reactor
+        ShellTerminal,
+        submit,
+        quit,
+        status=status,
+        columns=output.columns,
+        reactor=reactor,
+        completer=completer,
+        history=history,
     )
     server.makeConnection(_TerminalWriter(1))
     prompt = server.terminalProtocol

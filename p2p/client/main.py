@@ -30,7 +30,9 @@ from twisted.logger import (
 from twisted.python import usage
 
 from p2p import wire
+from p2p.client.completion import Completer
 from p2p.client.frontends import StdioOutput, attach_pipe, attach_terminal, raw_terminal
+from p2p.client.history import History
 from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
 from p2p.client.shell import Shell
@@ -254,8 +256,16 @@ def main(argv: list[str] | None = None) -> None:
         stop()
 
     with raw_terminal(0):
+        completer = Completer()
+        output.seen = completer.seen
         terminal = attach_terminal(
-            reactor, shell.submit, quit_now, output, status=shell.transfers.status_lines
+            reactor,
+            shell.submit,
+            quit_now,
+            output,
+            status=shell.transfers.status_lines,
+            completer=completer,
+            history=History(home.path / "history", output.note),
         )
         shell.transfers.on_change = terminal.refresh
         shell.on_idle = terminal.show_prompt

@@ -8,6 +8,7 @@ go to stderr as notes.
 from __future__ import annotations
 
 from p2p import wire
+from p2p.client.words import quote
 
 
 def _outcomes(op: str, fail: str, **by_role: str) -> tuple[dict[int, str], str]:
@@ -104,23 +105,29 @@ def not_connected_line(op: str) -> str:
 
 
 def user_row(name: str, ip: str, port: str) -> str:
-    """One LIST_USERS row, tab-indented."""
-    return f"\t{shown(name)} {shown(ip)} {shown(port)}"
+    """One LIST_USERS row, tab-indented; the name as it is typed in a command."""
+    return f"\t{typed(name)} {shown(ip)} {shown(port)}"
 
 
 def content_row(name: str, size: str, description: str) -> str:
-    """One LIST_CONTENT row, tab-indented: name, size (``-``: unknown), the description
-    in double quotes."""
-    return f'\t{shown(name)} {shown(size)} "{shown(description, keep_tab=True)}"'
+    """One LIST_CONTENT row, tab-indented: name (as it is typed in a command), size
+    (``-``: unknown), the description in double quotes."""
+    return f'\t{typed(name)} {shown(size)} "{shown(description, keep_tab=True)}"'
 
 
 def search_row(owner: str, name: str, size: str, description: str, copies: str) -> str:
     """One SEARCH hit, tab-indented: as a LIST_CONTENT row after its owner, and how many
     connected users have the same content when more than one does."""
-    row = f"\t{shown(owner)} {content_row(name, size, description)[1:]}"
+    row = f"\t{typed(owner)} {content_row(name, size, description)[1:]}"
     if copies.isdigit() and int(copies) > 1:
         row += f" ({int(copies)} users have it)"
     return row
+
+
+def typed(name: str) -> str:
+    """A name from the indexer as it is typed back in a command: :func:`shown`, and in
+    double quotes when it holds blanks, quotes or backslashes (``"my song.mp3"``)."""
+    return shown(quote(name))
 
 
 def shown(text: str, keep_tab: bool = False) -> str:

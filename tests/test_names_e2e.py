@@ -77,7 +77,7 @@ class ClaimedNamesTests(TestCase):
             "LIST_USERS", "c> LIST_USERS OK", f"\talice 127.0.0.1 {self.alice_peer}"
         )
         yield self.alice.check(
-            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\treport.txt "quarterly figures"'
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\treport.txt 16000 "quarterly figures"'
         )
 
     @defer.inlineCallbacks
@@ -138,7 +138,7 @@ class ClaimedNamesTests(TestCase):
         yield bob.check("CONNECT bobby-the-user", "c> CONNECT OK")
         yield bob.check("PUBLISH holiday-photos.tar summer in the alps", "c> PUBLISH OK")
         yield bob.check(
-            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\treport.txt "quarterly figures"'
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", '\treport.txt 16000 "quarterly figures"'
         )
         yield bob.check("GET_FILE alice report.txt got.txt", "c> GET_FILE OK")
         yield bob.check("DELETE holiday-photos.tar", "c> DELETE OK")

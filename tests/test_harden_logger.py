@@ -620,22 +620,29 @@ class DecoderFuzzTests(unittest.TestCase):
 
 
 class DiskFullTests(unittest.TestCase):
-    """A write that fails half way (ENOSPC) leaves no torn line and loses no record."""
+    """A write that fails half way (ENOSPC) leaves no torn line and loses no record.
+
+    The disk fills as the kernel shows it: on ``fail_fd``, write(2) first writes
+    half of what it is given and says so (a short write), then fails with ENOSPC
+    and writes nothing."""
 
     def setUp(self):
         self.audit = AuditLog(self.mktemp(), echo=False)
         self.audit.open()
         self.addCleanup(self.audit.close)
         self.fail_fd: int | None = None
-        real = self.audit._write_all
+        self.short_written = False
+        real = os.write
 
-        def flaky(fd: int, data: bytes) -> None:
-            if fd == self.fail_fd:
-                os.write(fd, data[: len(data) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(fd, data)
+        def flaky(fd: int, data) -> int:
+            if fd != self.fail_fd:
+                return real(fd, data)
+            if not self.short_written:
+                self.short_written = True
+                return real(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.audit._write_all = flaky
+        self.patch(os, "write", flaky)
 
     def reopen(self) -> AuditLog:
         self.audit.close()

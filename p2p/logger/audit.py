@@ -121,23 +121,27 @@ class AuditLog:
         """
         assert self._audit_fd is not None, "AuditLog.store before open()"
         line = (record + "\n").encode("utf-8")
-        offset = os.fstat(self._audit_fd).st_size
+        offset = None  # where the line starts, for the journal (a failed write finds it)
         undo = None  # what to restore if the audit line cannot be written
         if sender is not None and seq is not None:
             if seq <= self.last_seq.get(sender, -1):
                 self.duplicates += 1
                 log.info("record {seq} of {sender} already stored", seq=seq, sender=sender)
                 return False
+            offset = os.fstat(self._audit_fd).st_size
             entry = {"s": sender, "q": seq, "o": offset, "r": record}
             undo = (self._state_size, self.last_seq.get(sender))
             self._journal(entry)
             self._remember(sender, seq)
         try:
             self._write_all(self._audit_fd, line)
-        except OSError:
+        except OSError as exc:
             # No torn line for the next record to be glued to, and no journal entry
             # claiming this record: its resend must store it, not skip it as stored.
-            self._truncate(self._audit_fd, offset)
+            if offset is None:  # O_APPEND: the bytes written before the failure end the file
+                offset = self._size_less(getattr(exc, "characters_written", 0))
+            if offset is not None:
+                self._truncate(self._audit_fd, offset)
             if undo is not None:
                 self._unjournal(sender, *undo)
             raise
@@ -169,6 +173,13 @@ class AuditLog:
                     count=self.forgotten,
                 )
 
+    def _size_less(self, written: int) -> int | None:
+        """The audit file's size less ``written`` bytes; None if it cannot be read."""
+        try:
+            return os.fstat(self._audit_fd).st_size - written
+        except OSError:
+            return None
+
     @staticmethod
     def _truncate(fd: int, size: int) -> None:
         with contextlib.suppress(OSError):
@@ -195,11 +206,22 @@ class AuditLog:
 
     @staticmethod
     def _write_all(fd: int, data: bytes) -> None:
-        written = os.write(fd, data)  # all of it, unless the disk fills meanwhile
+        """Write all of ``data``: one write(2), unless the disk fills meanwhile.
+
+        A write(2) that fails writes nothing, so when one fails after short ones,
+        the OSError's ``characters_written`` (as ``BlockingIOError`` has) says
+        how many bytes those wrote; ``store`` cuts them off again, which spares
+        it an fstat per record to learn where the line starts.
+        """
+        written = os.write(fd, data)
         if written < len(data):
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view) :]
+            view = memoryview(data)
+            try:
+                while written < len(data):
+                    written += os.write(fd, view[written:])
+            except OSError as exc:
+                exc.characters_written = written
+                raise
 
     def _journal(self, entry: dict) -> None:
         data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")

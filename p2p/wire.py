@@ -170,7 +170,8 @@ class FieldKind(Enum):
     OP = "op"
     DATETIME = "datetime"
     USER = "user"  # user names: as NAME, and no look-alikes (NFC, no format characters)
-    NAME = "name"  # file names: no whitespace, no control characters
+    NAME = "name"  # an owner named by LIST_CONTENT/LIST_FILES: no whitespace, no control chars
+    FILE = "file"  # file names: no control characters (spaces allowed)
     TEXT = "text"  # descriptions: any printable UTF-8, spaces allowed
     PORT = "port"
     OFFSET = "offset"
@@ -186,6 +187,7 @@ LIMITS: dict[FieldKind, int] = {
     FieldKind.DATETIME: MAX_DATETIME,
     FieldKind.USER: MAX_NAME,
     FieldKind.NAME: MAX_NAME,
+    FieldKind.FILE: MAX_NAME,
     FieldKind.TEXT: MAX_DESCRIPTION,
     FieldKind.PORT: MAX_PORT_FIELD,
     FieldKind.OFFSET: MAX_OFFSET_FIELD,
@@ -225,8 +227,13 @@ def _is_control(ch: str) -> bool:
 
 
 def check_name(text: str) -> bool:
-    """True for a valid user or file name (non-empty, no whitespace or control chars)."""
+    """True for a valid user name or owner (non-empty, no whitespace or control chars)."""
     return bool(text) and not any(ch.isspace() or _is_control(ch) for ch in text)
+
+
+def check_file(text: str) -> bool:
+    """True for a valid file name: non-empty, no control characters (spaces allowed)."""
+    return bool(text) and not any(_is_control(ch) for ch in text)
 
 
 def check_user(text: str) -> bool:
@@ -279,6 +286,8 @@ def decode_field(raw: bytes, kind: FieldKind) -> str | int:
         raise BadField(f"{kind.value}: not UTF-8") from exc
     if kind is FieldKind.NAME and not check_name(text):
         raise BadField(f"name has whitespace or control characters: {text!r}")
+    if kind is FieldKind.FILE and not check_file(text):
+        raise BadField(f"file name has control characters: {text!r}")
     if kind is FieldKind.USER and not check_user(text):
         raise BadField(
             f"user name is not NFC, or has whitespace, control or format characters: {text!r}"
@@ -329,9 +338,9 @@ UNREGISTER = OpSpec("UNREGISTER", (), error=2, no_user=1)  # connected -> error
 CONNECT = OpSpec("CONNECT", (FieldKind.PORT,), error=3, no_user=1, own=2)  # own: connected
 DISCONNECT = OpSpec("DISCONNECT", (), error=3, no_user=1, not_connected=2)
 PUBLISH = OpSpec(
-    "PUBLISH", (FieldKind.NAME, FieldKind.TEXT), error=4, no_user=1, not_connected=2, own=3
+    "PUBLISH", (FieldKind.FILE, FieldKind.TEXT), error=4, no_user=1, not_connected=2, own=3
 )
-DELETE = OpSpec("DELETE", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
+DELETE = OpSpec("DELETE", (FieldKind.FILE,), error=4, no_user=1, not_connected=2, own=3)
 LIST_USERS = OpSpec("LIST_USERS", (), error=3, no_user=1, not_connected=2)
 LIST_CONTENT = OpSpec("LIST_CONTENT", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
 #: Extension: LIST_USERS with each user's key fingerprint (``-`` when the name is unclaimed).
@@ -353,7 +362,7 @@ HOLD = OpSpec("HOLD", (), error=3, no_user=1, not_connected=2)
 #: (``new``: code 3 when the name is published, as PUBLISH; ``replace``: create or update).
 PUBLISH_FILE = OpSpec(
     "PUBLISH_FILE",
-    (FieldKind.NAME, FieldKind.TEXT, FieldKind.SIZE, FieldKind.SHA256, FieldKind.MODE),
+    (FieldKind.FILE, FieldKind.TEXT, FieldKind.SIZE, FieldKind.SHA256, FieldKind.MODE),
     error=4,
     no_user=1,
     not_connected=2,

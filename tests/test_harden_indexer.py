@@ -32,7 +32,15 @@ SEED = 20261125
 
 # --- The reference model (protocol.md section 1, independent of p2p.wire's checks) ---
 
-LIMIT = {"op": 32, "datetime": 64, "user": 256, "name": 256, "text": 256, "words": 256}
+LIMIT = {
+    "op": 32,
+    "datetime": 64,
+    "user": 256,
+    "name": 256,
+    "file": 256,
+    "text": 256,
+    "words": 256,
+}
 
 
 def _utf8(raw: bytes) -> str | None:
@@ -66,6 +74,8 @@ def model_valid(kind: str, raw: bytes) -> bool:
         return False
     if kind == "name":
         return not any(ch.isspace() or _cc(ch) for ch in text)
+    if kind == "file":  # a file name may hold spaces, never a control character
+        return not any(_cc(ch) for ch in text)
     if kind == "user":  # a name, and no look-alike: NFC, no format (Cf) characters
         return not any(
             ch.isspace() or _cc(ch) or unicodedata.category(ch) == "Cf" for ch in text
@@ -81,14 +91,14 @@ ARG_KINDS = {
     "UNREGISTER": (),
     "CONNECT": ("port",),
     "DISCONNECT": (),
-    "PUBLISH": ("name", "text"),
-    "DELETE": ("name",),
+    "PUBLISH": ("file", "text"),
+    "DELETE": ("file",),
     "LIST_USERS": (),
     "LIST_CONTENT": ("name",),
     "LIST_PEERS": (),
     "ALIVE": (),
     "HOLD": (),
-    "PUBLISH_FILE": ("name", "text", "size", "sha256", "mode"),
+    "PUBLISH_FILE": ("file", "text", "size", "sha256", "mode"),
     "LIST_FILES": ("name",),
     "SEARCH": ("words", "limit"),
 }
@@ -264,6 +274,11 @@ def random_field(rng: random.Random, kind: str, valid: bool) -> bytes:
         return rng.choice(PORTS_OK if valid else PORTS_BAD)
     if kind in ("user", "name"):
         return random_name(rng, valid)
+    if kind == "file":  # spaces are fine there: the model tells which of these are valid
+        spaced = ["my file.txt", " lead", "trail ", "a\u3000b", "x\u00a0y"]
+        return (
+            rng.choice(spaced).encode() if valid and rng.random() < 0.3 else random_name(rng, valid)
+        )
     if kind == "text":
         if valid:
             return rng.choice(["a file", "tab\there", "é ünï", "d" * 256, "\u2028sep"]).encode()
@@ -324,7 +339,7 @@ class Fuzz(TestCase):
             for j, kind in enumerate(kinds):
                 if j == bad_at:
                     fields.append(random_field(rng, kind, False))
-                elif kind in ("user", "name") and rng.random() < 0.9:
+                elif kind in ("user", "name", "file") and rng.random() < 0.9:
                     fields.append(rng.choice(pool))
                 else:
                     fields.append(random_field(rng, kind, True))

@@ -130,7 +130,7 @@ class ProtocolTable(Fixture):
         self.assertEqual(self.code("PUBLISH", "bob", "a.txt", "d"), 2)
         self.assertEqual(self.code("PUBLISH", "alice", "a.txt", "d"), 3)
         self.assertEqual(self.code("PUBLISH", "alice", "", "d"), 4)
-        self.assertEqual(self.code("PUBLISH", "alice", "b c", "d"), 4)
+        self.assertEqual(self.code("PUBLISH", "alice", "b\tc", "d"), 4)  # control character
         self.assertEqual(self.code("PUBLISH", "alice", "b.txt", ""), 4)
         self.assertEqual(self.code("PUBLISH", "alice", "b.txt", "a description"), 0)
         # names are per user

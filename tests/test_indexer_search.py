@@ -116,7 +116,7 @@ class PublishFile(Base):
             ("f", "d", 12, H1, "NEW"),
             ("f", "d", 12, H1, "add"),
             ("f", "d", 12, H1, ""),
-            ("two words", "d", 12, H1, "new"),
+            ("two\twords", "d", 12, H1, "new"),
             ("f", "", 12, H1, "new"),
             ("keep.txt", "d", -1, H1, "replace"),
         ]

@@ -137,3 +137,43 @@ class LocalHostTests(TestCase):
         self.assertEqual(wire.local_host(""), "127.0.0.1")
         self.assertEqual(wire.local_host("", unspecified="::1"), "::1")
         self.assertEqual(wire.local_host("10.0.0.5"), "10.0.0.5")
+
+
+class FileNameTests(TestCase):
+    """File names may hold spaces (protocol.md section 1); user names may not."""
+
+    def test_spaces_yes_control_characters_no(self):
+        for name in ("my song.mp3", " lead", "trail ", "a  b", "名 前", "x\u00a0y", "f" * 256):
+            self.assertEqual(wire.decode_field(name.encode(), wire.FieldKind.FILE), name)
+        for bad in (b"", b"f" * 257, b"a\tb", b"a\nb", b"\x7f", "a\x85".encode(), b"\xff"):
+            self.assertRaises(wire.BadField, wire.decode_field, bad, wire.FieldKind.FILE)
+        # 256 bytes, not characters.
+        self.assertRaises(wire.BadField, wire.decode_field, "é".encode() * 129, wire.FieldKind.FILE)
+
+    def test_user_names_and_owners_keep_their_rule(self):
+        for kind in (wire.FieldKind.USER, wire.FieldKind.NAME):
+            self.assertRaises(wire.BadField, wire.decode_field, b"my song", kind)
+
+    def test_which_fields_are_file_names(self):
+        files = {op for op, spec in wire.OPS.items() if wire.FieldKind.FILE in spec.args}
+        self.assertEqual(files, {"PUBLISH", "DELETE", "PUBLISH_FILE"})
+        for op in ("LIST_CONTENT", "LIST_FILES"):
+            self.assertEqual(wire.OPS[op].args, (wire.FieldKind.NAME,))
+
+
+class FileNamesAtTheIndexerTests(TestCase):
+    """The indexer publishes, lists and deletes a file name with spaces."""
+
+    def test_publish_list_delete(self):
+        from tests.test_indexer_protocol import Harness
+
+        h = Harness(self)
+        self.assertEqual(h.request("REGISTER", "alice"), b"\0")
+        self.assertEqual(h.request("CONNECT", "alice", 5000), b"\0")
+        self.assertEqual(h.request("PUBLISH", "alice", "my song.mp3", "a song"), b"\0")
+        self.assertEqual(h.request("PUBLISH", "alice", "bad\tname", "x"), b"\4")
+        self.assertEqual(
+            h.request("LIST_CONTENT", "alice", "alice"), b"\0" + b"1\0my song.mp3\0a song\0"
+        )
+        self.assertEqual(h.request("LIST_CONTENT", "alice", "my song"), b"\4")  # an owner: no
+        self.assertEqual(h.request("DELETE", "alice", "my song.mp3"), b"\0")

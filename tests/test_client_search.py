@@ -191,7 +191,7 @@ class ListingTests(ShellTestCase):
         self.assertEqual(self.send("SEARCH x"), ["c> SEARCH FAIL"])
         del self.indexer.faults["SEARCH"]
         # The real indexer: no searchable word is its code 3.
-        self.assertEqual(self.send('SEARCH "*:^-'), ["c> SEARCH FAIL"])
+        self.assertEqual(self.send("SEARCH *:^-"), ["c> SEARCH FAIL"])
         self.assertIn("needs a word", self.output.notes[-1])
         # Too long to travel: refused here, the indexer not asked.
         before = len(self.indexer.requests)

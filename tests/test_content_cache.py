@@ -130,6 +130,11 @@ class CacheTests(TestCase):
         self.failureResultOf(self.cache.identify(self.file.with_name("nope")), OSError)
         self.failureResultOf(self.cache.identify(self.file.parent), OSError)  # a directory
 
+    def test_stopped_hashing_gives_up_and_keeps_nothing(self) -> None:
+        self.cache.stop()  # the client is ending
+        self.failureResultOf(self.cache.identify(self.file), content.Interrupted)
+        self.assertFalse(self.home.content_cache_file.exists())
+
     def test_a_damaged_cache_file_is_started_over(self) -> None:
         self.home.content_cache_file.parent.mkdir(parents=True)
         self.home.content_cache_file.write_text("{not json")

@@ -98,12 +98,18 @@ class FileChanging(OSError):
     """The file kept changing while it was read: no stable content to publish."""
 
 
-def digest_file(path: Path | str) -> Content:
+class Interrupted(OSError):
+    """Hashing was stopped (the client is ending)."""
+
+
+def digest_file(path: Path | str, stop: threading.Event | None = None) -> Content:
     """Read ``path`` once and return its :class:`Content` (blocking: call it in a thread).
 
     The stamp is taken from the open file before and after reading; if it moved
     the file changed meanwhile and it is read again (``FileChanging`` after
-    :data:`ATTEMPTS` tries). OSError if it cannot be read.
+    :data:`ATTEMPTS` tries). OSError if it cannot be read; :class:`Interrupted`
+    once ``stop`` is set (checked at every step, so a program ending does not
+    wait for a large file to be read to its end).
     """
     for _attempt in range(ATTEMPTS):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -112,6 +118,8 @@ def digest_file(path: Path | str) -> Content:
             digest = hashlib.sha256()
             size = 0
             while chunk := os.read(fd, READ_SIZE):
+                if stop is not None and stop.is_set():
+                    raise Interrupted(f"stopped reading {path}")
                 digest.update(chunk)
                 size += len(chunk)
             after = Stamp.of(os.fstat(fd))
@@ -135,14 +143,21 @@ class ContentCache:
         self,
         path: Path | str,
         run_in_thread: Callable[..., Deferred],
-        digest: Callable[[Path | str], Content] = digest_file,
+        digest: Callable[[Path | str], Content] | None = None,
     ) -> None:
         self.path = Path(path)
         self.run_in_thread = run_in_thread
-        self.digest = digest
+        #: Set by :meth:`stop`: hashing under way gives up.
+        self.stopping = threading.Event()
+        self.digest = digest or partial(digest_file, stop=self.stopping)
         self.hashed = 0
         self._lock = threading.Lock()
         self._entries: dict[str, list[Any]] | None = None
+
+    def stop(self) -> None:
+        """Make any hashing under way give up (:class:`Interrupted`): the client is ending,
+        and the reactor's thread pool is joined before it exits."""
+        self.stopping.set()
 
     def identify(self, path: Path | str) -> Deferred[Content]:
         """Fires with the size and SHA-256 of the file at ``path``; fails with OSError

@@ -199,6 +199,7 @@ class Session:
         """
         user = self.user
         self.hold_lease()
+        self.content.stop()
         if user is not None:
             try:
                 code, _rows = yield self.indexer.request("DISCONNECT", user)

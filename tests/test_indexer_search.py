@@ -344,6 +344,43 @@ class SearchSemantics(Base):
         self.assertEqual(self.req("PUBLISH", "bob", "report.pdf", "again"), b"\0")
         self.assertEqual(self.found("report"), [("bob", "report.pdf")])
 
+    def test_reused_id_is_indexed(self) -> None:
+        """SQLite gives a new file the id of the newest one deleted: the index follows."""
+        self.assertEqual(self.publish("bob", "newest.txt", "zebra"), b"\0")
+        self.assertEqual(self.found("zebra"), [("bob", "newest.txt")])  # indexed now
+        self.assertEqual(self.req("DELETE", "bob", "newest.txt"), b"\0")
+        self.assertEqual(self.publish("bob", "again.txt", "yak"), b"\0")
+        ids = [
+            r[0] for r in self.h.store.db.execute("SELECT id FROM files WHERE name = 'again.txt'")
+        ]
+        self.assertEqual(self.found("zebra"), [])
+        self.assertEqual(self.found("yak"), [("bob", "again.txt")])
+        self.assertEqual(len(ids), 1)
+
+    def test_index_waits_in_the_database(self) -> None:
+        """Changes not yet in the index survive a close: the next search applies them."""
+        store = Store(self.mktemp())
+        store.open()
+        store.add_user("u")
+        store.set_address("u", ("10.0.0.1", 5000))
+        for i in range(3):
+            store.add_file("u", f"walrus_{i}.txt", "d")
+        store.commit()
+        store.search(["walrus"], 10)  # the three are indexed
+        store.remove_file("u", "walrus_0.txt")
+        store.publish_file("u", "walrus_1.txt", "now a narwhal", 1, H1)
+        store.add_file("u", "walrus_3.txt", "d")
+        store.commit()
+        store.close()  # three changes wait in the database, none in the index
+        store.open()
+        self.addCleanup(store.close)
+        self.assertEqual(
+            sorted(h.name for h in store.search(["walrus"], 10)),
+            ["walrus_1.txt", "walrus_2.txt", "walrus_3.txt"],
+        )
+        self.assertEqual([h.name for h in store.search(["narwhal"], 10)], ["walrus_1.txt"])
+        self.assertEqual(store.search(["d", "walrus_0"], 10), [])
+
     def test_hostile_queries_are_words(self) -> None:
         """FTS5 syntax in a query means nothing: the same hits as its plain words."""
         plain = self.search("cancion")

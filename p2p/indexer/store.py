@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 import uuid
 from collections import deque
@@ -258,6 +259,9 @@ class Store:
         self._file_count: int | None = None
         #: How many index changes are queued (``index_queue``).
         self._queued = 0
+        #: The highest file id in the index, and how many files were added past it.
+        self._through = 0
+        self._fresh = 0
         #: The open transaction changes the directory (see :attr:`changes`).
         self._changes = False
 
@@ -316,7 +320,13 @@ class Store:
             db.execute("INSERT INTO meta (key, value) VALUES ('sender_id', ?)", (self._sender_id,))
         else:
             self._sender_id = row[0]
-        self._queued = _count_queued(db)
+        if db.execute("SELECT 1 FROM meta WHERE key = 'indexed_through'").fetchone() is None:
+            # A new database, or one whose index was just built: every file is in it.
+            db.execute(
+                "INSERT INTO meta (key, value)"
+                " SELECT 'indexed_through', coalesce(max(id), 0) FROM files"
+            )
+        self._count_unindexed(db)
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._committed_seq = self._last_seq = row[0] if row else 0
 
@@ -367,7 +377,8 @@ class Store:
         db = self._begin()
         orphans = "FROM files WHERE user NOT IN (SELECT name FROM users)"
         for row in db.execute(f"SELECT id, name, description {orphans}").fetchall():
-            self._queue(*row)
+            if row[0] <= self._through:
+                self._queue(*row)
         self._file_count = None
         return db.execute(f"DELETE {orphans}").rowcount
 
@@ -420,7 +431,8 @@ class Store:
         db = self._begin()
         files = db.execute("SELECT id, name, description FROM files WHERE user = ?", (name,))
         for row in files.fetchall():
-            self._queue(*row)
+            if row[0] <= self._through:
+                self._queue(*row)
         db.execute("DELETE FROM files WHERE user = ?", (name,))
         db.execute("DELETE FROM users WHERE name = ?", (name,))
         self._file_count = None
@@ -443,7 +455,10 @@ class Store:
             "INSERT INTO files (user, name, description, size, sha256) VALUES (?, ?, ?, ?, ?)",
             (user, name, description, size, sha256),
         )
-        self._queue(cursor.lastrowid)
+        if cursor.lastrowid > self._through:
+            self._fresh += 1  # indexed with every file past the mark
+        else:  # SQLite gave it the id of a deleted file, below the mark
+            self._queue(cursor.lastrowid)
         if self._file_count is not None:
             self._file_count += 1
 
@@ -463,20 +478,33 @@ class Store:
             "UPDATE files SET description = ?, size = ?, sha256 = ? WHERE id = ?",
             (description, size, sha256, old[0]),
         )
-        if description != old[2]:
+        if description != old[2] and old[0] <= self._through:
             self._queue(*old)
 
     def remove_file(self, user: str, name: str) -> None:
-        db = self._begin()
-        old = db.execute(
-            "SELECT id, name, description FROM files WHERE user = ? AND name = ?", (user, name)
-        ).fetchone()
+        old = (
+            self._begin()
+            .execute(
+                "DELETE FROM files WHERE user = ? AND name = ? RETURNING id, name, description",
+                (user, name),
+            )
+            .fetchone()
+        )
         if old is None:
             return
-        self._queue(*old)
-        db.execute("DELETE FROM files WHERE id = ?", (old[0],))
+        if old[0] <= self._through:
+            self._queue(*old)
         if self._file_count is not None:
             self._file_count -= 1
+
+    def _count_unindexed(self, db: sqlite3.Connection) -> None:
+        """Read the mark and count what waits for the index (at open, after a rollback)."""
+        mark = db.execute("SELECT value FROM meta WHERE key = 'indexed_through'").fetchone()
+        self._through = int(mark[0]) if mark else 0
+        self._queued = db.execute("SELECT count(*) FROM index_queue").fetchone()[0]
+        self._fresh = db.execute(
+            "SELECT count(*) FROM files WHERE id > ?", (self._through,)
+        ).fetchone()[0]
 
     def _queue(self, file_id: int, name: str | None = None, description: str | None = None) -> None:
         """Note that file ``file_id`` changed, with the text it had (None: a new file)."""
@@ -488,19 +516,36 @@ class Store:
 
     def update_index(self) -> None:
         """Bring the full-text index up to date with ``files``, in the current transaction:
-        at a commit once :data:`INDEX_BATCH` files are queued, and before any search, so
-        a search always sees every change before it.
+        at a commit once :data:`INDEX_BATCH` files changed, and before any search, so a
+        search always sees every change before it.
 
-        Per file, only the net change is written: the first queued row says what the
-        index holds (the text it had, or nothing for a file new since), ``files``
-        what it must hold now. A file published and deleted in between costs nothing.
+        New files are the ones past the mark (``meta.indexed_through``, the highest id
+        indexed): they cost no queue row. A file at or below it that changed is in
+        ``index_queue``; per file only the net change is written: the first queued row
+        says what the index holds (the text it had, or nothing for a file new since),
+        ``files`` what it must hold now.
         """
         db = self._begin(change=False)
-        queued = db.execute("SELECT seq, id, name, description FROM index_queue ORDER BY seq")
-        rows = queued.fetchall()
-        if not rows:
-            self._queued = 0
-            return
+        rows = db.execute(
+            "SELECT seq, id, name, description FROM index_queue ORDER BY seq"
+        ).fetchall()
+        if rows:
+            self._apply_queue(db, rows)
+        last = self._through
+        for file_id, name, description in db.execute(
+            "SELECT id, name, description FROM files WHERE id > ? ORDER BY id", (self._through,)
+        ).fetchall():
+            db.execute(FTS_INSERT, (file_id, name, description))
+            last = file_id
+        if last != self._through:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?)", (last,)
+            )
+            self._through = last
+        self._queued = self._fresh = 0
+
+    def _apply_queue(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
+        """Write the net change of each queued file into the index; empty the queue."""
         indexed: dict[int, tuple[str, str] | None] = {}
         for _seq, file_id, name, description in rows:
             if file_id not in indexed:
@@ -516,7 +561,6 @@ class Store:
             if now is not None:
                 db.execute(FTS_INSERT, (file_id, *now))
         db.execute("DELETE FROM index_queue WHERE seq <= ?", (rows[-1][0],))
-        self._queued = 0
 
     # --- Reads of content identity and search (protocol.md section 8) -----------
 
@@ -529,6 +573,20 @@ class Store:
         ).fetchall()
 
     def search(self, words: list[str], limit: int) -> list[Hit]:
+        """The best ``limit`` files of connected owners matching every word, best first
+        (see :meth:`_search`).
+
+        A word the tokenizer would cut in two (a mark it counts as a separator, say)
+        would be a phrase, which this index cannot answer: it is searched as its parts.
+        """
+        try:
+            return self._search(words, limit)
+        except sqlite3.OperationalError as exc:
+            if "phrase" not in str(exc):
+                raise
+        return self._search([part for word in words for part in _ALNUM(word)], limit)
+
+    def _search(self, words: list[str], limit: int) -> list[Hit]:
         """The best ``limit`` files of connected owners matching every word (as
         :func:`p2p.indexer.fulltext.query_words` gives them), best first.
 
@@ -542,7 +600,7 @@ class Store:
         if not words:
             return []
         db = self.db
-        if self._queued and not (self.failing or self.held):
+        if (self._queued or self._fresh) and not (self.failing or self.held):
             # (on a full disk the index is searched as it is: a file whose row is gone
             # is never a hit, one added meanwhile is not found yet)
             self.update_index()
@@ -656,7 +714,7 @@ class Store:
             return
         added, self._outbox_added = self._outbox_added, False
         try:
-            if self._queued >= INDEX_BATCH:
+            if self._queued + self._fresh >= INDEX_BATCH:
                 self.update_index()
             self._in_transaction = False
             self.db.execute("COMMIT")
@@ -692,7 +750,7 @@ class Store:
         if self._db is not None and self._db.in_transaction:
             self._db.execute("ROLLBACK")
         if self._db is not None:
-            self._queued = _count_queued(self._db)
+            self._count_unindexed(self._db)
 
     # --- Outbox API of the logger relay ----------------------------------------
 
@@ -743,11 +801,10 @@ def _row(ip: str | None, port: int | None, identity: str | None) -> UserRow:
     return UserRow(address=(ip, port) if ip is not None else None, identity=identity)
 
 
-def _count_queued(db: sqlite3.Connection) -> int:
-    """How many index changes wait in ``index_queue``."""
-    return db.execute("SELECT count(*) FROM index_queue").fetchone()[0]
-
-
 def _term(word: str) -> str:
     """The FTS5 query of ``word`` as a whole word (quoted, so only a word)."""
     return '"{}"'.format(word.replace('"', '""'))
+
+
+#: Runs of letters and digits only (a last resort for a query word: see ``Store.search``).
+_ALNUM = re.compile(r"[^\W_]+").findall

@@ -133,8 +133,14 @@ class ServerUnitTests(TestCase):
         self.assertEqual(reply, bytes([wire.PEER_ERROR]))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
+    def test_a_name_with_spaces(self) -> None:
+        (self.share / "my song.mp3").write_bytes(b"la la")
+        self.published.add("my song.mp3")
+        reply, _ = self.request(wire.encode_fields("GET_FILE", "my song.mp3"))
+        self.assertEqual(reply, b"\0la la")
+
     def test_bad_name_is_error(self) -> None:
-        for name in (b"a b", b"\xff\xfe", b"x" * (wire.MAX_NAME + 1)):
+        for name in (b"a\tb", b"\xff\xfe", b"x" * (wire.MAX_NAME + 1)):
             reply, transport = self.request(b"GET_FILE\0" + name + b"\0")
             self.assertEqual(reply, bytes([wire.PEER_ERROR]), name)
             self.assertTrue(transport.disconnecting)

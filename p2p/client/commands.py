@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2p import wire
+from p2p.client.words import split_words, word_spans
 
 
 @dataclass(frozen=True)
@@ -104,28 +105,39 @@ class ParseError(Exception):
 def parse(line: str) -> Parsed | None:
     """Parse one input line; ``None`` for a blank line or a ``#`` comment.
 
-    Raises :class:`ParseError` for an unknown command or a wrong number of
-    arguments.
+    Words are split as :func:`p2p.client.words.split_words` says: quotes keep
+    spaces (``PUBLISH "my song.mp3" a song``). Raises :class:`ParseError` for an
+    unknown command, a wrong number of arguments or an unclosed quote.
     """
-    words = line.split()
-    if not words or words[0].startswith("#"):
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
         return None
-    name = words[0].upper()
-    spec = COMMANDS.get(name)
+    first = stripped.split()[0]
+    spec = COMMANDS.get(first.upper())
     if spec is None:
-        raise ParseError(f"Unknown command: {words[0]} (type HELP for the list of commands)")
-    if spec.reads is not None:
-        try:
-            return Parsed(name, spec.reads(words[1:]))
-        except ValueError:
-            raise ParseError(f"Syntax error. Usage: {spec.usage}") from None
-    if spec.rest:
-        # Keep the description's own spacing: split only as far as the fixed words.
-        words = line.strip().split(None, len(spec.params))
-    args = tuple(words[1:])
+        raise ParseError(f"Unknown command: {first} (type HELP for the list of commands)")
+    try:
+        if spec.rest:
+            args = _fixed_then_rest(stripped, len(spec.params))
+        else:
+            args = tuple(split_words(stripped)[1:])
+            if spec.reads is not None:
+                args = spec.reads(list(args))
+    except ValueError:  # an unclosed quote, or what ``reads`` refuses
+        raise ParseError(f"Syntax error. Usage: {spec.usage}") from None
     if len(args) != len(spec.params):
         raise ParseError(f"Syntax error. Usage: {spec.usage}")
-    return Parsed(name, args)
+    return Parsed(spec.name, args)
+
+
+def _fixed_then_rest(line: str, count: int) -> tuple[str, ...]:
+    """The ``count - 1`` words after the command name, then the rest of the line as
+    typed (its own spacing and quotes: a description)."""
+    spans = word_spans(line)
+    fixed = [split_words(line[start:end]) for start, end in spans[1:count]]
+    if len(spans) <= count or any(len(word) != 1 for word in fixed):
+        return ()
+    return (*(word[0] for word in fixed), line[spans[count][0] :])
 
 
 def help_text() -> list[str]:

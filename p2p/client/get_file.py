@@ -72,8 +72,8 @@ class GetFile:
         if user is None:
             self._fail("no user is connected in this shell (CONNECT first)")
             return
-        for value in (owner, remote):
-            problem = field_problem(value)
+        for value, kind in ((owner, wire.FieldKind.NAME), (remote, wire.FieldKind.FILE)):
+            problem = field_problem(value, kind)
             if problem:
                 self._fail(problem)
                 return

@@ -240,7 +240,7 @@ class IndexerCommands:
         """PUBLISH_FILE with the file's size and SHA-256 (classic PUBLISH when it cannot
         be read, or the indexer does not know PUBLISH_FILE)."""
         user = self._need_user("PUBLISH")
-        if user is None or self._refused("PUBLISH", name):
+        if user is None or self._refused("PUBLISH", name, wire.FieldKind.FILE):
             return
         if self._refused("PUBLISH", description, wire.FieldKind.TEXT):
             return
@@ -311,7 +311,7 @@ class IndexerCommands:
     @defer.inlineCallbacks
     def delete(self, name: str):
         user = self._need_user("DELETE")
-        if user is None or self._refused("DELETE", name):
+        if user is None or self._refused("DELETE", name, wire.FieldKind.FILE):
             return
         code, _rows = yield self._ask("DELETE", user, name)
         if code in (wire.OK, wire.DELETE.own):

@@ -189,7 +189,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
     def _serve(self, op: str, args: list[bytes]) -> None:
         self.setTimeout(None)
         try:
-            name = wire.decode_field(args[0], wire.FieldKind.NAME)
+            name = wire.decode_field(args[0], wire.FieldKind.FILE)
         except wire.BadField:
             self._note("{op} malformed name", op=op)
             self._reply(wire.PEER_ERROR)

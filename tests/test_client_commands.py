@@ -20,7 +20,9 @@ class ParseTests(TestCase):
             "LIST_USERS": Parsed("LIST_USERS", ()),
             "LIST_CONTENT bob": Parsed("LIST_CONTENT", ("bob",)),
             "DISCONNECT alice": Parsed("DISCONNECT", ("alice",)),
-            "GET_FILE bob r.bin l.bin": Parsed("GET_FILE", ("bob", "r.bin", "l.bin")),
+            "GET_FILE bob r.bin l.bin": Parsed("GET_FILE", ("bob", "r.bin", "l.bin", "")),
+            "GET_FILE bob r.bin": Parsed("GET_FILE", ("bob", "r.bin", "", "")),
+            "GET_FILE --force bob r l": Parsed("GET_FILE", ("bob", "r", "l", "--force")),
             "HELP": Parsed("HELP", ()),
             "QUIT": Parsed("QUIT", ()),
         }
@@ -47,8 +49,11 @@ class ParseTests(TestCase):
             "LIST_USERS x": "Syntax error. Usage: LIST_USERS",
             "LIST_CONTENT": "Syntax error. Usage: LIST_CONTENT <user>",
             "DISCONNECT a b": "Syntax error. Usage: DISCONNECT <user>",
-            "GET_FILE bob r.bin": (
-                "Syntax error. Usage: GET_FILE <user> <remote file> <local file>"
+            "GET_FILE bob": (
+                "Syntax error. Usage: GET_FILE [--force] <user> <remote file> [<local file>]"
+            ),
+            "GET_FILE bob r l x": (
+                "Syntax error. Usage: GET_FILE [--force] <user> <remote file> [<local file>]"
             ),
             "QUIT now": "Syntax error. Usage: QUIT",
             "UNREGISTER": "Syntax error. Usage: UNREGISTER <user>",

@@ -59,15 +59,31 @@ class GetFileTests(InteropTestCase):
     def test_from_yourself_over_an_existing_file(self):
         a = yield self.online()
         (a.cwd / "old.ogg").write_bytes(b"old contents")
-        yield a.check("GET_FILE alice song.ogg old.ogg", "c> GET_FILE OK")
+        # Not replaced without a word: a script says --force.
+        asked = len(self.indexer.requests)
+        yield a.check("GET_FILE alice song.ogg old.ogg", "c> GET_FILE FAIL")
+        self.assertEqual((a.cwd / "old.ogg").read_bytes(), b"old contents")
+        self.assertEqual(len(self.indexer.requests), asked, "refused before asking anyone")
+        self.assertTrue(any("add --force" in x for x in a.proc.errlines), a.proc.output())
+        yield a.check("GET_FILE --force alice song.ogg old.ogg", "c> GET_FILE OK")
         self.assertEqual((a.cwd / "old.ogg").read_bytes(), b"la la la" * 1000)
+
+    @defer.inlineCallbacks
+    def test_without_a_local_name_saves_under_the_remote_base_name(self):
+        a = yield self.online()
+        yield a.check("GET_FILE alice song.ogg", "c> GET_FILE OK")
+        self.assertEqual((a.cwd / "song.ogg").read_bytes(), b"la la la" * 1000)
+        saved = [x for x in a.proc.errlines if "saved as" in x]
+        self.assertEqual(len(saved), 1, a.proc.output())
+        self.assertIn("7.8 KiB (8000 bytes) in 0:0", saved[0])
+        self.assertTrue(saved[0].endswith(f"saved as {a.cwd / 'song.ogg'}"), saved)
 
     @defer.inlineCallbacks
     def test_a_failed_download_keeps_the_existing_file(self):
         a = yield self.online()
         fake = self.fake_peer(cut=True)
         (a.cwd / "keep.bin").write_bytes(b"precious")
-        yield a.check(f"GET_FILE {fake} big.bin keep.bin", "c> GET_FILE FAIL")
+        yield a.check(f"GET_FILE --force {fake} big.bin keep.bin", "c> GET_FILE FAIL")
         self.assertEqual((a.cwd / "keep.bin").read_bytes(), b"precious")
         self.assertEqual(self.leftovers(a.cwd), [])
         self.assertTrue(any("cut after 10 of 1000" in x for x in a.proc.errlines), a.proc.output())
@@ -78,7 +94,8 @@ class GetFileTests(InteropTestCase):
         (a.cwd / "inbox").mkdir()
         yield a.check("GET_FILE alice song.ogg inbox", "c> GET_FILE OK")
         self.assertEqual((a.cwd / "inbox" / "song.ogg").read_bytes(), b"la la la" * 1000)
-        yield a.check("GET_FILE alice song.ogg inbox/", "c> GET_FILE OK")
+        yield a.check("GET_FILE alice song.ogg inbox/", "c> GET_FILE FAIL")  # it is there
+        yield a.check("GET_FILE --force alice song.ogg inbox/", "c> GET_FILE OK")
         yield a.check("GET_FILE alice song.ogg .", "c> GET_FILE OK")
         self.assertEqual((a.cwd / "song.ogg").read_bytes(), b"la la la" * 1000)
 

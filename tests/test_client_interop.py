@@ -433,8 +433,8 @@ class ClassicPeerTests(InteropTestCase):
             listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
             self.addCleanup(listening.stopListening)
             self.indexer.users[mode] = {"addr": ("127.0.0.1", str(listening.getHost().port))}
-            yield a.check(f"GET_FILE {mode} f out", "c> GET_FILE OK")
-            self.assertEqual((a.cwd / "out").read_bytes(), body, mode)
+            yield a.check(f"GET_FILE {mode} f out-{mode}", "c> GET_FILE OK")
+            self.assertEqual((a.cwd / f"out-{mode}").read_bytes(), body, mode)
 
     @defer.inlineCallbacks
     def test_our_peer_serves_a_classic_requester(self):

@@ -310,7 +310,7 @@ class SimpleCommandTests(ShellTestCase):
 
     def test_help(self) -> None:
         lines = self.send("help")
-        self.assertTrue(any(line.startswith("GET_FILE <user>") for line in lines))
+        self.assertTrue(any(line.startswith("GET_FILE [--force] <user>") for line in lines))
         self.assertEqual(self.indexer.requests, [])
 
 

@@ -174,6 +174,24 @@ class BackgroundDownloadTests(TerminalCase):
         yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK", 2)
         self.assertFalse(self.proc.exited)
 
+    @defer.inlineCallbacks
+    def test_no_silent_overwrite_and_the_remote_name_by_default(self):
+        yield self.connected()
+        (self.cwd / "f.bin").write_bytes(b"precious")
+        question = f"{self.cwd / 'f.bin'} exists. Replace it? [y/N] "
+        yield self.type_keys(b"GET_FILE slow f.bin\r", question)
+        yield self.type_keys(b"n\r", "c> GET_FILE FAIL")
+        self.assertEqual((self.cwd / "f.bin").read_bytes(), b"precious")
+        yield self.type_keys(b"GET_FILE slow f.bin\r", question, 2)
+        yield self.type_keys(b"y\r", "c> GET_FILE OK")
+        self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
+        # The answers are not commands, nor kept in the history.
+        self.assertFalse(any(r.startswith((b"y\0", b"n\0")) for r in self.indexer.requests))
+        yield self.type_keys(b"\x04", "")
+        yield deadline(self.proc.ended)
+        history = (self.home / "history").read_bytes().splitlines()
+        self.assertEqual(history[-2:], [b"GET_FILE slow f.bin"] * 2)
+
     def resize(self, columns: int, rows: int = 24) -> None:
         """Set the pty's size, as a terminal window does."""
         fcntl.ioctl(

@@ -23,7 +23,7 @@ class ParseTests(TestCase):
         )
         self.assertEqual(
             parse("GET_FILE alice \"my song.mp3\" 'copy of it.mp3'"),
-            Parsed("GET_FILE", ("alice", "my song.mp3", "copy of it.mp3")),
+            Parsed("GET_FILE", ("alice", "my song.mp3", "copy of it.mp3", "")),
         )
         self.assertEqual(parse(r"DELETE my\ song.mp3"), Parsed("DELETE", ("my song.mp3",)))
         self.assertEqual(parse('DELETE "say \\"hi\\".txt"'), Parsed("DELETE", ('say "hi".txt',)))

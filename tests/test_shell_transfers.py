@@ -165,3 +165,49 @@ class MeterTests(TestCase):
         self.assertEqual(meter.describe(6.0), [" 40%", "40 B / 100 B", "stalled 0:05"])
         meter.update(41, None, 7.0)
         self.assertIsNone(meter.stalled_for(7.0))
+
+
+class OverwriteTests(TransferTestCase):
+    """No existing file is replaced without a word."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.inbox = Path(self.mktemp()).resolve()
+        self.inbox.mkdir()
+        (self.inbox / "a.bin").write_bytes(b"precious")
+
+    def test_a_script_needs_force(self) -> None:
+        self.assertEqual(self.send(f"GET_FILE bob a.bin {self.inbox}"), ["c> GET_FILE FAIL"])
+        self.assertIn(
+            f"GET_FILE: {self.inbox / 'a.bin'} exists; add --force", self.output.notes[-1]
+        )
+        self.assertEqual(self.running, [])
+        self.assertEqual(self.indexer.requests, [], "refused before asking anyone")
+        self.send(f"GET_FILE --force bob a.bin {self.inbox}")
+        self.assertEqual(self.running[0].destination, self.inbox / "a.bin")
+
+    def test_a_terminal_asks(self) -> None:
+        questions: list[str] = []
+        answers: list[Deferred] = []
+
+        def confirm(question: str) -> Deferred:
+            questions.append(question)
+            answers.append(Deferred())
+            return answers[-1]
+
+        self.shell.confirm = confirm
+        self.shell.background = True
+        self.send(f"GET_FILE bob a.bin {self.inbox / 'a.bin'}")
+        self.assertEqual(questions, [f"{self.inbox / 'a.bin'} exists. Replace it? [y/N] "])
+        self.assertTrue(self.shell.busy, "the prompt waits for the answer")
+        answers[0].callback("")
+        self.assertEqual(self.output.lines[-1], "c> GET_FILE FAIL")
+        self.assertEqual(self.running, [])
+        self.send(f"GET_FILE bob a.bin {self.inbox}")
+        answers[1].callback(" Yes ")
+        self.assertFalse(self.shell.busy)
+        self.assertEqual(self.running[0].destination, self.inbox / "a.bin")
+
+    def test_without_a_local_name_the_remote_base_name(self) -> None:
+        self.send("GET_FILE bob dir/b.bin")
+        self.assertEqual(self.running[0].destination, Path("b.bin"))

@@ -54,6 +54,24 @@ def search_arguments(words: list[str]) -> tuple[str, str]:
     return str(limit), " ".join(words)
 
 
+#: What GET_FILE's fourth argument is when ``--force`` was given.
+FORCE = "--force"
+
+
+def get_file_arguments(words: list[str]) -> tuple[str, str, str, str]:
+    """``[--force] <user> <remote> [<local>]`` -> ``(user, remote, local, force)``: the
+    local name ``""`` when not given (the remote's base name, here), ``force``
+    :data:`FORCE` or ``""``. ValueError if the words do not fit."""
+    force = ""
+    if words and words[0] == FORCE:
+        force, words = FORCE, words[1:]
+    if len(words) == 2:
+        words = [*words, ""]
+    if len(words) != 3:
+        raise ValueError("GET_FILE takes a user, a remote file and maybe a local file")
+    return words[0], words[1], words[2], force
+
+
 COMMANDS: dict[str, CommandSpec] = {
     spec.name: spec
     for spec in (
@@ -79,8 +97,10 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("DISCONNECT", ("user",), "go offline and stop serving files"),
         CommandSpec(
             "GET_FILE",
-            ("user", "remote file", "local file"),
-            "download a file from a connected user",
+            ("user", "remote file", "local file", "force"),
+            "download a file (saved as its own name unless told; --force replaces a file)",
+            syntax="[--force] <user> <remote file> [<local file>]",
+            reads=get_file_arguments,
         ),
         CommandSpec("DOWNLOADS", (), "list the running downloads: progress, rate, time left"),
         CommandSpec("CANCEL", ("n",), "stop running download number n (as DOWNLOADS shows it)"),

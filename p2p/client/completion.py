@@ -55,10 +55,11 @@ class Completer:
         spans = word_spans(before)
         if spans and spans[-1][1] == len(before):
             start = spans[-1][0]
-            index = len(spans) - 1
+            spans = spans[:-1]
         else:
             start = len(before)
-            index = len(spans)
+        # Options (--force) take no parameter's place.
+        index = sum(1 for a, b in spans[1:] if not before[a:b].startswith("--")) + bool(spans)
         prefix = _unquoted(before[start:])
         if index == 0:
             found = [name for name in COMMANDS if name.startswith(prefix.upper())]

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from twisted.conch import recvline
 from twisted.conch.insults import insults
 from twisted.internet import interfaces, protocol, stdio
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from p2p.client.completion import Completer, common_prefix
@@ -229,6 +230,8 @@ class ShellTerminal(recvline.HistoricRecvLine):
         self.typed_ahead = b""
         self._last_refresh = float("-inf")
         self._refresh_call = None
+        #: Fires with the next entered line instead of running it (see :meth:`ask`).
+        self._question: Deferred | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -259,7 +262,7 @@ class ShellTerminal(recvline.HistoricRecvLine):
 
     def _offsets(self) -> tuple[int, int]:
         """Columns from the prompt's start to the cursor and to the input's end."""
-        start = len(PROMPT)
+        start = columns_of(self.ps[self.pn].decode("utf-8", "replace"))
         cursor = start + self._columns(self.lineBuffer[: self.lineBufferIndex])
         return cursor, cursor + self._columns(self.lineBuffer[self.lineBufferIndex :])
 
@@ -414,6 +417,12 @@ class ShellTerminal(recvline.HistoricRecvLine):
         self.handle_END()
         self.terminal.eraseToDisplayEnd()
         self.prompt_shown = False
+        if self._question is not None:  # an answer: neither history nor a command
+            line = b"".join(self.lineBuffer)
+            self.lineBuffer, self.lineBufferIndex = [], 0
+            self.terminal.nextLine()
+            self.lineReceived(line)
+            return
         if self.history is not None and self.lineBuffer:
             self.history.add(b"".join(self.lineBuffer))
         super().handle_RETURN()
@@ -423,7 +432,23 @@ class ShellTerminal(recvline.HistoricRecvLine):
         # progress bar's \r redraws above all) must overwrite, not push text right.
         self.terminal.resetModes([insults.modes.IRM])
         self._draw()
+        question, self._question = self._question, None
+        if question is not None:
+            self.ps = (PROMPT.encode(), PROMPT.encode())
+            question.callback(decode_line(line))
+            return
         self.submit(decode_line(line))
+
+    def ask(self, question: str) -> Deferred:
+        """Show ``question`` as the prompt; fire with the next line entered (not run
+        as a command, not kept in the history). Ctrl-C or Ctrl-D answer ``""``."""
+        d: Deferred = Deferred()
+        self._erase()
+        self._question = d
+        self.ps = (question.encode("utf-8", "surrogateescape"),) * 2
+        self.prompt_shown = False
+        self.show_prompt()
+        return d
 
     def show_prompt(self) -> None:
         """Draw the prompt and whatever has been typed so far (in insert mode) with
@@ -459,15 +484,20 @@ class ShellTerminal(recvline.HistoricRecvLine):
         empty prompt is drawn under it (as bash does). Nothing else stops."""
         self.handle_END()
         self.terminal.write(b"^C")
-        self.terminal.eraseToDisplayEnd()
-        self.terminal.write(b"\r\n")
         self.lineBuffer = []
         self.lineBufferIndex = 0
+        if self._question is not None:  # no answer: no
+            self.handle_RETURN()
+            return
+        self.terminal.eraseToDisplayEnd()
+        self.terminal.write(b"\r\n")
         self.historyPosition = len(self.historyLines)
         self._draw()
 
     def handle_EOF(self) -> None:
-        if not self.lineBuffer:
+        if self._question is not None:
+            self.handle_INTERRUPT()
+        elif not self.lineBuffer:
             self._erase()
             self.prompt_shown = False
             self.terminal.resetModes([insults.modes.IRM])

@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             history=History(home.path / "history", output.note),
         )
         shell.transfers.on_change = terminal.refresh
+        shell.confirm = terminal.ask
         shell.on_idle = terminal.show_prompt
         terminal.show_prompt()
         try:

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from p2p.client import commands
+from p2p.client import commands, results
 from p2p.client.command_queue import CommandQueue, Quit
 from p2p.client.home import Home
 from p2p.client.indexer_commands import IndexerCommands
@@ -77,6 +77,9 @@ class Shell:
         #: GET_FILE returns at once and its download runs beside the next commands
         #: (a terminal); else each download ends before the next line runs (scripts).
         self.background = False
+        #: Asks the user a question and fires with the answer (a terminal); None: there
+        #: is no one to ask (a script), and what would need a yes is refused.
+        self.confirm: Callable[[str], Deferred] | None = None
         self._commands: dict[str, Callable[..., Any]] = {
             **IndexerCommands(self.session).table(),
             "GET_FILE": self._get_file,
@@ -141,7 +144,29 @@ class Shell:
             return None
         return self._commands[parsed.name](*parsed.args)
 
-    def _get_file(self, owner: str, remote: str, local: str) -> Deferred | None:
+    def _get_file(self, owner: str, remote: str, local: str, force: str = "") -> Deferred | None:
+        """GET_FILE: an existing local file is replaced only with ``--force`` or, in a
+        terminal, when the user says yes (:attr:`confirm`); then the transfer starts
+        (in the background in a terminal)."""
+        existing = None if force else self.transfers.existing_destination(remote, local)
+        if existing is None:
+            return self._start(owner, remote, local)
+        if self.confirm is None:
+            self.output.line(results.GET_FILE_FAIL)
+            self.output.note(f"GET_FILE: {existing} exists; add --force to replace it")
+            return None
+        asked = self.confirm(f"{existing} exists. Replace it? [y/N] ")
+
+        def answered(answer: str) -> Deferred | None:
+            if answer.strip().lower() in ("y", "yes"):
+                return self._start(owner, remote, local)
+            self.output.line(results.GET_FILE_FAIL)
+            self.output.note(f"GET_FILE: {existing} kept as it was")
+            return None
+
+        return asked.addCallback(answered)
+
+    def _start(self, owner: str, remote: str, local: str) -> Deferred | None:
         transfer = self.transfers.start(owner, remote, local)
         return None if self.background else transfer.done
 

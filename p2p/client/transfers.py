@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from p2p.client.get_file import GetFile
+from p2p.client.get_file import GetFile, local_destination
 from p2p.client.progress import Meter, human_bytes, human_duration
 from p2p.client.session import Session
 
@@ -143,6 +143,17 @@ class Transfers:
         if transfer.cancelled:
             self.output.note(f"GET_FILE: download {transfer.number} cancelled")
         self.on_change()
+
+    def existing_destination(self, remote: str, local: str) -> Path | None:
+        """The file GET_FILE ``remote local`` would replace, if one exists there (None
+        also when the destination is bad or no user is connected: GET_FILE says why)."""
+        if self.session.user is None:
+            return None
+        try:
+            destination = local_destination(remote, local)
+        except ValueError:
+            return None
+        return destination.absolute() if destination.exists() else None
 
     def cancel(self, number: int) -> bool:
         """Stop transfer ``number`` (its command prints GET_FILE FAIL, nothing is kept);

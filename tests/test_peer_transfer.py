@@ -342,8 +342,13 @@ class PeerTransferTests(TestCase):
 
     @defer.inlineCallbacks
     def test_peer_error_code(self):
-        """2 to FETCH is asked again as GET_FILE; 2 again is a failure."""
+        """2 to FETCH is asked again as GET_FILE; 2 again is no such file (what a peer of
+        the course implementation means by it); another code is a failure."""
         peer = yield self.fake(lambda op, fields, t: (t.write(b"\2"), t.loseConnection()))
+        yield self.assertFailure(self.fetch("x", port=peer.port), NoSuchFile)
+        self.assertEqual(peer.seen, ["FETCH", "GET_FILE"])
+        self.assertEqual(leftovers(self.dest), [])
+        peer = yield self.fake(lambda op, fields, t: t.write(b"\2" if op == "FETCH" else b"\3"))
         yield self.assertFailure(self.fetch("x", port=peer.port), DownloadFailed)
         self.assertEqual(peer.seen, ["FETCH", "GET_FILE"])
         self.assertEqual(leftovers(self.dest), [])

@@ -9,6 +9,13 @@ answers 2 ("any other error", which a classic peer may give an operation it
 does not know), or answers 0 without a well-formed size (a loosely written
 classic peer that serves a short file whatever the operation).
 
+Peers of the original course implementation answer 1 then the file's bytes for a
+file they have and 2 for one they have not, whatever the operation: a 1 followed
+by bytes (with it or later, before the close) is that dialect, and the file is
+read as a GET_FILE stream; a 1 then the close is "no such file". Asked with
+GET_FILE, a 2 is "no such file" too (the peer did not know FETCH, so it is not
+one of ours).
+
 Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
 either holds the whole file or is untouched.
@@ -40,7 +47,11 @@ move it (from the connection, the file and the caller)::
     get_file_connecting ──connected──▶ get_file_requesting ──answered_ok──▶ get_file_receiving_bytes
     get_file_receiving_bytes ──closed──▶ verifying
     *_receiving_bytes, verifying ──mismatch──▶ failed (ContentMismatch)
-    any *_requesting ──answered_no_file──▶ failed (NoSuchFile)
+    any *_requesting ──answered_no_file──▶ *_after_one
+    *_after_one ──closed/lost/timed_out──▶ failed (NoSuchFile)
+    fetch_requesting ──answered_course──▶ get_file_connecting ◀──data_received── fetch_after_one
+    get_file_requesting ──answered_course──▶ get_file_receiving_bytes ◀──data── get_file_after_one
+    get_file_requesting ──answered_error──▶ failed (NoSuchFile: code 2, the course dialect)
     any other trouble (unreachable, a cut, a timeout once bytes flow, a lying
     peer, a disk error, cancel) ──▶ failed (DownloadFailed, CancelledError)
 
@@ -355,7 +366,10 @@ class _Events(Protocol):
         "Reply code 0, with the bytes that followed it."
 
     def answered_no_file(self) -> None:
-        "Reply code 1: no such file, or not shared."
+        "Reply code 1: no such file, or not shared (if nothing follows it: see below)."
+
+    def answered_course(self, rest: bytes) -> None:
+        "Reply code 1 followed by bytes: a peer of the course implementation sending a file."
 
     def answered_error(self, code: int) -> None:
         "Reply code 2: any other error (or, from a classic peer, 'what is FETCH?')."
@@ -675,6 +689,8 @@ fetch_received_all = _machine.state("fetch_received_all")
 get_file_connecting = _machine.state("get_file_connecting")
 get_file_requesting = _machine.state("get_file_requesting")
 get_file_receiving_bytes = _machine.state("get_file_receiving_bytes")
+fetch_after_one = _machine.state("fetch_after_one")
+get_file_after_one = _machine.state("get_file_after_one")
 verifying = _machine.state("verifying")
 storing = _machine.state("storing")
 done = _machine.state("done")
@@ -689,6 +705,8 @@ _LIVE = (
     get_file_connecting,
     get_file_requesting,
     get_file_receiving_bytes,
+    fetch_after_one,
+    get_file_after_one,
 )
 
 
@@ -704,6 +722,8 @@ def _ask_with_fetch(events: _Events, d: _Download) -> None:
 @fetch_receiving_size.upon(_Events.malformed).to(get_file_connecting)
 @fetch_receiving_size.upon(_Events.closed).to(get_file_connecting)
 @fetch_receiving_size.upon(_Events.lost).to(get_file_connecting)
+@fetch_requesting.upon(_Events.answered_course).to(get_file_connecting)
+@fetch_after_one.upon(_Events.data_received).to(get_file_connecting)
 def _ask_with_get_file(events: _Events, d: _Download, *_why: object) -> None:
     # Nothing was written yet: no state before the size leads here.
     d.hang_up()
@@ -713,6 +733,8 @@ def _ask_with_get_file(events: _Events, d: _Download, *_why: object) -> None:
 
 @fetch_connecting.upon(_Events.connected).to(fetch_requesting)
 @get_file_connecting.upon(_Events.connected).to(get_file_requesting)
+@fetch_requesting.upon(_Events.answered_no_file).to(fetch_after_one)
+@get_file_requesting.upon(_Events.answered_no_file).to(get_file_after_one)
 def _wait_for_reply(events: _Events, d: _Download) -> None:
     pass
 
@@ -729,6 +751,8 @@ def _read_code(events: _Events, d: _Download, data: bytes) -> None:
     code, rest = data[0], data[1:]
     if code == wire.PEER_OK:
         events.answered_ok(rest)
+    elif code == wire.PEER_NO_FILE and rest:
+        events.answered_course(rest)
     elif code == wire.PEER_NO_FILE:
         events.answered_no_file()
     elif code == wire.PEER_ERROR:
@@ -737,14 +761,25 @@ def _read_code(events: _Events, d: _Download, data: bytes) -> None:
         events.answered_unknown(code)
 
 
-@fetch_requesting.upon(_Events.answered_no_file).to(failed)
-@get_file_requesting.upon(_Events.answered_no_file).to(failed)
-def _no_such_file(events: _Events, d: _Download) -> None:
+# Code 1 means "no such file" when the peer closes after it (protocol.md section 2); a
+# peer of the course implementation sends 1 then the file's bytes instead of 0. So after
+# a lone 1 the downloader waits (_wait_for_reply) for the close (no such file) or for
+# bytes: asking with FETCH, it asks again with GET_FILE (that peer ignored the
+# operation); asking with GET_FILE, the bytes are the file.
+@fetch_after_one.upon(_Events.closed).to(failed)
+@fetch_after_one.upon(_Events.lost).to(failed)
+@fetch_after_one.upon(_Events.timed_out).to(failed)
+@get_file_after_one.upon(_Events.closed).to(failed)
+@get_file_after_one.upon(_Events.lost).to(failed)
+@get_file_after_one.upon(_Events.timed_out).to(failed)
+# Asked with GET_FILE, the peer did not know FETCH: not one of ours. Its code 2 is "no
+# such file" in the course implementation's dialect ("any other error" in the classic text).
+@get_file_requesting.upon(_Events.answered_error).to(failed)
+def _no_such_file(events: _Events, d: _Download, *_why: object) -> None:
     d.fail(NoSuchFile(d.remote_name))
 
 
 @fetch_requesting.upon(_Events.answered_unknown).to(failed)
-@get_file_requesting.upon(_Events.answered_error).to(failed)
 @get_file_requesting.upon(_Events.answered_unknown).to(failed)
 def _peer_error(events: _Events, d: _Download, code: int) -> None:
     d.fail(DownloadFailed(f"peer answered code {code}"))
@@ -823,6 +858,8 @@ def _cut(events: _Events, d: _Download, *_why: object) -> None:
 
 
 @get_file_requesting.upon(_Events.answered_ok).to(get_file_receiving_bytes)
+@get_file_requesting.upon(_Events.answered_course).to(get_file_receiving_bytes)
+@get_file_after_one.upon(_Events.data_received).to(get_file_receiving_bytes)
 def _stream(events: _Events, d: _Download, rest: bytes) -> None:
     d.watch_rate()
     _take_get_file_bytes(events, d, rest)

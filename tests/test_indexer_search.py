@@ -10,6 +10,7 @@ import sqlite3
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from p2p.indexer import store as store_module
 from p2p.indexer.directory import Directory
 from p2p.indexer.fulltext import fts5_match, query_words
 from p2p.indexer.store import Store
@@ -343,6 +344,29 @@ class SearchSemantics(Base):
         self.assertEqual(self.found("report"), [])
         self.assertEqual(self.req("PUBLISH", "bob", "report.pdf", "again"), b"\0")
         self.assertEqual(self.found("report"), [("bob", "report.pdf")])
+
+    def test_common_long_words(self) -> None:
+        """A common word longer than the prefix indexes is looked for by its first
+        letters and each file checked against the whole word; with too few found
+        within the bound, FTS5 is asked for the whole word: the same hits either way."""
+        for i in range(6):
+            self.assertEqual(self.publish("bob", f"ragazo_{i}.txt", "x"), b"\0")
+            self.assertEqual(self.publish("dave", f"ragtime_{i}.txt", "x"), b"\0")
+        self.assertEqual(self.publish("alice", "old_raga.txt", "x"), b"\0")
+        for i in range(6):  # newer files that share only the first letters
+            self.assertEqual(self.publish("bob", f"rag_{i}.txt", "raga"[:3]), b"\0")
+        plain = sorted(self.found("ragaz"))
+        self.assertEqual(len(plain), 6)
+        raga = sorted(self.found("raga"))
+        self.assertEqual(raga, sorted([*plain, ("alice", "old_raga.txt")]))
+        self.patch(store_module, "COMMON", 0)  # every word is common now
+        self.assertEqual(sorted(self.found("ragaz")), plain)
+        self.assertEqual(sorted(self.found("ragaz x")), plain)
+        self.assertEqual(sorted(self.found("raga")), raga)
+        self.assertEqual(self.found("ragt cuna"), [])
+        self.patch(store_module, "PREFIX_SCAN", 3)  # the bound is reached with too few
+        self.assertEqual(sorted(self.found("ragaz")), plain)
+        self.assertEqual(len(self.search("ragaz", limit=2)), 2)
 
     def test_reused_id_is_indexed(self) -> None:
         """SQLite gives a new file the id of the newest one deleted: the index follows."""

@@ -36,6 +36,7 @@ from p2p.indexer.fulltext import (
     FTS_INSERT,
     FTS_SCHEMA,
     FTS_TABLE,
+    PREFIXES,
     Hit,
     bm25,
     fold,
@@ -124,6 +125,10 @@ _MATCHING = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} 
 #: At most this many of the newest matching files of connected owners are ranked
 #: (or ``limit``, when more are asked for).
 SEARCH_CANDIDATES = 300
+#: The longest prefix index (fulltext.PREFIXES), and how many files a search reads by
+#: such a prefix of a longer word before it asks FTS5 for the whole word instead.
+PREFIX_LETTERS = max(int(n) for n in PREFIXES.split())
+PREFIX_SCAN = 3000
 #: How much of the database SQLite maps into memory (address space, not RAM).
 MMAP_SIZE = 1 << 32
 #: Queued index changes applied together: FTS5 writes a segment at every commit that
@@ -132,6 +137,8 @@ MMAP_SIZE = 1 << 32
 INDEX_BATCH = 256
 #: A word's matches are counted up to this many (more: the same, lowest, weight).
 MATCHING_CAP = 5000
+#: A word in that many files (as a whole word) is common: see ``Store._candidates``.
+COMMON = MATCHING_CAP
 
 #: The columns of ``users`` that make a database the indexer's (any version: the
 #: other tables and columns are added when missing).
@@ -604,23 +611,23 @@ class Store:
             # (on a full disk the index is searched as it is: a file whose row is gone
             # is never a hit, one added meanwhile is not found yet)
             self.update_index()
-        candidates = db.execute(
-            _CANDIDATES, (fts5_match(words), max(SEARCH_CANDIDATES, limit))
-        ).fetchall()
+        folded = [fold(word) for word in words]
+        counts = {
+            w: db.execute(_MATCHING, (_term(w), MATCHING_CAP)).fetchone()[0]
+            for w in words
+            if len(words) > 1 or len(w) > PREFIX_LETTERS
+        }
+        wanted = max(SEARCH_CANDIDATES, limit)
+        candidates = self._candidates(words, folded, wanted, counts, limit)
         if not candidates:
             return []
-        folded = [fold(word) for word in words]
         if len(words) == 1:
             weights = [1.0]  # one word: its weight orders nothing
         else:
             total = self.file_count()
-            weights = [
-                inverse_frequency(
-                    total, db.execute(_MATCHING, (_term(w), MATCHING_CAP)).fetchone()[0]
-                )
-                for w in words
-            ]
-        split = [(words_of(c[1]), words_of(c[2])) for c in candidates]
+            weights = [inverse_frequency(total, counts[w]) for w in words]
+        split = [split for _, split in candidates]
+        candidates = [row for row, _ in candidates]
         average = max(sum(n[1] + d[1] for n, d in split) / len(split), 1.0)
         scores = [bm25(folded, weights, n, d, average) for n, d in split]
         order = sorted(
@@ -634,6 +641,52 @@ class Store:
             Hit(owner, name, description, size, sha, copies.get(sha, 1) if sha else 1)
             for owner, name, description, size, sha in ranked
         ]
+
+    def _candidates(
+        self,
+        words: list[str],
+        folded: list[str],
+        wanted: int,
+        counts: dict[str, int],
+        enough: int,
+    ) -> list[tuple]:
+        """The ``wanted`` newest matching files of connected owners, each with its folded
+        name and description (:func:`p2p.indexer.fulltext.words_of`).
+
+        FTS5 answers a prefix longer than its prefix indexes (``"raga"*``) by merging
+        the list of every indexed word it starts, whole, before the first match: half a
+        million entries for a common word over a million files. So when such a word is
+        common (``counts``: its files as a whole word, at least :data:`COMMON`), it is
+        first looked for by its first :data:`PREFIX_LETTERS` letters, which a prefix
+        index streams newest first (the other words as they are: their merges are
+        small), and each file found is checked here against the whole words, until
+        ``wanted`` pass or :data:`PREFIX_SCAN` were read. If that bound is reached
+        first with fewer than ``enough`` (the hits asked for), the whole query is
+        asked of FTS5: so a search never answers fewer hits than it could.
+        """
+        db = self.db
+        if all(len(w) <= PREFIX_LETTERS or counts.get(w, 0) < COMMON for w in words):
+            rows = db.execute(_CANDIDATES, (fts5_match(words), wanted)).fetchall()
+            return [(row, (words_of(row[1]), words_of(row[2]))) for row in rows]
+        starts = list(
+            dict.fromkeys(w[:PREFIX_LETTERS] if counts.get(w, 0) >= COMMON else w for w in words)
+        )
+        found: list[tuple] = []
+        cursor = db.execute(_CANDIDATES, (fts5_match(starts), PREFIX_SCAN))
+        read = 0
+        for row in cursor:
+            read += 1
+            name, description = words_of(row[1]), words_of(row[2])
+            text = name[0] + description[0]
+            if all(f" {word}" in text for word in folded):
+                found.append((row, (name, description)))
+                if len(found) == wanted:
+                    cursor.close()
+                    return found
+        if read < PREFIX_SCAN or len(found) >= enough:
+            return found  # every file of the shorter prefixes was checked, or enough
+        rows = db.execute(_CANDIDATES, (fts5_match(words), wanted)).fetchall()
+        return [(row, (words_of(row[1]), words_of(row[2]))) for row in rows]
 
     def _copies(self, hashes: list[str]) -> list[tuple[str, int]]:
         """For each hash, how many connected users published a file with it."""

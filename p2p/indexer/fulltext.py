@@ -5,8 +5,9 @@ the way every store must (at each character that is not a letter, a digit or a
 combining mark), and :class:`Hit` is what a store's ``search`` returns. The
 rest is how the SQLite store implements it: an FTS5 index over the files'
 names and descriptions (external content: the text is stored once, in
-``files``), kept in step by triggers, and :func:`fts5_match`, which turns the
-words into an FTS5 query that can hold no FTS5 syntax.
+``files``), written by the store in batches (``Store.update_index``),
+:func:`fts5_match`, which turns the words into an FTS5 query that can hold no
+FTS5 syntax, and :func:`bm25`, the ranking of the candidates.
 """
 
 from __future__ import annotations

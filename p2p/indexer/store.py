@@ -14,6 +14,12 @@ A user may be *claimed*: its ``identity`` is the key fingerprint of the TLS
 certificate that registered it (NULL for a name registered classically).
 Databases written before claims existed gain the column when opened.
 
+Content identity and search (protocol.md section 8): ``files`` also holds each
+file's size and SHA-256 (NULL for a classic PUBLISH), and an FTS5 index over
+names and descriptions answers :meth:`Store.search` (see
+:mod:`p2p.indexer.fulltext` and ``SEARCH_SCHEMA`` below); databases written
+before it gain the columns and the index when opened.
+
 Everything the directory, the relay and ``p2p-admin`` need goes through the
 methods of :class:`Store`, so another database can stand behind the same ones.
 """

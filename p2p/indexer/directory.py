@@ -20,6 +20,12 @@ A full disk (the store's commit failed, :meth:`Store.serves`): reads
 the store until it takes writes again; changes get their "any other error"
 code, changing nothing (and audited the same way).
 
+Content identity and search (protocol.md section 8): PUBLISH_FILE is PUBLISH
+with a size and a hash (mode ``replace`` updates an entry in place); memory keeps
+names and descriptions only, the store the rest. LIST_FILES is read from the store
+and cached per owner like LIST_CONTENT, both dropped whenever that owner's files
+change; SEARCH asks the store (:meth:`Store.search`) and is never cached.
+
 Liveness (protocol.md section 7): every connected user holds a lease in
 ``leases``; a request that passes the checks of a connected user renews it,
 ``ALIVE`` (not audited) makes it a renewing one. :meth:`Directory.expire` drops

@@ -437,3 +437,5 @@ PEER_OK = 0
 PEER_NO_FILE = 1
 PEER_ERROR = 2
 PEER_BAD_OFFSET = 3  # FETCH only
+#: FETCH only (extension): the peer serves its maximum of uploads at once; ask again later.
+PEER_BUSY = 4

@@ -63,6 +63,9 @@ class _TricklingPeer(protocol.Protocol):
 class TerminalCase(TestCase):
     """A shell in a pty against a classic indexer; ``self.raw`` is all it drew."""
 
+    #: More options for the shell.
+    extra: tuple[str, ...] = ()
+
     def setUp(self):
         self.indexer = ClassicIndexer()
         listening = reactor.listenTCP(0, self.indexer, interface="127.0.0.1")
@@ -77,6 +80,7 @@ class TerminalCase(TestCase):
         """Start the shell in a pty (again: a new process, the same home and directory)."""
         argv = [sys.executable, "-m", "p2p.client", "-s", "127.0.0.1", "-p", str(self.port)]
         argv += ["--wsdl", "http://127.0.0.1:1/?wsdl", "--peer-listen", "tcp:0:interface=127.0.0.1"]
+        argv += self.extra
         self.raw = b""
         env = {"P2P_HOME": str(self.home)}
         self.proc = spawn(self, argv, cwd=self.cwd, env=env, name="tty-shell", usePTY=True)

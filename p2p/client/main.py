@@ -37,6 +37,7 @@ from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
 from p2p.client.shell import Shell
 from p2p.client.time_client import TimeClient, wsdl_url
+from p2p.client.uploads import UploadNotices
 from p2p.console import parse_command_line
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, positive_int
 from p2p.tls import is_fingerprint
@@ -71,6 +72,14 @@ class Options(usage.Options):
             "tcp:0",
             "Endpoint the peer server listens on after CONNECT "
             "(default: a free port on all interfaces).",
+        ],
+        [
+            "max-uploads",
+            None,
+            None,
+            "Files peers may download from this client at once; beyond it a FETCH is "
+            "answered 4 (busy, try again later) and a classic GET_FILE 2 (default: no limit).",
+            positive_int,
         ],
         [
             "max-per-source",
@@ -207,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     from p2p.peer.server import PeerServer
 
     output = StdioOutput()
+    interactive = os.isatty(0) and not options["no-edit"]
     _start_logging(output.note, options["verbose"])
     clock = TimeClient(
         wsdl_url(options["wsdl"]), output.note, reactor=reactor, timeout=options["time-timeout"]
@@ -226,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
         output,
         options["share-dir"],
         peer_listen=options["peer-listen"],
-        server_factory=partial(PeerServer, max_per_source=options["max-per-source"]),
+        server_factory=partial(
+            PeerServer,
+            max_per_source=options["max-per-source"],
+            max_uploads=options["max-uploads"],
+            uploads=UploadNotices(output.note) if interactive else None,
+        ),
         reactor=reactor,
         download_timeout=options["download-timeout"],
         download=partial(download.download, limits=download.Limits(min_rate=options["min-rate"])),
@@ -243,7 +258,6 @@ def main(argv: list[str] | None = None) -> None:
     # A closed terminal (SIGHUP) ends the shell like SIGTERM does: disconnect first.
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(stop))
 
-    interactive = os.isatty(0) and not options["no-edit"]
     if not interactive:
         attach_pipe(reactor, shell.submit, shell.end_of_input, output.note)
         reactor.run()

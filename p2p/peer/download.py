@@ -143,6 +143,10 @@ class DownloadFailed(Exception):
     """Anything else: peer unreachable or gone, cut transfer, peer error, disk error."""
 
 
+class PeerBusy(DownloadFailed):
+    """The peer answered 4: it serves as many uploads as it allows; ask again later."""
+
+
 class ContentMismatch(DownloadFailed):
     """What arrived is not what the owner published (its size or SHA-256 differs)."""
 
@@ -782,6 +786,9 @@ def _no_such_file(events: _Events, d: _Download, *_why: object) -> None:
 @fetch_requesting.upon(_Events.answered_unknown).to(failed)
 @get_file_requesting.upon(_Events.answered_unknown).to(failed)
 def _peer_error(events: _Events, d: _Download, code: int) -> None:
+    if code == wire.PEER_BUSY:
+        d.fail(PeerBusy(f"{d.where} is busy: it serves its maximum of uploads; try again later"))
+        return
     d.fail(DownloadFailed(f"peer answered code {code}"))
 
 

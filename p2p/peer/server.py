@@ -5,7 +5,12 @@ protocol.md section 2. One request per connection:
 - ``GET_FILE\\0<name>\\0``: code 0 then the raw bytes until close; 1 no such
   file (or not shared); 2 any other error.
 - ``FETCH\\0<name>\\0<offset>\\0``: code 0, the total size as a decimal string
-  and NUL, bytes ``[offset, size)``, close; 1; 2; 3 bad offset.
+  and NUL, bytes ``[offset, size)``, close; 1; 2; 3 bad offset; 4 busy.
+
+With ``max_uploads``, a request beyond that many transfers under way is refused
+at once: 4 ("busy, ask again later") to FETCH, 2 to a classic GET_FILE. An
+``uploads`` watcher is told when each transfer starts and ends (the client's
+notices on stderr).
 - any other operation: closed without a reply byte (what a classic peer sees
   when it is asked for something it does not know).
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
@@ -118,12 +124,25 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
         self._note("timed out")
         self.transport.abortConnection()
 
+    def _where(self) -> str:
+        """The requester's address, ``host:port``."""
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
     def _note(self, fmt: str, **fields) -> None:
         """Log one event of this connection, prefixed with the requester's address."""
-        peer = self.transport.getPeer()
-        where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         link = "tls" if tls.is_tls(self.transport) else "plain"
-        self.log.info("peer {peer} ({link}): " + fmt, peer=where, link=link, **fields)
+        self.log.info("peer {peer} ({link}): " + fmt, peer=self._where(), link=link, **fields)
+
+    def _tell(self, event: str, *args: object) -> None:
+        """Tell the server's upload watcher, if any; its failure is logged, not raised."""
+        watcher = self.server.uploads
+        if watcher is None:
+            return
+        try:
+            getattr(watcher, event)(self._where(), *args)
+        except Exception:
+            self.log.failure("the upload watcher failed")
 
     # --- request -----------------------------------------------------------
 
@@ -194,6 +213,11 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             self._note("{op} malformed name", op=op)
             self._reply(wire.PEER_ERROR)
             return
+        limit = self.server.max_uploads
+        if limit is not None and self.server.uploading >= limit:
+            self._note("{op} {name!r} refused: {n} uploads under way", op=op, name=name, n=limit)
+            self._reply(wire.PEER_BUSY if op == wire.FETCH else wire.PEER_ERROR)
+            return
         try:
             published = self.server.is_published(name)
         except Exception:
@@ -253,6 +277,8 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
 
     def _send(self, fd: int, offset: int, size: int, header: bytes, name: str) -> None:
         self._count(wire.PEER_OK)
+        self.server.uploading += 1
+        self._tell("started", name, size, offset)
         self.setTimeout(self.server.idle_timeout)
         self.producer = make_producer(
             self.transport,
@@ -268,10 +294,12 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             os.close(fd)
             self.setTimeout(None)
             self.transport.unregisterProducer()
+            self.server.uploading -= 1
+            complete = not isinstance(result, Failure)
+            seconds = self.server.reactor.seconds() - self._since
+            self._tell("ended", name, self.producer.sent, complete, seconds)
             metrics = self.server.metrics
             if metrics is not None:
-                complete = not isinstance(result, Failure)
-                seconds = self.server.reactor.seconds() - self._since
                 metrics.uploaded(complete, self.producer.sent, seconds)
             if isinstance(result, Failure):
                 self._note(
@@ -319,6 +347,14 @@ class _Sniffing(tls.SniffingFactory):
         return sniffer
 
 
+class UploadWatcher(Protocol):
+    """Told of each transfer of the peer server (``who``: the downloader's address)."""
+
+    def started(self, who: str, name: str, size: int, offset: int) -> None: ...
+
+    def ended(self, who: str, name: str, sent: int, complete: bool, seconds: float) -> None: ...
+
+
 class PeerServer:
     """Serves the published files of one user from ``share_dir`` to other peers.
 
@@ -343,6 +379,8 @@ class PeerServer:
         identity: tls.Identity | None = None,
         is_current: Callable[[str, os.stat_result], bool] | None = None,
         metrics: PeerMetrics | None = None,
+        max_uploads: int | None = None,
+        uploads: UploadWatcher | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -361,6 +399,12 @@ class PeerServer:
         self.max_per_source = max_per_source
         self.use_sendfile = use_sendfile
         self.identity = identity
+        #: At most this many transfers at once (None: no limit); beyond, requests get busy.
+        self.max_uploads = max_uploads
+        #: Told when each transfer starts and ends (None: nobody).
+        self.uploads = uploads
+        #: Transfers under way.
+        self.uploading = 0
         #: Builds (and caps) the request protocols, plaintext or inside TLS.
         self.factory = _Factory(self)
         #: What the port listens with: ``factory`` itself, or TLS sniffing in front of it.

@@ -40,6 +40,8 @@ from p2p.client.time_client import TimeClient, wsdl_url
 from p2p.client.uploads import UploadNotices
 from p2p.console import parse_command_line
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, positive_int
+from p2p.metrics import METRICS_OPTION
+from p2p.startup import StartFailure
 from p2p.tls import is_fingerprint
 
 
@@ -113,6 +115,7 @@ class Options(usage.Options):
             None,
             "Keep the identity exported to FILE in $P2P_HOME and exit.",
         ],
+        METRICS_OPTION,
     ]
     optFlags = [
         ["replace-identity", None, "With --import-identity: replace another kept identity."],
@@ -215,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     from p2p.peer import download
     from p2p.peer.server import PeerServer
 
+    served = None  # what the peer server counts for --metrics
+    if options["metrics"] is not None:
+        from p2p.client.metrics import serve_peer_metrics
+
+        try:
+            served = serve_peer_metrics(options["metrics"], reactor)
+        except StartFailure as exc:
+            sys.exit(f"p2p-client: {exc}")
+
     output = StdioOutput()
     interactive = os.isatty(0) and not options["no-edit"]
     _start_logging(output.note, options["verbose"])
@@ -241,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             max_per_source=options["max-per-source"],
             max_uploads=options["max-uploads"],
             uploads=UploadNotices(output.note) if interactive else None,
+            metrics=served,
         ),
         reactor=reactor,
         download_timeout=options["download-timeout"],

@@ -297,12 +297,20 @@ def metrics_url(address: object) -> str:
 
 
 class MetricsService(ListenFailure, ListeningService):
-    """Serves ``collectors`` at ``/metrics`` on ``description``; says ``s> metrics URL``."""
+    """Serves ``collectors`` at ``/metrics`` on ``description``; says ``s> metrics URL``
+    (with ``say``: the real stdout unless given another writer of lines)."""
 
     label = "metrics"
 
-    def __init__(self, description: str, collectors: Iterable[Collector], reactor=None) -> None:
+    def __init__(
+        self,
+        description: str,
+        collectors: Iterable[Collector],
+        reactor=None,
+        say: Callable[[str], None] = say,
+    ) -> None:
         self.registry = registry_of(collectors)
+        self.say = say
         super().__init__(description, metrics_site(self.registry), reactor)
         self.setName("metrics")
         #: Where ``/metrics`` is, once listening.
@@ -310,7 +318,7 @@ class MetricsService(ListenFailure, ListeningService):
 
     def listening(self, port: IListeningPort) -> None:
         self.url = metrics_url(port.getHost())
-        say(f"s> metrics {self.url}")
+        self.say(f"s> metrics {self.url}")
         log.info("metrics at {url}", url=self.url)
 
     def cannot_listen(self, failure: Failure) -> None:

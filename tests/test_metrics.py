@@ -11,7 +11,6 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from p2p import metrics
 from p2p.metrics import (
     BY_PARENT,
     METRICS_OPTION,
@@ -133,8 +132,7 @@ class ServiceTests(TestCase):
         m = Metrics("p2p_test")
         m.counter("requests", "Requests.", ("op",)).inc(("LIST",))
         said = []
-        self.patch(metrics, "say", said.append)
-        service = MetricsService("tcp:0:interface=127.0.0.1", [m])
+        service = MetricsService("tcp:0:interface=127.0.0.1", [m], say=said.append)
         service.startService()
         self.addCleanup(service.stopService)
         port = service.port.getHost().port

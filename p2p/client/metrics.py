@@ -8,15 +8,22 @@ across the peer servers one session after another starts.
 
 from __future__ import annotations
 
+import sys
+
 from p2p.metrics import MetricsService
 from p2p.peer.metrics import PeerMetrics
 
 
 def serve_peer_metrics(endpoint: str, reactor) -> PeerMetrics:
-    """Serve a new :class:`PeerMetrics` at ``/metrics`` on ``endpoint`` (it says
-    ``s> metrics URL``); :class:`p2p.startup.StartFailure` when the port cannot be opened."""
+    """Serve a new :class:`PeerMetrics` at ``/metrics`` on ``endpoint``; it says
+    ``s> metrics URL`` on stderr (stdout holds only result lines);
+    :class:`p2p.startup.StartFailure` when the port cannot be opened."""
     counts = PeerMetrics()
-    service = MetricsService(endpoint, [counts.metrics], reactor)
+    service = MetricsService(endpoint, [counts.metrics], reactor, say=_stderr)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     return counts
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

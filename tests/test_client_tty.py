@@ -60,6 +60,15 @@ class _TricklingPeer(protocol.Protocol):
             call.cancel()
 
 
+class _StallingPeer(protocol.Protocol):
+    """Answers FETCH with 1 KiB of 64 KiB, then sends nothing more (a frozen peer)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"FETCH\0") and not hasattr(self, "sent"):
+            self.sent = True
+            self.transport.write(b"\x00%d\x00" % (64 * 1024) + b"s" * 1024)
+
+
 class TerminalCase(TestCase):
     """A shell in a pty against a classic indexer; ``self.raw`` is all it drew."""
 
@@ -177,6 +186,20 @@ class BackgroundDownloadTests(TerminalCase):
         yield self.type_keys(b"CANCEL 1\r", "c> CANCEL FAIL, NO SUCH DOWNLOAD")
         yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK", 2)
         self.assertFalse(self.proc.exited)
+
+    @defer.inlineCallbacks
+    def test_a_frozen_peer_shows_as_stalled_with_no_key_typed(self):
+        yield self.connected()
+        peer = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(_StallingPeer), interface="127.0.0.1"
+        )
+        self.addCleanup(peer.stopListening)
+        self.indexer.users["frozen"] = {"addr": ("127.0.0.1", str(peer.getHost().port))}
+        yield self.type_keys(b"GET_FILE frozen f.bin\r", "[1] f.bin from frozen")
+        # Redrawn by itself, the status line says for how long nothing came.
+        yield self.type_keys(b"", " / 64.0 KiB  stalled 0:06")
+        yield self.type_keys(b"CANCEL 1\r", "c> CANCEL OK")
+        self.assertEqual(list(self.cwd.iterdir()), [])
 
     @defer.inlineCallbacks
     def test_no_silent_overwrite_and_the_remote_name_by_default(self):

@@ -37,6 +37,8 @@ from p2p.client.history import History
 from p2p.client.progress import columns_of, fit_line
 
 PROMPT = "c> "
+#: Seconds between redraws of the status area while downloads run and no byte comes.
+TICK = 1.0
 #: ECMA-48 "reset mode: IRM": the terminal back in replace mode, as it was before the shell.
 RESET_INSERT_MODE = b"\x1b[4l"
 #: Longest input line accepted (a description is at most 256 bytes; leave room).
@@ -230,6 +232,7 @@ class ShellTerminal(recvline.HistoricRecvLine):
         self.typed_ahead = b""
         self._last_refresh = float("-inf")
         self._refresh_call = None
+        self._tick = None  # the next redraw while downloads run, bytes or not
         #: Fires with the next entered line instead of running it (see :meth:`ask`).
         self._question: Deferred | None = None
 
@@ -341,6 +344,9 @@ class ShellTerminal(recvline.HistoricRecvLine):
             return
         self._last_refresh = self.reactor.seconds()
         self.redraw()
+        # Time passes with no byte too (a stalled peer): redraw every second meanwhile.
+        if (self._tick is None or not self._tick.active()) and self.status():
+            self._tick = self.reactor.callLater(TICK, self.refresh)
 
     def keystrokeReceived(self, keyID, modifier) -> None:
         if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:

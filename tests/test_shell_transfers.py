@@ -99,7 +99,9 @@ class BackgroundTests(TransferTestCase):
         self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
         self.assertEqual(self.send("CANCEL 2"), ["c> GET_FILE FAIL", "c> CANCEL OK"])
         self.assertEqual([d.cancelled for d in self.running], [False, True])
-        self.assertIn("GET_FILE: download 2 cancelled", self.output.notes)
+        cancelled = "GET_FILE: download 2 (b.bin from bob) cancelled; nothing was kept"
+        self.assertEqual(self.output.notes[-1], cancelled)
+        self.assertFalse([note for note in self.output.notes if "CancelledError" in note])
         self.assertEqual(list(self.shell.transfers.running), [1])
         for gone in ("2", "3", "x", "-1"):
             self.assertEqual(self.send(f"CANCEL {gone}"), ["c> CANCEL FAIL, NO SUCH DOWNLOAD"])

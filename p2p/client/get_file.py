@@ -120,6 +120,10 @@ class GetFile:
             self.output.note(f"GET_FILE: {owner} has no file {remote} to share{changed}")
             return
         except Exception as exc:
+            if isinstance(exc, defer.CancelledError):  # the user (CANCEL, QUIT) said so
+                bar.finish()
+                self.output.line(results.GET_FILE_FAIL)
+                return
             if isinstance(exc, ContentMismatch):
                 bar.finish()
                 self._fail(f"what {owner} sent is not what {owner} published: {reason(exc)}")

@@ -141,7 +141,10 @@ class Transfers:
     def _ended(self, transfer: Transfer) -> None:
         del self.running[transfer.number]
         if transfer.cancelled:
-            self.output.note(f"GET_FILE: download {transfer.number} cancelled")
+            self.output.note(
+                f"GET_FILE: download {transfer.number} ({transfer.remote} from "
+                f"{transfer.owner}) cancelled; nothing was kept"
+            )
         self.on_change()
 
     def existing_destination(self, remote: str, local: str) -> Path | None:

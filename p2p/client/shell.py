@@ -3,13 +3,17 @@
 Input front ends (``frontends.py``) hand lines to :meth:`Shell.submit`. The
 shell puts together what the other modules do, one job each:
 
-- :mod:`~p2p.client.commands` parses a line into a command;
+- :mod:`~p2p.client.commands` parses a line into a command (quotes keep
+  spaces: :mod:`~p2p.client.words`);
 - :mod:`~p2p.client.command_queue` runs the lines one at a time, in order, each
-  to completion (a download blocks the next command, not the reactor, so the
-  peer server keeps serving meanwhile);
+  to completion;
 - :mod:`~p2p.client.indexer_commands` and :mod:`~p2p.client.get_file` are the
   commands, over the :mod:`~p2p.client.session` (connected user, published
   files, peer server);
+- :mod:`~p2p.client.transfers` runs each GET_FILE as a numbered transfer
+  (DOWNLOADS, CANCEL): with :attr:`Shell.background` (a terminal) the command
+  returns at once and the download runs beside the next commands; otherwise
+  (a script) the next line waits for it, so results come in order;
 - :mod:`~p2p.client.results` holds the exact result lines. Explanations go to
   ``Output.note`` (stderr).
 """

@@ -7,7 +7,8 @@ send_now``). These tests pin, against a real ``twistd p2p-logger`` over TCP and
 UDP and in memory: each record is in the audit file when its reply arrives;
 malformed calls get the same error replies as through the field-by-field
 path; pipelined calls, good and bad mixed, are all answered in order; a reply
-never overtakes bytes the transport still holds.
+never overtakes bytes the transport still holds; with ``--fsync`` a reply still
+waits for the sync.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from p2p.logger.audit import AuditLog
 from p2p.logger.program import LoggerProgram
 from p2p.oncrpc import rpc
 from p2p.oncrpc.record import RecordReader, encode_record
-from p2p.oncrpc.server import Dispatcher
+from p2p.oncrpc.server import Dispatcher, RpcDatagramProtocol, RpcStreamProtocol
 from tests.support import deadline
 from tests.test_logger_foreign import UdpClient, start_logger
 
@@ -285,3 +286,57 @@ class SendNowTests(unittest.TestCase):
             collector = yield client.connect(protocol.Factory.forProtocol(Collect))
             received = yield deadline(collector.done, 30)
             self.assertEqual(received, Buffered.head + Buffered.big + Buffered.tail)
+
+
+class DurableTests(unittest.TestCase):
+    """With ``--fsync`` (``LoggerProgram.durable``) a LOG reply waits for the sync: the one
+    case where the dispatcher hands the transports a Deferred instead of the reply."""
+
+    def setUp(self):
+        self.audit = AuditLog(self.mktemp(), echo=False)
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+        self.syncs: list[defer.Deferred] = []
+        program = LoggerProgram(self.audit, wire.LOGGER_PROGRAM, max_message=MAX_MESSAGE)
+        program.durable = self.sync
+        self.dispatcher = Dispatcher([program.program()])
+
+    def sync(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.syncs.append(d)
+        return d
+
+    def call(self, xid: int, args: bytes, proc: int = LOG) -> bytes:
+        return call_bytes(xid, wire.LOGGER_PROGRAM, proc, args)
+
+    def test_tcp_replies_after_the_sync_in_order(self):
+        transport = StringTransport()
+        proto = RpcStreamProtocol(self.dispatcher, 4096)
+        proto.makeConnection(transport)
+        self.addCleanup(proto.connectionLost)
+        records = [encode_record(self.call(i, log_args(f"durable {i}"))) for i in (1, 2)]
+        proto.dataReceived(b"".join(records))
+        self.assertEqual(transport.value(), b"")  # stored, not yet synced: no reply
+        self.assertEqual(self.audit.path.read_text().splitlines(), ["durable 1", "durable 2"])
+        for d in self.syncs:
+            d.callback(None)
+        reader = RecordReader(4096)
+        replies = [rpc.decode_reply(r) for r in reader.feed(transport.value())]
+        self.assertEqual([(r.xid, rpc.unpack_int(r.body)) for r in replies], [(1, 0), (2, 0)])
+
+    def test_udp_retransmission_while_syncing_answered_once(self):
+        sent: list[tuple[bytes, object]] = []
+
+        class Transport:
+            def write(self, data, addr):
+                sent.append((data, addr))
+
+        proto = RpcDatagramProtocol(self.dispatcher)
+        proto.transport = Transport()
+        data = self.call(7, log_args("synced once"))
+        proto.datagramReceived(data, ("127.0.0.1", 5000))
+        proto.datagramReceived(data, ("127.0.0.1", 5000))  # while the first is syncing
+        self.assertEqual((sent, len(self.syncs)), ([], 1))
+        self.syncs[0].callback(None)
+        self.assertEqual([outcome(reply) for reply, _addr in sent], [(rpc.SUCCESS, 0)])
+        self.assertEqual(self.audit.path.read_text(), "synced once\n")

@@ -98,12 +98,12 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec(
             "GET_FILE",
             ("user", "remote file", "local file", "force"),
-            "download a file (saved as its own name unless told; --force replaces a file)",
+            "download a file from a connected user",
             syntax="[--force] <user> <remote file> [<local file>]",
             reads=get_file_arguments,
         ),
-        CommandSpec("DOWNLOADS", (), "list the running downloads: progress, rate, time left"),
-        CommandSpec("CANCEL", ("n",), "stop running download number n (as DOWNLOADS shows it)"),
+        CommandSpec("DOWNLOADS", (), "the running downloads: progress, rate, time left"),
+        CommandSpec("CANCEL", ("n",), "stop download number n (as DOWNLOADS shows it)"),
         CommandSpec("HELP", (), "show this list"),
         CommandSpec("QUIT", (), "disconnect and leave"),
     )

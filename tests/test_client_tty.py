@@ -28,6 +28,8 @@ INSERT_OFF = b"\x1b[4l"
 BAR = re.compile(
     r"\[1\] f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB  [\d.]+ K?i?B/s  \d+:\d\d left"
 )
+#: The bar drawn in place by a download in the foreground (--no-edit).
+INLINE_BAR = re.compile(r"f\.bin from slow  \[#+ *\] +\d+%  [\d.]+ KiB / 64\.0 KiB")
 #: A status line as drawn under the prompt line, up to the move back up to it.
 STATUS = re.compile(rb"\r\n(\[1\] f\.bin from slow  [^\r\n\x1b]*)\x1b\[1A")
 
@@ -116,6 +118,12 @@ class TerminalCase(TestCase):
             raise defer.TimeoutError(f"{failure.value} x{times}; the screen:\n{self.raw!r}")
 
         yield d.addErrback(show)
+
+    def resize(self, columns: int, rows: int = 24) -> None:
+        """Set the pty's size, as a terminal window does."""
+        fcntl.ioctl(
+            self.proc.transport.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0)
+        )
 
     def slow_peer(self, pieces: int = _TricklingPeer.PIECES) -> None:
         """List user ``slow``: a peer sending 64 KiB in ``pieces``, one every 50 ms."""
@@ -219,11 +227,28 @@ class BackgroundDownloadTests(TerminalCase):
         history = (self.home / "history").read_bytes().splitlines()
         self.assertEqual(history[-2:], [b"GET_FILE slow f.bin"] * 2)
 
-    def resize(self, columns: int, rows: int = 24) -> None:
-        """Set the pty's size, as a terminal window does."""
-        fcntl.ioctl(
-            self.proc.transport.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0)
-        )
+
+class NoEditTests(TerminalCase):
+    """``--no-edit`` in a terminal: plain lines, each command to its end; a download
+    draws its bar in place on its own line, erased before the result line."""
+
+    extra = ("--no-edit",)
+
+    @defer.inlineCallbacks
+    def test_the_inline_bar(self):
+        self.resize(100)
+        self.slow_peer()
+        self.proc.write(b"REGISTER alice\nCONNECT alice\n")
+        yield poll_until(lambda: b"c> CONNECT OK" in self.raw, what="CONNECT OK")
+        start = len(self.raw)
+        self.proc.write(b"GET_FILE slow f.bin\n")
+        yield poll_until(lambda: b"c> GET_FILE OK" in self.raw[start:], what="GET_FILE OK")
+        shown = self.raw[start:].split(b"c> GET_FILE OK")[0]
+        bars = [seg.decode().rstrip() for seg in shown.split(b"\r") if b"%" in seg]
+        self.assertTrue(any(INLINE_BAR.search(bar) for bar in bars), shown)
+        self.assertGreater(len(bars), 2, "redrawn in place as bytes arrive")
+        self.assertTrue(shown.endswith(b"\r"), "erased, back at the line's start")
+        self.assertEqual((self.cwd / "f.bin").read_bytes(), b"p" * _TricklingPeer.SIZE)
 
 
 class BarWidthTests(TestCase):

@@ -68,6 +68,7 @@ _PRINTABLE_ASCII_NAME = re.compile(b"[!-~]{1,%d}" % wire.MAX_NAME).fullmatch
 _FAST = {
     _K.USER: _PRINTABLE_ASCII_NAME,  # printable ASCII is NFC and holds no format character
     _K.NAME: _PRINTABLE_ASCII_NAME,
+    _K.FILE: re.compile(b"[ -~]{1,%d}" % wire.MAX_NAME).fullmatch,  # spaces allowed
     _K.TEXT: re.compile(b"[\t -~]{1,%d}" % wire.LIMITS[_K.TEXT]).fullmatch,
     _K.DATETIME: re.compile(b"[ -~]{1,%d}" % wire.LIMITS[_K.DATETIME]).fullmatch,
 }

@@ -279,7 +279,9 @@ class PeerFlood(FloodTestCase):
         yield self.flood(port)  # each holds a slot until the first-byte timeout
         served = yield in_thread(count_served, port, lambda i: fetch, lambda i, got: got == answer)
         self.assert_served(served, "FETCHes")
-        yield alice.check("LIST_CONTENT alice", "c> LIST_CONTENT OK", f'\treport.txt {len(REPORT)} "figures"')
+        yield alice.check(
+            "LIST_CONTENT alice", "c> LIST_CONTENT OK", f'\treport.txt {len(REPORT)} "figures"'
+        )
         self.assertFalse(alice.proc.exited)
 
 

@@ -332,6 +332,16 @@ class SearchSemantics(Base):
         self.assertEqual(self.found("a b c d e f g h"), [("bob", "a_b_c_d.txt")])
         self.assertEqual(self.found("a b c d e f g h a b"), [("bob", "a_b_c_d.txt")])  # 8 distinct
 
+    def test_words_hidden_in_one_word_are_capped_too(self) -> None:
+        """A mark the tokenizer splits at (U+0305) makes one query word of many: the cap
+        on the words of a search holds for those parts too, while a few of them are
+        still searched as their parts."""
+        parts = [f"{a}{b}" for a in "abcdefgh" for b in "xy"]  # 16 words
+        self.assertEqual(self.publish("bob", "parts.txt", " ".join(parts)), b"\0")
+        self.assertEqual(self.found("\u0305".join(parts[:3])), [("bob", "parts.txt")])
+        self.assertEqual(self.found(" ".join(parts[:8])), [("bob", "parts.txt")])
+        self.assertEqual(self.found("\u0305".join(parts)), [])  # 16 > 8: refused as no hit
+
     def test_limit(self) -> None:
         for i in range(12):
             self.assertEqual(self.publish("bob", f"many_{i:02d}.txt", "d"), b"\0")

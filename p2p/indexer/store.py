@@ -42,6 +42,7 @@ from p2p.indexer.fulltext import (
     FTS_INSERT,
     FTS_SCHEMA,
     FTS_TABLE,
+    MAX_QUERY_WORDS,
     PREFIXES,
     Hit,
     bm25,
@@ -597,7 +598,12 @@ class Store:
         except sqlite3.OperationalError as exc:
             if "phrase" not in str(exc):
                 raise
-        return self._search([part for word in words for part in _ALNUM(word)], limit)
+        parts = list(dict.fromkeys(part for word in words for part in _ALNUM(word)))
+        if len(parts) > MAX_QUERY_WORDS:
+            # One "word" of marks the tokenizer splits at may hide any number of words:
+            # the cap on the work of a search holds for its parts too (no hit).
+            return []
+        return self._search(parts, limit)
 
     def _search(self, words: list[str], limit: int) -> list[Hit]:
         """The best ``limit`` files of connected owners matching every word (as
@@ -847,8 +853,14 @@ class Store:
         self._listeners.append(callback)
 
     def outbox_count(self) -> int:
-        """How many outbox rows exist (tests and diagnostics)."""
-        return self.db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        """How many outbox rows exist (tests, diagnostics, the metrics' backlog gauge).
+
+        Rows are only ever deleted from the front (:meth:`outbox_delete_through`),
+        so the backlog is one contiguous run of ``seq``: two index lookups, not a
+        scan of a table that grows while the logger is away.
+        """
+        low, high = self.db.execute("SELECT min(seq), max(seq) FROM outbox").fetchone()
+        return 0 if low is None else high - low + 1
 
     def iter_users(self) -> Iterator[tuple[str, str | None, int | None]]:
         """Raw user rows (tests and diagnostics)."""

@@ -61,6 +61,9 @@ def keep_alive(transport: ITransport, lease: float) -> bool:
             ("TCP_KEEPIDLE", idle),
             ("TCP_KEEPINTVL", interval),
             ("TCP_KEEPCNT", count),
+            # Keepalive probes only an idle connection: data sent to a host that
+            # vanished would be retransmitted for many minutes. The same bound for it.
+            ("TCP_USER_TIMEOUT", (idle + interval * count) * 1000),
         ):
             option = getattr(socket, name, None)
             if option is None:

@@ -404,12 +404,25 @@ class HoldTests(LeaseFixture):
         said = [e for e in self.events if "does not know HOLD" in e["log_format"]]
         self.assertEqual(len(said), 1)
 
-    def test_code_3_gets_alive(self) -> None:
-        """A plaintext (classic fallback) connection cannot hold: ALIVE instead."""
+    def test_code_3_is_asked_again_a_third_of_the_lease_later(self) -> None:
+        """3 is a refusal of this HOLD (a failing store, say), not of HOLD itself."""
         self.indexer.answers["HOLD"] = [(3, None)]
         self.connect()
         self.clock.pump([0, 0])
-        self.assertEqual((self.hold(), self.alive()), (1, 1))
+        self.assertEqual((self.hold(), self.alive()), (1, 0))
+        self.clock.advance(lease_module.DEFAULT_LEASE / 3 - 0.1)  # no lease announced yet
+        self.assertEqual(self.hold(), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.hold(), 2)  # held now
+        self.clock.pump([LEASE / 3] * 10)
+        self.assertEqual((self.hold(), self.alive()), (2, 0))
+
+    def test_a_classic_fallback_connection_renews_with_alive(self) -> None:
+        """Plaintext (the indexer spoke no TLS): nothing can hold, ALIVE every third."""
+        self.indexer.classic = True
+        self.connect()
+        self.clock.pump([0, LEASE / 3])
+        self.assertEqual((self.hold(), self.alive()), (0, 2))
 
     def test_dropped_is_noticed_reconnected_and_held_again(self) -> None:
         self.connect()

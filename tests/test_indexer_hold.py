@@ -9,6 +9,7 @@ request; when the last holding connection closes the user has the grace
 from __future__ import annotations
 
 import socket
+import sqlite3
 
 from twisted.trial.unittest import TestCase
 
@@ -148,6 +149,24 @@ class Hold(Base):
         self.h.clock.advance(0)
         self.assertEqual(self.h.leases.held, {})
 
+    def test_a_turn_whose_commit_fails_holds_nothing(self) -> None:
+        """HOLD answered 3 (the turn's changes were rolled back) holds nothing: the
+        client renews instead, and the indexer agrees."""
+        proto, transport = self.kept()
+        proto.dataReceived(request("HOLD", "alice"))  # answered at the turn's end
+        real_commit = self.h.store.commit
+
+        def fail_once() -> None:
+            self.h.store.commit = real_commit
+            raise sqlite3.OperationalError("disk I/O error")
+
+        self.h.store.commit = fail_once
+        self.h.request("PUBLISH", "alice", "b.txt", "a change in the same turn")
+        self.assertEqual(transport.value(), b"\x03")
+        self.assertEqual(self.h.leases.held, {})
+        self.assertEqual(proto.held, frozenset())
+        self.flushLoggedErrors(sqlite3.OperationalError)
+
     def test_claimed_name_needs_its_key(self) -> None:
         """Only carol's key holds carol's lease (section 6.3): another key, or none, gets 3."""
         proto, transport = self.kept(ALICE)
@@ -194,4 +213,5 @@ class Timing(TestCase):
         self.assertTrue(keep_alive(Tls(), 60.0))
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 20)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 38_000)
         self.assertFalse(keep_alive(object(), 60.0))

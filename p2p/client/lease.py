@@ -151,8 +151,9 @@ class Lease:
             self._call = None  # nothing to send: the connection holds it
         elif code in (HOLD.no_user, HOLD.not_connected):
             yield self._dropped(turn, user, code, sent)
-        else:  # 3: a connection that cannot hold (plaintext), or a key refused
-            self._cannot_hold(f"the indexer answered HOLD with {code}: renewing with ALIVE", turn)
+        else:  # 3: refused this time (a key refused, the indexer's store failing): again later
+            self.log.info("HOLD for {user}: code {code}", user=user, code=code)
+            self._schedule(sent + self.interval - self.reactor.seconds())
 
     def _cannot_hold(self, why: str, turn: int) -> None:
         self.hold_supported = False

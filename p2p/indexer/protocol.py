@@ -58,6 +58,7 @@ from p2p.tls import is_tls, peer_fingerprint
 
 _K = wire.FieldKind
 _CODES = [bytes((code,)) for code in range(256)]
+_OK = _CODES[wire.OK]
 #: The part of a large reply handed to the transport at a time (see :class:`_Rest`).
 REPLY_CHUNK = 64 * 1024
 
@@ -465,6 +466,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.liveness: Liveness | None = None
         #: The connection whose request is being applied (see :meth:`_lease_ended`).
         self._asking: IndexerProtocol | None = None
+        #: This turn's HOLDs answered 0, by connection (one request at a time each): the
+        #: user, held when the answer is sent.
+        self._holds: dict[IndexerProtocol, str] = {}
 
     @property
     def directory(self) -> Directory:
@@ -564,9 +568,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             code, body = op.error, b""
         finally:
             self._asking = None
-        if op is wire.HOLD and code == wire.OK and not proto.lost:
-            self.directory.leases.hold(user, proto)
-            proto.hold(user, self.directory.leases.timeout)
+        if op is wire.HOLD and code == wire.OK:
+            self._holds[proto] = user  # held once the turn's answers stand
         self._replies.append((proto, _CODES[code], body))
         self._flush_soon()
 
@@ -597,7 +600,14 @@ class IndexerFactory(ConnectionCap, ServerFactory):
                     else (p, _CODES[p.op.error], b"")
                     for p, code, body in replies
                 ]
+        holds, self._holds = self._holds, {}
+        leases = self.directory.leases
         for proto, code, body in replies:
+            if code == _OK and proto.op is wire.HOLD and not proto.lost:
+                user = holds.get(proto)
+                if user is not None and leases.heard(user):  # still connected
+                    leases.hold(user, proto)
+                    proto.hold(user, leases.timeout)
             proto.reply(code, body)
 
     def stop(self) -> None:

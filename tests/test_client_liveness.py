@@ -540,6 +540,54 @@ def _stamp() -> Deferred:
     return defer.succeed("01/02/2026 03:04:05")
 
 
+class RestartingIndexer(protocol.Protocol):
+    """TLS; the first ``factory.silent`` connections close on their request unanswered
+    (an indexer restarting, or one that does not know the operation), later ones answer."""
+
+    def connectionMade(self) -> None:
+        self.data = b""
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data.count(b"\0") >= 3:
+            if self.factory.connections <= self.factory.silent:
+                self.transport.loseConnection()
+            else:
+                self.transport.write(b"\x0060\x00")
+
+
+class UnansweredOnANewConnectionTests(TestCase):
+    """An extension closed unanswered on a new TLS connection is asked once more on
+    another before the client concludes the indexer does not know it."""
+
+    def serve(self, silent: int) -> int:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = protocol.Factory.forProtocol(RestartingIndexer)
+        factory.connections, factory.silent = 0, silent
+        self.factory = factory
+        wrapped = TLSMemoryBIOFactory(tls.server_options(tls.Identity.generate()), False, factory)
+        port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_a_restart_is_not_taken_for_an_unknown_operation(self) -> None:
+        client = IndexerClient("127.0.0.1", self.serve(silent=1), _stamp, timeout=5)
+        self.addCleanup(client.close)
+        self.assertEqual((yield deadline(client.request("HOLD", "alice"))), (0, [("60",)]))
+        self.assertEqual(self.factory.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_twice_unanswered_is_an_unknown_operation(self) -> None:
+        client = IndexerClient("127.0.0.1", self.serve(silent=2), _stamp, timeout=5)
+        self.addCleanup(client.close)
+        with self.assertRaises(UnknownOperation):
+            yield deadline(client.request("HOLD", "alice"))
+        self.assertEqual(self.factory.connections, 2)
+
+
 class ProbeTests(TestCase):
     """The indexer's probe (a TCP connect closed at once, no byte) leaves no trace."""
 

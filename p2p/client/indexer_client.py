@@ -457,6 +457,8 @@ class IndexerClient:
         key = identity.fingerprint if identity is not None else None
         lock = self._locks.setdefault(key, DeferredLock())
         yield lock.acquire()
+        op = _op_of(payload)
+        second_chance = op not in wire.CLASSIC_OPS
         try:
             while True:
                 channel = self._channels.get(key)
@@ -469,7 +471,14 @@ class IndexerClient:
                 except _Unanswered:
                     if not fresh:
                         continue  # it closed while idle: once more on a new connection
-                    raise self._unanswered(_op_of(payload)) from None
+                    if second_chance:
+                        # An extension closed unanswered on a new connection: an indexer
+                        # that does not know it, or one that was restarting (our HOLD
+                        # right after a lost connection). Once more before concluding:
+                        # the answer is remembered for the session.
+                        second_chance = False
+                        continue
+                    raise self._unanswered(op) from None
                 except defer.TimeoutError as exc:
                     channel.transport.abortConnection()
                     raise self._silent() from exc

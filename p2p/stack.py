@@ -302,6 +302,7 @@ def demo_tour(command: str, demo: Path) -> list[str]:
         "    CONNECT bob",
         "    LIST_USERS",
         "    LIST_CONTENT alice",
+        "    SEARCH hello",
         f"    GET_FILE alice {DEMO_FILE} {copy}",
         "    QUIT",
         f"s> tour: then QUIT at alice's prompt, and: cat {shlex.quote(str(copy))}",

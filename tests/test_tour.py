@@ -83,6 +83,9 @@ class TourTests(TestCase):
         self.assertEqual(code, 0, bob.output())
         self.assertIn("c> GET_FILE OK", bob.lines, bob.output())
         self.assertEqual(bob.lines[-1], "c> GET_FILE OK", bob.output())
+        found = bob.lines.index("c> SEARCH OK")  # the search finds alice's file, its size
+        size = len(stack.DEMO_BYTES)
+        self.assertRegex(bob.lines[found + 1], rf'^\talice {stack.DEMO_FILE} {size} "')
 
         alice.write(b"QUIT\n")
         code = yield deadline(alice.ended)

@@ -8,6 +8,7 @@ thread, and real transfers on 127.0.0.1 with the real reactor's thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -159,6 +160,40 @@ class DigestHandOffTests(TestCase):
         self.assertEqual(self.successResultOf(result), hashlib.sha256(b"".join(data)).hexdigest())
 
 
+class FileDigestTests(DigestHandOffTests):
+    """The same hand-off when the thread reads the bytes back from the file written."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        path = self.mktemp()
+        self.out = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        self.addCleanup(os.close, self.out)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.digest = module._Digest(_ThreadedClock(), self.throttled.append, self.fd)
+        real_update = self.digest.update
+
+        def written_then_update(data: bytes) -> None:  # as the download does
+            os.write(self.out, data)
+            real_update(data)
+
+        self.digest.update = written_then_update
+
+    def closed(self) -> bool:
+        try:
+            os.fstat(self.fd)
+        except OSError:
+            return True
+        return False
+
+    def test_the_descriptor_is_given_back(self) -> None:
+        self.digest.update(b"x" * 25)  # one batch in the thread
+        self.digest.close()
+        self.assertFalse(self.closed())  # the thread still reads it
+        self.run_next()
+        self.assertTrue(self.closed())
+        self.assertEqual(self.calls, [])
+
+
 class RealTransferTests(TestCase):
     """Over 127.0.0.1 with the reactor's thread pool hashing."""
 
@@ -189,3 +224,9 @@ class RealTransferTests(TestCase):
                 )
             )
         self.assertEqual(sorted(os.listdir(dest)), ["a"])
+        # No descriptor left open on a file there (the download's, or the hash's copy).
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self.assertEqual([p for p in held if p.startswith(str(dest))], [])

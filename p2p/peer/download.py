@@ -285,7 +285,9 @@ class _Digest:
     they no longer do. A reactor without threads (a test's Clock) hashes inline.
     """
 
-    def __init__(self, reactor: Any, throttle: Callable[[bool], None]) -> None:
+    def __init__(
+        self, reactor: Any, throttle: Callable[[bool], None], fd: int | None = None
+    ) -> None:
         self._sha = hashlib.sha256()
         self._reactor = reactor
         self._threaded = IReactorThreads.providedBy(reactor)
@@ -296,13 +298,25 @@ class _Digest:
         self._paused = False
         self._failure: Failure | None = None
         self._result: Deferred[str] | None = None
+        #: With ``fd`` (the file the bytes are written to, this object's own copy of
+        #: the descriptor), the thread reads them back from it (the page cache): the
+        #: bytes received are not kept alive for the thread, which costs more than
+        #: reading them again (allocations and page faults on every chunk).
+        self._fd = fd if self._threaded else None
+        if fd is not None and self._fd is None:
+            os.close(fd)
+        self._hashed_to = 0  # file mode: bytes of the file the thread has hashed
+        self._closing = False
 
     def update(self, data: bytes) -> None:
         if not self._threaded:
             self._sha.update(data)
             return
-        self._waiting.append(data)
-        self._waiting_bytes += len(data)
+        if self._fd is not None:
+            self._waiting_bytes += len(data)
+        else:
+            self._waiting.append(data)
+            self._waiting_bytes += len(data)
         if not self._busy and self._waiting_bytes >= HASH_BATCH:
             self._submit()
         if not self._paused and self._waiting_bytes >= HASH_BACKLOG:
@@ -317,14 +331,36 @@ class _Digest:
         return self._result
 
     def _submit(self) -> None:
-        batch, self._waiting, self._waiting_bytes = self._waiting, [], 0
         self._busy = True
-        in_thread(self._reactor, _hash_batch, self._sha, batch).addBoth(self._hashed)
+        if self._fd is not None:
+            start, count = self._hashed_to, self._waiting_bytes
+            self._hashed_to, self._waiting_bytes = start + count, 0
+            work = in_thread(self._reactor, _hash_file, self._sha, self._fd, start, count)
+        else:
+            batch, self._waiting, self._waiting_bytes = self._waiting, [], 0
+            work = in_thread(self._reactor, _hash_batch, self._sha, batch)
+        work.addBoth(self._hashed)
+
+    def close(self) -> None:
+        """Nothing more will be asked (the download ended): give the descriptor back,
+        now or when the thread is done with it."""
+        self._closing = True
+        if not self._busy:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _hashed(self, result: object) -> None:
         self._busy = False
         if isinstance(result, Failure):
             self._failure = result
+        if self._closing:
+            self._close_fd()
+            return
         self._next()
         if self._paused and self._waiting_bytes < HASH_BACKLOG:
             self._paused = False
@@ -333,7 +369,7 @@ class _Digest:
     def _next(self) -> None:
         """Hash what waits when there is enough of it (or the end came); fire at the end."""
         finishing = self._result is not None
-        if self._waiting and (finishing or self._waiting_bytes >= HASH_BATCH):
+        if self._waiting_bytes and (finishing or self._waiting_bytes >= HASH_BATCH):
             self._submit()  # (only threaded: inline, nothing waits)
             return
         if finishing and not self._result.called:
@@ -346,6 +382,19 @@ class _Digest:
 def _hash_batch(sha: Any, batch: list[bytes]) -> None:
     for data in batch:
         sha.update(data)
+
+
+def _hash_file(sha: Any, fd: int, start: int, count: int) -> None:
+    """Hash ``count`` bytes of the file at ``start`` (in a thread), through one buffer."""
+    buffer = bytearray(min(count, HASH_BATCH))
+    view = memoryview(buffer)
+    offset, end = start, start + count
+    while offset < end:
+        got = os.preadv(fd, [view[: min(len(buffer), end - offset)]], offset)
+        if got <= 0:
+            raise OSError(errno.EIO, f"the file ended at {offset} bytes, {end} written")
+        sha.update(view[:got])
+        offset += got
 
 
 # --- the machine's inputs ------------------------------------------------------
@@ -539,7 +588,9 @@ class _Download:
         self.endpoint = endpoint
         self.verify = verify
         self.expected = expected or Expected()
-        self.digest = _Digest(reactor, self.throttle) if self.expected.sha256 else None
+        self.digest = (
+            _Digest(reactor, self.throttle, os.dup(part.fd)) if self.expected.sha256 else None
+        )
         self.limits = part.limits
         self.where = where
         self.remote_name = remote_name
@@ -672,11 +723,15 @@ class _Download:
 
     def fail(self, exc: BaseException) -> None:
         self.hang_up()
+        if self.digest is not None:
+            self.digest.close()
         self.part.discard()
         if not self.result.called:
             self.result.errback(exc)
 
     def succeed(self) -> None:
+        if self.digest is not None:
+            self.digest.close()
         self.report(self.received, force=True)
         self.result.callback(self.received)
 

@@ -112,6 +112,16 @@ class GetFileTests(InteropTestCase):
         self.assertFalse((a.cwd / "no").exists())
 
     @defer.inlineCallbacks
+    def test_a_local_name_with_a_nul_gets_its_fail_line(self):
+        """A script reading one result line per command stays in step."""
+        a = yield self.online()
+        asked = len(self.indexer.requests)
+        yield a.check("GET_FILE alice song.ogg a\0b.ogg", "c> GET_FILE FAIL")
+        self.assertEqual(len(self.indexer.requests), asked, "failed before asking anyone")
+        self.assertTrue(any("NUL" in x for x in a.proc.errlines), a.proc.output())
+        self.assertEqual(sorted(p.name for p in a.cwd.iterdir() if p.name.startswith("a")), [])
+
+    @defer.inlineCallbacks
     def test_not_connected(self):
         a = self.shell("alice")
         yield a.check("GET_FILE bob x y", "c> GET_FILE FAIL")

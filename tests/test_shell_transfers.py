@@ -89,11 +89,13 @@ class BackgroundTests(TransferTestCase):
         self.assertEqual(
             self.send("DOWNLOADS"), ["c> DOWNLOADS OK", "\t[1] a.bin from bob  asking the indexer"]
         )
-        # Cancelled then: the download is never started.
-        self.assertEqual(self.send("CANCEL 1"), ["c> GET_FILE FAIL", "c> CANCEL OK"])
+        # Cancelled then: the question to the indexer is left to finish (cutting it
+        # would cut the connection that holds the lease), the download never starts.
+        self.assertEqual(self.send("CANCEL 1"), ["c> CANCEL OK"])
+        self.assertFalse(held.called, "the question to the indexer was left to finish")
         held.callback(None)
         self.assertEqual(self.running, [])
-        self.assertEqual(self.output.lines[-1], "c> CANCEL OK")
+        self.assertEqual(self.output.lines[-1], "c> GET_FILE FAIL")
 
     def test_cancel(self) -> None:
         self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
@@ -209,6 +211,18 @@ class OverwriteTests(TransferTestCase):
         answers[1].callback(" Yes ")
         self.assertFalse(self.shell.busy)
         self.assertEqual(self.running[0].destination, self.inbox / "a.bin")
+
+    def test_a_file_being_downloaded_there_counts_as_existing(self) -> None:
+        """Two GET_FILEs to one local name: the second is asked about (here refused,
+        in a script), not left to replace the first's file silently."""
+        self.shell.background = True
+        self.send(f"GET_FILE bob b.bin {self.inbox / 'b.bin'}")
+        self.shell.background = False
+        self.assertEqual(
+            self.send(f"GET_FILE bob c.bin {self.inbox / 'b.bin'}"), ["c> GET_FILE FAIL"]
+        )
+        self.assertIn("exists; add --force", self.output.notes[-1])
+        self.assertEqual(len(self.running), 1)
 
     def test_without_a_local_name_the_remote_base_name(self) -> None:
         self.send("GET_FILE bob dir/b.bin")

@@ -23,8 +23,10 @@ class Completer:
     """Completions of the word before the cursor, from the last listings seen."""
 
     def __init__(self) -> None:
-        self.users: list[str] = []
-        self.files: list[str] = []
+        # Ordered sets (dicts): a listing of many thousand rows is remembered in
+        # linear time, on the reactor.
+        self.users: dict[str, None] = {}
+        self.files: dict[str, None] = {}
         self._listing: str | None = None  # the listing whose rows are being printed
 
     def seen(self, line: str) -> None:
@@ -45,9 +47,9 @@ class Completer:
             "c> SEARCH OK": "search",
         }.get(line)
         if self._listing == "users":
-            self.users = []
+            self.users = {}
         elif self._listing == "files":
-            self.files = []
+            self.files = {}
 
     def complete(self, before: str) -> tuple[int, list[str]]:
         """For the text before the cursor: where the word being completed starts,
@@ -93,6 +95,5 @@ def _unquoted(word: str) -> str:
     return word
 
 
-def _add(names: list[str], name: str) -> None:
-    if name not in names:
-        names.append(name)
+def _add(names: dict[str, None], name: str) -> None:
+    names.setdefault(name, None)

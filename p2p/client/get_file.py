@@ -215,6 +215,8 @@ def local_destination(remote: str, local: str) -> Path:
     """Where GET_FILE writes: ``local``, or inside it under the remote name if it is
     a directory (as ``cp`` does). ``~`` is expanded. Raises ValueError with the
     reason when the file cannot go there, before anyone is asked anything."""
+    if "\0" in local:  # (pathlib answers "not a directory" for it; open() would raise)
+        raise ValueError(f"cannot save {local!r}: a file name cannot hold a NUL character")
     path = Path(local).expanduser()
     if path.is_dir():
         name = PurePosixPath(remote).name

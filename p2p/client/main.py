@@ -262,8 +262,13 @@ def main(argv: list[str] | None = None) -> None:
         home=home,
     )
 
+    stopping: list[bool] = []
+
     def stop(_ignored: object = None) -> None:
-        if reactor.running:
+        # Once only: reactor.running stays true while the shutdown disconnects the
+        # user, and a second stop (Ctrl-D, then the terminal closing) would raise.
+        if reactor.running and not stopping:
+            stopping.append(True)
             reactor.stop()
 
     shell.ended.addCallback(stop)

@@ -14,6 +14,7 @@ it was saved.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,9 @@ class Transfer:
         self.meter = Meter(now)
         #: Where the bytes go, once the download started.
         self.destination: Path | None = None
+        #: Where they will go, known at the start (None: a bad destination, GET_FILE
+        #: says why): no other transfer may write there meanwhile.
+        self.target: Path | None = None
         #: Bytes written, once the download succeeded.
         self.saved: int | None = None
         self.cancelled = False
@@ -94,6 +98,8 @@ class Transfers:
         its result line is printed."""
         self._numbers += 1
         transfer = Transfer(self._numbers, owner, remote, self.clock())
+        with contextlib.suppress(ValueError):
+            transfer.target = local_destination(remote, local).absolute()
         self.running[transfer.number] = transfer
         command = GetFile(
             self.session, self._download_for(transfer), self.no_such_file, self.timeout
@@ -111,6 +117,7 @@ class Transfers:
             if transfer.cancelled:  # cancelled while the indexer was being asked
                 return defer.fail(defer.CancelledError())
             transfer.destination = Path(destination)
+            transfer.meter = Meter(self.clock())  # its rate and stalls count from now
 
             def advance(received: int, total: int | None = None) -> None:
                 transfer.meter.update(received, total, self.clock())
@@ -153,27 +160,35 @@ class Transfers:
         if self.session.user is None:
             return None
         try:
-            destination = local_destination(remote, local)
+            destination = local_destination(remote, local).absolute()
         except ValueError:
             return None
-        return destination.absolute() if destination.exists() else None
+        if destination.exists() or any(t.target == destination for t in self.running.values()):
+            return destination  # there, or being downloaded there by another transfer
+        return None
 
-    def cancel(self, number: int) -> bool:
+    def cancel(self, number: int, now: bool = False) -> bool:
         """Stop transfer ``number`` (its command prints GET_FILE FAIL, nothing is kept);
-        False if no such transfer runs."""
+        False if no such transfer runs.
+
+        While the indexer is still being asked, the question is left to finish and
+        the download is then not started: cancelling it would cut the connection
+        that holds the user's lease (protocol.md 7.3). ``now`` (the shell is ending):
+        stop at once.
+        """
         transfer = self.running.get(number)
         if transfer is None:
             return False
         transfer.cancelled = True
-        if transfer.command is not None:
+        if transfer.command is not None and (now or transfer.destination is not None):
             transfer.command.cancel()
         return True
 
     def cancel_all(self) -> int:
-        """Stop every running transfer; how many there were."""
+        """Stop every running transfer now; how many there were."""
         numbers = list(self.running)
         for number in numbers:
-            self.cancel(number)
+            self.cancel(number, now=True)
         return len(numbers)
 
     def status_lines(self) -> list[tuple[str, float | None, list[str]]]:

@@ -1035,7 +1035,7 @@ def start(
     destination = Path(destination)
     try:
         part = _PartFile(destination, limits)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a name the system cannot take
         return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
     d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify, expected)
     d.events = _Machine(d)

@@ -81,6 +81,17 @@ class CommandQueueTests(TestCase):
         self.assertEqual(self.rec.ran, ["slow", "quit"])
         self.assertFalse(self.queue.busy)
 
+    def test_close_drops_the_waiting_lines_and_later_ones(self) -> None:
+        """The shell ending on a signal: what waits never runs (nor prints)."""
+        self.rec.slow["slow"] = gate = Deferred()
+        for line in ("slow", "waiting", "also waiting"):
+            self.queue.submit(line)
+        self.queue.close()
+        self.queue.submit("later")
+        gate.callback(None)  # the running line finishes
+        self.assertEqual(self.rec.ran, ["slow"])
+        self.assertFalse(self.queue.busy)
+
     def test_a_failing_command_is_reported_and_the_next_runs(self) -> None:
         self.queue.submit("boom")
         self.queue.submit("next")

@@ -55,6 +55,12 @@ class CommandQueue:
         if not self.finished:
             self._lines.put(line)
 
+    def close(self) -> None:
+        """The shell is ending (a signal, the terminal closed): the lines still waiting
+        never run, and later ones are ignored; the line running now finishes."""
+        self.finished = True
+        self._lines.pending.clear()
+
     @property
     def busy(self) -> bool:
         """A line is running or waiting to run."""

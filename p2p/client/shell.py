@@ -200,6 +200,7 @@ class Shell:
         Used by QUIT, end of input, Ctrl-C/Ctrl-D and SIGTERM alike.
         """
         if self._shutdown is None:
+            self._queue.close()  # queued lines would run, and print, while it ends
             self.transfers.cancel_all()
             self._shutdown = self.session.close()
             close = getattr(self.session.indexer, "close", None)

@@ -361,7 +361,7 @@ class IndexerClient:
         if op in self.unknown_ops:
             raise UnknownOperation(f"the indexer at {self.where} does not know {op}")
         if identity is KEPT:
-            identity = self.home.identity(user) if self.home is not None else None
+            identity = self._identity_of(user)
         if op in ESTIMATED_STAMP_OPS:
             datetime = self.estimated_datetime()
         else:
@@ -400,10 +400,13 @@ class IndexerClient:
         if channel is not None:
             channel.unhold()
 
+    def _identity_of(self, user: str) -> tls.Identity | None:
+        """The identity a request for ``user`` presents by default: the home's, if any."""
+        return self.home.identity(user) if self.home is not None else None
+
     def _key_of(self, user: str) -> str | None:
         """The key of the channel a request for ``user`` travels on."""
-        identity = self.home.identity(user) if self.home is not None else None
-        return identity.fingerprint if identity is not None else None
+        return _channel_key(self._identity_of(user))
 
     def estimated_datetime(self) -> str:
         """A DATETIME without asking the time service: the last stamp it gave, advanced
@@ -454,7 +457,7 @@ class IndexerClient:
     def _over_tls(
         self, identity: tls.Identity | None, payload: bytes, shape: tuple[int | None, int | None]
     ):
-        key = identity.fingerprint if identity is not None else None
+        key = _channel_key(identity)
         lock = self._locks.setdefault(key, DeferredLock())
         yield lock.acquire()
         op = _op_of(payload)
@@ -554,6 +557,11 @@ class IndexerClient:
             )
         self.note(text)  # every time: a refused command must say why and how to fix it
         return IndexerKeyChanged(text)
+
+
+def _channel_key(identity: tls.Identity | None) -> str | None:
+    """Channels are kept per identity presented: its fingerprint, None for anonymous."""
+    return identity.fingerprint if identity is not None else None
 
 
 def lease_seconds(rows: list[Row] | None) -> float | None:

@@ -12,6 +12,7 @@ from twisted.trial.unittest import TestCase
 from p2p import wire
 from p2p.indexer.address import primary_address
 from p2p.indexer.store import Store
+from tests import postgres
 from tests.support import deadline, hold_port, spawn_twistd
 
 DT = "17/12/2014 13:20:35"
@@ -67,12 +68,25 @@ class Indexer:
         return out
 
 
+def indexer_db(testcase: TestCase, db: str) -> str:
+    """The ``--db`` of a test's indexer: ``db`` (a file in its directory); in a test class
+    with ``on_postgres`` set, the test's own database on the throwaway PostgreSQL server
+    (tests/postgres.py), the same one each time the test starts an indexer."""
+    if not getattr(testcase, "on_postgres", False):
+        return db
+    uri = getattr(testcase, "postgres_uri", None)
+    if uri is None:
+        uri = testcase.postgres_uri = postgres.database(testcase)
+    return uri
+
+
 @defer.inlineCallbacks
 def start_indexer(testcase: TestCase, *options: str, cwd: Path | None = None, db: str = "ix.db"):
     """``twistd p2p-indexer`` on a kernel-chosen loopback port; wait for its init line."""
     if cwd is None:
         cwd = Path(testcase.mktemp())
         cwd.mkdir(parents=True)
+    db = indexer_db(testcase, db)
     if not any(o.startswith("--listen") for o in options):
         options = ("--listen", "tcp:0:interface=127.0.0.1", *options)
     process = spawn_twistd(testcase, "p2p-indexer", "--db", db, *options, cwd=cwd)

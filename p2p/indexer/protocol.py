@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor,
     IPullProducer,
@@ -43,6 +44,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import twisted_internals, wire
@@ -325,6 +327,10 @@ class IndexerProtocol(Protocol, TimeoutMixin):
         transport.write(bytes(data))
         transport.loseConnection()
 
+    def reply_later(self, body: bytes, code: bytes) -> None:
+        """:meth:`reply`, with the body first: the result of a Deferred listing."""
+        self.reply(code, body)
+
     @property
     def op(self) -> wire.OpSpec | None:
         return self._op
@@ -386,6 +392,13 @@ class IndexerProtocol(Protocol, TimeoutMixin):
 
     def stopProducing(self) -> None:
         self._out = None
+
+
+def _dropped(body: bytes | Deferred) -> bytes:
+    """No body, for a reply that became its error code: a later listing is ignored."""
+    if isinstance(body, Deferred):
+        body.addErrback(lambda _: None)
+    return b""
 
 
 def next_chunk(head: bytes, rest: memoryview) -> tuple[bytes, memoryview]:
@@ -455,8 +468,9 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.max_connections = max_connections
         self.max_per_source = max_per_source  # None: sources are not counted apart
         self.policy = policy or AddressPolicy("127.0.0.1")
-        #: This turn's replies: (protocol, code byte, shared listing or b"").
-        self._replies: list[tuple[IndexerProtocol, bytes, bytes]] = []
+        #: This turn's replies: (protocol, code byte, shared listing or b"", or a Deferred
+        #: of the listing: a SEARCH, replied to when its store's search thread answers).
+        self._replies: list[tuple[IndexerProtocol, bytes, bytes | Deferred]] = []
         self._lines: list[str] = []
         self._flush_call = None
         self.stopped = False
@@ -552,11 +566,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             proto.reply(_CODES[op.error])
             return
         datetime, user, *args = values
-        address = None
-        if op is wire.CONNECT:
-            # A peer on a UNIX socket has no IP: it is on this host, like loopback.
-            source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
-            address = (self.policy.record_ip(source), args[0])
+        address = self.connect_address(proto, args[0]) if op is wire.CONNECT else None
         self._asking = proto  # whose request ends a lease it may hold: not closed for it
         try:
             if stale is not None:
@@ -572,6 +582,13 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             self._holds[proto] = user  # held once the turn's answers stand
         self._replies.append((proto, _CODES[code], body))
         self._flush_soon()
+
+    def connect_address(self, proto: IndexerProtocol, port: int) -> tuple[str, int]:
+        """The address a CONNECT on ``proto`` records: its source IP (as the policy
+        records it) and the port it announced."""
+        # A peer on a UNIX socket has no IP: it is on this host, like loopback.
+        source = getattr(proto.transport.getPeer(), "host", None) or "127.0.0.1"
+        return (self.policy.record_ip(source), port)
 
     def _flush_soon(self) -> None:
         """Commit and reply at the end of this reactor turn."""
@@ -597,7 +614,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
                 replies = [
                     (p, code, body)
                     if not changes and p.op.name in wire.READ_OPS
-                    else (p, _CODES[p.op.error], b"")
+                    else (p, _CODES[p.op.error], _dropped(body))
                     for p, code, body in replies
                 ]
         holds, self._holds = self._holds, {}
@@ -608,7 +625,15 @@ class IndexerFactory(ConnectionCap, ServerFactory):
                 if user is not None and leases.heard(user):  # still connected
                     leases.hold(user, proto)
                     proto.hold(user, leases.timeout)
-            proto.reply(code, body)
+            if isinstance(body, Deferred):  # a SEARCH its store answers later
+                body.addCallbacks(proto.reply_later, self._answer_failed, (code,), None, (proto,))
+            else:
+                proto.reply(code, body)
+
+    def _answer_failed(self, failure: Failure, proto: IndexerProtocol) -> None:
+        """A reply the store was to give later could not be given: the error code."""
+        self.log.failure("answering {op} failed", failure, op=proto.op.name)
+        proto.reply(_CODES[proto.op.error])
 
     def stop(self) -> None:
         """Commit and answer what is pending; later requests get their error code."""
@@ -625,7 +650,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         stale and every request is refused until a later reload succeeds, so a
         rolled-back change is never visible nor acknowledged.
         """
-        self._replies = [(p, _CODES[p.op.error], b"") for p, _, _ in self._replies]
+        self._replies = [(p, _CODES[p.op.error], _dropped(b)) for p, _, b in self._replies]
         try:
             self.store.rollback()
             self.directory.load()

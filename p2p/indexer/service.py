@@ -27,6 +27,7 @@ from p2p.indexer.address import AddressPolicy, primary_address
 from p2p.indexer.directory import CLASSIC_POLICIES, Directory
 from p2p.indexer.liveness import Leases, Liveness, watch
 from p2p.indexer.metrics import IndexerMetrics
+from p2p.indexer.pgstore import DEFAULT_THREADS, is_postgres
 from p2p.indexer.protocol import IndexerFactory
 from p2p.indexer.store import (
     MEMORY,
@@ -63,7 +64,20 @@ class Options(LogOptions, usage.Options):
     )
     optParameters = [
         ["listen", "l", f"tcp:{wire.INDEXER_PORT}", "Server endpoint to listen on."],
-        ["db", None, "p2p-indexer.db", "SQLite database file (':memory:' keeps nothing)."],
+        [
+            "db",
+            None,
+            "p2p-indexer.db",
+            "SQLite database file (':memory:' keeps nothing), or a PostgreSQL URI "
+            "(postgresql://...) that any number of indexer nodes share.",
+        ],
+        [
+            "db-threads",
+            None,
+            DEFAULT_THREADS,
+            "With PostgreSQL: threads (each with its own connection) running the requests.",
+            int,
+        ],
         [
             "timeout",
             None,
@@ -153,6 +167,8 @@ class IndexerService(ListenFailure, ListeningService):
     """Opens the store, loads the directory, listens; commits and closes on stop."""
 
     label = "indexer"
+    #: The factory of the indexer's protocol (a cluster node's answers after its transaction).
+    factory_class = IndexerFactory
 
     def __init__(
         self,
@@ -196,15 +212,13 @@ class IndexerService(ListenFailure, ListeningService):
         with that one line and a non-zero status (``p2p.startup``).
         """
         try:
-            self._lock = lock_database(self.store.path)
-            self.store.open()
-            self.directory.load()
+            self.open_store()
             if self.identity is None and self.identity_files is not None:
                 self.identity = files_identity(*self.identity_files)
             if self.identity is None:
-                self.identity = database_identity(self.store.path)
+                self.identity = self.stored_identity()
             say(FINGERPRINT_LINE.format(self.identity.fingerprint))
-            self.indexer = IndexerFactory(
+            self.indexer = self.factory_class(
                 self.directory,
                 self.reactor,
                 self.timeout,
@@ -226,7 +240,21 @@ class IndexerService(ListenFailure, ListeningService):
         except Exception:
             self._release()
             raise
-        self.liveness = watch(self.indexer)  # the leases given at load run from now
+        self.liveness = self.watch()  # the leases given at load run from now
+
+    def open_store(self) -> None:
+        """Lock the database, open it and load the directory from it."""
+        self._lock = lock_database(self.store.path)
+        self.store.open()
+        self.directory.load()
+
+    def stored_identity(self) -> Identity:
+        """The identity kept with the database, made on the first start."""
+        return database_identity(self.store.path)
+
+    def watch(self):
+        """Start dropping the users whose client is gone."""
+        return watch(self.indexer)
 
     def listening(self, port: IListeningPort) -> None:
         address = port.getHost()
@@ -324,13 +352,19 @@ class _Indexer(StartGuard, ServiceLogs, MultiService):
 def makeService(options: Options, reactor=None) -> IService:
     """The indexer (and the audit relay when a logger is configured) as one service."""
     reactor = reactor if reactor is not None else default_reactor
-    store = Store(options["db"], sync=options["sync"])
-    leases = Leases(options["peer-timeout"], reactor.seconds)
-    directory = Directory(store, audit=options.audit, classic=options["classic"], leases=leases)
     top = _Indexer()
     top.log_options = options
     counts = IndexerMetrics() if counts_wanted(options) else None
-    indexer = IndexerService(
+    if is_postgres(options["db"]):
+        from p2p.indexer.pgservice import cluster_parts
+
+        service_class, store, directory = cluster_parts(options, reactor)
+    else:
+        service_class = IndexerService
+        store = Store(options["db"], sync=options["sync"])
+        leases = Leases(options["peer-timeout"], reactor.seconds)
+        directory = Directory(store, audit=options.audit, classic=options["classic"], leases=leases)
+    indexer = service_class(
         options["listen"],
         store,
         directory,

@@ -1,0 +1,663 @@
+"""The indexer's rules on PostgreSQL, for a cluster of nodes sharing one database.
+
+:class:`ClusterDirectory` is :class:`p2p.indexer.directory.Directory` for
+``--db postgresql://...``: the same operations, codes and check order (taken
+from each ``wire.OpSpec``: claim, then user exists, then connected, then the
+operation's own check), but nothing is answered from memory. Each request is
+one transaction (:meth:`p2p.indexer.pgstore.PgStore.transact`), run in a pool
+thread, and :meth:`ClusterDirectory.handle` returns a Deferred of its
+:class:`Outcome`. The database makes the rules hold across nodes:
+
+- the user's row is locked (``FOR UPDATE``) by every change, so two changes of
+  one user, on any nodes, run one after the other, each seeing the other's;
+- ``REGISTER`` is ``INSERT ... ON CONFLICT DO NOTHING``: of two at once, on two
+  nodes, exactly one inserts (0), the other sees the row (1);
+- ``PUBLISH`` and ``DELETE`` rest on the unique key (owner, name), and a user's
+  files go with it (``ON DELETE CASCADE``);
+- the audit record goes into the outbox in the same transaction
+  (:meth:`PgStore.add_record`), numbered in commit order.
+
+Liveness (protocol.md section 7) lives in the database too: ``users.lease_until``
+(the database's clock, in epoch seconds) and ``lease_kind``. Each node renews
+the leases of the users it heard from, and of the users whose lease one of its
+connections holds, in one statement per tick (:class:`ClusterLeases`); only the
+leader drops expired users and probes silent ones (:class:`ClusterLiveness`), so
+an expiry happens once in the cluster, persisted and audited as a DISCONNECT.
+
+Search (protocol.md 8.3): each file's words, folded in Python exactly as the
+SQLite store folds them (:func:`p2p.indexer.fulltext.words_of`), are a
+``tsvector`` (``array_to_tsvector``: no PostgreSQL parser or dictionary in
+between) under a GIN index; a query is a ``tsquery`` of prefixes (``'word':*``),
+all required; the newest 300 matching files of connected owners are ranked in
+Python by the same BM25 (:func:`p2p.indexer.fulltext.bm25`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from p2p import wire
+from p2p.indexer.directory import CLASSIC_POLICIES
+from p2p.indexer.fulltext import (
+    MAX_QUERY_WORDS,
+    Hit,
+    bm25,
+    inverse_frequency,
+    query_words,
+    words_of,
+)
+from p2p.indexer.pgstore import PgStore
+
+Address = tuple[str, int]
+
+#: ``lease_kind``: as the four sets of :class:`p2p.indexer.liveness.Leases`.
+SILENT, RENEWING, HELD, GRACE = 0, 1, 2, 3
+#: The database's clock, in epoch seconds (every node compares leases on it).
+NOW = "extract(epoch from now())"
+#: SEARCH ranks at most this many of the newest matching files of connected owners,
+#: and counts a word's files up to MATCHING_CAP (as the SQLite store does).
+SEARCH_CANDIDATES = 300
+MATCHING_CAP = 5000
+#: Users looked at per expiry tick, at most.
+EXPIRY_BATCH = 256
+
+_USER = "SELECT ip, port, identity, connected FROM users WHERE name = %s"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one request's transaction decided."""
+
+    code: int
+    body: bytes = b""
+    #: CONNECT of a user recorded as connected: the address to probe first (nothing
+    #: was written, nor audited: the CONNECT is applied again after the probe).
+    probe: Address | None = None
+    #: HOLD: the CONNECT (``users.connected``) whose lease the connection now holds.
+    connected: int | None = None
+    #: The user's lease ended by this request (DISCONNECT, a CONNECT replacing it).
+    ended: bool = False
+    #: The request was a connected user's that passed the checks: its lease renews.
+    seen: bool = False
+    #: An audit record was written.
+    audited: bool = False
+
+
+def file_words(name: str, description: str) -> list[str]:
+    """The distinct folded words of a file's name and description (its ``tsvector``)."""
+    return list(dict.fromkeys(words_of(name)[0].split() + words_of(description)[0].split()))
+
+
+def prefix_query(words: list[str], prefix: bool = True) -> str:
+    """A ``tsquery`` requiring every (folded) word, as the start of a word when ``prefix``.
+
+    Each is a quoted lexeme (``'`` and ``\\`` escaped, though folded words hold
+    neither), so nothing of a query reaches tsquery syntax.
+    """
+    mark = ":*" if prefix else ""
+    return " & ".join(
+        "'{}'{}".format(w.replace("\\", "\\\\").replace("'", "''"), mark) for w in words
+    )
+
+
+class ClusterDirectory:
+    """Users, their addresses and files, in the shared database (see the module's doc)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: PgStore,
+        audit: bool = False,
+        classic: str = "allow",
+        leases: ClusterLeases | None = None,
+    ) -> None:
+        if classic not in CLASSIC_POLICIES:
+            raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
+        self.store = store
+        self.audit = audit
+        self.classic_ops = CLASSIC_POLICIES[classic]
+        self.leases = leases if leases is not None else ClusterLeases(store)
+        #: Nothing is kept in memory: the metrics' count of connected users is not known here.
+        self.connected: dict[str, Address] = {}
+        #: Each operation's own part: ``_<op in lower case>`` (HOLD is ALIVE's).
+        self._handlers: dict[str, Callable[..., Outcome]] = {
+            name: getattr(self, f"_{name.lower()}") for name in wire.OPS
+        }
+
+    def load(self) -> None:
+        """Nothing to load: every request reads the database."""
+
+    def handle(
+        self,
+        op: wire.OpSpec,
+        datetime: str,
+        user: str,
+        args: list,
+        address: Address | None = None,
+        identity: str | None = None,
+        stale: Address | None = None,
+        probe: bool = True,
+    ) -> Deferred:
+        """Apply one well-formed request in a transaction of its own; a Deferred of its
+        :class:`Outcome`, fired once committed.
+
+        ``probe``: a CONNECT for a user recorded as connected returns the address to
+        probe instead (nothing written); after the probe the factory sends it again
+        with ``probe=False`` and, when nothing answered, ``stale`` (that address).
+        """
+        return self.store.transact(
+            self._apply, op, datetime, user, args, address, identity, stale, probe
+        )
+
+    # --- In a pool thread, inside the transaction ---------------------------------
+
+    def _apply(
+        self,
+        cursor,
+        op: wire.OpSpec,
+        datetime: str,
+        user: str,
+        args: list,
+        address: Address | None,
+        identity: str | None,
+        stale: Address | None,
+        probe: bool,
+    ) -> Outcome:
+        changes = op.name not in wire.READ_OPS
+        row = cursor.execute(_USER + (" FOR UPDATE" if changes else ""), (user,)).fetchone()
+        if (identity is None and op.name not in self.classic_ops) or (
+            row is not None and row[2] is not None and row[2] != identity
+        ):
+            outcome = Outcome(op.error)
+        elif row is None and op.no_user is not None:
+            outcome = Outcome(op.no_user)
+        elif op.not_connected is not None and row[0] is None:
+            outcome = Outcome(op.not_connected)
+        else:
+            outcome = self._handlers[op.name](cursor, user, row, args, address, identity, stale)
+            if outcome.probe is not None:
+                if probe:
+                    return outcome  # nothing written: applied again after the probe
+                outcome = Outcome(op.own)
+            outcome.seen = row is not None and row[0] is not None and not outcome.ended
+        if self.audit and op.name not in wire.UNAUDITED_OPS:
+            file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
+            self.store.add_record(cursor, wire.audit_record(user, op.name, datetime, file_name))
+            outcome.audited = True
+        return outcome
+
+    # Each operation's own part. ``row`` is (ip, port, identity, connected), locked for
+    # a change; None only for REGISTER.
+
+    def _register(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        if row is not None:
+            return Outcome(wire.REGISTER.own)
+        cursor.execute(
+            "INSERT INTO users (name, identity) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (user, identity),
+        )
+        if cursor.rowcount == 1:
+            return Outcome(wire.OK)
+        # Registered by another request (on any node) since we looked: as if first seen.
+        other = cursor.execute("SELECT identity FROM users WHERE name = %s", (user,)).fetchone()
+        if other is not None and other[0] is not None and other[0] != identity:
+            return Outcome(wire.REGISTER.error)
+        return Outcome(wire.REGISTER.own)
+
+    def _unregister(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        if row[0] is not None:  # refused while connected
+            return Outcome(wire.UNREGISTER.error)
+        cursor.execute("DELETE FROM users WHERE name = %s", (user,))
+        return Outcome(wire.OK)
+
+    def _connect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        ip, port = row[0], row[1]
+        if ip is not None and (ip, port) != stale:
+            return Outcome(wire.CONNECT.own, probe=(ip, port))
+        if address is None:
+            return Outcome(wire.CONNECT.error)
+        cursor.execute(
+            "UPDATE users SET ip = %s, port = %s, connected = nextval('connect_order'),"
+            f" lease_until = {NOW} + %s, lease_kind = {SILENT} WHERE name = %s",
+            (address[0], address[1], self.leases.timeout, user),
+        )
+        return Outcome(wire.OK, ended=ip is not None)
+
+    def _disconnect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        cursor.execute(
+            "UPDATE users SET ip = NULL, port = NULL, connected = NULL, lease_until = NULL"
+            " WHERE name = %s",
+            (user,),
+        )
+        return Outcome(wire.OK, ended=True)
+
+    def _alive(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        """ALIVE and HOLD: the lease runs from now (HOLD: the factory then ties it to the
+        connection, which renews it while open); the reply says how long it lasts."""
+        cursor.execute(
+            f"UPDATE users SET lease_until = {NOW} + %s, lease_kind = CASE WHEN lease_kind"
+            f" = {HELD} THEN {HELD} ELSE {RENEWING} END WHERE name = %s",
+            (self.leases.timeout, user),
+        )
+        return Outcome(wire.OK, b"%d\0" % self.leases.seconds, connected=row[3])
+
+    _hold = _alive
+
+    def _publish(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        name, description = args
+        return self._add_file(cursor, wire.PUBLISH, user, name, description, None, None)
+
+    def _publish_file(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        name, description, size, sha256, mode = args
+        if mode != "replace":
+            return self._add_file(cursor, wire.PUBLISH_FILE, user, name, description, size, sha256)
+        cursor.execute(
+            "INSERT INTO files (owner, name, description, size, sha256, words)"
+            " VALUES (%s, %s, %s, %s, %s, array_to_tsvector(%s::text[]))"
+            " ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description,"
+            " size = excluded.size, sha256 = excluded.sha256, words = excluded.words",
+            (user, name, description, size, sha256, file_words(name, description)),
+        )
+        return Outcome(wire.OK)
+
+    def _add_file(self, cursor, op, user, name, description, size, sha256) -> Outcome:
+        cursor.execute(
+            "INSERT INTO files (owner, name, description, size, sha256, words)"
+            " VALUES (%s, %s, %s, %s, %s, array_to_tsvector(%s::text[]))"
+            " ON CONFLICT (owner, name) DO NOTHING",
+            (user, name, description, size, sha256, file_words(name, description)),
+        )
+        return Outcome(wire.OK if cursor.rowcount == 1 else op.own)
+
+    def _delete(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        cursor.execute("DELETE FROM files WHERE owner = %s AND name = %s", (user, args[0]))
+        return Outcome(wire.OK if cursor.rowcount == 1 else wire.DELETE.own)
+
+    def _list_users(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        rows = cursor.execute(
+            "SELECT name, ip, port FROM users WHERE ip IS NOT NULL ORDER BY connected"
+        ).fetchall()
+        return Outcome(wire.OK, wire.encode_listing(rows))
+
+    def _list_peers(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        rows = cursor.execute(
+            "SELECT name, ip, port, coalesce(identity, %s) FROM users WHERE ip IS NOT NULL"
+            " ORDER BY connected",
+            (wire.UNCLAIMED,),
+        ).fetchall()
+        return Outcome(wire.OK, wire.encode_listing(rows))
+
+    def _owner_files(self, cursor, op, owner: str, columns: str) -> Outcome:
+        """LIST_CONTENT and LIST_FILES: ``owner``'s files in publishing order, or the
+        operation's own code when there is no such owner."""
+        rows = cursor.execute(
+            f"SELECT {columns} FROM files WHERE owner = %s ORDER BY id", (owner,)
+        ).fetchall()
+        if (
+            not rows
+            and cursor.execute("SELECT 1 FROM users WHERE name = %s", (owner,)).fetchone() is None
+        ):
+            return Outcome(op.own)
+        return Outcome(wire.OK, wire.encode_listing(rows))
+
+    def _list_content(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        return self._owner_files(cursor, wire.LIST_CONTENT, args[0], "name, description")
+
+    def _list_files(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        """LIST_CONTENT with sizes and hashes (wire.UNKNOWN where published without)."""
+        return self._owner_files(
+            cursor,
+            wire.LIST_FILES,
+            args[0],
+            f"name, description, coalesce(size::text, {_UNKNOWN}), coalesce(sha256, {_UNKNOWN})",
+        )
+
+    def _sources(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        """The connected owners of a file with this SHA-256 and their addresses, the
+        asking user left out (protocol.md 8.6)."""
+        rows = cursor.execute(
+            "SELECT f.owner, f.name, u.ip, u.port FROM files f JOIN users u ON u.name = f.owner"
+            " WHERE f.sha256 = %s AND u.ip IS NOT NULL AND f.owner <> %s ORDER BY f.id LIMIT %s",
+            (args[0], user, getattr(wire, "MAX_SOURCES", 64)),
+        ).fetchall()
+        return Outcome(wire.OK, wire.encode_listing(rows))
+
+    def _search(self, cursor, user, row, args, address, identity, stale) -> Outcome:
+        """The best hits among connected owners' files; the error code for a query
+        without a word or with more than MAX_QUERY_WORDS (protocol.md 8.3)."""
+        text, limit = args
+        words = query_words(text)
+        if not words or len(words) > MAX_QUERY_WORDS:
+            return Outcome(wire.SEARCH.error)
+        hits = search(cursor, words, limit)
+        return Outcome(
+            wire.OK,
+            wire.encode_listing(
+                (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies)
+                for h in hits
+            ),
+        )
+
+
+def search(cursor, words: list[str], limit: int) -> list[Hit]:
+    """The best ``limit`` files of connected owners matching every word, best first.
+
+    The words are folded and split as the files' words were (a word the folding
+    cuts in two is searched as its parts); the candidates are the newest
+    :data:`SEARCH_CANDIDATES` (at least ``limit``) matching files of connected
+    owners, ranked by BM25, each word weighted by how many files hold it as a
+    whole word (counted up to :data:`MATCHING_CAP`; the number of files is the
+    planner's estimate). Ties: owner, then name. Then the copies of the hits' hashes.
+    """
+    folded = list(dict.fromkeys(part for word in words for part in words_of(word)[0].split()))
+    if not folded or len(folded) > MAX_QUERY_WORDS:
+        return []
+    wanted = max(SEARCH_CANDIDATES, limit)
+    candidates = cursor.execute(
+        "SELECT f.owner, f.name, f.description, f.size, f.sha256 FROM files f"
+        " JOIN users u ON u.name = f.owner"
+        " WHERE f.words @@ %s::tsquery AND u.ip IS NOT NULL ORDER BY f.id DESC LIMIT %s",
+        (prefix_query(folded), wanted),
+    ).fetchall()
+    if not candidates:
+        return []
+    if len(folded) == 1:
+        weights = [1.0]
+    else:
+        total = cursor.execute(
+            "SELECT greatest(reltuples::bigint, 0) FROM pg_class WHERE relname = 'files'"
+        ).fetchone()[0]
+        weights = []
+        for word in folded:
+            matching = cursor.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM files WHERE words @@ %s::tsquery LIMIT %s) m",
+                (prefix_query([word], prefix=False), MATCHING_CAP),
+            ).fetchone()[0]
+            weights.append(inverse_frequency(max(total, matching), matching))
+    split = [(words_of(c[1]), words_of(c[2])) for c in candidates]
+    average = max(sum(n[1] + d[1] for n, d in split) / len(split), 1.0)
+    scores = [bm25(folded, weights, n, d, average) for n, d in split]
+    order = sorted(
+        range(len(candidates)), key=lambda i: (-scores[i], candidates[i][0], candidates[i][1])
+    )
+    ranked = [candidates[i] for i in order[:limit]]
+    hashes = list({c[4] for c in ranked if c[4] is not None})
+    copies: dict[str, int] = {}
+    if hashes:
+        copies = dict(
+            cursor.execute(
+                "SELECT f.sha256, count(DISTINCT f.owner) FROM files f"
+                " JOIN users u ON u.name = f.owner"
+                " WHERE u.ip IS NOT NULL AND f.sha256 = ANY(%s) GROUP BY f.sha256",
+                (hashes,),
+            ).fetchall()
+        )
+    return [
+        Hit(owner, name, description, size, sha, copies.get(sha, 1) if sha else 1)
+        for owner, name, description, size, sha in ranked
+    ]
+
+
+def _known(value: int | str | None) -> int | str:
+    return wire.UNKNOWN if value is None else value
+
+
+#: wire.UNKNOWN as an SQL literal.
+_UNKNOWN = "'{}'".format(wire.UNKNOWN.replace("'", "''"))
+
+
+class ClusterLeases:
+    """This node's share of liveness: the users it heard from (renewed in one statement
+    per tick) and the connections holding leases (HOLD), renewed while open.
+
+    The factory and the protocol call it as they call :class:`p2p.indexer.liveness.Leases`:
+    ``release`` when a holding connection closes, ``on_end`` to close the holders
+    of a lease that a request ended.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: PgStore, timeout: float = wire.DEFAULT_PEER_TIMEOUT) -> None:
+        self.store = store
+        self.timeout = timeout
+        self.on_end: Callable[[object, str], None] | None = None
+        #: Users heard from since the last tick.
+        self._seen: set[str] = set()
+        #: Users whose lease this node's connections hold: the CONNECT it belongs to,
+        #: and the connections.
+        self.held: dict[str, tuple[int, set[object]]] = {}
+        self._last_held_renewal = -math.inf
+
+    @property
+    def seconds(self) -> int:
+        """The lease as ALIVE announces it: whole seconds, at least 1."""
+        return max(1, int(self.timeout))
+
+    def seen(self, user: str) -> None:
+        self._seen.add(user)
+
+    def hold(self, user: str, connection: object, connected: int | None) -> None:
+        """``connection`` holds ``user``'s lease (of the CONNECT numbered ``connected``)."""
+        if connected is None:
+            return
+        held = self.held.get(user)
+        if held is None or held[0] != connected:
+            if held is not None:
+                self._end(user)
+            held = self.held[user] = (connected, set())
+        held[1].add(connection)
+
+    def release(self, user: str, connection: object) -> None:
+        """``connection`` closed: if it was this node's last holding ``user``, the lease
+        runs with ``wire.HELD_GRACE`` of it left (unless another node renews it)."""
+        held = self.held.get(user)
+        if held is None or connection not in held[1]:
+            return
+        held[1].discard(connection)
+        if held[1]:
+            return
+        del self.held[user]
+        if self.store.pool is None:
+            return
+        self.store.transact(_grace, user, held[0], self.timeout * wire.HELD_GRACE).addErrback(
+            lambda f: self.log.warn("cannot start {user}'s grace: {f}", user=user, f=f)
+        )
+
+    def ended(self, user: str) -> None:
+        """``user``'s lease ended by a request of this node: its holders here close."""
+        self._end(user)
+
+    def _end(self, user: str) -> None:
+        held = self.held.pop(user, None)
+        if held and self.on_end is not None:
+            for connection in held[1]:
+                self.on_end(connection, user)
+
+    def renew(self, now: float) -> Deferred | None:
+        """Renew the leases of the users heard from, and (every ninth of a lease) of the
+        held ones; the holders of a lease that ended on another node close."""
+        seen, self._seen = self._seen, set()
+        held: dict[str, int] = {}
+        if now - self._last_held_renewal >= self.timeout / 9:
+            self._last_held_renewal = now
+            held = {user: connected for user, (connected, _) in self.held.items()}
+        if not seen and not held:
+            return None
+        d = self.store.transact(_renew, sorted(seen), held, self.timeout)
+
+        def gone(kept: set[str]) -> None:
+            for user, connected in held.items():
+                current = self.held.get(user)
+                if user not in kept and current is not None and current[0] == connected:
+                    self._end(user)  # disconnected, or connected again, elsewhere
+
+        return d.addCallback(gone)
+
+
+def _grace(cursor, user: str, connected: int, grace: float) -> None:
+    cursor.execute(
+        f"UPDATE users SET lease_kind = {GRACE}, lease_until = {NOW} + %s"
+        f" WHERE name = %s AND connected = %s AND lease_kind = {HELD}",
+        (grace, user, connected),
+    )
+
+
+def _renew(cursor, seen: list[str], held: dict[str, int], timeout: float) -> set[str]:
+    """Renew in one transaction; the held users whose lease is still the one held."""
+    if seen:
+        cursor.execute(
+            f"UPDATE users SET lease_until = {NOW} + %s, lease_kind = CASE WHEN lease_kind"
+            f" = {GRACE} THEN {RENEWING} ELSE lease_kind END"
+            f" WHERE name = ANY(%s) AND ip IS NOT NULL AND lease_kind <> {HELD}",
+            (timeout, seen),
+        )
+    if not held:
+        return set()
+    cursor.execute(
+        f"UPDATE users u SET lease_until = {NOW} + %s, lease_kind = {HELD}"
+        " FROM unnest(%s::text[], %s::bigint[]) AS h(name, connected)"
+        " WHERE u.name = h.name AND u.connected = h.connected RETURNING u.name",
+        (timeout, list(held), list(held.values())),
+    )
+    return {row[0] for row in cursor.fetchall()}
+
+
+class ClusterLiveness:
+    """Every node's tick renews what it heard (:meth:`ClusterLeases.renew`); the
+    leader's also drops the users whose lease ran out (renewing ones, held ones whose
+    node stopped renewing, released ones past their grace) and probes silent ones past
+    theirs, at most ``max_probes`` at a time: once in the cluster, whichever node leads.
+
+    A drop is a DISCONNECT, persisted and audited as protocol.md 7.2 says, and only
+    if the user is still connected by the same CONNECT with its lease still run out.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: ClusterDirectory,
+        reactor,
+        prober: Callable[[Address], Deferred],
+        leading: Callable[[], bool],
+        on_dropped: Callable[[str, bool], None] | None = None,
+        max_probes: int = 64,
+    ) -> None:
+        self.directory = directory
+        self.leases = directory.leases
+        self.reactor = reactor
+        self.prober = prober
+        self.leading = leading
+        self.on_dropped = on_dropped
+        self.max_probes = max_probes
+        self.tick = min(1.0, self.leases.timeout / 10)
+        self.stopped = False
+        self._probing: set[str] = set()
+        self._busy = False
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = reactor
+        self.dropped = 0  # diagnostics, tests
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        renewing = self.leases.renew(self.reactor.seconds())
+        if renewing is not None:
+            renewing.addErrback(lambda f: self.log.warn("cannot renew leases: {f}", f=f))
+        if self._busy or not self.leading() or self.store_closed:
+            return
+        self._busy = True
+        d = self.directory.store.transact(_expired, EXPIRY_BATCH)
+        d.addCallback(self._act)
+        d.addErrback(lambda f: self.log.warn("cannot read expired leases: {f}", f=f))
+        d.addBoth(self._idle)
+
+    @property
+    def store_closed(self) -> bool:
+        return self.directory.store.pool is None
+
+    def _idle(self, _: object) -> None:
+        self._busy = False
+
+    def _act(self, expired: list[tuple[str, str, int, int, int]]) -> None:
+        for user, ip, port, kind, connected in expired:
+            if user in self._probing:
+                continue
+            if kind != SILENT:
+                self._drop(user, connected)
+            elif len(self._probing) < self.max_probes:
+                self._probing.add(user)
+                self.prober((ip, port)).addBoth(self._probed, user, connected)
+
+    def _probed(self, answered: object, user: str, connected: int) -> None:
+        self._probing.discard(user)
+        if self.stopped or self.store_closed:
+            return
+        if answered is True:
+            self.directory.store.transact(
+                _answered, user, connected, self.leases.timeout
+            ).addErrback(lambda f: self.log.warn("cannot renew {user}: {f}", user=user, f=f))
+        else:
+            self._drop(user, connected)
+
+    def _drop(self, user: str, connected: int) -> None:
+        record = (
+            wire.audit_record(user, wire.DISCONNECT.name, wire.format_datetime())
+            if self.directory.audit
+            else None
+        )
+        d = self.directory.store.transact(_drop, user, connected, record)
+
+        def done(dropped: bool) -> None:
+            if dropped:
+                self.dropped += 1
+                self.log.info("{user}'s lease ran out: dropped", user=user)
+                self.leases.ended(user)
+                if self.on_dropped is not None:
+                    self.on_dropped(user, record is not None)
+
+        d.addCallbacks(done, lambda f: self.log.warn("cannot drop {user}: {f}", user=user, f=f))
+
+
+def _expired(cursor, limit: int) -> list[Any]:
+    return cursor.execute(
+        "SELECT name, ip, port, lease_kind, connected FROM users"
+        f" WHERE ip IS NOT NULL AND lease_until <= {NOW} ORDER BY lease_until LIMIT %s",
+        (limit,),
+    ).fetchall()
+
+
+def _answered(cursor, user: str, connected: int, timeout: float) -> None:
+    cursor.execute(
+        f"UPDATE users SET lease_until = {NOW} + %s"
+        f" WHERE name = %s AND connected = %s AND lease_kind = {SILENT}",
+        (timeout, user, connected),
+    )
+
+
+def _drop(cursor, user: str, connected: int, record: str | None) -> bool:
+    cursor.execute(
+        "UPDATE users SET ip = NULL, port = NULL, connected = NULL, lease_until = NULL"
+        f" WHERE name = %s AND connected = %s AND lease_until <= {NOW}",
+        (user, connected),
+    )
+    if cursor.rowcount != 1:
+        return False  # renewed, disconnected or connected again meanwhile
+    if record is not None:
+        PgStore.add_record(cursor, record)
+    return True

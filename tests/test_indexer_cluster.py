@@ -1,0 +1,248 @@
+"""The indexer on PostgreSQL: real nodes (``twistd p2p-indexer --db postgresql://...``)
+sharing one real, throwaway PostgreSQL server (tests/postgres.py).
+
+Two nodes behave as one indexer: the same REGISTER sent to both at once gets
+exactly one 0; a change one node acknowledged is seen by the next request to
+the other; a node killed with ``kill -9`` under load loses nothing it
+acknowledged. The classic end-to-end suites of tests/test_indexer_e2e.py run
+against a PostgreSQL-backed node too (the classes at the end).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from p2p import wire
+from tests import test_indexer_e2e as e2e
+from tests.support import poll_until
+
+DT = e2e.DT
+
+
+@defer.inlineCallbacks
+def start_nodes(testcase: TestCase, count: int = 2, *options: str):
+    """``count`` indexer nodes on one fresh database; their :class:`e2e.Indexer`s."""
+    testcase.on_postgres = True
+    nodes = []
+    for _ in range(count):
+        node = yield e2e.start_indexer(testcase, "--max-per-source", "400", *options)
+        nodes.append(node)
+    return nodes
+
+
+class TwoNodes(TestCase):
+    """Two nodes, one database: every rule of protocol.md holds across them."""
+
+    @defer.inlineCallbacks
+    def test_same_registers_on_both_nodes_at_once(self):
+        """200 names, each sent as REGISTER to both nodes at once: exactly 200 zeros,
+        and for each name one 0 and one 1."""
+        a, b = yield start_nodes(self)
+        names = [f"user{i}" for i in range(200)]
+        requests = []
+        for name in names:
+            requests.append(a.request("REGISTER", name))
+            requests.append(b.request("REGISTER", name))
+        replies = yield defer.gatherResults(requests)
+        self.assertEqual(replies.count(b"\0"), 200)
+        self.assertEqual(replies.count(b"\1"), 200)
+        for i in range(200):
+            self.assertEqual(sorted(replies[2 * i : 2 * i + 2]), [b"\0", b"\1"])
+
+    @defer.inlineCallbacks
+    def test_a_change_on_one_node_is_seen_by_the_other_at_once(self):
+        a, b = yield start_nodes(self)
+        codes = yield a.codes(
+            ("REGISTER", "alice"),
+            ("CONNECT", "alice", 7000),
+            ("PUBLISH", "alice", "notes.txt", "my notes"),
+        )
+        self.assertEqual(codes, [0, 0, 0])
+        content = yield b.request("LIST_CONTENT", "alice", "alice")
+        self.assertEqual(content, b"\0" + wire.encode_fields(1, "notes.txt", "my notes"))
+        users = yield b.request("LIST_USERS", "alice")
+        self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", "127.0.0.1", 7000))
+        # And back: each node's answer follows the other's last change.
+        codes = yield b.codes(
+            ("PUBLISH", "alice", "notes.txt", "again"),
+            ("DELETE", "alice", "notes.txt"),
+        )
+        self.assertEqual(codes, [3, 0])
+        codes = yield a.codes(
+            ("DELETE", "alice", "notes.txt"),
+            ("CONNECT", "alice", 7001),
+        )
+        self.assertEqual(codes, [3, 0])  # alice's peer at 7000 does not answer: replaced
+        users = yield b.request("LIST_USERS", "alice")
+        self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", "127.0.0.1", 7001))
+        codes = yield b.codes(("DISCONNECT", "alice"), ("UNREGISTER", "alice"))
+        self.assertEqual(codes, [0, 0])
+        codes = yield a.codes(("LIST_CONTENT", "alice", "alice"), ("REGISTER", "alice"))
+        self.assertEqual(codes, [1, 0])
+
+    @defer.inlineCallbacks
+    def test_every_code_on_alternate_nodes(self):
+        """The classic table of codes, each request sent to the other node than the last."""
+        a, b = yield start_nodes(self)
+        peer = e2e.live_port(self)
+        table = [
+            (("REGISTER", "alice"), 0),
+            (("REGISTER", "alice"), 1),
+            (("REGISTER", "bob"), 0),
+            (("CONNECT", "carol", 5000), 1),
+            (("CONNECT", "alice", peer), 0),
+            (("CONNECT", "alice", 5001), 2),
+            (("PUBLISH", "carol", "f", "d"), 1),
+            (("PUBLISH", "bob", "f", "d"), 2),
+            (("PUBLISH", "alice", "f", "d"), 0),
+            (("PUBLISH", "alice", "f", "d"), 3),
+            (("DELETE", "alice", "nope"), 3),
+            (("LIST_USERS", "bob"), 2),
+            (("LIST_CONTENT", "alice", "carol"), 3),
+            (("UNREGISTER", "alice"), 2),
+            (("DISCONNECT", "bob"), 2),
+            (("DELETE", "alice", "f"), 0),
+            (("DISCONNECT", "alice"), 0),
+            (("UNREGISTER", "alice"), 0),
+        ]
+        got = []
+        for i, (request, _) in enumerate(table):
+            node = (a, b)[i % 2]
+            codes = yield node.codes(request)
+            got += codes
+        self.assertEqual(got, [code for _, code in table])
+
+    @defer.inlineCallbacks
+    def test_kill_9_under_load_loses_nothing_acknowledged(self):
+        """Node A is killed while 300 REGISTERs and PUBLISHes are in flight to it: every
+        one it acknowledged is there, read through node B; none is there half-done."""
+        a, b = yield start_nodes(self)
+        codes = yield b.codes(("REGISTER", "owner"), ("CONNECT", "owner", 7000))
+        self.assertEqual(codes, [0, 0])
+        names = [f"u{i}" for i in range(300)]
+        replies: dict[str, bytes] = {}
+
+        def note(reply: bytes, key: str) -> None:
+            replies[key] = reply
+
+        requests = []
+        for name in names:
+            for op, args in (("REGISTER", (name,)), ("PUBLISH", ("owner", name, "d"))):
+                d = a.request(op, *args)
+                d.addCallback(note, f"{op} {name}")
+                d.addErrback(lambda _f: None)  # cut by the kill: not acknowledged
+                requests.append(d)
+        yield poll_until(lambda: len(replies) >= 100, what="100 replies")
+        yield a.process.kill()
+        yield defer.DeferredList(requests)
+        registered = [n for n in names if replies.get(f"REGISTER {n}") == b"\0"]
+        published = [n for n in names if replies.get(f"PUBLISH {n}") == b"\0"]
+        self.assertTrue(registered and published)
+        again = yield b.codes(*(("REGISTER", n) for n in registered))
+        self.assertEqual(again, [1] * len(registered))
+        content = yield b.request("LIST_CONTENT", "owner", "owner")
+        listed = [f.decode() for f in wire.decode_fields(content[1:])[1::2]]
+        self.assertEqual(set(published) - set(listed), set())
+        # Nothing half-done: every file listed is one of ours, once.
+        self.assertEqual(len(listed), len(set(listed)))
+        self.assertTrue(set(listed) <= set(names))
+
+    @defer.inlineCallbacks
+    def test_a_node_starts_while_another_serves(self):
+        """Nodes share one identity (kept in the database) and one sender id."""
+        a, b = yield start_nodes(self)
+        fingerprints = [
+            next(line for line in node.process.lines if "TLS key fingerprint" in line)
+            for node in (a, b)
+        ]
+        self.assertEqual(fingerprints[0], fingerprints[1])
+
+
+class Audit(TestCase):
+    """The outbox across nodes: each record delivered to the logger once, in commit
+    order, by the leader; when the leader dies, another node takes over."""
+
+    @defer.inlineCallbacks
+    def test_records_of_both_nodes_delivered_once_in_order(self):
+        logger, audit_file = yield start_logger(self)
+        endpoint = f"tcp:host=127.0.0.1:port={logger}"
+        a, b = yield start_nodes(self, 2, "--logger", endpoint)
+        expected = []
+        for i in range(20):
+            node = (a, b)[i % 2]
+            codes = yield node.codes(("REGISTER", f"n{i}"))
+            self.assertEqual(codes, [0])
+            expected.append(f"n{i} REGISTER {DT}")
+
+        def records():
+            if not audit_file.exists():
+                return []
+            return [line for line in audit_file.read_text().splitlines() if line]
+
+        yield poll_until(lambda: len(records()) >= 20, what="20 audit records")
+        self.assertEqual(records(), expected)
+
+        # The leader dies: the other node delivers the records that follow, once.
+        leader = yield poll_until(lambda: leader_of(a, b), what="a leader")
+        other = b if leader is a else a
+        yield leader.process.kill()
+        for i in range(20, 30):
+            codes = yield other.codes(("REGISTER", f"n{i}"))
+            self.assertEqual(codes, [0])
+            expected.append(f"n{i} REGISTER {DT}")
+        yield poll_until(lambda: len(records()) >= 30, timeout=30, what="30 audit records")
+        self.assertEqual(records(), expected)
+
+
+def leader_of(*nodes):
+    """The node that says it leads, if one does."""
+    for node in nodes:
+        if any(
+            "is the cluster's leader" in line for line in node.process.lines + node.process.errlines
+        ):
+            return node
+    return None
+
+
+@defer.inlineCallbacks
+def start_logger(testcase: TestCase):
+    """A real ``twistd p2p-logger`` on a loopback port; its TCP port and audit file."""
+    from tests.support import logger_ports, spawn_twistd
+
+    cwd = Path(testcase.mktemp()).resolve()
+    cwd.mkdir(parents=True)
+    audit = cwd / "audit.log"
+    logger = spawn_twistd(
+        testcase,
+        "p2p-logger",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--no-rpcbind",
+        "--audit-file",
+        str(audit),
+        cwd=cwd,
+    )
+    ports = yield logger_ports(logger)
+    return ports["tcp"], audit
+
+
+# --- The classic end-to-end suites against a PostgreSQL-backed node -----------------
+
+
+class EveryCodeOnPostgres(e2e.EveryCode):
+    on_postgres = True
+
+
+class PersistenceOnPostgres(e2e.Persistence):
+    on_postgres = True
+
+
+class PersistenceUnderLoadOnPostgres(e2e.PersistenceUnderLoad):
+    on_postgres = True
+
+
+class BadInputOnPostgres(e2e.BadInput):
+    on_postgres = True

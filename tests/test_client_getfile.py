@@ -53,7 +53,12 @@ class GetFileTests(InteropTestCase):
         return a
 
     def leftovers(self, directory: Path) -> list[str]:
-        return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+        """Hidden download files: temporary ones, and the partial data kept to resume."""
+        return sorted(
+            p.name
+            for p in directory.iterdir()
+            if p.name.endswith((".part", ".p2p-part", ".p2p-part.json"))
+        )
 
     @defer.inlineCallbacks
     def test_from_yourself_over_an_existing_file(self):
@@ -85,7 +90,8 @@ class GetFileTests(InteropTestCase):
         (a.cwd / "keep.bin").write_bytes(b"precious")
         yield a.check(f"GET_FILE --force {fake} big.bin keep.bin", "c> GET_FILE FAIL")
         self.assertEqual((a.cwd / "keep.bin").read_bytes(), b"precious")
-        self.assertEqual(self.leftovers(a.cwd), [])
+        # Only the hidden partial data stays, for the next GET_FILE to continue.
+        self.assertEqual(self.leftovers(a.cwd), [".keep.bin.p2p-part", ".keep.bin.p2p-part.json"])
         self.assertTrue(any("cut after 10 of 1000" in x for x in a.proc.errlines), a.proc.output())
 
     @defer.inlineCallbacks
@@ -137,7 +143,7 @@ class GetFileTests(InteropTestCase):
         code = yield deadline(a.proc.ended)
         self.assertEqual(code, 0, a.proc.output())
         self.assertEqual(a.lines[-1], "c> GET_FILE FAIL")
-        self.assertEqual(self.leftovers(a.cwd), [])
+        self.assertEqual(self.leftovers(a.cwd), [".big.bin.p2p-part", ".big.bin.p2p-part.json"])
         self.assertFalse((a.cwd / "big.bin").exists())
         self.assertIsNone(self.indexer.users["alice"]["addr"])
 

@@ -143,6 +143,7 @@ class ShellTestCase(TestCase):
         self.servers: list[FakeServer] = []
         self.downloads: list[tuple] = []
         self.checked: list[dict] = []  # the keywords beyond the classic ones, per download
+        self.resumable: list[tuple] = []  # (resume, owner, notice) per download
         self.download_result: object = 7
         self.share = Path(self.mktemp())
         self.share.mkdir()
@@ -158,6 +159,14 @@ class ShellTestCase(TestCase):
             host, port, name, destination, progress=None, reactor=None, timeout=None, **checked
         ):
             self.downloads.append((host, port, name, destination))
+            # Every GET_FILE download is resumable: kept apart from what is checked.
+            self.resumable.append(
+                (
+                    checked.pop("resume", False),
+                    checked.pop("owner", None),
+                    checked.pop("notice", None),
+                )
+            )
             self.checked.append(checked)
             if isinstance(self.download_result, Exception):
                 return defer.fail(self.download_result)
@@ -542,6 +551,7 @@ class GetFileTests(ShellTestCase):
         self.assertEqual(self.send("GET_FILE bob r.bin l.bin"), ["c> GET_FILE OK"])
         self.assertEqual(self.downloads, [("10.0.0.2", 5555, "r.bin", Path("l.bin"))])
         self.assertEqual(self.checked, [{}])  # nothing published of r.bin: unverified
+        self.assertEqual(self.resumable, [(True, "bob", self.output.note)])
         self.assertEqual(
             self.indexer.requests, [("LIST_PEERS", "alice"), ("LIST_FILES", "alice", "bob")]
         )

@@ -101,7 +101,10 @@ class BackgroundTests(TransferTestCase):
         self.send("GET_FILE bob a.bin a.bin", "GET_FILE bob b.bin b.bin")
         self.assertEqual(self.send("CANCEL 2"), ["c> GET_FILE FAIL", "c> CANCEL OK"])
         self.assertEqual([d.cancelled for d in self.running], [False, True])
-        cancelled = "GET_FILE: download 2 (b.bin from bob) cancelled; nothing was kept"
+        cancelled = (
+            "GET_FILE: download 2 (b.bin from bob) cancelled; what arrived stays hidden beside "
+            "the destination for the next GET_FILE of the same content to continue"
+        )
         self.assertEqual(self.output.notes[-1], cancelled)
         self.assertFalse([note for note in self.output.notes if "CancelledError" in note])
         self.assertEqual(list(self.shell.transfers.running), [1])

@@ -31,7 +31,7 @@ from p2p.client.commands import field_problem
 from p2p.client.indexer_client import UnknownOperation
 from p2p.client.progress import ProgressBar
 from p2p.client.session import Session, reason
-from p2p.peer.download import ContentMismatch, Expected
+from p2p.peer.download import ContentMismatch, Expected, Source
 from p2p.tls import FingerprintMismatch, is_fingerprint
 
 
@@ -82,12 +82,16 @@ class GetFile:
         except ValueError as exc:
             self._fail(str(exc))
             return
-        address = yield self._find_peer(user, owner)
+        peers = yield self._peers(user)
+        address = self._find_peer(peers, owner)
         if address is None:
             self.output.line(results.GET_FILE_FAIL)
             return
         host, port, fingerprint = address
         expected = yield self._published(user, owner, remote)
+        sources = []
+        if expected is not None and expected.size:
+            sources = yield self._other_sources(user, owner, expected.sha256, peers)
         bar = _LazyProgress(self.output.progress_stream(), f"{remote} from {owner}")
         # Only a claimed owner's download is TLS, only a published hash is checked;
         # a fake download need not know the keywords.
@@ -96,6 +100,11 @@ class GetFile:
             checked["expected_fingerprint"] = fingerprint
         if expected is not None:
             checked["expected"] = expected
+        if sources:
+            checked["sources"] = sources
+        # What was received stays beside the destination if the download stops short,
+        # and the next GET_FILE of the same content continues it (and says so).
+        checked.update(resume=True, owner=owner, notice=self.output.note)
         self._current = self.download(
             host,
             port,
@@ -168,8 +177,9 @@ class GetFile:
         return None
 
     @defer.inlineCallbacks
-    def _find_peer(self, user: str, owner: str):
-        """``(host, port, fingerprint or None)`` where ``owner`` serves files; None if unknown.
+    def _peers(self, user: str):
+        """``{name: (host, port, fingerprint or None)}`` of the connected users (names
+        listed with a bad address map to None), or None if they cannot be known.
 
         LIST_PEERS, or LIST_USERS from a classic indexer (no fingerprints there).
         """
@@ -187,21 +197,56 @@ class GetFile:
         if code != wire.OK or rows is None:
             self.output.note(f"GET_FILE: {op} was refused (code {code})")
             return None
+        peers: dict[str, tuple[str, int, str | None] | str | None] = {}
         for name, ip, port, *claim in rows:
-            if name != owner:
+            if name in peers:
                 continue
             if not port.isdigit() or not 0 < int(port) < 65536:
-                self.output.note(f"GET_FILE: the indexer lists a bad port for {owner}")
-                return None
+                peers[name] = "a bad port"
+                continue
             fingerprint = claim[0] if claim else wire.UNCLAIMED
             if fingerprint == wire.UNCLAIMED:
-                return ip, int(port), None
-            if not is_fingerprint(fingerprint):
-                self.output.note(f"GET_FILE: the indexer lists a bad key fingerprint for {owner}")
-                return None
-            return ip, int(port), fingerprint
-        self.output.note(f"GET_FILE: {owner} is not connected")
-        return None
+                peers[name] = (ip, int(port), None)
+            elif not is_fingerprint(fingerprint):
+                peers[name] = "a bad key fingerprint"
+            else:
+                peers[name] = (ip, int(port), fingerprint)
+        return peers
+
+    def _find_peer(self, peers: dict | None, owner: str):
+        """``(host, port, fingerprint or None)`` where ``owner`` serves files; None
+        (said on stderr) if unknown."""
+        if peers is None:
+            return None
+        found = peers.get(owner)
+        if found is None:
+            self.output.note(f"GET_FILE: {owner} is not connected")
+        elif isinstance(found, str):
+            self.output.note(f"GET_FILE: the indexer lists {found} for {owner}")
+            return None
+        return found
+
+    @defer.inlineCallbacks
+    def _other_sources(self, user: str, owner: str, sha256: str, peers: dict):
+        """The other connected owners of the content ``sha256`` (extension ``SOURCES``),
+        as :class:`Source` s with the address and key LIST_PEERS gave; none when the
+        indexer cannot say (a classic one: the named owner only)."""
+        try:
+            code, rows = yield self.session.indexer.request("SOURCES", user, sha256)
+        except Exception:  # unknown to the indexer (or to this client): the owner only
+            return []
+        if code != wire.OK or not rows:
+            return []
+        found = []
+        for row in rows:
+            if len(row) < 2 or row[0] in (owner, user):
+                continue
+            other, name = row[0], row[1]
+            address = peers.get(other)
+            if isinstance(address, tuple) and field_problem(name, wire.FieldKind.FILE) is None:
+                host, port, fingerprint = address
+                found.append(Source(other, name, host, port, fingerprint))
+        return found
 
 
 def _wrong_key(exc: BaseException) -> bool:

@@ -150,7 +150,8 @@ class Transfers:
         if transfer.cancelled:
             self.output.note(
                 f"GET_FILE: download {transfer.number} ({transfer.remote} from "
-                f"{transfer.owner}) cancelled; nothing was kept"
+                f"{transfer.owner}) cancelled; what arrived stays hidden beside "
+                "the destination for the next GET_FILE of the same content to continue"
             )
         self.on_change()
 

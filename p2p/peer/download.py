@@ -68,11 +68,12 @@ one (a hijacked address), without asking again with GET_FILE.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +87,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import tls, wire
+from p2p.peer.partial import Key, Partial, PartialBusy, open_partial
 
 #: Bytes asked of the socket per read: fewer, larger reads make a transfer cheaper.
 RECV_SIZE = 1024 * 1024
@@ -100,6 +102,8 @@ DEFAULT_MIN_RATE = 1024.0
 HASH_BATCH = 4 * 1024 * 1024
 #: Bytes waiting for the hashing thread past which the peer's connection is paused.
 HASH_BACKLOG = 64 * 1024 * 1024
+#: Seconds between two records of a resumable download's progress (its JSON state).
+SAVE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -169,17 +173,61 @@ class _PartFile:
     Written as bytes arrive, with disk reserved one step ahead of them
     (:meth:`make_room`), then either renamed over the destination
     (:meth:`store`) or removed (:meth:`discard`). Raises OSError on disk trouble.
+
+    With ``partial`` (a resumable download, :mod:`p2p.peer.partial`) the file is
+    that download's ``.<name>.p2p-part``: writing continues after the bytes it
+    already holds, :meth:`keep` records how far it got and leaves it for the
+    next attempt, and :meth:`discard` removes it with its state.
     """
 
-    def __init__(self, destination: Path, limits: Limits | None = None) -> None:
+    def __init__(
+        self, destination: Path, limits: Limits | None = None, partial: Partial | None = None
+    ) -> None:
         self.destination = destination
         self.limits = limits or Limits()
+        self.partial = partial
         self.fd: int | None
-        self.fd, self.path = tempfile.mkstemp(
-            dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-        )
-        self.reserved = 0  # bytes allocated from the start of the file
         self.written = 0
+        if partial is None:
+            self.fd, self.path = tempfile.mkstemp(
+                dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+            )
+        else:
+            self.fd, self.path = partial.fd, str(partial.data_path)
+            self.written = partial.state.held()
+            os.lseek(self.fd, self.written, os.SEEK_SET)
+        self.reserved = self.written  # bytes allocated from the start of the file
+
+    def another(self, flags: int = os.O_RDONLY) -> int:
+        """A descriptor of its own on the file, for a thread: not a ``dup``, so the
+        lock on a resumable download's file goes when the download's own does."""
+        return os.open(self.path, flags | os.O_CLOEXEC)
+
+    def restart(self) -> None:
+        """Forget the bytes held: write again from the start of an empty file."""
+        if self.partial is not None:
+            self.partial.reset()
+        else:
+            os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.written = self.reserved = 0
+
+    def record(self) -> None:
+        """Record in the partial state that the bytes written so far are complete."""
+        if self.partial is not None and self.partial.state.prefix != self.written:
+            self.partial.state.prefix = self.written
+            self.partial.save()
+
+    def keep(self) -> None:
+        """The download stopped short: keep the bytes for the next attempt when it
+        is resumable (their state recorded), else :meth:`discard` them."""
+        if self.partial is None:
+            self.discard()
+            return
+        with contextlib.suppress(OSError):
+            self.record()
+        self.partial.close()
+        self.fd = self.path = None
 
     def room(self) -> int:
         """Bytes the destination's filesystem can still take while keeping the
@@ -229,6 +277,10 @@ class _PartFile:
     def store(self) -> None:
         """Give back what was reserved past the bytes written, give the file the
         usual permissions and rename it over the destination."""
+        if self.partial is not None:
+            self.partial.finish(self.written, 0o666 & ~_umask())
+            self.fd = self.path = None
+            return
         if self.reserved > self.written:
             os.ftruncate(self.fd, self.written)
         os.fchmod(self.fd, 0o666 & ~_umask())
@@ -239,6 +291,10 @@ class _PartFile:
 
     def discard(self) -> None:
         """Close and remove the file (idempotent; nothing is left behind)."""
+        if self.partial is not None:
+            self.partial.remove()
+            self.fd = self.path = None
+            return
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -322,6 +378,17 @@ class _Digest:
         if not self._paused and self._waiting_bytes >= HASH_BACKLOG:
             self._paused = True
             self._throttle(True)
+
+    def held(self, fd: int, count: int) -> None:
+        """The file ``fd`` already holds ``count`` bytes from its start (a resumed
+        download): they are hashed first, in the thread, while new bytes arrive
+        after them (inline, reading ``fd``, without threads)."""
+        if self._fd is None:
+            _hash_file(self._sha, fd, 0, count)
+            return
+        self._waiting_bytes += count
+        if not self._busy:
+            self._submit()
 
     def hexdigest(self) -> Deferred[str]:
         """Fires with the hash of every byte given, once the thread has seen them all."""
@@ -429,6 +496,12 @@ class _Events(Protocol):
 
     def answered_unknown(self, code: int) -> None:
         "Any other reply code."
+
+    def answered_bad_offset(self) -> None:
+        "Reply code 3 to a FETCH from the bytes held: the peer's file is shorter."
+
+    def other_content(self) -> None:
+        "The FETCH size says the bytes held are of other content (no hash to tell)."
 
     def sized(self, size: int, rest: bytes) -> None:
         "The FETCH size field, with the bytes that followed it."
@@ -588,15 +661,13 @@ class _Download:
         self.endpoint = endpoint
         self.verify = verify
         self.expected = expected or Expected()
-        self.digest = (
-            _Digest(reactor, self.throttle, os.dup(part.fd)) if self.expected.sha256 else None
-        )
+        self.part = part
+        self.reactor = reactor
+        self.digest = self.new_digest()
         self.limits = part.limits
         self.where = where
         self.remote_name = remote_name
-        self.part = part
         self.progress = progress
-        self.reactor = reactor
         self.timeout = timeout
         self.events: _Events
         self.result: Deferred[int] = Deferred(lambda _d: self.events.cancel())
@@ -604,16 +675,39 @@ class _Download:
         self.attempt: Deferred | None = None
         self.head = b""  # the FETCH size field while it arrives
         self.size = 0  # FETCH: bytes announced
-        self.received = 0
+        self.received = part.written  # a resumed download: the bytes already held
+        self.last_saved = reactor.seconds()
         self.last_report = float("-inf")
         self.window_start = 0  # bytes received when the current rate window began
         self.rate_call: Any = None
 
+    def new_digest(self) -> _Digest | None:
+        """The running hash of a verified download, fed first with the bytes held."""
+        if not self.expected.sha256:
+            return None
+        digest = _Digest(self.reactor, self.throttle, self.part.another())
+        if self.part.written:
+            digest.held(self.part.fd, self.part.written)
+        return digest
+
+    def start_over(self) -> None:
+        """The bytes held cannot be continued (a classic peer, another size): drop
+        them and count from 0 again."""
+        self.hang_up()
+        self.head = b""
+        if self.received:
+            self.part.restart()
+            self.received = 0
+            if self.digest is not None:
+                self.digest.close()
+                self.digest = self.new_digest()
+
     def connect(self, op: str) -> None:
-        """Open a new connection that asks ``op`` for the file."""
+        """Open a new connection that asks ``op`` for the file (FETCH: from the
+        bytes held on)."""
         fields: list[str | int] = [op, self.remote_name]
         if op == wire.FETCH:
-            fields.append(0)
+            fields.append(self.received)
         self.client = _PeerClient(
             self.events, wire.encode_fields(*fields), self.timeout, self.reactor, self.verify
         )
@@ -671,6 +765,14 @@ class _Download:
         self.received += len(data)
         if self.digest is not None:
             self.digest.update(data)
+        now = self.reactor.seconds()
+        if now - self.last_saved >= SAVE_INTERVAL:
+            self.last_saved = now
+            try:
+                self.part.record()
+            except OSError as exc:
+                events.broken(f"cannot record the download's progress: {exc}")
+                return False
         return True
 
     def throttle(self, pause: bool) -> None:
@@ -678,6 +780,22 @@ class _Download:
         transport = self.client.transport if self.client is not None else None
         if transport is not None:
             (transport.pauseProducing if pause else transport.resumeProducing)()
+
+    def other_content(self, size: int) -> bool:
+        """Whether a FETCH size shows the bytes held belong to other content: more
+        than ``size``, or (content without a hash) not the size recorded with them.
+        Else the size is recorded with them."""
+        partial = self.part.partial
+        if not self.received or partial is None:
+            if partial is not None and partial.state.key.size is None:
+                partial.state.key = dataclasses.replace(partial.state.key, size=size)
+            return False
+        known = partial.state.key.size
+        if self.received > size or (known is not None and known != size):
+            return True
+        if known is None:
+            partial.state.key = dataclasses.replace(partial.state.key, size=size)
+        return False
 
     def check_size(self, events: _Events, size: int) -> bool:
         """False (and ``mismatch``) if the peer announces a size other than the one published."""
@@ -722,10 +840,15 @@ class _Download:
             self.progress(self.received, total)
 
     def fail(self, exc: BaseException) -> None:
+        """End with ``exc``. Bytes found wrong are removed; otherwise a resumable
+        download keeps what it holds for the next attempt."""
         self.hang_up()
         if self.digest is not None:
             self.digest.close()
-        self.part.discard()
+        if isinstance(exc, ContentMismatch):
+            self.part.discard()
+        else:
+            self.part.keep()
         if not self.result.called:
             self.result.errback(exc)
 
@@ -784,10 +907,17 @@ def _ask_with_fetch(events: _Events, d: _Download) -> None:
 @fetch_requesting.upon(_Events.answered_course).to(get_file_connecting)
 @fetch_after_one.upon(_Events.data_received).to(get_file_connecting)
 def _ask_with_get_file(events: _Events, d: _Download, *_why: object) -> None:
-    # Nothing was written yet: no state before the size leads here.
-    d.hang_up()
-    d.head = b""
+    # Nothing was written in this attempt; bytes held from an earlier one cannot be
+    # continued by GET_FILE (it always starts at 0).
+    d.start_over()
     d.connect(wire.GET_FILE)
+
+
+@fetch_requesting.upon(_Events.answered_bad_offset).to(fetch_connecting)
+@fetch_receiving_size.upon(_Events.other_content).to(fetch_connecting)
+def _ask_from_the_start(events: _Events, d: _Download) -> None:
+    d.start_over()
+    d.connect(wire.FETCH)
 
 
 @fetch_connecting.upon(_Events.connected).to(fetch_requesting)
@@ -816,6 +946,8 @@ def _read_code(events: _Events, d: _Download, data: bytes) -> None:
         events.answered_no_file()
     elif code == wire.PEER_ERROR:
         events.answered_error(code)
+    elif code == wire.PEER_BAD_OFFSET and d.received:
+        events.answered_bad_offset()
     else:
         events.answered_unknown(code)
 
@@ -871,6 +1003,9 @@ def _read_size(events: _Events, d: _Download, data: bytes) -> None:
         events.malformed()
         return
     d.head = b""
+    if d.other_content(size):
+        events.other_content()
+        return
     events.sized(size, rest)
 
 
@@ -879,9 +1014,9 @@ def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
     # Only the first step is reserved now; a size past the room left fails at once.
     try:
         room = d.part.room()
-        if size > room:
+        if size - d.received > room:
             raise DiskLimit(errno.ENOSPC, f"room for {max(room, 0)} bytes within the disk limits")
-        d.part.make_room(min(size, max(len(rest), 1)), size)
+        d.part.make_room(min(size, d.received + max(len(rest), 1)), size)
     except OSError as exc:
         events.broken(f"no room for {size} bytes: {exc}")
         return
@@ -953,7 +1088,8 @@ def _too_slow(events: _Events, d: _Download, got: int) -> None:
     d.fail(
         DownloadFailed(
             f"peer too slow: {got} bytes in the last {window:g} s, under the minimum "
-            f"{d.limits.min_rate:g} bytes/s (--min-rate); nothing was kept"
+            f"{d.limits.min_rate:g} bytes/s (--min-rate); "
+            + ("nothing was kept" if d.part.partial is None else "what arrived is kept to resume")
         )
     )
 
@@ -1017,6 +1153,48 @@ _Machine = _machine.build()
 # --- the public entry point ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Source:
+    """One owner serving the content: its name, its name for the file, its
+    address, and its key's fingerprint (None: plaintext, unclaimed)."""
+
+    owner: str
+    remote: str
+    host: str
+    port: int
+    fingerprint: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def peer_endpoint(
+    reactor: Any, host: str, port: int, timeout: float, fingerprint: str | None
+) -> tuple[IStreamClientEndpoint, tls.ClientOptions | None]:
+    """Where to connect for one request to a peer, and the TLS options its key is
+    checked with (None: plaintext, as classic peers speak)."""
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if fingerprint is None:
+        return endpoint, None
+    verify = tls.client_options(fingerprint)
+    return endpoints.wrapClientTLS(verify, endpoint), verify
+
+
+def open_part(
+    destination: Path, limits: Limits | None, key: Key | None
+) -> tuple[_PartFile | None, Failure | None]:
+    """The file a download writes to: resumable (``key``: what it is) or not."""
+    try:
+        partial = open_partial(destination, key) if key is not None else None
+        return _PartFile(destination, limits, partial), None
+    except PartialBusy as exc:
+        return None, Failure(DownloadFailed(str(exc)))
+    except (OSError, ValueError) as exc:  # ValueError: a name the system cannot take
+        why = f"cannot create a file beside {destination}: {exc}"
+        return None, Failure(DownloadFailed(why))
+
+
 def start(
     endpoint: IStreamClientEndpoint,
     where: str,
@@ -1028,15 +1206,23 @@ def start(
     verify: tls.ClientOptions | None = None,
     limits: Limits | None = None,
     expected: Expected | None = None,
+    resume: bool = False,
+    owner: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Deferred[int]:
     """Run one download over connections from ``endpoint`` (``where`` names it
     in messages; ``verify``: the TLS options ``endpoint`` checks the peer with,
     if any); see :func:`download`."""
     destination = Path(destination)
-    try:
-        part = _PartFile(destination, limits)
-    except (OSError, ValueError) as exc:  # ValueError: a name the system cannot take
-        return defer.fail(DownloadFailed(f"cannot create a file beside {destination}: {exc}"))
+    key = None
+    if resume:
+        published = expected or Expected()
+        key = Key(published.sha256, published.size, owner, remote_name)
+    part, failure = open_part(destination, limits, key)
+    if failure is not None:
+        return defer.fail(failure)
+    if part.written and notice is not None:
+        notice(f"resuming {destination} at {part.written} bytes")
     d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify, expected)
     d.events = _Machine(d)
     d.events.start()
@@ -1054,6 +1240,10 @@ def download(
     expected_fingerprint: str | None = None,
     limits: Limits | None = None,
     expected: Expected | None = None,
+    resume: bool = False,
+    owner: str | None = None,
+    notice: Callable[[str], None] | None = None,
+    sources: Sequence[Source] = (),
 ) -> Deferred[int]:
     """Download ``remote_name`` from the peer at ``host:port`` into ``destination``.
 
@@ -1074,18 +1264,36 @@ def download(
     With ``expected`` (what the owner published: size, SHA-256) the bytes are
     checked before the file is renamed into place: :class:`ContentMismatch`
     when they differ, and nothing is kept.
+
+    With ``resume`` the bytes go to ``.<name>.p2p-part`` beside the destination
+    and stay there when the download stops short (cut, cancelled, killed), with
+    what they are (:mod:`p2p.peer.partial`; ``owner`` names whose content it
+    is when no hash was published); the next download of the same content
+    continues after them (``FETCH`` from that offset), saying so through
+    ``notice`` (``resuming <destination> at <N> bytes``). With ``sources``
+    too (other owners of the same published SHA-256), ranges are fetched
+    from all of them at once (:mod:`p2p.peer.swarm`).
     """
     if reactor is None:
         from twisted.internet import reactor
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    verify = None
-    if expected_fingerprint is not None:
-        verify = tls.client_options(expected_fingerprint)
-        endpoint = endpoints.wrapClientTLS(verify, endpoint)
-    where = f"{host}:{port}"
+    if resume and sources and expected is not None and expected.sha256 and expected.size:
+        from p2p.peer import swarm  # (swarm builds on this module)
+
+        named = Source(owner or "", remote_name, host, port, expected_fingerprint)
+        return swarm.download(
+            [named, *sources],
+            destination,
+            expected,
+            progress=progress,
+            reactor=reactor,
+            timeout=timeout,
+            limits=limits,
+            notice=notice,
+        )
+    endpoint, verify = peer_endpoint(reactor, host, port, timeout, expected_fingerprint)
     return start(
         endpoint,
-        where,
+        f"{host}:{port}",
         remote_name,
         destination,
         progress,
@@ -1094,4 +1302,7 @@ def download(
         verify,
         limits,
         expected,
+        resume,
+        owner,
+        notice,
     )

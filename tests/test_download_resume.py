@@ -1,0 +1,330 @@
+"""Resumable and multi-source downloads (``p2p.peer.partial``, ``p2p.peer.swarm``)
+against small fake peers on 127.0.0.1 that speak FETCH, RANGE and PIECES as
+protocol.md 2.2, 2.4 and 2.5 say, some of them misbehaving (tests/fake_peers.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.internet.defer import CancelledError
+from twisted.trial.unittest import TestCase
+
+from p2p.peer import swarm
+from p2p.peer.download import ContentMismatch, DownloadFailed, Expected, Source, download
+from p2p.peer.partial import Key, State, open_partial, paths
+from tests.fake_peers import Behaviour, FakePeers, digests
+from tests.support import deadline, poll_until
+
+MiB = 1 << 20
+
+
+def body_of(size: int, seed: int = 0) -> bytes:
+    block = hashlib.sha256(b"%d" % seed).digest() * 2048  # 64 KiB, varied
+    out = bytearray()
+    while len(out) < size:
+        out += block[len(out) % 7 :]
+    return bytes(out[:size])
+
+
+class Case(TestCase):
+    def setUp(self) -> None:
+        self.peers = FakePeers()
+        self.addCleanup(self.peers.stop)
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+        self.dest = self.dir / "out.bin"
+        self.notes: list[str] = []
+
+    def files(self) -> list[str]:
+        return sorted(os.listdir(self.dir))
+
+    def fetch(self, port: int, expected: Expected | None, owner: str = "alice", **how):
+        d = download(
+            "127.0.0.1",
+            port,
+            "f.bin",
+            self.dest,
+            reactor=reactor,
+            timeout=5.0,
+            expected=expected,
+            resume=True,
+            owner=owner,
+            notice=self.notes.append,
+            **how,
+        )
+        return d
+
+    def source(self, owner: str, how: Behaviour) -> Source:
+        return Source(owner, how.name, "127.0.0.1", self.peers.add(how))
+
+    def resumed_at(self) -> list[int]:
+        return [int(n.split(" at ")[1].split()[0]) for n in self.notes if "resuming" in n]
+
+
+class PartialStateTests(Case):
+    def test_state_round_trip_and_held_bytes(self) -> None:
+        key = Key("ab" * 32, 10 * MiB, "alice", "f.bin")
+        state = State(key, prefix=MiB + 5, piece_size=MiB, pieces={1, 2, 4})
+        again = State.from_json(json.loads(json.dumps(state.to_json())))
+        self.assertEqual(again, state)
+        self.assertEqual(state.held(), 3 * MiB)  # the prefix, then pieces 1 and 2; 3 missing
+
+    def test_other_content_is_discarded_and_the_same_kept(self) -> None:
+        key = Key("ab" * 32, 100, "alice", "f.bin")
+        partial = open_partial(self.dest, key)
+        os.write(partial.fd, b"x" * 60)
+        partial.state.prefix = 60
+        partial.save()
+        partial.close()
+        # The same content from another owner: kept.
+        partial = open_partial(self.dest, Key("ab" * 32, 100, "bob", "g.bin"))
+        self.assertEqual(partial.state.held(), 60)
+        partial.close()
+        # Other content: nothing held, the file emptied.
+        partial = open_partial(self.dest, Key("cd" * 32, 100, "alice", "f.bin"))
+        self.assertEqual(partial.state.held(), 0)
+        self.assertEqual(os.fstat(partial.fd).st_size, 0)
+        partial.close()
+        # Without a hash: owner, name and size are the content.
+        for key, held in (
+            (Key(None, 100, "alice", "f.bin"), 0),  # (the hashed state was discarded)
+        ):
+            partial = open_partial(self.dest, key)
+            self.assertEqual(partial.state.held(), held)
+            os.write(partial.fd, b"y" * 30)
+            partial.state.prefix = 30
+            partial.save()
+            partial.close()
+        partial = open_partial(self.dest, Key(None, 100, "alice", "f.bin"))
+        self.assertEqual(partial.state.held(), 30)
+        partial.close()
+        partial = open_partial(self.dest, Key(None, 100, "bob", "f.bin"))
+        self.assertEqual(partial.state.held(), 0)
+        partial.close()
+
+    def test_bytes_the_file_lacks_are_not_held(self) -> None:
+        key = Key("ab" * 32, 100, "alice", "f.bin")
+        partial = open_partial(self.dest, key)
+        os.write(partial.fd, b"x" * 10)
+        partial.state.prefix = 50  # (as if the data file had been cut)
+        partial.save()
+        partial.close()
+        partial = open_partial(self.dest, key)
+        self.assertEqual(partial.state.held(), 10)
+        partial.close()
+
+    def test_a_second_download_to_the_same_destination_is_refused(self) -> None:
+        key = Key("ab" * 32, 100, "alice", "f.bin")
+        first = open_partial(self.dest, key)
+        self.addCleanup(first.close)
+        with self.assertRaises(OSError):
+            open_partial(self.dest, key)
+
+
+class StreamResumeTests(Case):
+    """One source: FETCH from the bytes held."""
+
+    @defer.inlineCallbacks
+    def test_cut_then_resumed_from_another_owner(self):
+        body = body_of(5 * MiB + 17)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        dying = Behaviour("f.bin", body, die_after=2 * MiB)
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(self.peers.add(dying), expected))
+        self.assertFalse(self.dest.exists())
+        self.assertEqual(self.files(), [".out.bin.p2p-part", ".out.bin.p2p-part.json"])
+        state = json.loads(paths(self.dest)[1].read_text())
+        self.assertEqual(state["sha256"], expected.sha256)
+        self.assertEqual(state["prefix"], 2 * MiB)
+        other = Behaviour("f.bin", body)
+        got = yield deadline(self.fetch(self.peers.add(other), expected, owner="bob"))
+        self.assertEqual(got, len(body))
+        self.assertEqual(self.dest.read_bytes(), body)
+        self.assertEqual(other.requests, [("FETCH", "f.bin", str(2 * MiB))])
+        self.assertEqual(self.resumed_at(), [2 * MiB])
+        self.assertEqual(self.files(), ["out.bin"])
+
+    @defer.inlineCallbacks
+    def test_cancel_keeps_the_bytes(self):
+        body = body_of(3 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        stalled = Behaviour("f.bin", body, stall_after=MiB)
+        d = self.fetch(self.peers.add(stalled), expected)
+        part = paths(self.dest)[0]
+        yield poll_until(lambda: part.exists() and part.stat().st_size >= MiB, what="a MiB")
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            yield d
+        state = json.loads(paths(self.dest)[1].read_text())
+        self.assertEqual(state["prefix"], MiB)
+        got = yield deadline(self.fetch(self.peers.add(Behaviour("f.bin", body)), expected))
+        self.assertEqual(got, len(body))
+        self.assertEqual(self.dest.read_bytes(), body)
+        self.assertEqual(self.resumed_at(), [MiB])
+
+    @defer.inlineCallbacks
+    def test_changed_content_is_not_mixed(self):
+        old = body_of(3 * MiB, seed=1)
+        new = body_of(3 * MiB, seed=2)
+        dying = Behaviour("f.bin", old, die_after=MiB)
+        old_expected = Expected(len(old), hashlib.sha256(old).hexdigest())
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(self.peers.add(dying), old_expected))
+        fresh = Behaviour("f.bin", new)
+        new_expected = Expected(len(new), hashlib.sha256(new).hexdigest())
+        yield deadline(self.fetch(self.peers.add(fresh), new_expected))
+        self.assertEqual(self.dest.read_bytes(), new)
+        self.assertEqual(fresh.requests, [("FETCH", "f.bin", "0")])
+        self.assertEqual(self.resumed_at(), [])
+
+    @defer.inlineCallbacks
+    def test_held_bytes_that_are_wrong_fail_the_hash_and_go(self):
+        body = body_of(2 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        with self.assertRaises(DownloadFailed):
+            yield deadline(
+                self.fetch(self.peers.add(Behaviour("f.bin", body, die_after=MiB)), expected)
+            )
+        data = paths(self.dest)[0]
+        with data.open("r+b") as f:  # someone scribbled on the partial file
+            f.write(b"garbage")
+        with self.assertRaises(ContentMismatch):
+            yield deadline(self.fetch(self.peers.add(Behaviour("f.bin", body)), expected))
+        self.assertEqual(self.files(), [])  # nothing wrong is kept, not even hidden
+
+    @defer.inlineCallbacks
+    def test_without_a_hash_same_owner_name_and_size(self):
+        body = body_of(3 * MiB)
+        with self.assertRaises(DownloadFailed):
+            yield deadline(
+                self.fetch(self.peers.add(Behaviour("f.bin", body, die_after=MiB)), None)
+            )
+        again = Behaviour("f.bin", body)
+        yield deadline(self.fetch(self.peers.add(again), None))
+        self.assertEqual(again.requests, [("FETCH", "f.bin", str(MiB))])
+        self.assertEqual(self.dest.read_bytes(), body)
+        # Another size at the same owner and name: other content, fetched from 0.
+        self.dest.unlink()
+        with self.assertRaises(DownloadFailed):
+            yield deadline(
+                self.fetch(self.peers.add(Behaviour("f.bin", body, die_after=MiB)), None)
+            )
+        longer = Behaviour("f.bin", body + b"more")
+        yield deadline(self.fetch(self.peers.add(longer), None))
+        self.assertEqual(longer.requests, [("FETCH", "f.bin", str(MiB)), ("FETCH", "f.bin", "0")])
+        self.assertEqual(self.dest.read_bytes(), body + b"more")
+
+
+class SwarmTests(Case):
+    """Several sources: PIECES, then RANGEs in parallel, every piece checked."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(swarm, "STALL", 1.0)
+        self.body = body_of(24 * MiB + 12345)
+        self.expected = Expected(len(self.body), hashlib.sha256(self.body).hexdigest())
+
+    def many(self, named: Behaviour, *others: tuple[str, Behaviour]):
+        return self.fetch(
+            self.peers.add(named),
+            self.expected,
+            sources=[self.source(owner, how) for owner, how in others],
+        )
+
+    def ranges(self, how: Behaviour) -> int:
+        return sum(1 for r in how.requests if r[0] == "RANGE")
+
+    @defer.inlineCallbacks
+    def test_three_sources_share_the_work(self):
+        a, b, c = (Behaviour("f.bin", self.body) for _ in range(3))
+        got = yield deadline(self.many(a, ("bob", b), ("carol", c)))
+        self.assertEqual(got, len(self.body))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        for how in (a, b, c):
+            self.assertEqual(how.requests[0], ("PIECES", "f.bin"))
+            self.assertGreater(self.ranges(how), 0)
+        self.assertEqual(self.files(), ["out.bin"])
+
+    @defer.inlineCallbacks
+    def test_a_dying_and_a_lying_source(self):
+        altered = bytearray(self.body)
+        for i in range(0, len(altered), 4 * MiB):
+            altered[i + 100] ^= 0xFF
+        honest = Behaviour("f.bin", self.body)
+        dying = Behaviour("f.bin", self.body, die_after=3 * MiB)
+        lying = Behaviour("f.bin", self.body, served=bytes(altered))
+        got = yield deadline(self.many(honest, ("bob", dying), ("carol", lying)))
+        self.assertEqual(got, len(self.body))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        said = "\n".join(self.notes)
+        self.assertIn("source carol", said)
+        self.assertIn("wrong digest", said)
+        self.assertIn("source bob", said)
+
+    @defer.inlineCallbacks
+    def test_a_stalled_source_loses_its_ranges(self):
+        honest = Behaviour("f.bin", self.body)
+        stalled = Behaviour("f.bin", self.body, stall_after=1000)
+        got = yield deadline(
+            self.many(honest, ("bob", stalled), ("carol", Behaviour("f.bin", self.body)))
+        )
+        self.assertEqual(got, len(self.body))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        # Its ranges came from the others: dropped as stalled, or asked again at the end.
+        self.assertGreater(self.ranges(stalled), 0)
+
+    @defer.inlineCallbacks
+    def test_a_source_with_another_piece_list_is_not_used(self):
+        wrong = bytearray(digests(self.body))
+        wrong[5] ^= 1
+        other = Behaviour("f.bin", self.body, pieces=bytes(wrong))
+        a, c = Behaviour("f.bin", self.body), Behaviour("f.bin", self.body)
+        yield deadline(self.many(a, ("bob", other), ("carol", c)))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual(self.ranges(other), 0)
+        self.assertIn("other piece digests", "\n".join(self.notes))
+
+    @defer.inlineCallbacks
+    def test_old_peers_without_ranges_mean_one_stream(self):
+        a = Behaviour("f.bin", self.body)
+        old = Behaviour("f.bin", self.body, classic=True)
+        yield deadline(self.many(a, ("bob", old)))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual([r[0] for r in a.requests], ["PIECES", "FETCH"])
+
+    @defer.inlineCallbacks
+    def test_every_source_dying_keeps_the_checked_pieces_for_the_next_attempt(self):
+        first = [Behaviour("f.bin", self.body, die_after=5 * MiB) for _ in range(3)]
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.many(first[0], ("bob", first[1]), ("carol", first[2])))
+        self.assertFalse(self.dest.exists())
+        state = json.loads(paths(self.dest)[1].read_text())
+        self.assertGreater(len(state["pieces"]), 0)
+        held = sum(min(MiB, len(self.body) - i * MiB) for i in state["pieces"])
+        second = [Behaviour("f.bin", self.body) for _ in range(3)]
+        yield deadline(self.many(second[0], ("bob", second[1]), ("carol", second[2])))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual(self.resumed_at(), [held])
+        asked = sum(int(r[3]) for how in second for r in how.requests if r[0] == "RANGE")
+        self.assertLessEqual(asked, len(self.body) - held + 4 * MiB)  # (end game: a range twice)
+
+    @defer.inlineCallbacks
+    def test_a_streamed_prefix_is_checked_then_used(self):
+        with self.assertRaises(DownloadFailed):
+            yield deadline(
+                self.fetch(
+                    self.peers.add(Behaviour("f.bin", self.body, die_after=6 * MiB + 5)),
+                    self.expected,
+                )
+            )
+        a, b = Behaviour("f.bin", self.body), Behaviour("f.bin", self.body)
+        yield deadline(self.many(a, ("bob", b)))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual(self.resumed_at(), [6 * MiB])
+        offsets = [int(r[2]) for how in (a, b) for r in how.requests if r[0] == "RANGE"]
+        self.assertGreaterEqual(min(offsets), 6 * MiB)

@@ -17,7 +17,12 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from tests import test_indexer_e2e as e2e
-from tests.support import poll_until
+from tests import test_indexer_names as names
+from tests import test_indexer_refusal as refusal
+from tests import test_indexer_search_e2e as search_e2e
+from tests import test_indexer_tls as tls
+from tests import test_liveness_e2e as liveness_e2e
+from tests.support import hold_port, poll_until
 
 DT = e2e.DT
 
@@ -151,7 +156,7 @@ class TwoNodes(TestCase):
         self.assertTrue(set(listed) <= set(names))
 
     @defer.inlineCallbacks
-    def test_a_node_starts_while_another_serves(self):
+    def test_nodes_share_one_identity(self):
         """Nodes share one identity (kept in the database) and one sender id."""
         a, b = yield start_nodes(self)
         fingerprints = [
@@ -195,6 +200,37 @@ class Audit(TestCase):
             expected.append(f"n{i} REGISTER {DT}")
         yield poll_until(lambda: len(records()) >= 30, timeout=30, what="30 audit records")
         self.assertEqual(records(), expected)
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_on_both_nodes_each_record_once_in_order(self):
+        """40 users at once, each sending REGISTER, CONNECT, PUBLISH one after another,
+        every request to the other node than its last: the audit file holds each record
+        exactly once, and each user's in the order of its requests (commit order)."""
+        logger, audit_file = yield start_logger(self)
+        a, b = yield start_nodes(self, 2, "--logger", f"tcp:host=127.0.0.1:port={logger}")
+
+        @defer.inlineCallbacks
+        def life(i: int):
+            user = f"w{i}"
+            steps = [("REGISTER", user), ("CONNECT", user, 7000 + i), ("PUBLISH", user, "f", "d")]
+            for k, request in enumerate(steps):
+                codes = yield (a, b)[(i + k) % 2].codes(request)
+                self.assertEqual(codes, [0])
+
+        yield defer.gatherResults([life(i) for i in range(40)])
+
+        def records():
+            return audit_file.read_text().splitlines() if audit_file.exists() else []
+
+        yield poll_until(lambda: len(records()) >= 120, what="120 audit records")
+        got = records()
+        self.assertEqual(len(got), 120)
+        for i in range(40):
+            mine = [r for r in got if r.startswith(f"w{i} ")]
+            self.assertEqual(
+                mine,
+                [f"w{i} REGISTER {DT}", f"w{i} CONNECT {DT}", f"w{i} PUBLISH f {DT}"],
+            )
 
 
 def leader_of(*nodes):
@@ -246,3 +282,139 @@ class PersistenceUnderLoadOnPostgres(e2e.PersistenceUnderLoad):
 
 class BadInputOnPostgres(e2e.BadInput):
     on_postgres = True
+
+
+class LookAlikeAttackOnPostgres(names.LookAlikeAttackTests):
+    on_postgres = True
+
+
+class RefusedWhileSendingOnPostgres(refusal.RefusedWhileSendingTests):
+    on_postgres = True
+
+
+class SenderThatNeverStopsOnPostgres(refusal.SenderThatNeverStopsTests):
+    on_postgres = True
+
+
+class SearchOverTheWireOnPostgres(search_e2e.SearchOverTheWire):
+    on_postgres = True
+
+
+class ClaimsOnPostgres(tls.EndToEnd):
+    on_postgres = True
+
+    @defer.inlineCallbacks
+    def test_fingerprint_kept_beside_the_database(self):
+        """On PostgreSQL the identity is kept in the database, not in a file: a node
+        started again (or another node) presents the same key."""
+        cwd = tls.folder(self)
+        ix, fp = yield tls.start(self, cwd=cwd)
+        self.assertEqual(list(cwd.glob("*.pem")), [])
+        yield ix.process.stop()
+        again, fp_again = yield tls.start(self, cwd=cwd)
+        self.assertEqual(fp_again, fp)
+        client = yield tls.tls_client(self, again.port, fp, None)
+        got = yield tls.codes_over(client, ("REGISTER", "carol"))
+        self.assertEqual(got, [0])
+
+    def test_memory_database_new_key_each_start(self):
+        """SQLite's ``:memory:`` only."""
+
+    test_memory_database_new_key_each_start.skip = "SQLite's :memory: has no PostgreSQL form"
+
+    @defer.inlineCallbacks
+    def test_second_indexer_on_one_database_refused(self):
+        """The opposite on PostgreSQL: a second node on the same database starts, and
+        both serve the same names and claims."""
+        ix, fp = yield tls.start(self)
+        other, fp_other = yield tls.start(self)
+        self.assertEqual(fp_other, fp)
+        alice = yield tls.tls_client(self, ix.port, fp, tls.ALICE)
+        got = yield tls.codes_over(alice, ("REGISTER", "alice"))
+        self.assertEqual(got, [0])
+        mallory = yield tls.tls_client(self, other.port, fp, tls.MALLORY)
+        got = yield tls.codes_over(mallory, ("CONNECT", "alice", 7000), ("REGISTER", "alice"))
+        self.assertEqual(got, [wire.CONNECT.error, wire.REGISTER.error])
+        alice = yield tls.tls_client(self, other.port, fp, tls.ALICE)
+        got = yield tls.codes_over(alice, ("CONNECT", "alice", 7000))
+        self.assertEqual(got, [0])
+
+
+class LivenessOnPostgres(liveness_e2e.Liveness):
+    on_postgres = True
+
+    @defer.inlineCallbacks
+    def test_expiry_is_audited(self):
+        """As on SQLite, read from the PostgreSQL outbox."""
+        dead = f"tcp:host=127.0.0.1:port={hold_port(self)}"  # the logger is down: rows stay
+        ix = yield self.start("--logger", dead)
+        yield liveness_e2e.join(ix, "gone", hold_port(self))
+        yield liveness_e2e.until_listed(ix, set(), {"gone"}, "the gone peer dropped")
+        rows = yield poll_until(
+            lambda: [r for r in outbox(self) if r.startswith("gone DISCONNECT ")],
+            what="the record",
+        )
+        self.assertEqual(len(rows), 1, rows)
+        self.assertRegex(rows[0], r"^gone DISCONNECT \d\d/\d\d/\d{4} \d\d:\d\d:\d\d$")
+        self.assertFalse([r for r in outbox(self) if " ALIVE " in r])
+
+
+def lease_until(testcase: TestCase, user: str) -> float:
+    """When ``user``'s lease runs out (the database's clock, epoch seconds)."""
+    import psycopg
+
+    with psycopg.connect(testcase.postgres_uri) as conn:
+        return conn.execute("SELECT lease_until FROM users WHERE name = %s", (user,)).fetchone()[0]
+
+
+def outbox(testcase: TestCase) -> list[str]:
+    """The records in the outbox of the test's PostgreSQL database, in order."""
+    import psycopg
+
+    with psycopg.connect(testcase.postgres_uri) as conn:
+        return [r for (r,) in conn.execute("SELECT record FROM outbox ORDER BY seq")]
+
+
+class ClusterLiveness(TestCase):
+    """Leases across nodes: expiry once in the cluster; a held lease outlives no node."""
+
+    @defer.inlineCallbacks
+    def test_expiry_happens_once_in_the_cluster(self):
+        dead = f"tcp:host=127.0.0.1:port={hold_port(self)}"  # records stay in the outbox
+        nodes = yield start_nodes(
+            self, 3, "--peer-timeout", str(liveness_e2e.TIMEOUT), "--logger", dead
+        )
+        watcher = liveness_e2e.PeerListener(self)
+        yield liveness_e2e.join(nodes[0], "watcher", watcher.number)
+        liveness_e2e.Renewer(self, nodes[0], "watcher")
+        for i in range(5):
+            yield liveness_e2e.join(nodes[i % 3], f"gone{i}", hold_port(self))
+        for i in range(5):
+            yield liveness_e2e.until_listed(nodes[0], set(), {f"gone{i}"}, f"gone{i} dropped")
+        drops = [r for r in outbox(self) if " DISCONNECT " in r]
+        self.assertEqual(sorted(r.split()[0] for r in drops), [f"gone{i}" for i in range(5)])
+
+    @defer.inlineCallbacks
+    def test_a_lease_held_on_a_killed_node_runs_out(self):
+        """alice holds her lease on node A (HOLD over TLS); while A runs she stays, however
+        long; A is killed: node B drops her once the lease runs out."""
+        timeout = liveness_e2e.TIMEOUT
+        a, b = yield start_nodes(self, 2, "--peer-timeout", str(timeout))
+        match = yield a.process.wait_for_line(tls.FINGERPRINT)
+        alice = yield tls.tls_client(self, a.port, match.group(1), tls.ALICE)
+        got = yield tls.codes_over(
+            alice, ("REGISTER", "alice"), ("CONNECT", "alice", hold_port(self)), ("HOLD", "alice")
+        )
+        self.assertEqual(got, [0, 0, 0])
+        watcher = liveness_e2e.PeerListener(self)
+        yield liveness_e2e.join(b, "watcher", watcher.number)
+        liveness_e2e.Renewer(self, b, "watcher")
+        # A whole lease after the HOLD, renewed by node A: alice is still listed.
+        first = lease_until(self, "alice")
+        yield poll_until(
+            lambda: lease_until(self, "alice") > first + timeout, what="a lease renewed by A"
+        )
+        users = yield liveness_e2e.listed(b)
+        self.assertIn("alice", users)
+        yield a.process.kill()
+        yield liveness_e2e.until_listed(b, {"watcher"}, {"alice"}, "alice dropped")

@@ -18,13 +18,16 @@ do between each other) beside the plaintext one, in the same rounds; with
 (``tls_bulk``: see ``p2p/twisted_internals.py``). ``--verified`` adds a
 download from the plaintext peer checked against the file's size and SHA-256
 (what GET_FILE does when the owner published them: the hash runs in a thread
-as the bytes arrive), in the same rounds. Never run as a test.
+as the bytes arrive), in the same rounds; ``--resumable`` one more, verified and
+resumable as GET_FILE downloads now are (``.<name>.p2p-part`` and its JSON state,
+recorded every second). Never run as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
     .venv/bin/python bench/transfer.py --compare-plain   # and without sendfile
     .venv/bin/python bench/transfer.py --tls             # and over TLS
     .venv/bin/python bench/transfer.py --verified        # and verified (SHA-256)
+    .venv/bin/python bench/transfer.py --verified --resumable  # and as GET_FILE does
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def raw_copy(port: int, destination: Path | None) -> tuple[int, float]:
 
 
 def peer_download(
-    port: int, destination: Path, fingerprint: str | None = None, expected=None
+    port: int, destination: Path, fingerprint: str | None = None, expected=None, resume=False
 ) -> tuple[int, float]:
     """One ``download()`` on a fresh reactor-driven call; blocks until it is done.
 
@@ -153,6 +156,8 @@ def peer_download(
         reactor=reactor,
         expected_fingerprint=fingerprint,
         expected=expected,
+        resume=resume,
+        owner="bench",
     ).addBoth(done)
     reactor.run(installSignalHandlers=False)
     result = outcome["result"]
@@ -194,6 +199,11 @@ def main() -> None:
         action="store_true",
         help="also a download checked against the published size and SHA-256, in the same rounds",
     )
+    parser.add_argument(
+        "--resumable",
+        action="store_true",
+        help="also a verified download that keeps resumable partial files, as GET_FILE does",
+    )
     opts = parser.parse_args()
 
     size = opts.size_mb * 1024 * 1024
@@ -204,7 +214,7 @@ def main() -> None:
         dest.mkdir()
         source = share / "source.bin"
         make_source(source, size)
-        digest = sha256(source) if opts.verify or opts.verified else None
+        digest = sha256(source) if opts.verify or opts.verified or opts.resumable else None
         expected = digest if opts.verify else None
         os.sync()
         raw_child, raw_port = start_child(RAW_SENDER, str(source))
@@ -236,6 +246,14 @@ def main() -> None:
                 peer_runs.append(("peer verified", run, port, dest / "peer.bin"))
                 senders["peer verified"] = child
                 rates["peer verified"] = []
+            if label == "peer" and opts.resumable:
+                from p2p.peer.download import Expected
+
+                published = Expected(size, digest)
+                run = functools.partial(peer_download, expected=published, resume=True)
+                peer_runs.append(("peer resumable", run, port, dest / "peer.bin"))
+                senders["peer resumable"] = child
+                rates["peer resumable"] = []
         server_cpu: dict[str, list[float]] = {label: [] for label in senders}
         client_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
@@ -282,6 +300,8 @@ def main() -> None:
         pairs.append(("peer", "peer plain"))
     if opts.verified:
         pairs += [("peer verified", "raw copy"), ("peer verified", "peer")]
+    if opts.resumable:
+        pairs += [("peer resumable", "raw copy"), ("peer resumable", "peer")]
     if opts.tls:
         pairs.append(("peer tls", "peer"))
     if opts.tls and opts.compare_plain:

@@ -15,7 +15,14 @@ from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import TestCase
 
 from p2p.peer import swarm
-from p2p.peer.download import ContentMismatch, DownloadFailed, Expected, Source, download
+from p2p.peer.download import (
+    ContentMismatch,
+    DownloadFailed,
+    Expected,
+    NoSuchFile,
+    Source,
+    download,
+)
 from p2p.peer.partial import Key, State, open_partial, paths
 from tests.fake_peers import Behaviour, FakePeers, digests
 from tests.support import deadline, poll_until
@@ -166,6 +173,18 @@ class StreamResumeTests(Case):
         self.assertEqual(got, len(body))
         self.assertEqual(self.dest.read_bytes(), body)
         self.assertEqual(self.resumed_at(), [MiB])
+
+    @defer.inlineCallbacks
+    def test_nothing_received_nothing_hidden_left(self):
+        body = body_of(MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        with self.assertRaises(NoSuchFile):
+            yield deadline(self.fetch(self.peers.add(Behaviour("other.bin", body)), expected))
+        d = self.fetch(self.peers.add(Behaviour("f.bin", body, stall_after=0)), expected)
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            yield d
+        self.assertEqual(self.files(), [])
 
     @defer.inlineCallbacks
     def test_changed_content_is_not_mixed(self):

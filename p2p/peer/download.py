@@ -221,8 +221,8 @@ class _PartFile:
     def keep(self) -> None:
         """The download stopped short: keep the bytes for the next attempt when it
         is resumable (their state recorded), else :meth:`discard` them."""
-        if self.partial is None:
-            self.discard()
+        if self.partial is None or not (self.written or self.partial.state.pieces):
+            self.discard()  # (nothing to continue from: no hidden files left behind)
             return
         with contextlib.suppress(OSError):
             self.record()

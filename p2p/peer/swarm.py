@@ -102,14 +102,13 @@ def _check_pieces(fd: int, pieces: list[tuple[int, int, int]], digests: bytes) -
     return good
 
 
-def _hash_whole(fd: int, size: int) -> str:
-    """(In a thread.) The SHA-256 of the file's first ``size`` bytes; ``fd`` closed here."""
-    sha = hashlib.sha256()
+def _hash_span(sha: Any, fd: int, offset: int, length: int) -> None:
+    """(In a thread.) Hash ``length`` bytes of the file at ``offset`` into ``sha``;
+    ``fd`` is closed here."""
     try:
-        single._hash_file(sha, fd, 0, size)
+        single._hash_file(sha, fd, offset, length)
     finally:
         os.close(fd)
-    return sha.hexdigest()
 
 
 # --- one request to one source -------------------------------------------------------
@@ -245,6 +244,10 @@ class _PiecesAsk(_Exchange):
                 self.result.callback((size, piece, bytes(self.digests)))
                 return
             problem = "cut its list of piece digests short"
+        if self.code is not None or problem is not None:  # (a bare close: an older peer)
+            self.swarm.say(
+                self.source, f"gives no piece list ({problem or 'a cut reply'}): not used"
+            )
         self.result.callback(None)
 
 
@@ -357,6 +360,10 @@ class _Swarm:
         self.stream: Deferred | None = None
         self.finishing = False
         self.endpoints: dict[Source, tuple[Any, Any]] = {}
+        #: The whole file's running SHA-256 and the pieces it has read (from 0).
+        self.whole = hashlib.sha256()
+        self.hashed = 0
+        self.hashing = False
 
     # --- the steps ------------------------------------------------------------
 
@@ -463,12 +470,16 @@ class _Swarm:
             self.fail(DownloadFailed(f"cannot write beside {self.destination}: {exc}"))
             return
         missing = [i for i in range(self.count) if i not in self.complete]
+        # The last pieces go one at a time, so the sources end together.
+        tail = PER_SOURCE * len(self.peers)
         while missing:
+            longest = CHUNK_PIECES if len(missing) - CHUNK_PIECES >= tail else 1
             run = [missing.pop(0)]
-            while missing and missing[0] == run[-1] + 1 and len(run) < CHUNK_PIECES:
+            while missing and missing[0] == run[-1] + 1 and len(run) < longest:
                 run.append(missing.pop(0))
             self.queue.append((run[0], run[-1] + 1))
         self.report(force=True)
+        self.advance_hash()
         self.fill()
 
     def fill(self) -> None:
@@ -550,6 +561,7 @@ class _Swarm:
                     fetch.hang_up()
                     peer.fetches.remove(fetch)
         self.report()
+        self.advance_hash()
         self.fill()
 
     def range_ended(self, fetch: _RangeFetch, problem: str | None) -> None:
@@ -577,13 +589,37 @@ class _Swarm:
             peer.fetches = []
 
     def verify_whole(self) -> None:
-        """Every piece is in: the whole file's SHA-256, read back in a thread."""
+        """Every piece is in: compare the whole file's SHA-256 once the running hash
+        has read the last pieces."""
         assert self.part is not None
         self.finishing = True
         self.hang_up()
         self.save()
-        work = in_thread(self.reactor, _hash_whole, self.part.another(), self.size)
-        work.addCallbacks(self.compare, self.crashed)
+        self.advance_hash()
+
+    def advance_hash(self) -> None:
+        """Feed the whole file's SHA-256 (in a thread, reading the file back) the
+        pieces complete from where it stopped, in order; so at the end little is left
+        to read. With every piece hashed and the download finishing: compare."""
+        if self.hashing or self.part is None or self.result.called:
+            return
+        end = self.hashed
+        while end < self.count and end in self.complete:
+            end += 1
+        if end == self.hashed:
+            if self.finishing and self.hashed == self.count:
+                self.compare(self.whole.hexdigest())
+            return
+        self.hashing = True
+        offset = self.hashed * self.piece
+        length = self.piece_end(end - 1) - offset
+        work = in_thread(self.reactor, _hash_span, self.whole, self.part.another(), offset, length)
+        work.addCallbacks(self.hashed_to, self.crashed, (end,))
+
+    def hashed_to(self, _: None, end: int) -> None:
+        self.hashing = False
+        self.hashed = end
+        self.advance_hash()
 
     def compare(self, got: str) -> None:
         if self.result.called or self.part is None:
@@ -622,8 +658,9 @@ class _Swarm:
         """End with ``exc``: bytes found wrong are removed, the pieces checked kept."""
         self.hang_up()
         if self.part is not None:
-            if isinstance(exc, ContentMismatch):
-                self.part.discard()
+            state = self.part.partial.state
+            if isinstance(exc, ContentMismatch) or not (state.prefix or state.pieces):
+                self.part.discard()  # wrong bytes, or none: nothing hidden stays
             else:
                 self.save()
                 self.part.partial.close()

@@ -19,13 +19,24 @@ indexer: the client says once on stderr that names are not protected there and
 speaks the classic protocol to it for the rest of the session, one request per
 connection (protocol.md section 1). It never does so with an indexer whose key
 is pinned: that one spoke TLS before, and plaintext now would be a downgrade.
+
+Several nodes of one directory may be given (``-s host1:9090,host2:9090``,
+:mod:`p2p.client.nodes`). A node that does not answer (connection refused, timed
+out, reset before a reply; the kept connection holding the lease lost) is left
+for the next one in the list. A request is sent again to the next node only when
+that cannot do it twice: when it never went out (the connection or the handshake
+failed), or when it changes nothing (``wire.READ_OPS``: listings, ALIVE, HOLD).
+A change whose reply was lost after it went out fails (the shell prints its FAIL
+line and says the outcome is unknown): a REGISTER sent again could come back 1,
+"user already exists", for the user's own new name. Once another node answers,
+the connections to the node left are closed, so a held lease is held again there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
@@ -33,6 +44,7 @@ from zope.interface import implementer
 
 from p2p import tls, wire
 from p2p.client.home import Home
+from p2p.client.nodes import Node, Nodes
 from p2p.client.time_client import advanced
 from p2p.keepalive import keep_alive
 
@@ -86,6 +98,14 @@ class _Unanswered(ReplyCut):
 
 class _NotTLS(Exception):
     """The TLS handshake did not complete (closed, reset or timed out): a classic indexer?"""
+
+
+class _NotReached(IndexerError):
+    """A node could not be reached, or did not complete its handshake: nothing was sent."""
+
+
+#: A connection that could not be made: nothing was sent (DNS is an OSError of its own).
+_CONNECT_FAILURES = (error.ConnectError, error.DNSLookupError, error.ConnectingCancelledError)
 
 
 def reply_shape(op: str) -> tuple[int | None, int | None]:
@@ -193,13 +213,19 @@ class _Channel(protocol.Protocol):
     with :class:`_NotTLS` (or the fingerprint mismatch) if it does not.
     """
 
-    def __init__(self, options: tls.ClientOptions, reactor, idle: float) -> None:
+    def __init__(
+        self, options: tls.ClientOptions, reactor, idle: float, node: Node | None = None
+    ) -> None:
         self.options = options
         self.reactor = reactor
         self.idle = idle
+        #: The indexer node this connection goes to.
+        self.node = node
         self.ready: Deferred = Deferred()
         self.alive = False
         self.ended = False
+        #: The client uses another node now: closed once the reply under way is in.
+        self.moving = False
         self._pending: tuple[_ReplyParser, Deferred] | None = None
         self._idle_call = None
         self._closing: list[Deferred] = []
@@ -242,6 +268,8 @@ class _Channel(protocol.Protocol):
             self._pending = None
             if parser.extra:  # more than the reply: this connection cannot be trusted
                 self._cancel(d)
+            elif self.moving:
+                self.transport.loseConnection()
             else:
                 self._rest()
             d.callback(reply)
@@ -256,6 +284,16 @@ class _Channel(protocol.Protocol):
         self.on_lost = on_lost
         self._stop_idle()
         keep_alive(self.transport, lease)
+
+    def move_off(self) -> None:
+        """The client uses another node now: close this connection, once the reply under
+        way (if any) is in. A held lease is not closed on purpose: ``on_lost`` runs, and
+        the lease is held again on the node the client uses."""
+        self.moving = True
+        self.alive = False
+        self._stop_idle()
+        if self._pending is None and self.transport is not None:
+            self.transport.loseConnection()
 
     def unhold(self) -> None:
         """Nothing is held any more: an idle connection closes again after ``idle``."""
@@ -300,15 +338,16 @@ class _Channel(protocol.Protocol):
 
 
 class IndexerClient:
-    """Asks one indexer (see the module docstring).
+    """Asks one indexer, or the first answering node of several (see the module docstring).
 
     ``timestamp`` returns a Deferred DATETIME string (the time service's
     answer); ``timeout`` bounds connecting and the wait for each reply.
     ``home`` holds the users' identities and the pinned indexer keys (None:
     no identities, and any key is accepted unless ``fingerprint`` is given);
-    ``fingerprint`` pins the indexer's key explicitly (``--indexer-fingerprint``).
-    ``note`` writes a line for the user (stderr). ``use_tls=False`` speaks only
-    the classic protocol.
+    ``fingerprint`` pins the indexer's key explicitly (``--indexer-fingerprint``,
+    every node's). ``note`` writes a line for the user (stderr). ``use_tls=False``
+    speaks only the classic protocol. ``more_nodes`` are the other nodes of the
+    same directory after ``host:port``, tried in order when one does not answer.
     """
 
     def __init__(
@@ -324,11 +363,10 @@ class IndexerClient:
         note: Callable[[str], None] | None = None,
         use_tls: bool = True,
         idle: float = wire.CLIENT_IDLE,
+        more_nodes: Sequence[Node] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.host = host
-        self.port = port
         self.timestamp = timestamp
         self.reactor = reactor
         self.timeout = timeout
@@ -336,6 +374,8 @@ class IndexerClient:
         self.fingerprint = fingerprint
         self.note = note or (lambda _text: None)
         self.idle = idle
+        #: The nodes, the one asked first, the note when the client switches.
+        self.nodes = Nodes([Node(host, port), *more_nodes], lambda text: self.note(text))
         #: True once the indexer is known to speak only the classic protocol.
         self.classic = not use_tls
         #: Extension operations the indexer closed on unanswered: not asked again.
@@ -346,8 +386,16 @@ class IndexerClient:
         self._locks: dict[str | None, DeferredLock] = {}
 
     @property
+    def host(self) -> str:
+        return self.nodes.current.host
+
+    @property
+    def port(self) -> int:
+        return self.nodes.current.port
+
+    @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        return str(self.nodes.current)
 
     @defer.inlineCallbacks
     def request(self, op: str, user: str, *args: str | int, identity=KEPT):
@@ -384,15 +432,22 @@ class IndexerClient:
         """Ask the indexer to hold ``user``'s lease on the kept connection (HOLD, protocol.md
         7.3); fires with the reply. After code 0 that connection stays open and
         ``on_lost`` is called (once) when it closes other than by :meth:`close` or
-        :meth:`unhold`. Over the classic protocol the indexer answers 3."""
+        :meth:`unhold`: lost (its node is then left for the next) or closed because
+        the client moved to another node. Over the classic protocol the indexer answers 3."""
         code, rows = yield self.request(wire.HOLD.name, user)
         if code == wire.OK:
             channel = self._channels.get(self._key_of(user))
             if channel is None or not channel.alive:
                 self.reactor.callLater(0, on_lost)
             else:
-                channel.hold(on_lost, lease_seconds(rows) or wire.DEFAULT_PEER_TIMEOUT)
+                lease = lease_seconds(rows) or wire.DEFAULT_PEER_TIMEOUT
+                channel.hold(lambda: self._hold_lost(channel, on_lost), lease)
         return code, rows
+
+    def _hold_lost(self, channel: _Channel, on_lost: Callable[[], None]) -> None:
+        if not channel.moving and channel.node is not None:
+            self.nodes.failed(channel.node, "the connection holding the lease was lost")
+        on_lost()
 
     def unhold(self, user: str) -> None:
         """``user``'s lease is no longer held here (disconnected): forget ``on_lost``."""
@@ -418,11 +473,18 @@ class IndexerClient:
                 return estimate
         return wire.format_datetime()
 
-    def _unanswered(self, op: str) -> IndexerError:
+    def _unanswered(self, op: str, node: Node) -> IndexerError:
         if op not in wire.CLASSIC_OPS:
             self.unknown_ops.add(op)  # an indexer does not learn operations mid-session
-            return UnknownOperation(f"the indexer at {self.where} does not know {op}")
+            return UnknownOperation(f"the indexer at {node} does not know {op}")
         return _cut()
+
+    def _answered(self, node: Node) -> None:
+        """``node`` replied: the client uses it; on a switch, leave the other nodes."""
+        if self.nodes.answered(node):
+            for channel in list(self._channels.values()):
+                if channel.node != node:
+                    channel.move_off()
 
     def close(self) -> Deferred:
         """Close every connection; fires when they are closed."""
@@ -434,40 +496,65 @@ class IndexerClient:
 
     @defer.inlineCallbacks
     def _classic(self, payload: bytes, shape: tuple[int | None, int | None]):
-        proto = _RequestProtocol(payload, *shape)
-        endpoint = endpoints.HostnameEndpoint(
-            self.reactor, self.host, self.port, timeout=self.timeout
-        )
-        exchange = endpoints.connectProtocol(endpoint, proto).addCallback(lambda _: proto.finished)
-        exchange.addTimeout(self.timeout, self.reactor)
-        try:
-            result = yield exchange
-        except defer.TimeoutError as exc:
-            raise self._silent() from exc
-        except _Unanswered:
-            raise self._unanswered(_op_of(payload)) from None
-        return result
+        op = _op_of(payload)
+        attempts = _Attempts(self.nodes, op)
+        while True:
+            node = self.nodes.current
+            proto = _RequestProtocol(payload, *shape)
+            endpoint = endpoints.HostnameEndpoint(
+                self.reactor, node.host, node.port, timeout=self.timeout
+            )
+            exchange = endpoints.connectProtocol(endpoint, proto)
+            exchange.addCallback(lambda _, proto=proto: proto.finished)
+            exchange.addTimeout(self.timeout, self.reactor)
+            try:
+                result = yield exchange
+            except _CONNECT_FAILURES as exc:
+                attempts.not_reached(node, _connect_failure(exc))
+            except defer.TimeoutError:
+                if proto.transport is None:  # never connected: nothing was sent
+                    attempts.not_reached(node, f"no connection in {self.timeout:g}s")
+                else:
+                    attempts.lost_reply(node, self._silence())
+            except _Unanswered:
+                if op not in wire.CLASSIC_OPS:
+                    raise self._unanswered(op, node) from None
+                attempts.lost_reply(node, "it closed the connection before replying")
+            except ReplyCut:
+                attempts.lost_reply(node, "it closed the connection in the middle of its reply")
+            else:
+                self._answered(node)
+                return result
 
-    def _silent(self) -> IndexerError:
-        return IndexerError(f"no reply from the indexer at {self.where} in {self.timeout:g}s")
+    def _silence(self) -> str:
+        return f"no reply in {self.timeout:g}s"
 
     # --- TLS: one connection per identity, one request at a time -------------------
 
     @defer.inlineCallbacks
     def _over_tls(
-        self, identity: tls.Identity | None, payload: bytes, shape: tuple[int | None, int | None]
+        self,
+        identity: tls.Identity | None,
+        payload: bytes,
+        shape: tuple[int | None, int | None],
     ):
         key = _channel_key(identity)
         lock = self._locks.setdefault(key, DeferredLock())
         yield lock.acquire()
         op = _op_of(payload)
+        attempts = _Attempts(self.nodes, op)
         second_chance = op not in wire.CLASSIC_OPS
         try:
             while True:
                 channel = self._channels.get(key)
                 fresh = channel is None or not channel.alive
                 if fresh:
-                    channel = yield self._open(identity)
+                    node = self.nodes.current
+                    try:
+                        channel = yield self._open(identity, node)
+                    except _NotReached as exc:
+                        attempts.not_reached(node, str(exc))
+                        continue
                     self._channels[key] = channel
                 try:
                     result = yield channel.ask(payload, shape[0], self.timeout, shape[1])
@@ -481,82 +568,163 @@ class IndexerClient:
                         # the answer is remembered for the session.
                         second_chance = False
                         continue
-                    raise self._unanswered(op) from None
-                except defer.TimeoutError as exc:
+                    if op not in wire.CLASSIC_OPS:
+                        raise self._unanswered(op, channel.node) from None
+                    why = "it closed the connection before replying"
+                    attempts.lost_reply(channel.node, why)
+                    continue
+                except ReplyCut:
+                    why = "it closed the connection in the middle of its reply"
+                    attempts.lost_reply(channel.node, why)
+                    continue
+                except defer.TimeoutError:
                     channel.transport.abortConnection()
-                    raise self._silent() from exc
+                    attempts.lost_reply(channel.node, self._silence())
+                    continue
+                if not channel.moving:  # a late reply from a node left meanwhile
+                    self._answered(channel.node)
                 return result
         finally:
             lock.release()
 
     @defer.inlineCallbacks
-    def _open(self, identity: tls.Identity | None):
-        """A new TLS connection presenting ``identity``, the indexer's key checked."""
+    def _open(self, identity: tls.Identity | None, node: Node):
+        """A new TLS connection to ``node`` presenting ``identity``, the indexer's key
+        checked. Fails with :class:`_NotReached` when it cannot be made (nothing sent)."""
         explicit = self.fingerprint
-        pinned = self.home.pinned_indexer(self.host, self.port) if self.home is not None else None
+        pinned = self.home.pinned_indexer(node.host, node.port) if self.home is not None else None
         options = tls.client_options(explicit or pinned, identity)
-        channel = _Channel(options, self.reactor, self.idle)
+        channel = _Channel(options, self.reactor, self.idle, node)
         endpoint = endpoints.wrapClientTLS(
             options,
-            endpoints.HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.timeout),
+            endpoints.HostnameEndpoint(self.reactor, node.host, node.port, timeout=self.timeout),
         )
-        yield endpoints.connectProtocol(endpoint, channel)
+        try:
+            yield endpoints.connectProtocol(endpoint, channel)
+        except _CONNECT_FAILURES as exc:
+            raise _NotReached(_connect_failure(exc)) from None
         try:
             yield channel.ready.addTimeout(self.timeout, self.reactor)
         except tls.FingerprintMismatch as exc:
-            raise self._key_changed(exc, explicit is not None) from None
+            raise self._key_changed(exc, explicit is not None, node) from None
         except (_NotTLS, defer.TimeoutError) as exc:
             if channel.transport is not None:
                 channel.transport.abortConnection()
-            if explicit or pinned:
-                raise IndexerError(
-                    f"the indexer at {self.where} did not complete a TLS handshake "
-                    f"({exc or 'timed out'}), yet its key is pinned: refusing to fall back "
-                    "to plaintext, where names are not protected"
+            if explicit or pinned or self._any_pinned():
+                raise _NotReached(
+                    f"no TLS handshake ({exc or 'timed out'}), yet its key is pinned: "
+                    "not falling back to plaintext, where names are not protected"
                 ) from None
-            self._go_classic()
+            self._go_classic(node)
             raise _NotTLS() from None
-        self._pin(options.seen, pinned)
+        self._pin(options.seen, pinned, node)
         return channel
 
-    def _go_classic(self) -> None:
+    def _any_pinned(self) -> bool:
+        """Whether the key of any node is pinned: a directory that speaks TLS."""
+        if self.home is None or not self.nodes.several:
+            return False
+        return any(self.home.pinned_indexer(n.host, n.port) for n in self.nodes.nodes)
+
+    def _go_classic(self, node: Node) -> None:
         if not self.classic:
             self.classic = True
             self.note(
-                f"note: the indexer at {self.where} does not speak TLS (a classic indexer): "
+                f"note: the indexer at {node} does not speak TLS (a classic indexer): "
                 "requests travel in clear there and user names are not protected"
             )
 
-    def _pin(self, seen: str | None, pinned: str | None) -> None:
+    def _pin(self, seen: str | None, pinned: str | None, node: Node) -> None:
         if self.home is None or seen is None or seen == pinned:
             return
-        self.home.pin_indexer(self.host, self.port, seen)
+        self.home.pin_indexer(node.host, node.port, seen)
         where = self.home.known_indexers_file
         if self.fingerprint:
-            self.note(f"pinned key {seen} for the indexer at {self.where} in {where}")
+            self.note(f"pinned key {seen} for the indexer at {node} in {where}")
         else:
             self.note(
-                f"first contact with the indexer at {self.where}: its key fingerprint is "
+                f"first contact with the indexer at {node}: its key fingerprint is "
                 f"{seen}; pinned in {where}"
             )
 
-    def _key_changed(self, exc: tls.FingerprintMismatch, explicit: bool) -> IndexerKeyChanged:
+    def _key_changed(
+        self, exc: tls.FingerprintMismatch, explicit: bool, node: Node
+    ) -> IndexerKeyChanged:
         if explicit:
             text = (
-                f"the indexer at {self.where} presented key {exc.got}, not the key "
+                f"the indexer at {node} presented key {exc.got}, not the key "
                 f"{exc.expected} given with --indexer-fingerprint: refused"
             )
         else:
             where = self.home.known_indexers_file if self.home is not None else "known_indexers"
             text = (
-                f"WARNING: the key of the indexer at {self.where} has CHANGED: refused. "
+                f"WARNING: the key of the indexer at {node} has CHANGED: refused. "
                 f"It presented {exc.got}, but {exc.expected} is pinned for it in {where}. "
                 "Someone may be impersonating the indexer, or its operator gave it a new key. "
-                f"If the new key is genuine, remove the line '{self.where} {exc.expected}' "
+                f"If the new key is genuine, remove the line '{node} {exc.expected}' "
                 f"from {where}, or pass --indexer-fingerprint {exc.got}"
             )
         self.note(text)  # every time: a refused command must say why and how to fix it
         return IndexerKeyChanged(text)
+
+
+class ReplyLost(ReplyCut):
+    """A request went out and no whole reply came back (closed, cut, silent), from any
+    node that could be asked. A change may or may not have been done: it is not sent
+    again (another node could do it twice)."""
+
+
+class _Attempts:
+    """One request's tries over the nodes: each node at most once after it failed.
+
+    :meth:`not_reached` (nothing was sent) and :meth:`lost_reply` (sent, no reply) leave
+    the node and return when the request may go to the next one; otherwise they raise
+    the request's failure.
+    """
+
+    def __init__(self, nodes: Nodes, op: str) -> None:
+        self.nodes = nodes
+        self.op = op
+        self.failures: dict[Node, str] = {}
+
+    def not_reached(self, node: Node, why: str) -> None:
+        self._failed(node, why)
+        if self.nodes.current in self.failures:
+            raise IndexerError(self._none_answers())
+
+    def lost_reply(self, node: Node, why: str) -> None:
+        self._failed(node, why)
+        if self.op in wire.READ_OPS and self.nodes.current not in self.failures:
+            return  # it changes nothing: the next node may as well answer it
+        if self.op in wire.READ_OPS:
+            raise ReplyLost(self._none_answers())
+        after = f"; the next request goes to {self.nodes.current}" if self.nodes.several else ""
+        raise ReplyLost(
+            f"the indexer at {node} did not answer {self.op} ({why}): it may or may not have "
+            f"been done, and is not sent again{after}"
+        )
+
+    def _failed(self, node: Node, why: str) -> None:
+        self.failures[node] = why
+        self.nodes.failed(node, why)
+
+    def _none_answers(self) -> str:
+        if len(self.failures) == 1:
+            ((node, why),) = self.failures.items()
+            return f"the indexer at {node} does not answer: {why}"
+        each = "; ".join(f"{node}: {why}" for node, why in self.failures.items())
+        return f"no indexer node answers ({each})"
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection could not be made, in a few words."""
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
+        return "connecting timed out"
+    if isinstance(exc, error.DNSLookupError):
+        return "its name does not resolve"
+    return str(exc).strip() or type(exc).__name__
 
 
 def _channel_key(identity: tls.Identity | None) -> str | None:

@@ -35,6 +35,7 @@ from p2p.client.frontends import StdioOutput, attach_pipe, attach_terminal, raw_
 from p2p.client.history import History
 from p2p.client.home import Home, HomeError, IdentityExists
 from p2p.client.indexer_client import IndexerClient
+from p2p.client.nodes import BadNodeList, parse_nodes
 from p2p.client.shell import Shell
 from p2p.client.time_client import TimeClient, wsdl_url
 from p2p.client.uploads import UploadNotices
@@ -49,7 +50,7 @@ class Options(usage.Options):
     """Command-line options of ``p2p-client``."""
 
     synopsis = (
-        "p2p-client -s HOST -p PORT [options]\n"
+        "p2p-client -s HOST[:PORT][,HOST[:PORT]...] [-p PORT] [options]\n"
         "       p2p-client --export-identity USER FILE\n"
         "       p2p-client --import-identity FILE [--replace-identity]"
     )
@@ -58,8 +59,15 @@ class Options(usage.Options):
         "Type HELP at the c> prompt for the commands."
     )
     optParameters = [
-        ["server", "s", "localhost", "Host name or address of the indexer."],
-        ["port", "p", wire.INDEXER_PORT, "TCP port of the indexer.", int],
+        [
+            "server",
+            "s",
+            "localhost",
+            "Host name or address of the indexer; or several nodes of one directory, "
+            "HOST[:PORT] separated by commas ([ADDR]:PORT for IPv6), tried in order when "
+            "one does not answer: -s host1:9090,host2:9090.",
+        ],
+        ["port", "p", wire.INDEXER_PORT, "TCP port of the indexer (of -s nodes without one).", int],
         [
             "wsdl",
             None,
@@ -151,6 +159,10 @@ class Options(usage.Options):
             self["indexer-fingerprint"] = fingerprint
         if not 0 < self["port"] < 65536:
             raise usage.UsageError(f"not a TCP port: {self['port']}")
+        try:
+            self["nodes"] = parse_nodes(self["server"], self["port"])
+        except BadNodeList as exc:
+            raise usage.UsageError(f"-s: {exc}; expected HOST[:PORT][,HOST[:PORT]...]") from None
         share = Path(self["share-dir"])
         if not share.is_dir():
             raise usage.UsageError(f"--share-dir {share} is not a directory")
@@ -233,15 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     clock = TimeClient(
         wsdl_url(options["wsdl"]), output.note, reactor=reactor, timeout=options["time-timeout"]
     )
+    first, *others = options["nodes"]
     indexer = IndexerClient(
-        options["server"],
-        options["port"],
+        first.host,
+        first.port,
         clock.now,
         reactor=reactor,
         timeout=options["timeout"],
         home=home,
         fingerprint=options["indexer-fingerprint"],
         note=output.note,
+        more_nodes=others,
     )
     shell = Shell(
         indexer,

@@ -154,7 +154,7 @@ class ClusterDirectory:
         with ``probe=False`` and, when nothing answered, ``stale`` (that address).
         """
         return self.store.transact(
-            self._apply, op, datetime, user, args, address, identity, stale, probe
+            self._apply, op, datetime, user, args, address, identity, stale, probe, key=user
         )
 
     # --- In a pool thread, inside the transaction ---------------------------------
@@ -467,9 +467,9 @@ class ClusterLeases:
         del self.held[user]
         if self.store.pool is None:
             return
-        self.store.transact(_grace, user, held[0], self.timeout * wire.HELD_GRACE).addErrback(
-            lambda f: self.log.warn("cannot start {user}'s grace: {f}", user=user, f=f)
-        )
+        self.store.transact(
+            _grace, user, held[0], self.timeout * wire.HELD_GRACE, key=user
+        ).addErrback(lambda f: self.log.warn("cannot start {user}'s grace: {f}", user=user, f=f))
 
     def ended(self, user: str) -> None:
         """``user``'s lease ended by a request of this node: its holders here close."""
@@ -610,7 +610,7 @@ class ClusterLiveness:
             return
         if answered is True:
             self.directory.store.transact(
-                _answered, user, connected, self.leases.timeout
+                _answered, user, connected, self.leases.timeout, key=user
             ).addErrback(lambda f: self.log.warn("cannot renew {user}: {f}", user=user, f=f))
         else:
             self._drop(user, connected)
@@ -621,7 +621,7 @@ class ClusterLiveness:
             if self.directory.audit
             else None
         )
-        d = self.directory.store.transact(_drop, user, connected, record)
+        d = self.directory.store.transact(_drop, user, connected, record, key=user)
 
         def done(dropped: bool) -> None:
             if dropped:

@@ -48,14 +48,23 @@ class Behaviour:
     stall_after: int | None = None
     #: What it was asked (operation, fields), for the test to inspect.
     requests: list[tuple[str, ...]] = field(default_factory=list)
+    #: Answer 4 (busy) to a request arriving while this many transfers run.
+    max_uploads: int | None = None
     sent: int = 0
     dead: bool = False
+    uploading: int = 0
+    busy: int = 0
 
 
 class _FakePeer(protocol.Protocol):
     def __init__(self, how: Behaviour) -> None:
         self.how = how
         self.buffer = b""
+        self.counted = False
+
+    def connectionLost(self, reason) -> None:
+        if self.counted:
+            self.how.uploading -= 1
 
     def connectionMade(self) -> None:
         if self.how.dead:
@@ -84,6 +93,14 @@ class _FakePeer(protocol.Protocol):
         if op in ("RANGE", "PIECES") and how.classic:
             self.transport.loseConnection()
             return
+        if op in ("RANGE", "FETCH") and how.max_uploads is not None:
+            if how.uploading >= how.max_uploads:
+                how.busy += 1
+                self.transport.write(b"\x04")
+                self.transport.loseConnection()
+                return
+            how.uploading += 1
+            self.counted = True
         if op == "PIECES":
             listed = digests(how.body) if how.pieces is None else how.pieces
             size = len(how.body)

@@ -298,6 +298,16 @@ class SwarmTests(Case):
         self.assertGreater(self.ranges(stalled), 0)
 
     @defer.inlineCallbacks
+    def test_a_busy_answer_means_fewer_requests_at_once_not_a_dropped_source(self):
+        a = Behaviour("f.bin", self.body)
+        one_at_a_time = Behaviour("f.bin", self.body, max_uploads=1)
+        yield deadline(self.many(a, ("bob", one_at_a_time)))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertGreater(one_at_a_time.busy, 0)  # it did answer 4
+        self.assertNotIn("source bob", "\n".join(self.notes))
+        self.assertGreater(self.ranges(one_at_a_time) - one_at_a_time.busy, 1)
+
+    @defer.inlineCallbacks
     def test_a_source_with_another_piece_list_is_not_used(self):
         wrong = bytearray(digests(self.body))
         wrong[5] ^= 1

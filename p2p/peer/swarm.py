@@ -318,6 +318,8 @@ class _Peer:
     source: Source
     fetches: list[_RangeFetch]
     dropped: bool = False
+    #: Requests at once it takes (fewer once it answered busy, 4, with others running).
+    limit: int = PER_SOURCE
 
 
 class _Swarm:
@@ -494,7 +496,7 @@ class _Swarm:
             self.fail(DownloadFailed("every source failed; what was received is kept"))
             return
         for peer in live:
-            while len(peer.fetches) < PER_SOURCE and not peer.dropped:
+            while len(peer.fetches) < peer.limit and not peer.dropped:
                 fetch = self.next_range(peer)
                 if fetch is None:
                     break
@@ -572,7 +574,10 @@ class _Swarm:
         if problem is not None:
             if fetch.piece < fetch.end:
                 self.queue.appendleft((fetch.piece, fetch.end))
-            self.drop(peer.source, problem)
+            if fetch.code == wire.PEER_BUSY and peer.fetches:
+                peer.limit = len(peer.fetches)  # serving us already: no more at once
+            else:
+                self.drop(peer.source, problem)
         self.fill()
 
     def drop(self, source: Source, why: str) -> None:

@@ -20,7 +20,8 @@ download from the plaintext peer checked against the file's size and SHA-256
 (what GET_FILE does when the owner published them: the hash runs in a thread
 as the bytes arrive), in the same rounds; ``--resumable`` one more, verified and
 resumable as GET_FILE downloads now are (``.<name>.p2p-part`` and its JSON state,
-recorded every second). Never run as a test.
+recorded every second), and with ``--tls`` the same over TLS (what GET_FILE does
+between two of our clients). Never run as a test.
 
     .venv/bin/python bench/transfer.py                  # 1 GiB, 3 rounds
     .venv/bin/python bench/transfer.py --size-mb 200 --rounds 1 --verify
@@ -238,22 +239,22 @@ def main() -> None:
             fingerprint = said[child.pid][0] if extra else None
             run = functools.partial(peer_download, fingerprint=fingerprint)
             peer_runs.append((label, run, port, dest / "peer.bin"))
+            # Checked downloads from the same server: (label, keywords of peer_download).
+            checked = []
             if label == "peer" and opts.verified:
+                checked.append(("peer verified", {}))
+            if label in ("peer", "peer tls") and opts.resumable:
+                checked.append((f"{label} resumable", {"resume": True}))
+            for name, how in checked:
                 from p2p.peer.download import Expected
 
                 published = Expected(size, digest)
-                run = functools.partial(peer_download, expected=published)
-                peer_runs.append(("peer verified", run, port, dest / "peer.bin"))
-                senders["peer verified"] = child
-                rates["peer verified"] = []
-            if label == "peer" and opts.resumable:
-                from p2p.peer.download import Expected
-
-                published = Expected(size, digest)
-                run = functools.partial(peer_download, expected=published, resume=True)
-                peer_runs.append(("peer resumable", run, port, dest / "peer.bin"))
-                senders["peer resumable"] = child
-                rates["peer resumable"] = []
+                run = functools.partial(
+                    peer_download, fingerprint=fingerprint, expected=published, **how
+                )
+                peer_runs.append((name, run, port, dest / "peer.bin"))
+                senders[name] = child
+                rates[name] = []
         server_cpu: dict[str, list[float]] = {label: [] for label in senders}
         client_cpu: dict[str, list[float]] = {label: [] for label in senders}
         try:
@@ -277,7 +278,7 @@ def main() -> None:
                         raise SystemExit(f"{label}: content differs")
                     rate = mbps(size, seconds)
                     rates[label].append(rate)
-                    print(f"round {round_}  {label:14s} {rate:8.0f} MB/s  ({seconds:.3f} s)")
+                    print(f"round {round_}  {label:18s} {rate:8.0f} MB/s  ({seconds:.3f} s)")
                     if out is not None:
                         out.unlink()
                     os.sync()  # no dirty pages from one run slow the next one down
@@ -292,9 +293,9 @@ def main() -> None:
     best = {label: max(values) for label, values in rates.items()}
     median = {label: statistics.median(values) for label, values in rates.items()}
     print(f"\n{opts.size_mb} MiB over 127.0.0.1, {opts.rounds} rounds (MB = 10^6 bytes):")
-    print(f"  {'':14s} {'best':>8s} {'median':>8s}")
+    print(f"  {'':18s} {'best':>8s} {'median':>8s}")
     for label in rates:
-        print(f"  {label:14s} {best[label]:8.0f} {median[label]:8.0f}  MB/s")
+        print(f"  {label:18s} {best[label]:8.0f} {median[label]:8.0f}  MB/s")
     pairs = [("peer", "raw copy"), ("peer", "raw discard")]
     if opts.compare_plain:
         pairs.append(("peer", "peer plain"))
@@ -302,6 +303,8 @@ def main() -> None:
         pairs += [("peer verified", "raw copy"), ("peer verified", "peer")]
     if opts.resumable:
         pairs += [("peer resumable", "raw copy"), ("peer resumable", "peer")]
+    if opts.resumable and opts.tls:
+        pairs += [("peer tls resumable", "raw copy"), ("peer tls resumable", "peer tls")]
     if opts.tls:
         pairs.append(("peer tls", "peer"))
     if opts.tls and opts.compare_plain:
@@ -315,7 +318,7 @@ def main() -> None:
     for side, cpu in (("server", server_cpu), ("client", client_cpu)):
         for label, values in cpu.items():
             print(
-                f"  {side} CPU, {label:14s}: median {statistics.median(values) / gib:.2f} s per "
+                f"  {side} CPU, {label:18s}: median {statistics.median(values) / gib:.2f} s per "
                 f"GiB (user+system; runs: {', '.join(f'{v / gib:.2f}' for v in values)})"
             )
 

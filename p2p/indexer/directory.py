@@ -24,7 +24,8 @@ Content identity and search (protocol.md section 8): PUBLISH_FILE is PUBLISH
 with a size and a hash (mode ``replace`` updates an entry in place); memory keeps
 names and descriptions only, the store the rest. LIST_FILES is read from the store
 and cached per owner like LIST_CONTENT, both dropped whenever that owner's files
-change; SEARCH asks the store (:meth:`Store.search`) and is never cached.
+change; SEARCH asks the store (:meth:`Store.search_async`) and is never cached: its
+listing is a Deferred when the store answers later (a file store's search thread).
 
 Liveness (protocol.md section 7): every connected user holds a lease in
 ``leases``; a request that passes the checks of a connected user renews it,
@@ -35,14 +36,18 @@ tells the factory which CONNECT must first probe the address recorded.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
 from p2p import wire
-from p2p.indexer.fulltext import MAX_QUERY_WORDS, query_words
+from p2p.indexer.fulltext import MAX_QUERY_WORDS, Hit, query_words
 from p2p.indexer.liveness import Leases
 from p2p.indexer.store import Store, UserRow
 
 Address = tuple[str, int]
-#: A reply: the code and the bytes that follow it (the listing after 0, else empty).
-Result = tuple[int, bytes]
+#: A reply: the code and the bytes that follow it (the listing after 0, else empty), or a
+#: Deferred of those bytes (a SEARCH the store answers later: the code stands).
+Result = tuple[int, bytes | Deferred]
 
 #: ``--classic`` policies: the operations served to a request without identity.
 CLASSIC_POLICIES: dict[str, frozenset[str]] = {
@@ -99,8 +104,12 @@ class Directory:
         }
 
     def load(self) -> None:
-        """Replace memory with what the store holds (at start, or after a failed commit)."""
+        """Replace memory with what the store holds (at start, or after a failed commit);
+        the store's search side is opened then too (caught up), not at the first SEARCH."""
         self.users = self.store.load()
+        open_index = getattr(self.store, "open_index", None)
+        if open_index is not None:
+            open_index()
         self.connected = {n: u.address for n, u in self.users.items() if u.address is not None}
         self.leases.reset(list(self.connected))
         self._listings.clear()
@@ -351,16 +360,25 @@ class Directory:
         words = query_words(text)
         if not words or len(words) > MAX_QUERY_WORDS:
             return wire.SEARCH.error, b""
-        hits = self.store.search(words, limit)
-        return wire.OK, wire.encode_listing(
-            (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies)
-            for h in hits
-        )
+        found = self.store.search_async(words, limit).addCallback(_hits_listing)
+        if found.called:  # answered already (a memory store): the listing itself
+            result, found.result = found.result, None
+            if isinstance(result, Failure):
+                result.raiseException()
+            return wire.OK, result
+        return wire.OK, found
 
     def _files_changed(self, user: str) -> None:
         """``user``'s files changed: its cached listings are stale."""
         self._contents.pop(user, None)
         self._file_listings.pop(user, None)
+
+
+def _hits_listing(hits: list[Hit]) -> bytes:
+    """SEARCH's listing of ``hits``: owner, name, description, size, hash, copies."""
+    return wire.encode_listing(
+        (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies) for h in hits
+    )
 
 
 def _known(value: int | str | None) -> int | str:

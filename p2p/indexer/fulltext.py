@@ -3,11 +3,10 @@
 What a query means does not depend on the store: :func:`query_words` splits it
 the way every store must (at each character that is not a letter, a digit or a
 combining mark), and :class:`Hit` is what a store's ``search`` returns. The
-rest is how the SQLite store implements it: an FTS5 index over the files'
-names and descriptions (external content: the text is stored once, in
-``files``), written by the store in batches (``Store.update_index``),
-:func:`fts5_match`, which turns the words into an FTS5 query that can hold no
-FTS5 syntax, and :func:`bm25`, the ranking of the candidates.
+rest is how the SQLite store implements it (its search database:
+:mod:`p2p.indexer.searchindex`): an FTS5 index over the files' names and
+descriptions, :func:`fts5_match`, which turns the words into an FTS5 query
+that can hold no FTS5 syntax, and :func:`bm25`, the ranking of the candidates.
 """
 
 from __future__ import annotations
@@ -125,24 +124,8 @@ def inverse_frequency(files: int, matching: int) -> float:
 K1 = 1.2
 B = 0.75
 
-#: The full-text index over ``files`` (external content: the text is stored once).
-#: The store writes it in the same transaction as each change of ``files``, with
-#: its own statements: a trigger would make FTS5 flush its pending terms to disk
-#: at every row (a trigger's statement is a savepoint), about four times the cost.
-#: Prefix indexes of PREFIXES characters answer short query words without merging
-#: every term that starts with them.
+#: The full-text index of the search database (see :mod:`p2p.indexer.searchindex`), and
+#: its prefix indexes: 1 to 3 characters answer short query words without merging every
+#: term that starts with them.
 FTS_TABLE = "files_fts"
 PREFIXES = "1 2 3"
-FTS_SCHEMA = f"""
-CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
-    name, description,
-    content='files', content_rowid='id',
-    tokenize='unicode61 remove_diacritics 2',
-    detail=column,
-    prefix='{PREFIXES}'
-);
-"""
-FTS_INSERT = f"INSERT INTO {FTS_TABLE} (rowid, name, description) VALUES (?, ?, ?)"
-FTS_DELETE = (
-    f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rowid, name, description) VALUES ('delete', ?, ?, ?)"
-)

@@ -631,8 +631,14 @@ class IndexerFactory(ConnectionCap, ServerFactory):
                 proto.reply(code, body)
 
     def _answer_failed(self, failure: Failure, proto: IndexerProtocol) -> None:
-        """A reply the store was to give later could not be given: the error code."""
-        self.log.failure("answering {op} failed", failure, op=proto.op.name)
+        """A reply the store was to give later could not be given: the error code.
+
+        (A database error is the store's, which says so once: a full disk, say.)
+        """
+        if failure.check(sqlite3.Error):
+            self.log.debug("answering {op} failed: {error}", op=proto.op.name, error=failure.value)
+        else:
+            self.log.failure("answering {op} failed", failure, op=proto.op.name)
         proto.reply(_CODES[proto.op.error])
 
     def stop(self) -> None:

@@ -15,10 +15,15 @@ certificate that registered it (NULL for a name registered classically).
 Databases written before claims existed gain the column when opened.
 
 Content identity and search (protocol.md section 8): ``files`` also holds each
-file's size and SHA-256 (NULL for a classic PUBLISH), and an FTS5 index over
-names and descriptions answers :meth:`Store.search` (see
-:mod:`p2p.indexer.fulltext` and ``SEARCH_SCHEMA`` below); databases written
-before it gain the columns and the index when opened.
+file's size and SHA-256 (NULL for a classic PUBLISH). SEARCH is answered from a
+database of its own beside this one, written and read by a worker thread
+(:mod:`p2p.indexer.searchindex`): this store records each change SEARCH sees
+while it writes it and hands the turn's changes over after its commit; each
+changed row carries the number of that commit (``seq``; ``tombstones`` for the
+files deleted) so the search database catches up after a ``kill -9``.
+:meth:`Store.search_async` answers after every change handed over before it.
+Databases written before gain the columns (and lose the search tables they kept
+here) when opened.
 
 Everything the directory, the relay and ``p2p-admin`` need goes through the
 methods of :class:`Store`, so another database can stand behind the same ones.
@@ -28,29 +33,19 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import sqlite3
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from p2p.indexer.fulltext import (
-    FTS_DELETE,
-    FTS_INSERT,
-    FTS_SCHEMA,
-    FTS_TABLE,
-    MAX_QUERY_WORDS,
-    PREFIXES,
-    Hit,
-    bm25,
-    fold,
-    fts5_match,
-    inverse_frequency,
-    words_of,
-)
+from p2p.indexer import searchindex
+from p2p.indexer.fulltext import FTS_TABLE, Hit
+from p2p.indexer.searchindex import FILE, GONE, USER, Change, IndexWorker, SearchIndex
 
 #: The database that keeps nothing (tests, throw-away runs).
 MEMORY = ":memory:"
@@ -65,17 +60,20 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     ip TEXT,
     port INTEGER,
-    identity TEXT
+    identity TEXT,
+    seq INTEGER
 );
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY,
     user TEXT NOT NULL,
     name TEXT NOT NULL,
     description TEXT NOT NULL,
+    seq INTEGER,
     size INTEGER,
     sha256 TEXT,
     UNIQUE (user, name)
 );
+CREATE TABLE IF NOT EXISTS tombstones (id INTEGER NOT NULL, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     record TEXT NOT NULL
@@ -83,69 +81,27 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-#: What SEARCH needs beside ``files`` (protocol.md section 8.3): the full-text index,
-#: the index of content hashes (copies), ``online``: the ids of the files whose owner
-#: is connected, kept by triggers as users connect and files come and go, so "owner
-#: connected" is one integer lookup per candidate, not a join with ``users``; and
-#: ``index_queue``: the files changed since the full-text index was last brought up to
-#: date (written in the transaction of the change, applied in batches: see
-#: :meth:`Store.update_index`); a row that removed an indexed text holds that text.
-SEARCH_SCHEMA = (
-    FTS_SCHEMA
-    + """
-CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256) WHERE sha256 IS NOT NULL;
-CREATE TABLE IF NOT EXISTS index_queue (
-    seq INTEGER PRIMARY KEY,
-    id INTEGER NOT NULL,
-    name TEXT,
-    description TEXT
-);
-CREATE TABLE IF NOT EXISTS online (id INTEGER PRIMARY KEY);
-CREATE TRIGGER IF NOT EXISTS online_file_added AFTER INSERT ON files
-    WHEN (SELECT ip FROM users WHERE name = new.user) IS NOT NULL
-BEGIN
-    INSERT OR IGNORE INTO online (id) VALUES (new.id);
-END;
-CREATE TRIGGER IF NOT EXISTS online_file_removed AFTER DELETE ON files BEGIN
-    DELETE FROM online WHERE id = old.id;
-END;
-CREATE TRIGGER IF NOT EXISTS online_user AFTER UPDATE OF ip ON users
-    WHEN (old.ip IS NULL) != (new.ip IS NULL)
-BEGIN
-    DELETE FROM online WHERE new.ip IS NULL AND id IN (SELECT id FROM files WHERE user = new.name);
-    INSERT OR IGNORE INTO online (id)
-        SELECT id FROM files WHERE new.ip IS NOT NULL AND user = new.name;
-END;
-"""
+#: What an older version kept in this database for SEARCH: now in the search database.
+_OLD_SEARCH = (
+    "DROP TRIGGER IF EXISTS online_file_added",
+    "DROP TRIGGER IF EXISTS online_file_removed",
+    "DROP TRIGGER IF EXISTS online_user",
+    "DROP TABLE IF EXISTS online",
+    "DROP TABLE IF EXISTS index_queue",
+    f"DROP TABLE IF EXISTS {FTS_TABLE}",
+    "DELETE FROM meta WHERE key = 'indexed_through'",
 )
-#: Files of connected owners matching a query, newest first: the candidates SEARCH ranks.
-_CANDIDATES = f"""
-SELECT f.user, f.name, f.description, f.size, f.sha256
-FROM {FTS_TABLE} JOIN online o ON o.id = {FTS_TABLE}.rowid JOIN files f ON f.id = {FTS_TABLE}.rowid
-WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
-"""
-#: How many files hold a query word as a whole word, counted up to a cap: its BM25
-#: weight. (As a prefix, a word of more letters than the longest prefix index would
-#: make FTS5 merge the lists of every word it starts, a million files' worth for a
-#: common one; the whole word is read as far as the cap, no further.)
-_MATCHING = f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
-#: At most this many of the newest matching files of connected owners are ranked
-#: (or ``limit``, when more are asked for).
-SEARCH_CANDIDATES = 300
-#: The longest prefix index (fulltext.PREFIXES), and how many files a search reads by
-#: such a prefix of a longer word before it asks FTS5 for the whole word instead.
-PREFIX_LETTERS = max(int(n) for n in PREFIXES.split())
-PREFIX_SCAN = 3000
 #: How much of the database SQLite maps into memory (address space, not RAM).
 MMAP_SIZE = 1 << 32
-#: Queued index changes applied together: FTS5 writes a segment at every commit that
-#: changed it (about 70 us over a million files), so a change per commit would cost
-#: PUBLISH and DELETE that much each; applied by the hundred it is a few us a change.
-INDEX_BATCH = 256
-#: A word's matches are counted up to this many (more: the same, lowest, weight).
-MATCHING_CAP = 5000
-#: A word in that many files (as a whole word) is common: see ``Store._candidates``.
-COMMON = MATCHING_CAP
+#: The bounds of a search's work (protocol.md 8.3 "As implemented"; read by
+#: :mod:`p2p.indexer.searchindex` at each search): a word in ``COMMON`` files or
+#: more, as a whole word, is first looked for by its first letters among the
+#: newest ``PREFIX_SCAN`` files that have them.
+COMMON = searchindex.MATCHING_CAP
+PREFIX_SCAN = 3000
+#: Tombstones (files deleted) kept past the search index's mark before they are
+#: forgotten, in the group commit: one DELETE per so many.
+TOMBSTONES_KEPT = 1024
 
 #: The columns of ``users`` that make a database the indexer's (any version: the
 #: other tables and columns are added when missing).
@@ -271,13 +227,23 @@ class Store:
         self.failing = False
         #: How many files there are (None: not counted since the last rollback).
         self._file_count: int | None = None
-        #: How many index changes are queued (``index_queue``).
-        self._queued = 0
-        #: The highest file id in the index, and how many files were added past it.
-        self._through = 0
-        self._fresh = 0
         #: The open transaction changes the directory (see :attr:`changes`).
         self._changes = False
+        #: What SEARCH must see of the open transaction's changes, in order (handed to
+        #: the search side after the commit), and the number that commit gets.
+        self._log: list[Change] = []
+        self._change_seq = 0
+        #: How much of ``_log`` a memory store's index holds already (see :meth:`search`).
+        self._inline = 0
+        #: The search side: None until opened (:meth:`open_index`); a memory store's
+        #: is a :class:`SearchIndex` on its own connection, a file's an :class:`IndexWorker`.
+        self._index: SearchIndex | IndexWorker | None = None
+        #: Searches asked while the open transaction holds changes: handed over after it.
+        self._waiting: list[tuple[list[str], int, Deferred]] = []
+        #: Tombstones written since they were last forgotten.
+        self._tombstones = 0
+        #: Where :meth:`search_async` delivers its results (None: the global reactor).
+        self.reactor = None
 
     # --- Life cycle --------------------------------------------------------
 
@@ -311,36 +277,29 @@ class Store:
         db.execute(f"PRAGMA synchronous={SYNC_MODES[self.sync]}")
         db.executescript(_SCHEMA)
         columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
-        if "identity" not in columns:  # a database of a version without claims
-            db.execute("ALTER TABLE users ADD COLUMN identity TEXT")
+        for column, kind in (("identity", "TEXT"), ("seq", "INTEGER")):
+            if column not in columns:  # a database of a version without claims, or search
+                db.execute(f"ALTER TABLE users ADD COLUMN {column} {kind}")
         columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-        for column, kind in (("size", "INTEGER"), ("sha256", "TEXT")):
-            if column not in columns:  # a database of a version without content identity
+        for column, kind in (("seq", "INTEGER"), ("size", "INTEGER"), ("sha256", "TEXT")):
+            if column not in columns:  # a database of a version without search
                 db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
-        db.executescript(SEARCH_SCHEMA)
-        if FTS_TABLE not in tables:  # a database of a version without search: index it, once
-            db.execute(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}) VALUES ('rebuild')")
-            # One segment: otherwise the next writes pay for merging the rebuilt ones
-            # (measured over 1,000,000 files: 300-450 us more per commit, 57 after this).
-            db.execute(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}) VALUES ('optimize')")
-        if "online" not in tables:
-            db.execute(
-                "INSERT INTO online (id) SELECT f.id FROM files f JOIN users u ON u.name = f.user"
-                " WHERE u.ip IS NOT NULL"
-            )
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256) WHERE sha256 IS NOT NULL"
+        )
+        if "online" in tables or FTS_TABLE in tables:  # a version that searched in here
+            for statement in _OLD_SEARCH:
+                db.execute(statement)
         row = db.execute("SELECT value FROM meta WHERE key = 'sender_id'").fetchone()
         if row is None:
             self._sender_id = uuid.uuid4().hex
             db.execute("INSERT INTO meta (key, value) VALUES ('sender_id', ?)", (self._sender_id,))
         else:
             self._sender_id = row[0]
-        if db.execute("SELECT 1 FROM meta WHERE key = 'indexed_through'").fetchone() is None:
-            # A new database, or one whose index was just built: every file is in it.
-            db.execute(
-                "INSERT INTO meta (key, value)"
-                " SELECT 'indexed_through', coalesce(max(id), 0) FROM files"
-            )
-        self._count_unindexed(db)
+        self._change_seq = max(searchindex.last_change(db), self._index_mark())
+        if self.path == MEMORY:  # its search side: a memory database beside, same connection
+            db.execute("ATTACH DATABASE ':memory:' AS search")
+            self._index = SearchIndex(db, "search")
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._committed_seq = self._last_seq = row[0] if row else 0
 
@@ -356,8 +315,40 @@ class Store:
                 path=self.path,
                 n=len(self.held),
             )
+        self._release_waiting()
+        index, self._index = self._index, None
+        if isinstance(index, IndexWorker):
+            index.stop()  # what was handed over is written, what was asked answered
         self._db.close()
         self._db = None
+
+    def open_index(self) -> None:
+        """Open the search side, bringing it up to date first: a file database's search
+        database (``<path>.search``, created and filled if missing) with its worker
+        thread. The indexer opens it at start; otherwise the first search does.
+
+        Until it is open, committed changes are not handed over (``p2p-admin``):
+        they are read from this database when it opens.
+        """
+        if self._index is not None:
+            return
+        if self._db is None:
+            self.open()
+        if self._in_transaction:
+            raise RuntimeError("open_index in a transaction")
+        search = searchindex.open_search_database(self.path + searchindex.SUFFIX)
+        try:
+            index = SearchIndex(search)
+            reader = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                applied = searchindex.catch_up(index, reader, self.sender_id)
+            finally:
+                reader.close()
+        except BaseException:
+            search.close()
+            raise
+        self._change_seq = max(self._change_seq, applied)
+        self._index = IndexWorker(index, self.path, self.sender_id, applied)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -389,12 +380,12 @@ class Store:
     def prune_orphans(self) -> int:
         """Delete the ``files`` rows whose user does not exist (``p2p-admin prune``); how many."""
         db = self._begin()
-        orphans = "FROM files WHERE user NOT IN (SELECT name FROM users)"
-        for row in db.execute(f"SELECT id, name, description {orphans}").fetchall():
-            if row[0] <= self._through:
-                self._queue(*row)
+        gone = db.execute(
+            "DELETE FROM files WHERE user NOT IN (SELECT name FROM users) RETURNING id"
+        ).fetchall()
+        self._gone(gone)
         self._file_count = None
-        return db.execute(f"DELETE {orphans}").rowcount
+        return len(gone)
 
     def user(self, name: str) -> UserRow | None:
         """One user with address, claim and files (None if there is no such user)."""
@@ -443,17 +434,17 @@ class Store:
     def remove_user(self, name: str) -> None:
         """The user, its files and its claim."""
         db = self._begin()
-        files = db.execute("SELECT id, name, description FROM files WHERE user = ?", (name,))
-        for row in files.fetchall():
-            if row[0] <= self._through:
-                self._queue(*row)
-        db.execute("DELETE FROM files WHERE user = ?", (name,))
+        self._gone(db.execute("DELETE FROM files WHERE user = ? RETURNING id", (name,)).fetchall())
         db.execute("DELETE FROM users WHERE name = ?", (name,))
         self._file_count = None
 
     def set_address(self, name: str, address: tuple[str, int] | None) -> None:
         ip, port = address if address is not None else (None, None)
-        self._begin().execute("UPDATE users SET ip = ?, port = ? WHERE name = ?", (ip, port, name))
+        seq = self._change_seq + 1
+        self._begin().execute(
+            "UPDATE users SET ip = ?, port = ?, seq = ? WHERE name = ?", (ip, port, seq, name)
+        )
+        self._log.append((USER, name, address is not None))
 
     def add_file(
         self,
@@ -466,13 +457,11 @@ class Store:
         """A new entry of ``user`` (PUBLISH: no size, no hash), searchable at once."""
         db = self._begin()
         cursor = db.execute(
-            "INSERT INTO files (user, name, description, size, sha256) VALUES (?, ?, ?, ?, ?)",
-            (user, name, description, size, sha256),
+            "INSERT INTO files (user, name, description, size, sha256, seq)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (user, name, description, size, sha256, self._change_seq + 1),
         )
-        if cursor.lastrowid > self._through:
-            self._fresh += 1  # indexed with every file past the mark
-        else:  # SQLite gave it the id of a deleted file, below the mark
-            self._queue(cursor.lastrowid)
+        self._log.append((FILE, cursor.lastrowid, user, name, description, size, sha256))
         if self._file_count is not None:
             self._file_count += 1
 
@@ -483,98 +472,41 @@ class Store:
         place (it keeps its id, hence its place in the owner's listing)."""
         db = self._begin()
         old = db.execute(
-            "SELECT id, name, description FROM files WHERE user = ? AND name = ?", (user, name)
+            "UPDATE files SET description = ?, size = ?, sha256 = ?, seq = ?"
+            " WHERE user = ? AND name = ? RETURNING id",
+            (description, size, sha256, self._change_seq + 1, user, name),
         ).fetchone()
         if old is None:
             self.add_file(user, name, description, size, sha256)
             return
-        db.execute(
-            "UPDATE files SET description = ?, size = ?, sha256 = ? WHERE id = ?",
-            (description, size, sha256, old[0]),
-        )
-        if description != old[2] and old[0] <= self._through:
-            self._queue(*old)
+        self._log.append((FILE, old[0], user, name, description, size, sha256))
 
     def remove_file(self, user: str, name: str) -> None:
         old = (
             self._begin()
             .execute(
-                "DELETE FROM files WHERE user = ? AND name = ? RETURNING id, name, description",
+                "DELETE FROM files WHERE user = ? AND name = ? RETURNING id",
                 (user, name),
             )
             .fetchone()
         )
         if old is None:
             return
-        if old[0] <= self._through:
-            self._queue(*old)
+        self._gone([old])
         if self._file_count is not None:
             self._file_count -= 1
 
-    def _count_unindexed(self, db: sqlite3.Connection) -> None:
-        """Read the mark and count what waits for the index (at open, after a rollback)."""
-        mark = db.execute("SELECT value FROM meta WHERE key = 'indexed_through'").fetchone()
-        self._through = int(mark[0]) if mark else 0
-        self._queued = db.execute("SELECT count(*) FROM index_queue").fetchone()[0]
-        self._fresh = db.execute(
-            "SELECT count(*) FROM files WHERE id > ?", (self._through,)
-        ).fetchone()[0]
-
-    def _queue(self, file_id: int, name: str | None = None, description: str | None = None) -> None:
-        """Note that file ``file_id`` changed, with the text it had (None: a new file)."""
-        self._begin().execute(
-            "INSERT INTO index_queue (id, name, description) VALUES (?, ?, ?)",
-            (file_id, name, description),
+    def _gone(self, ids: list[tuple[int]]) -> None:
+        """Files ``ids`` were deleted: a tombstone each (read by a catch-up), and SEARCH
+        is told."""
+        if not ids:
+            return
+        seq = self._change_seq + 1
+        self._begin().executemany(
+            "INSERT INTO tombstones (id, seq) VALUES (?, ?)", ((i, seq) for (i,) in ids)
         )
-        self._queued += 1
-
-    def update_index(self) -> None:
-        """Bring the full-text index up to date with ``files``, in the current transaction:
-        at a commit once :data:`INDEX_BATCH` files changed, and before any search, so a
-        search always sees every change before it.
-
-        New files are the ones past the mark (``meta.indexed_through``, the highest id
-        indexed): they cost no queue row. A file at or below it that changed is in
-        ``index_queue``; per file only the net change is written: the first queued row
-        says what the index holds (the text it had, or nothing for a file new since),
-        ``files`` what it must hold now.
-        """
-        db = self._begin(change=False)
-        rows = db.execute(
-            "SELECT seq, id, name, description FROM index_queue ORDER BY seq"
-        ).fetchall()
-        if rows:
-            self._apply_queue(db, rows)
-        last = self._through
-        for file_id, name, description in db.execute(
-            "SELECT id, name, description FROM files WHERE id > ? ORDER BY id", (self._through,)
-        ).fetchall():
-            db.execute(FTS_INSERT, (file_id, name, description))
-            last = file_id
-        if last != self._through:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('indexed_through', ?)", (last,)
-            )
-            self._through = last
-        self._queued = self._fresh = 0
-
-    def _apply_queue(self, db: sqlite3.Connection, rows: list[tuple]) -> None:
-        """Write the net change of each queued file into the index; empty the queue."""
-        indexed: dict[int, tuple[str, str] | None] = {}
-        for _seq, file_id, name, description in rows:
-            if file_id not in indexed:
-                indexed[file_id] = None if name is None else (name, description)
-        for file_id, held in indexed.items():
-            now = db.execute(
-                "SELECT name, description FROM files WHERE id = ?", (file_id,)
-            ).fetchone()
-            if held == now:
-                continue
-            if held is not None:
-                db.execute(FTS_DELETE, (file_id, *held))
-            if now is not None:
-                db.execute(FTS_INSERT, (file_id, *now))
-        db.execute("DELETE FROM index_queue WHERE seq <= ?", (rows[-1][0],))
+        self._log.extend((GONE, i) for (i,) in ids)
+        self._tombstones += len(ids)
 
     # --- Reads of content identity and search (protocol.md section 8) -----------
 
@@ -588,126 +520,75 @@ class Store:
 
     def search(self, words: list[str], limit: int) -> list[Hit]:
         """The best ``limit`` files of connected owners matching every word, best first
-        (see :meth:`_search`).
+        (:meth:`p2p.indexer.searchindex.SearchIndex.search`), after every committed
+        change; waits for the worker (tests, benchmarks, tools: the indexer asks
+        :meth:`search_async`). A memory store's sees the open transaction's too."""
+        if isinstance(self._ready_index(), SearchIndex):
+            return self._search_now(words, limit)
+        answer: Future = Future()
+        self._worker().call(lambda index: index.search(words, limit), answer.set_result)
+        result = answer.result()
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        A word the tokenizer would cut in two (a mark it counts as a separator, say)
-        would be a phrase, which this index cannot answer: it is searched as its parts.
+    def search_async(self, words: list[str], limit: int) -> Deferred:
+        """:meth:`search` without waiting: a Deferred of the hits, fired on the reactor
+        thread, that sees every change made before it, committed or in the open
+        transaction (SEARCH: every acknowledged change). A memory store's has fired
+        already; a file store's worker searches after it applied every change handed
+        over before, and the changes of the open transaction are handed over by its
+        commit, the search right after. Errbacks with what kept the search from being
+        answered (the worker could not write the changes before it, say).
         """
-        try:
-            return self._search(words, limit)
-        except sqlite3.OperationalError as exc:
-            if "phrase" not in str(exc):
-                raise
-        parts = list(dict.fromkeys(part for word in words for part in _ALNUM(word)))
-        if len(parts) > MAX_QUERY_WORDS:
-            # One "word" of marks the tokenizer splits at may hide any number of words:
-            # the cap on the work of a search holds for its parts too (no hit).
-            return []
-        return self._search(parts, limit)
-
-    def _search(self, words: list[str], limit: int) -> list[Hit]:
-        """The best ``limit`` files of connected owners matching every word (as
-        :func:`p2p.indexer.fulltext.query_words` gives them), best first.
-
-        Bounded work, however common the words: the newest
-        :data:`SEARCH_CANDIDATES` (at least ``limit``) matching files of
-        connected owners are ranked by BM25, each word weighted by how many files
-        it matches, counted up to :data:`MATCHING_CAP`. When fewer match, the
-        ranking covers all of them. Ties: owner, then name. Then the copies of
-        the hits' hashes, in one grouped query.
-        """
-        if not words:
-            return []
-        db = self.db
-        if (self._queued or self._fresh) and not (self.failing or self.held):
-            # (on a full disk the index is searched as it is: a file whose row is gone
-            # is never a hit, one added meanwhile is not found yet)
-            self.update_index()
-        folded = [fold(word) for word in words]
-        counts = {
-            w: db.execute(_MATCHING, (_term(w), MATCHING_CAP)).fetchone()[0]
-            for w in words
-            if len(words) > 1 or len(w) > PREFIX_LETTERS
-        }
-        wanted = max(SEARCH_CANDIDATES, limit)
-        candidates = self._candidates(words, folded, wanted, counts, limit)
-        if not candidates:
-            return []
-        if len(words) == 1:
-            weights = [1.0]  # one word: its weight orders nothing
+        if isinstance(self._ready_index(), SearchIndex):
+            return succeed(self._search_now(words, limit))
+        found: Deferred = Deferred()
+        if self._log:
+            self._waiting.append((words, limit, found))
         else:
-            total = self.file_count()
-            weights = [inverse_frequency(total, counts[w]) for w in words]
-        split = [split for _, split in candidates]
-        candidates = [row for row, _ in candidates]
-        average = max(sum(n[1] + d[1] for n, d in split) / len(split), 1.0)
-        scores = [bm25(folded, weights, n, d, average) for n, d in split]
-        order = sorted(
-            range(len(candidates)),
-            key=lambda i: (-scores[i], candidates[i][0], candidates[i][1]),
-        )
-        ranked = [candidates[i] for i in order[:limit]]
-        hashes = list({c[4] for c in ranked if c[4] is not None})
-        copies = dict(self._copies(hashes)) if hashes else {}
-        return [
-            Hit(owner, name, description, size, sha, copies.get(sha, 1) if sha else 1)
-            for owner, name, description, size, sha in ranked
-        ]
+            self._ask(words, limit, found)
+        return found
 
-    def _candidates(
-        self,
-        words: list[str],
-        folded: list[str],
-        wanted: int,
-        counts: dict[str, int],
-        enough: int,
-    ) -> list[tuple]:
-        """The ``wanted`` newest matching files of connected owners, each with its folded
-        name and description (:func:`p2p.indexer.fulltext.words_of`).
+    def _ready_index(self) -> SearchIndex | IndexWorker:
+        if self._index is None:
+            self.open_index()
+        assert self._index is not None
+        return self._index
 
-        FTS5 answers a prefix longer than its prefix indexes (``"raga"*``) by merging
-        the list of every indexed word it starts, whole, before the first match: half a
-        million entries for a common word over a million files. So when such a word is
-        common (``counts``: its files as a whole word, at least :data:`COMMON`), it is
-        first looked for by its first :data:`PREFIX_LETTERS` letters, which a prefix
-        index streams newest first (the other words as they are: their merges are
-        small), and each file found is checked here against the whole words, until
-        ``wanted`` pass or :data:`PREFIX_SCAN` were read. If that bound is reached
-        first with fewer than ``enough`` (the hits asked for), the whole query is
-        asked of FTS5: so a search never answers fewer hits than it could.
-        """
-        db = self.db
-        if all(len(w) <= PREFIX_LETTERS or counts.get(w, 0) < COMMON for w in words):
-            rows = db.execute(_CANDIDATES, (fts5_match(words), wanted)).fetchall()
-            return [(row, (words_of(row[1]), words_of(row[2]))) for row in rows]
-        starts = list(
-            dict.fromkeys(w[:PREFIX_LETTERS] if counts.get(w, 0) >= COMMON else w for w in words)
-        )
-        found: list[tuple] = []
-        cursor = db.execute(_CANDIDATES, (fts5_match(starts), PREFIX_SCAN))
-        read = 0
-        for row in cursor:
-            read += 1
-            name, description = words_of(row[1]), words_of(row[2])
-            text = name[0] + description[0]
-            if all(f" {word}" in text for word in folded):
-                found.append((row, (name, description)))
-                if len(found) == wanted:
-                    cursor.close()
-                    return found
-        if read < PREFIX_SCAN or len(found) >= enough:
-            return found  # every file of the shorter prefixes was checked, or enough
-        rows = db.execute(_CANDIDATES, (fts5_match(words), wanted)).fetchall()
-        return [(row, (words_of(row[1]), words_of(row[2]))) for row in rows]
+    def _worker(self) -> IndexWorker:
+        index = self._ready_index()
+        assert isinstance(index, IndexWorker)
+        return index
 
-    def _copies(self, hashes: list[str]) -> list[tuple[str, int]]:
-        """For each hash, how many connected users published a file with it."""
-        marks = ",".join("?" * len(hashes))
-        return self.db.execute(
-            "SELECT f.sha256, count(DISTINCT f.user) FROM files f JOIN online o ON o.id = f.id"
-            f" WHERE f.sha256 IS NOT NULL AND f.sha256 IN ({marks}) GROUP BY f.sha256",
-            hashes,
-        ).fetchall()
+    def _search_now(self, words: list[str], limit: int) -> list[Hit]:
+        """A memory store's search: its index brought up to date in the open transaction."""
+        index = self._index
+        assert isinstance(index, SearchIndex)
+        if len(self._log) > self._inline and not (self.failing or self.held):
+            # (on a full disk the index is searched as it is: the changes of a
+            # transaction that cannot commit are never seen)
+            index.apply(self._log[self._inline :])
+            self._inline = len(self._log)
+        return index.search(words, limit)
+
+    def _ask(self, words: list[str], limit: int, found: Deferred) -> None:
+        """Hand a search to the worker; its result fires ``found`` on the reactor thread."""
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+
+        def deliver(result: object) -> None:
+            fire = found.errback if isinstance(result, Exception) else found.callback
+            reactor.callFromThread(fire, result)
+
+        self._worker().call(lambda index: index.search(words, limit), deliver)
+
+    def _release_waiting(self) -> None:
+        """Hand over the searches that waited for the open transaction's changes."""
+        waiting, self._waiting = self._waiting, []
+        for words, limit, found in waiting:
+            self._ask(words, limit, found)
 
     def file_count(self) -> int:
         """How many files are published (kept up to date once counted)."""
@@ -778,9 +659,10 @@ class Store:
         if not self._in_transaction:
             return
         added, self._outbox_added = self._outbox_added, False
+        log, seq = self._log, self._change_seq + 1
         try:
-            if self._queued + self._fresh >= INDEX_BATCH:
-                self.update_index()
+            if log:
+                self._note_changes(seq)
             self._in_transaction = False
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -797,6 +679,12 @@ class Store:
             self.failing = True
             raise
         self._records.clear()
+        if log:
+            self._log, self._inline = [], 0
+            self._change_seq = seq
+            if isinstance(self._index, IndexWorker):
+                self._index.hand_over(log, seq)
+        self._release_waiting()
         if added:
             self._committed_seq = self._last_seq
             for listener in list(self._listeners):
@@ -812,10 +700,41 @@ class Store:
         self._outbox_added = False
         self._records.clear()
         self._last_seq = self._committed_seq
+        self._log, self._inline = [], 0
         if self._db is not None and self._db.in_transaction:
             self._db.execute("ROLLBACK")
-        if self._db is not None:
-            self._count_unindexed(self._db)
+        if isinstance(self._index, SearchIndex):
+            self._index.forget()  # its writes were in the transaction
+        self._release_waiting()
+
+    def _index_mark(self) -> int:
+        """The last change number the search database (if any) holds: the next changes are
+        numbered past it, whatever rows of this database were deleted since."""
+        path = self.path + searchindex.SUFFIX
+        if self.path == MEMORY or not os.path.exists(path):
+            return 0
+        try:
+            search = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                return SearchIndex.read_mark(search)[1] or 0
+            finally:
+                search.close()
+        except sqlite3.Error:
+            return 0  # unreadable: it will be filled again from scratch
+
+    def _note_changes(self, seq: int) -> None:
+        """In the transaction about to commit as change number ``seq`` (the number its rows
+        carry): a memory store writes its search index now (in the same transaction); the
+        tombstones the search side no longer needs are forgotten, now and then."""
+        db = self.db
+        index = self._index
+        if isinstance(index, SearchIndex):
+            index.apply(self._log[self._inline :])
+            self._inline = len(self._log)
+        if self._tombstones >= TOMBSTONES_KEPT and index is not None:
+            applied = index.applied if isinstance(index, IndexWorker) else seq
+            db.execute("DELETE FROM tombstones WHERE seq <= ?", (applied,))
+            self._tombstones = 0
 
     # --- Outbox API of the logger relay ----------------------------------------
 
@@ -870,12 +789,3 @@ class Store:
 def _row(ip: str | None, port: int | None, identity: str | None) -> UserRow:
     """A user row from its columns (no files yet)."""
     return UserRow(address=(ip, port) if ip is not None else None, identity=identity)
-
-
-def _term(word: str) -> str:
-    """The FTS5 query of ``word`` as a whole word (quoted, so only a word)."""
-    return '"{}"'.format(word.replace('"', '""'))
-
-
-#: Runs of letters and digits only (a last resort for a query word: see ``Store.search``).
-_ALNUM = re.compile(r"[^\W_]+").findall

@@ -1,0 +1,644 @@
+"""The SQLite store's search side (protocol.md section 8.3): its own database, its own thread.
+
+Writing each file's words into the FTS5 index inside the reactor's group commit
+cost PUBLISH and DELETE a quarter of their rate. So what only SEARCH needs lives
+in a separate database beside the main one (``<db>.search``), written by one
+worker thread on its own connection (:class:`IndexWorker`):
+
+- The main store records each change of a file or of a user's connection as a
+  :data:`Change` while it writes it, and hands the turn's changes to the worker
+  after its COMMIT succeeded, in order, in memory. The worker applies whatever
+  has arrived every :data:`WRITE_DELAY` (or before a search), in one transaction
+  of its own, only the last change of each file and user: a burst of changes is
+  one FTS5 segment, not one per turn, and the two threads rarely wake each other.
+- A search is a job on the same queue: the worker answers it after it applied
+  every change handed over before it, so a SEARCH sees every change
+  acknowledged before it (the store hands a SEARCH over after the commit of the
+  changes of its own turn: see ``Store.search_async``).
+- Nothing is lost by a ``kill -9``: every change the main database commits is
+  numbered, and the rows it wrote carry the number (``seq`` of a ``files`` or
+  ``users`` row, a row of ``tombstones`` for a file deleted): no extra write per
+  commit. The search database records the last number it applied
+  (``search_meta``), and :func:`catch_up` applies what the main database holds
+  past it, at start, or after the worker had to drop changes it could not write.
+  The main store numbers its commits past the highest number its rows and the
+  search database hold (:func:`last_change`), so nothing committed after the
+  mark is ever numbered below it.
+- A worker that cannot write (a full disk) keeps the changes in memory, in
+  order, and tries again before its next job; searches get SEARCH's error code
+  meanwhile rather than an answer that could miss an acknowledged change.
+
+The search database holds a copy of each file's row (``docs``: owner, name,
+description, size, hash, and the folded words of name and description, so
+ranking never folds text), the FTS5 index over it, the connected users
+(``connected``) and the ids of their files (``online``).
+
+A memory-only store (``:memory:``: tests) attaches a memory database as schema
+``search`` to its own connection instead and applies changes on the reactor
+thread, before each search and at each commit, in the same transaction: no
+thread, answers at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from twisted.logger import Logger
+
+from p2p.indexer.fulltext import (
+    FTS_TABLE,
+    MAX_QUERY_WORDS,
+    PREFIXES,
+    Hit,
+    bm25,
+    fold,
+    fts5_match,
+    inverse_frequency,
+    words_of,
+)
+
+#: A change of what SEARCH sees, as the main store records it:
+#: ``(FILE, id, owner, name, description, size, sha256)`` (a new file, or a file's new
+#: text, size or hash), ``(GONE, id)`` (a file deleted), ``(USER, name, connected)``.
+Change = tuple
+FILE, GONE, USER = 0, 1, 2
+
+#: The search database of the main database at ``path``.
+SUFFIX = ".search"
+
+#: At most this many of the newest matching files of connected owners are ranked
+#: (or ``limit``, when more are asked for).
+SEARCH_CANDIDATES = 300
+#: The longest prefix index (fulltext.PREFIXES), and how many files a search reads by
+#: such a prefix of a longer word before it asks FTS5 for the whole word instead.
+PREFIX_LETTERS = max(int(n) for n in PREFIXES.split())
+#: A word's matches are counted up to this many (more: the same, lowest, weight).
+MATCHING_CAP = 5000
+#: Changes handed over wait at most this long (seconds) before they are written, unless
+#: a search comes first: FTS5 writes a segment at each commit (about 70 us over a million
+#: files), so a commit per turn would cost more than the changes themselves.
+WRITE_DELAY = 0.05
+#: After a failed write, the next try comes with the next job, or after this long.
+RETRY_DELAY = 1.0
+#: Changes a failing worker keeps in memory at most; beyond, it drops them and
+#: catches up from the main database once it can write again.
+MAX_PENDING = 200_000
+#: How much of the database SQLite maps into memory (address space, not RAM).
+MMAP_SIZE = 1 << 32
+
+
+def _schema(s: str) -> str:
+    """The search database's tables in schema ``s`` (``main``, or ``search`` attached)."""
+    return f"""
+CREATE TABLE IF NOT EXISTS {s}.search_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.docs (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    size INTEGER,
+    sha256 TEXT,
+    folded_name TEXT NOT NULL,
+    folded_description TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {s}.docs_user ON docs (user);
+CREATE INDEX IF NOT EXISTS {s}.docs_sha256 ON docs (sha256) WHERE sha256 IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.connected (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS {s}.online (id INTEGER PRIMARY KEY);
+CREATE VIRTUAL TABLE IF NOT EXISTS {s}.{FTS_TABLE} USING fts5(
+    name, description,
+    content='docs', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2',
+    detail=column,
+    prefix='{PREFIXES}'
+);
+"""
+
+
+class SearchIndex:
+    """The search database on one connection: :meth:`apply` changes, :meth:`search`.
+
+    Used by one thread at a time (the worker's, or the reactor's for a memory store).
+    """
+
+    log = Logger()
+
+    def __init__(self, db: sqlite3.Connection, schema: str = "main") -> None:
+        self.db = db
+        s = self.schema = schema
+        db.executescript(_schema(s))
+        self._count: int | None = None
+        fts = f"{s}.{FTS_TABLE}"
+        self._fts_insert = f"INSERT INTO {fts} (rowid, name, description) VALUES (?, ?, ?)"
+        self._fts_delete = (
+            f"INSERT INTO {fts} ({FTS_TABLE}, rowid, name, description) VALUES ('delete', ?, ?, ?)"
+        )
+        self._candidates_sql = f"""
+SELECT d.user, d.name, d.description, d.size, d.sha256, d.folded_name, d.folded_description
+FROM {fts} JOIN {s}.online o ON o.id = {FTS_TABLE}.rowid JOIN {s}.docs d ON d.id = {FTS_TABLE}.rowid
+WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
+"""
+        # How many files hold a query word as a whole word, counted up to a cap: its
+        # BM25 weight. (As a prefix, a word longer than the longest prefix index would
+        # make FTS5 merge the lists of every word it starts.)
+        self._matching_sql = (
+            f"SELECT count(*) FROM (SELECT 1 FROM {fts} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
+        )
+
+    # --- Where it stands ------------------------------------------------------
+
+    def mark(self) -> tuple[str | None, int | None]:
+        """The main database it follows (its ``sender_id``) and the last change number
+        applied; (None, None) for an index never filled."""
+        return self.read_mark(self.db, self.schema)
+
+    @staticmethod
+    def read_mark(db: sqlite3.Connection, schema: str = "main") -> tuple[str | None, int | None]:
+        """:meth:`mark` of the search database open on ``db`` (as ``schema``)."""
+        try:
+            rows = dict(db.execute(f"SELECT key, value FROM {schema}.search_meta"))
+        except sqlite3.OperationalError:  # no such table: never filled
+            return None, None
+        applied = rows.get("applied")
+        return rows.get("source"), None if applied is None else int(applied)
+
+    def set_mark(self, source: str, applied: int) -> None:
+        self.db.executemany(
+            f"INSERT OR REPLACE INTO {self.schema}.search_meta (key, value) VALUES (?, ?)",
+            (("source", source), ("applied", str(applied))),
+        )
+
+    # --- Changes ----------------------------------------------------------------
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Apply ``changes``, in the caller's transaction, as if one after another: only
+        the last change of each file and of each user is written (the files first: a
+        user's change then puts all of its files in ``online``, or takes them out).
+        Each may be applied again (a catch-up re-reads what was already there)."""
+        db, s = self.db, self.schema
+        files: dict[int, Change] = {}
+        users: dict[str, bool] = {}
+        for change in changes:
+            if change[0] == USER:
+                users[change[1]] = change[2]
+            else:
+                files[change[1]] = change
+        for change in files.values():
+            if change[0] == FILE:
+                _, file_id, user, name, description, size, sha256 = change
+                old = db.execute(
+                    f"SELECT user, name, description FROM {s}.docs WHERE id = ?", (file_id,)
+                ).fetchone()
+                if old is None:
+                    row = (file_id, user, name, description, size, sha256)
+                    db.execute(
+                        f"INSERT INTO {s}.docs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*row, *_folded(name, description)),
+                    )
+                    db.execute(self._fts_insert, (file_id, name, description))
+                    if self._count is not None:
+                        self._count += 1
+                else:
+                    if (old[1], old[2]) != (name, description):
+                        db.execute(self._fts_delete, (file_id, old[1], old[2]))
+                        db.execute(self._fts_insert, (file_id, name, description))
+                    db.execute(
+                        f"UPDATE {s}.docs SET user = ?, name = ?, description = ?, size = ?,"
+                        " sha256 = ?, folded_name = ?, folded_description = ? WHERE id = ?",
+                        (*change[2:], *_folded(name, description), file_id),
+                    )
+                    if old[0] == user:
+                        continue
+                    db.execute(f"DELETE FROM {s}.online WHERE id = ?", (file_id,))
+                db.execute(
+                    f"INSERT OR IGNORE INTO {s}.online (id)"
+                    f" SELECT ? FROM {s}.connected WHERE name = ?",
+                    (file_id, user),
+                )
+            else:
+                old = db.execute(
+                    f"DELETE FROM {s}.docs WHERE id = ? RETURNING name, description",
+                    (change[1],),
+                ).fetchone()
+                if old is not None:
+                    db.execute(self._fts_delete, (change[1], *old))
+                    db.execute(f"DELETE FROM {s}.online WHERE id = ?", (change[1],))
+                    if self._count is not None:
+                        self._count -= 1
+        for user, connected in users.items():
+            if connected:
+                db.execute(f"INSERT OR IGNORE INTO {s}.connected (name) VALUES (?)", (user,))
+                db.execute(
+                    f"INSERT OR IGNORE INTO {s}.online (id) SELECT id FROM {s}.docs WHERE user = ?",
+                    (user,),
+                )
+            elif db.execute(f"DELETE FROM {s}.connected WHERE name = ?", (user,)).rowcount:
+                db.execute(
+                    f"DELETE FROM {s}.online WHERE id IN (SELECT id FROM {s}.docs WHERE user = ?)",
+                    (user,),
+                )
+
+    def forget(self) -> None:
+        """Drop what the cached count assumed (after a rolled-back transaction)."""
+        self._count = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A transaction of the index's own connection: committed, or rolled back."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self.forget()
+            raise
+
+    def fill(self, files: Iterator[tuple], connected: Iterable[str]) -> None:
+        """Fill an empty index at once (in the caller's transaction): every file
+        ``(id, owner, name, description, size, sha256)`` and the connected users; the
+        FTS5 index is then built in one pass and made one segment."""
+        db, s = self.db, self.schema
+        db.executemany(
+            f"INSERT INTO {s}.docs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((*row, *_folded(row[2], row[3])) for row in files),
+        )
+        db.executemany(f"INSERT INTO {s}.connected (name) VALUES (?)", ((n,) for n in connected))
+        db.execute(
+            f"INSERT INTO {s}.online (id) SELECT d.id FROM {s}.docs d"
+            f" JOIN {s}.connected c ON c.name = d.user"
+        )
+        db.execute(f"INSERT INTO {s}.{FTS_TABLE} ({FTS_TABLE}) VALUES ('rebuild')")
+        # One segment: otherwise the next writes pay for merging the rebuilt ones
+        # (measured over 1,000,000 files: 300-450 us more per commit).
+        db.execute(f"INSERT INTO {s}.{FTS_TABLE} ({FTS_TABLE}) VALUES ('optimize')")
+        self._count = None
+
+    def clear(self) -> None:
+        """Empty the index (in the caller's transaction), to :meth:`fill` it again."""
+        db, s = self.db, self.schema
+        db.execute(f"INSERT INTO {s}.{FTS_TABLE} ({FTS_TABLE}) VALUES ('delete-all')")
+        for table in ("docs", "connected", "online", "search_meta"):
+            db.execute(f"DELETE FROM {s}.{table}")
+        self._count = None
+
+    # --- Search -----------------------------------------------------------------
+
+    def search(self, words: list[str], limit: int) -> list[Hit]:
+        """The best ``limit`` files of connected owners matching every word, best first
+        (see :meth:`_search`).
+
+        A word the tokenizer would cut in two (a mark it counts as a separator, say)
+        would be a phrase, which this index cannot answer: it is searched as its parts.
+        """
+        try:
+            return self._search(words, limit)
+        except sqlite3.OperationalError as exc:
+            if "phrase" not in str(exc):
+                raise
+        parts = list(dict.fromkeys(part for word in words for part in _ALNUM(word)))
+        if len(parts) > MAX_QUERY_WORDS:
+            # One "word" of marks the tokenizer splits at may hide any number of words:
+            # the cap on the work of a search holds for its parts too (no hit).
+            return []
+        return self._search(parts, limit)
+
+    def _search(self, words: list[str], limit: int) -> list[Hit]:
+        """The best ``limit`` files of connected owners matching every word (as
+        :func:`p2p.indexer.fulltext.query_words` gives them), best first.
+
+        Bounded work, however common the words: the newest
+        :data:`SEARCH_CANDIDATES` (at least ``limit``) matching files of
+        connected owners are ranked by BM25, each word weighted by how many files
+        it matches, counted up to :data:`MATCHING_CAP`. When fewer match, the
+        ranking covers all of them. Ties: owner, then name. Then the copies of
+        the hits' hashes, in one grouped query.
+        """
+        if not words:
+            return []
+        db = self.db
+        folded = [fold(word) for word in words]
+        counts = {
+            w: db.execute(self._matching_sql, (_term(w), MATCHING_CAP)).fetchone()[0]
+            for w in words
+            if len(words) > 1 or len(w) > PREFIX_LETTERS
+        }
+        wanted = max(SEARCH_CANDIDATES, limit)
+        candidates = self._candidates(words, folded, wanted, counts, limit)
+        if not candidates:
+            return []
+        if len(words) == 1:
+            weights = [1.0]  # one word: its weight orders nothing
+        else:
+            total = self.file_count()
+            weights = [inverse_frequency(total, counts[w]) for w in words]
+        split = [(_counted(row[5]), _counted(row[6])) for row in candidates]
+        average = max(sum(n[1] + d[1] for n, d in split) / len(split), 1.0)
+        scores = [bm25(folded, weights, n, d, average) for n, d in split]
+        order = sorted(
+            range(len(candidates)),
+            key=lambda i: (-scores[i], candidates[i][0], candidates[i][1]),
+        )
+        ranked = [candidates[i] for i in order[:limit]]
+        hashes = list({c[4] for c in ranked if c[4] is not None})
+        copies = dict(self._copies(hashes)) if hashes else {}
+        return [
+            Hit(owner, name, description, size, sha, copies.get(sha, 1) if sha else 1)
+            for owner, name, description, size, sha, _, _ in ranked
+        ]
+
+    def _candidates(
+        self,
+        words: list[str],
+        folded: list[str],
+        wanted: int,
+        counts: dict[str, int],
+        enough: int,
+    ) -> list[tuple]:
+        """The ``wanted`` newest matching files of connected owners, with their folded
+        name and description.
+
+        FTS5 answers a prefix longer than its prefix indexes (``"raga"*``) by merging
+        the list of every indexed word it starts, whole, before the first match: half a
+        million entries for a common word over a million files. So when such a word is
+        common (``counts``: its files as a whole word, at least ``store.COMMON``), it is
+        first looked for by its first :data:`PREFIX_LETTERS` letters, which a prefix
+        index streams newest first (the other words as they are: their merges are
+        small), and each file found is checked here against the whole words, until
+        ``wanted`` pass or ``store.PREFIX_SCAN`` were read. If that bound is reached
+        first with fewer than ``enough`` (the hits asked for), the whole query is
+        asked of FTS5: so a search never answers fewer hits than it could.
+        """
+        from p2p.indexer.store import COMMON, PREFIX_SCAN  # the store's bounds, read now
+
+        db = self.db
+        if all(len(w) <= PREFIX_LETTERS or counts.get(w, 0) < COMMON for w in words):
+            return db.execute(self._candidates_sql, (fts5_match(words), wanted)).fetchall()
+        starts = list(
+            dict.fromkeys(w[:PREFIX_LETTERS] if counts.get(w, 0) >= COMMON else w for w in words)
+        )
+        found: list[tuple] = []
+        cursor = db.execute(self._candidates_sql, (fts5_match(starts), PREFIX_SCAN))
+        read = 0
+        for row in cursor:
+            read += 1
+            text = row[5] + row[6]
+            if all(f" {word}" in text for word in folded):
+                found.append(row)
+                if len(found) == wanted:
+                    cursor.close()
+                    return found
+        if read < PREFIX_SCAN or len(found) >= enough:
+            return found  # every file of the shorter prefixes was checked, or enough
+        return db.execute(self._candidates_sql, (fts5_match(words), wanted)).fetchall()
+
+    def _copies(self, hashes: list[str]) -> list[tuple[str, int]]:
+        """For each hash, how many connected users published a file with it."""
+        marks = ",".join("?" * len(hashes))
+        s = self.schema
+        return self.db.execute(
+            f"SELECT d.sha256, count(DISTINCT d.user) FROM {s}.docs d"
+            f" JOIN {s}.online o ON o.id = d.id"
+            f" WHERE d.sha256 IS NOT NULL AND d.sha256 IN ({marks}) GROUP BY d.sha256",
+            hashes,
+        ).fetchall()
+
+    def file_count(self) -> int:
+        """How many files the index holds (kept up to date once counted)."""
+        if self._count is None:
+            self._count = self.db.execute(f"SELECT count(*) FROM {self.schema}.docs").fetchone()[0]
+        return self._count
+
+
+def _folded(name: str, description: str) -> tuple[str, str]:
+    """The folded words of a name and a description, as ``docs`` keeps them."""
+    return words_of(name)[0], words_of(description)[0]
+
+
+def _counted(folded: str) -> tuple[str, int]:
+    """A folded text (:func:`p2p.indexer.fulltext.words_of`) with its number of words."""
+    return folded, folded.count(" ") if len(folded) > 1 else 0
+
+
+def _term(word: str) -> str:
+    """The FTS5 query of ``word`` as a whole word (quoted, so only a word)."""
+    return '"{}"'.format(word.replace('"', '""'))
+
+
+#: Runs of letters and digits only (a last resort for a query word: see ``SearchIndex.search``).
+_ALNUM = re.compile(r"[^\W_]+").findall
+
+
+# --- Catching up from the main database -------------------------------------------
+
+
+def catch_up(index: SearchIndex, main: sqlite3.Connection, source: str) -> int:
+    """Bring ``index`` up to date with the main database (``main``: a connection of
+    its own, not in a transaction, whose ``sender_id`` is ``source``); the change
+    number it is now up to date with.
+
+    An index that follows another database, or none yet, is filled from scratch;
+    otherwise only the rows the main database changed after the index's mark are
+    applied: the files deleted (``tombstones``), then the files and the users as
+    they are now. Reading in one transaction of ``main``, it sees one commit's state.
+    """
+    main.execute("BEGIN")
+    try:
+        followed, applied = index.mark()
+        seq = max(last_change(main), applied or 0)
+        with index.transaction():
+            if followed != source or applied is None:
+                index.clear()
+                index.fill(
+                    main.execute(
+                        "SELECT id, user, name, description, size, sha256 FROM files ORDER BY id"
+                    ),
+                    (r[0] for r in main.execute("SELECT name FROM users WHERE ip IS NOT NULL")),
+                )
+            elif applied < seq:
+                index.apply(
+                    (GONE, r[0])
+                    for r in main.execute("SELECT id FROM tombstones WHERE seq > ?", (applied,))
+                )
+                index.apply(
+                    (FILE, *r)
+                    for r in main.execute(
+                        "SELECT id, user, name, description, size, sha256 FROM files"
+                        " WHERE seq > ? ORDER BY id",
+                        (applied,),
+                    )
+                )
+                index.apply(
+                    (USER, r[0], r[1])
+                    for r in main.execute(
+                        "SELECT name, ip IS NOT NULL FROM users WHERE seq > ?", (applied,)
+                    )
+                )
+            index.set_mark(source, seq)
+    finally:
+        main.execute("COMMIT")
+    return seq
+
+
+def last_change(main: sqlite3.Connection) -> int:
+    """The highest change number the main database's rows carry (at least every change
+    committed since the search database's mark: see the module's doc)."""
+    return max(
+        main.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]
+        for table in ("files", "users", "tombstones")
+    )
+
+
+def open_search_database(path: str) -> sqlite3.Connection:
+    """A connection to the search database at ``path`` (created if missing)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # Losing the last transactions to a power cut costs nothing: the next start
+    # catches up from the main database.
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
+    return db
+
+
+# --- The worker thread -----------------------------------------------------------
+
+
+class IndexWorker:
+    """The search database's own thread: changes applied, then questions answered, in
+    the order they were handed over (see the module's doc).
+
+    ``jobs`` are ``(call, deliver)`` for :meth:`call`, None to stop the thread; the
+    changes wait in their own deque (see :meth:`hand_over`).
+    """
+
+    log = Logger()
+
+    def __init__(self, index: SearchIndex, main_path: str, source: str, applied: int) -> None:
+        self.index = index
+        self.main_path = main_path
+        self.source = source
+        #: The last change number written to the search database (read by the store
+        #: to forget the tombstones no longer needed).
+        self.applied = applied
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._handed: deque[tuple[list[Change], int]] = deque()
+        #: Changes handed over and not yet written (after a failure), with their number.
+        self._pending: list[tuple[list[Change], int]] = []
+        self._pending_count = 0
+        #: Changes were dropped (too many held while failing): catch up from the main db.
+        self._behind = False
+        self._failing = False
+        #: When the changes held are written at the latest (see :data:`WRITE_DELAY`).
+        self._due = 0.0
+        self._thread = threading.Thread(target=self._run, name="search-index", daemon=True)
+        self._thread.start()
+
+    def hand_over(self, changes: list[Change], seq: int) -> None:
+        """Changes committed by the main database as number ``seq``: apply them.
+
+        They wait in a deque the worker drains when it wakes (before a question, or
+        every :data:`WRITE_DELAY`): waking it at every commit would make the two
+        threads take the interpreter's lock from each other thousands of times a second.
+        """
+        self._handed.append((changes, seq))
+
+    def call(self, call: Callable[[SearchIndex], Any], deliver: Callable[[Any], None]) -> None:
+        """Run ``call(index)`` once every change handed over before is applied; its result
+        (or the exception it raised, or the one that kept the changes out) goes to
+        ``deliver``, on the worker thread."""
+        self._jobs.put((call, deliver))
+
+    def stop(self) -> None:
+        """Apply what is queued, answer the questions, and end the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        jobs, handed = self._jobs, self._handed
+        while True:
+            try:
+                job = jobs.get(timeout=WRITE_DELAY)
+            except queue.Empty:  # the changes handed over meanwhile: write them
+                job = ()
+            while handed:  # every change handed over before the job
+                self._hold(*handed.popleft())
+            if job == () and time.monotonic() < self._due:
+                continue  # (failing: not before the retry delay)
+            failure = self._write()
+            if job is None:
+                self.index.db.close()
+                return
+            if job == ():
+                continue
+            call, deliver = job
+            try:
+                if failure is not None:
+                    raise failure
+                result = call(self.index)
+            except Exception as exc:  # handed to the asker
+                result = exc
+            try:
+                deliver(result)
+            except Exception:
+                self.log.failure("delivering a search result failed")
+
+    def _hold(self, changes: list[Change], seq: int) -> None:
+        if self._behind or seq <= self.applied:
+            return  # the catch-up reads (or read) them from the main database
+        self._pending.append((changes, seq))
+        self._pending_count += len(changes)
+        if self._pending_count > MAX_PENDING:
+            self._pending.clear()
+            self._pending_count = 0
+            self._behind = True
+
+    def _write(self) -> Exception | None:
+        """Write the changes held, in one transaction; the error that prevented it."""
+        if not (self._pending or self._behind):
+            return None
+        try:
+            if self._behind:
+                self._catch_up()
+            else:
+                self._apply_pending()
+        except sqlite3.Error as exc:
+            self._due = time.monotonic() + RETRY_DELAY
+            if not self._failing:
+                self.log.warn(
+                    "search index: cannot write ({exc}); searches are refused until it can",
+                    exc=exc,
+                )
+            self._failing = True
+            return exc
+        if self._failing:
+            self.log.info("search index: writing again")
+            self._failing = False
+        return None
+
+    def _apply_pending(self) -> None:
+        index, seq = self.index, self._pending[-1][1]
+        with index.transaction():
+            index.apply(change for changes, _ in self._pending for change in changes)
+            index.set_mark(self.source, seq)
+        self._pending.clear()
+        self._pending_count = 0
+        self.applied = seq
+
+    def _catch_up(self) -> None:
+        main = sqlite3.connect(self.main_path, isolation_level=None)
+        try:
+            seq = catch_up(self.index, main, self.source)
+        finally:
+            main.close()
+        self._behind = False
+        self.applied = seq  # changes handed over up to it were read: skipped (``_hold``)

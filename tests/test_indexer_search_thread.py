@@ -1,0 +1,271 @@
+"""SEARCH answered by the file store's search thread (p2p.indexer.searchindex): a SEARCH
+sees every change acknowledged before it, the search database catches up after a
+``kill -9`` with changes it had not written, and a worker that cannot write refuses
+searches until it can, losing nothing."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import TestCase
+
+from p2p import wire
+from p2p.indexer import protocol as protocol_module
+from p2p.indexer import searchindex
+from p2p.indexer.directory import Directory
+from p2p.indexer.protocol import IndexerFactory
+from p2p.indexer.searchindex import SearchIndex
+from p2p.indexer.store import Store
+from tests.test_indexer_protocol import DT, Harness
+from tests.test_indexer_search import H1, rows
+
+
+class FileHarness(Harness):
+    """The protocol harness on a database file: SEARCH is answered by the search thread,
+    its reply delivered through the running reactor."""
+
+    def __init__(self, testcase: TestCase, path: str) -> None:
+        self.clock = MemoryReactorClock()
+        self.store = Store(path)
+        self.store.open()
+        testcase.addCleanup(self.store.close)
+        self.directory = Directory(self.store)
+        self.directory.load()  # opens the search side too
+        self.factory = IndexerFactory(self.directory, self.clock)
+        self.lines: list[str] = []
+        testcase.patch(protocol_module, "say", self.lines.append)
+
+    def start(self, op: str, user: str, *args):
+        """Send one request on a fresh connection (the turn does not end): the transport,
+        and a Deferred that fires once the reply was written."""
+        proto, transport = self.connect()
+        replied: Deferred = Deferred()
+        reply = proto.reply
+
+        def replying(*a) -> None:
+            reply(*a)
+            replied.callback(transport)
+
+        proto.reply = replying
+        proto.dataReceived(wire.encode_request(op, DT, user, *args))
+        return transport, replied
+
+    @inlineCallbacks
+    def ask(self, op: str, user: str, *args):
+        """One request, its turn ended; the reply once written (a SEARCH's comes later)."""
+        transport, replied = self.start(op, user, *args)
+        self.clock.advance(0)
+        yield replied
+        return transport.value()
+
+
+def worker_index(store: Store) -> SearchIndex:
+    """The search database of ``store``'s worker thread."""
+    return store._index.index  # type: ignore[union-attr]
+
+
+def failing(*args) -> None:
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+class Ordering(TestCase):
+    def setUp(self) -> None:
+        self.h = FileHarness(self, self.mktemp())
+        for op, user, *args in [
+            ("REGISTER", "alice"),
+            ("REGISTER", "bob"),
+            ("CONNECT", "alice", 5000),
+            ("CONNECT", "bob", 5001),
+        ]:
+            self.assertEqual(self.h.request(op, user, *args), b"\0")
+
+    @inlineCallbacks
+    def test_search_sees_the_changes_of_its_own_turn(self):
+        """A PUBLISH on another connection, handled before the SEARCH in the same reactor
+        turn, is acknowledged at the turn's commit: the SEARCH, answered later by the
+        search thread, finds the file; a DELETE and a DISCONNECT the same way."""
+        published, _ = self.h.start("PUBLISH", "alice", "walrus.txt", "tusks")
+        searched, search_done = self.h.start("SEARCH", "bob", "walrus", 10)
+        self.h.clock.advance(0)
+        self.assertEqual(published.value(), b"\0")  # at the commit
+        self.assertEqual(searched.value(), b"")  # not yet: the search thread answers
+        yield search_done
+        self.assertEqual(
+            rows(searched.value(), 6), [("alice", "walrus.txt", "tusks", "-", "-", "1")]
+        )
+        self.h.start("DELETE", "alice", "walrus.txt")
+        searched, search_done = self.h.start("SEARCH", "bob", "walrus", 10)
+        self.h.clock.advance(0)
+        yield search_done
+        self.assertEqual(rows(searched.value(), 6), [])
+        self.assertEqual(self.h.request("PUBLISH", "bob", "seal.txt", "whiskers"), b"\0")
+        self.h.start("DISCONNECT", "bob")
+        searched, search_done = self.h.start("SEARCH", "alice", "seal", 10)
+        self.h.clock.advance(0)
+        yield search_done
+        self.assertEqual(rows(searched.value(), 6), [])
+
+    @inlineCallbacks
+    def test_search_before_a_change_of_its_turn_waits_for_nothing(self):
+        """Only the changes handled before a SEARCH matter: one handled after it in the
+        same turn is neither waited for nor needed."""
+        searched, search_done = self.h.start("SEARCH", "bob", "otter", 10)
+        self.h.start("PUBLISH", "alice", "otter.txt", "paws")
+        self.h.clock.advance(0)
+        yield search_done
+        self.assertEqual(searched.value()[:1], b"\0")
+        reply = yield self.h.ask("SEARCH", "bob", "otter", 10)
+        self.assertEqual([r[1] for r in rows(reply, 6)], ["otter.txt"])
+
+    @inlineCallbacks
+    def test_replies_of_a_failed_commit(self):
+        """A turn whose commit fails answers its changes and its SEARCHes with the error
+        code, and nothing of it is ever found."""
+        published, _ = self.h.start("PUBLISH", "alice", "mole.txt", "digs")
+        searched, search_done = self.h.start("SEARCH", "bob", "mole", 10)
+        self.patch(self.h.store, "_note_changes", failing)
+        self.h.clock.advance(0)
+        self.flushLoggedErrors(sqlite3.OperationalError)
+        self.assertEqual(published.value(), bytes((wire.PUBLISH.error,)))
+        self.assertEqual(searched.value(), bytes((wire.SEARCH.error,)))
+        self.assertTrue(search_done.called)
+        del self.h.store._note_changes
+        self.assertTrue(self.h.store.writable())
+        reply = yield self.h.ask("SEARCH", "bob", "mole", 10)
+        self.assertEqual(rows(reply, 6), [])
+        # The search thread answered the first SEARCH too, before: that answer is dropped.
+        self.assertEqual(searched.value(), bytes((wire.SEARCH.error,)))
+
+
+class CatchUp(TestCase):
+    def test_kill_with_changes_not_yet_indexed(self) -> None:
+        """Changes committed to the main database that the search database never got
+        (the indexer killed first) are read from the main database at the next start:
+        new files, a file deleted, a new description, an id SQLite gave again, an owner
+        who left."""
+        path = self.mktemp()
+        first = Store(path)
+        first.open()
+        first.open_index()
+        for user, port in (("u", 5000), ("v", 5001)):
+            first.add_user(user)
+            first.set_address(user, ("10.0.0.1", port))
+        for i in range(3):
+            first.add_file("u", f"walrus_{i}.txt", "d")
+        first.add_file("v", "seal.txt", "whiskers", 3, H1)
+        first.commit()
+        self.assertEqual(len(first.search(["walrus"], 10)), 3)  # written and searched
+        # From now on the worker cannot write: what follows stays out of the index.
+        self.patch(worker_index(first), "apply", failing)
+        first.remove_file("u", "walrus_0.txt")
+        first.publish_file("u", "walrus_1.txt", "now a narwhal", 1, H1)
+        first.remove_file("u", "walrus_2.txt")
+        first.add_file("u", "walrus_3.txt", "d")  # the id of walrus_2.txt again
+        first.set_address("v", None)
+        first.commit()
+        self.assertRaises(sqlite3.OperationalError, first.search, ["walrus"], 10)
+        # kill -9: the first store is never closed; the next start opens the same files.
+        second = Store(path)
+        second.open()
+        second.open_index()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.assertEqual(
+            sorted(h.name for h in second.search(["walrus"], 10)),
+            ["walrus_1.txt", "walrus_3.txt"],
+        )
+        narwhal = second.search(["narwhal"], 10)
+        self.assertEqual([(h.name, h.size, h.sha256) for h in narwhal], [("walrus_1.txt", 1, H1)])
+        self.assertEqual(second.search(["whiskers"], 10), [])  # v is offline now
+        self.assertEqual(second.search(["d", "walrus_2"], 10), [])
+        # Written by the catch-up and marked: a third start has nothing to read.
+        third = Store(path)
+        third.open()
+        self.addCleanup(third.close)
+        last = searchindex.last_change(third.db)
+        second.close()
+        index = SearchIndex(searchindex.open_search_database(path + searchindex.SUFFIX))
+        self.addCleanup(index.db.close)
+        self.assertEqual(index.mark(), (third.sender_id, last))
+
+    def test_search_database_lost_or_of_another_database(self) -> None:
+        """A search database that is missing, or follows another main database, is
+        filled again from the main database."""
+        path = self.mktemp()
+        store = Store(path)
+        store.open()
+        store.add_user("u")
+        store.set_address("u", ("10.0.0.1", 5000))
+        store.add_file("u", "otter.txt", "paws")
+        store.commit()
+        store.close()  # its search side never opened: nothing handed over
+        store.open()
+        self.assertEqual([h.name for h in store.search(["otter"], 10)], ["otter.txt"])
+        store.close()
+        other = Store(path + "-other")
+        other.open()
+        other.close()
+        shutil.copyfile(path + searchindex.SUFFIX, path + "-other" + searchindex.SUFFIX)
+        self.addCleanup(other.close)
+        self.assertEqual(other.search(["otter"], 10), [])  # filled again: other's files
+
+
+class WorkerFailure(TestCase):
+    def setUp(self) -> None:
+        self.h = FileHarness(self, self.mktemp())
+        for op, user, *args in [("REGISTER", "alice"), ("CONNECT", "alice", 5000)]:
+            self.assertEqual(self.h.request(op, user, *args), b"\0")
+
+    @inlineCallbacks
+    def test_search_refused_until_the_index_is_written(self):
+        """The search database cannot be written: changes are acknowledged (the main
+        database holds them), SEARCH gets its error code rather than an answer that
+        misses one; once it can write again, nothing was lost."""
+        index = worker_index(self.h.store)
+        self.patch(index, "apply", failing)
+        self.assertEqual(self.h.request("PUBLISH", "alice", "walrus.txt", "tusks"), b"\0")
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual(reply, b"\3")
+        self.assertEqual(self.h.request("PUBLISH", "alice", "seal.txt", "tusks"), b"\0")
+        del index.apply
+        reply = yield self.h.ask("SEARCH", "alice", "tusks", 10)
+        self.assertEqual(sorted(r[1] for r in rows(reply, 6)), ["seal.txt", "walrus.txt"])
+
+    @inlineCallbacks
+    def test_too_much_held_is_read_again_from_the_main_database(self):
+        """A worker that held more changes than it may drops them and, once it can write,
+        catches up from the main database instead."""
+        index = worker_index(self.h.store)
+        self.patch(index, "apply", failing)
+        self.patch(searchindex, "MAX_PENDING", 2)
+        for i in range(4):
+            self.assertEqual(self.h.request("PUBLISH", "alice", f"walrus_{i}.txt", "x"), b"\0")
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual(reply, b"\3")
+        del index.apply
+        self.assertEqual(self.h.request("DELETE", "alice", "walrus_0.txt"), b"\0")
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual(
+            sorted(r[1] for r in rows(reply, 6)), ["walrus_1.txt", "walrus_2.txt", "walrus_3.txt"]
+        )
+
+    @inlineCallbacks
+    def test_a_search_that_fails_gets_the_error_code(self):
+        """Any other failure of a search (a bug) is logged and answered with the error
+        code; the next search is answered."""
+        index = worker_index(self.h.store)
+        self.assertEqual(self.h.request("PUBLISH", "alice", "walrus.txt", "tusks"), b"\0")
+
+        def broken(*args):
+            raise ZeroDivisionError("a bug")
+
+        self.patch(index, "search", broken)
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual(reply, b"\3")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        del index.search
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual([r[1] for r in rows(reply, 6)], ["walrus.txt"])

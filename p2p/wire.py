@@ -436,6 +436,34 @@ FETCH = "FETCH"
 PEER_OK = 0
 PEER_NO_FILE = 1
 PEER_ERROR = 2
-PEER_BAD_OFFSET = 3  # FETCH only
-#: FETCH only (extension): the peer serves its maximum of uploads at once; ask again later.
+PEER_BAD_OFFSET = 3  # FETCH and RANGE: a bad offset (or range)
+#: FETCH and RANGE (extensions): the peer serves its maximum of uploads at once; ask again later.
 PEER_BUSY = 4
+#: Extension (protocol.md 2.4): ``RANGE\0<name>\0<offset>\0<length>\0``: code 0, the total
+#: size and NUL, then exactly ``length`` bytes from ``offset``; 3 for a bad range.
+RANGE = "RANGE"
+#: Extension (protocol.md 2.5): ``PIECES\0<name>\0``: code 0, the total size and NUL, the
+#: piece size and NUL, then the raw SHA-256 of each piece (:func:`piece_size`).
+PIECES = "PIECES"
+#: Fields after the operation of each peer request.
+PEER_ARGUMENTS: dict[str, int] = {GET_FILE: 1, FETCH: 2, RANGE: 3, PIECES: 1}
+#: Bytes of one piece digest (raw SHA-256).
+PIECE_DIGEST = 32
+#: The smallest piece, and the most pieces a file is cut into (the piece size doubles past it).
+MIN_PIECE = 1024 * 1024
+MAX_PIECES = 16384
+
+
+def piece_size(size: int) -> int:
+    """The piece size of a file of ``size`` bytes: 1 MiB, doubled until the file has at
+    most :data:`MAX_PIECES` pieces. A pure function of the size, so every source of the
+    same content serves the same piece list."""
+    piece = MIN_PIECE
+    while -(-size // piece) > MAX_PIECES:
+        piece *= 2
+    return piece
+
+
+def piece_count(size: int) -> int:
+    """How many pieces a file of ``size`` bytes has (0 for an empty file)."""
+    return -(-size // piece_size(size))

@@ -117,6 +117,25 @@ class CodesTests(TestCase):
         self.assertEqual(wire.SEARCH.codes, (0, 1, 2, 3))
         self.assertEqual(wire.SEARCH.error, 3)
         self.assertLessEqual({"LIST_FILES", "SEARCH"}, wire.READ_OPS)
+
+    def test_piece_size(self):
+        """1 MiB pieces, doubled while a file would have more than 16384 of them."""
+        mib = 1024 * 1024
+        for size, piece, count in (
+            (0, mib, 0),
+            (1, mib, 1),
+            (mib, mib, 1),
+            (mib + 1, mib, 2),
+            (16384 * mib, mib, 16384),
+            (16384 * mib + 1, 2 * mib, 8193),
+            (32768 * mib, 2 * mib, 16384),
+            (32768 * mib + 1, 4 * mib, 8193),
+            (wire.MAX_FILE_SIZE, 2**63 // 16384, 16384),
+        ):
+            with self.subTest(size=size):
+                self.assertEqual(wire.piece_size(size), piece)
+                self.assertEqual(wire.piece_count(size), count)
+                self.assertLessEqual(wire.piece_count(size), wire.MAX_PIECES)
         self.assertNotIn("PUBLISH_FILE", wire.READ_OPS)
 
     def test_audit_record(self):

@@ -11,6 +11,12 @@ stamp (size, mtime, inode and change time): republishing a file that has not
 changed is instant, and any write to it (which moves its mtime, or its change
 time, which no program can set back) or its replacement by another file (a new
 inode) makes it hashed again.
+
+The same read pass computes the SHA-256 of each piece (``wire.piece_size``) that
+PIECES serves (protocol.md 2.5); they are kept content-addressed in
+``$P2P_HOME/pieces/<sha256>`` (the raw digests, written atomically), and
+:meth:`ContentCache.pieces_of` computes them in a thread for a file published
+before they were (checked against the published SHA-256 on the way).
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from p2p import wire
 from p2p.peer.download import in_thread
 from p2p.tls import write_private
 
@@ -64,6 +71,8 @@ class Content:
     size: int
     sha256: str
     stamp: Stamp
+    #: The raw SHA-256 of each piece, when computed with the hash (PIECES).
+    pieces: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -102,31 +111,87 @@ class Interrupted(OSError):
     """Hashing was stopped (the client is ending)."""
 
 
-def digest_file(path: Path | str, stop: threading.Event | None = None) -> Content:
-    """Read ``path`` once and return its :class:`Content` (blocking: call it in a thread).
+class _PieceHasher:
+    """The SHA-256 of the whole and of each piece of ``size`` bytes, fed in one pass."""
+
+    def __init__(self, size: int) -> None:
+        self.piece = wire.piece_size(size)
+        self.whole = hashlib.sha256()
+        self.current = hashlib.sha256()
+        self.filled = 0
+        self.digests = bytearray()
+
+    def update(self, chunk: bytes) -> None:
+        self.whole.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), self.piece - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.piece:
+                self.digests += self.current.digest()
+                self.current = hashlib.sha256()
+                self.filled = 0
+
+    def pieces(self) -> bytes:
+        """The digests of every piece, the last (short) one included."""
+        if self.filled:
+            self.digests += self.current.digest()
+            self.current, self.filled = hashlib.sha256(), 0
+        return bytes(self.digests)
+
+
+def digest_fd(
+    fd: int,
+    where: object,
+    stop: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Content | None:
+    """One pass over the open file ``fd``: its
+    :class:`Content` with the piece digests, or None if it changed meanwhile (its
+    stamp moved). ``progress(bytes read)`` after each step (in this thread). Reads
+    from byte 0 and moves ``fd``'s offset (the peer server reads by ``pread``)."""
+    before = Stamp.of(os.fstat(fd))
+    hasher = _PieceHasher(before.size)
+    size = 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, READ_SIZE):
+        if stop is not None and stop.is_set():
+            raise Interrupted(f"stopped reading {where}")
+        hasher.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(size)
+    after = Stamp.of(os.fstat(fd))
+    if before != after or size != after.size:
+        return None
+    return Content(size, hasher.whole.hexdigest(), after, hasher.pieces())
+
+
+def digest_file(
+    path: Path | str,
+    stop: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Content:
+    """Read ``path`` once and return its :class:`Content`, piece digests included
+    (blocking: call it in a thread).
 
     The stamp is taken from the open file before and after reading; if it moved
     the file changed meanwhile and it is read again (``FileChanging`` after
     :data:`ATTEMPTS` tries). OSError if it cannot be read; :class:`Interrupted`
     once ``stop`` is set (checked at every step, so a program ending does not
-    wait for a large file to be read to its end).
+    wait for a large file to be read to its end). ``progress(bytes read)`` is
+    called from this thread after each step.
     """
     for _attempt in range(ATTEMPTS):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            before = Stamp.of(os.fstat(fd))
-            digest = hashlib.sha256()
-            size = 0
-            while chunk := os.read(fd, READ_SIZE):
-                if stop is not None and stop.is_set():
-                    raise Interrupted(f"stopped reading {path}")
-                digest.update(chunk)
-                size += len(chunk)
-            after = Stamp.of(os.fstat(fd))
+            found = digest_fd(fd, path, stop, progress)
         finally:
             os.close(fd)
-        if before == after and size == after.size:
-            return Content(size, digest.hexdigest(), after)
+        if found is not None:
+            return found
     raise FileChanging(f"{path} kept changing while it was read")
 
 
@@ -144,8 +209,14 @@ class ContentCache:
         path: Path | str,
         run_in_thread: Callable[..., Deferred],
         digest: Callable[[Path | str], Content] | None = None,
+        pieces_dir: Path | str | None = None,
     ) -> None:
         self.path = Path(path)
+        #: Where piece digests are kept by SHA-256 (None: not kept).
+        self.pieces_dir = Path(pieces_dir) if pieces_dir is not None else None
+        #: Piece lists being computed, by SHA-256: who waits for each (one computation
+        #: for many requests).
+        self._computing: dict[str, list[Deferred]] = {}
         self.run_in_thread = run_in_thread
         #: Set by :meth:`stop`: hashing under way gives up.
         self.stopping = threading.Event()
@@ -159,13 +230,20 @@ class ContentCache:
         and the reactor's thread pool is joined before it exits."""
         self.stopping.set()
 
-    def identify(self, path: Path | str) -> Deferred[Content]:
+    def identify(
+        self, path: Path | str, progress: Callable[[int], None] | None = None
+    ) -> Deferred[Content]:
         """Fires with the size and SHA-256 of the file at ``path``; fails with OSError
-        if it cannot be read (missing, not a regular file, no permission)."""
-        return self.run_in_thread(self.identify_blocking, str(path))
+        if it cannot be read (missing, not a regular file, no permission).
+        ``progress(bytes read)`` is called from the hashing thread as it reads."""
+        if progress is None:
+            return self.run_in_thread(self.identify_blocking, str(path))
+        return self.run_in_thread(self.identify_blocking, str(path), progress)
 
-    def identify_blocking(self, path: str) -> Content:
-        """:meth:`identify` in the calling thread."""
+    def identify_blocking(
+        self, path: str, progress: Callable[[int], None] | None = None
+    ) -> Content:
+        """:meth:`identify` in the calling thread; the piece digests are kept too."""
         st = os.stat(path)
         if not _is_regular(st):
             raise OSError(f"{path} is not a regular file")
@@ -174,7 +252,8 @@ class ContentCache:
             known = self._load().get(path)
         if known is not None and known[:4] == stamp.as_list():
             return Content(stamp.size, known[4], stamp)
-        content = self.digest(path)
+        content = self.digest(path) if progress is None else self.digest(path, progress=progress)
+        self._keep_pieces(content)
         with self._lock:
             self.hashed += 1
             entries = self._load()
@@ -184,6 +263,45 @@ class ContentCache:
                 del entries[next(iter(entries))]
             self._save(entries)
         return content
+
+    def pieces_of(self, sha256: str, fd: int, size: int) -> Deferred[bytes]:
+        """Fires with the piece digests of the content ``sha256`` (``size`` bytes),
+        read from the cache or computed from the open file ``fd`` in a thread (and
+        kept); fails with :class:`FileChanging` if ``fd`` does not hold that content.
+        Requests for the same content while it is computed share the computation."""
+        mine: Deferred[bytes] = Deferred()
+        waiting = self._computing.get(sha256)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        waiting = self._computing[sha256] = [mine]
+
+        def done(result: Any) -> None:
+            for waiter in self._computing.pop(sha256, waiting):
+                waiter.callback(result)  # a Failure fails each waiter
+
+        self.run_in_thread(self._pieces_blocking, sha256, fd, size).addBoth(done)
+        return mine
+
+    def _pieces_blocking(self, sha256: str, fd: int, size: int) -> bytes:
+        wanted = wire.PIECE_DIGEST * wire.piece_count(size)
+        if self.pieces_dir is not None:
+            with contextlib.suppress(OSError):
+                kept = (self.pieces_dir / sha256).read_bytes()
+                if len(kept) == wanted:
+                    return kept
+        found = digest_fd(fd, f"file of {sha256}", self.stopping)
+        if found is None or found.sha256 != sha256 or found.size != size:
+            raise FileChanging(f"the file is not the content {sha256} published")
+        self._keep_pieces(found)
+        return found.pieces or b""
+
+    def _keep_pieces(self, content: Content) -> None:
+        """Keep ``content``'s piece digests under its SHA-256 (a cache: errors pass)."""
+        if self.pieces_dir is None or content.pieces is None:
+            return
+        with contextlib.suppress(OSError):
+            write_private(self.pieces_dir / content.sha256, content.pieces)
 
     def _load(self) -> dict[str, list[Any]]:
         """The entries (read from the file the first time; a damaged file is started over)."""
@@ -201,9 +319,12 @@ class ContentCache:
             write_private(self.path, json.dumps(entries, separators=(",", ":")).encode())
 
 
-def for_reactor(path: Path | str, reactor: Any) -> ContentCache:
-    """A cache at ``path`` that hashes in ``reactor``'s thread pool (inline without one)."""
-    return ContentCache(path, partial(in_thread, reactor))
+def for_reactor(
+    path: Path | str, reactor: Any, pieces_dir: Path | str | None = None
+) -> ContentCache:
+    """A cache at ``path`` that hashes in ``reactor``'s thread pool (inline without one),
+    keeping piece digests in ``pieces_dir``."""
+    return ContentCache(path, partial(in_thread, reactor), pieces_dir=pieces_dir)
 
 
 def _is_regular(st: os.stat_result) -> bool:

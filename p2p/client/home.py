@@ -99,6 +99,11 @@ class Home:
     def content_cache_file(self) -> Path:
         return self.path / "content_hashes.json"
 
+    @property
+    def pieces_dir(self) -> Path:
+        """Piece digests of published content, one file per SHA-256 (PIECES)."""
+        return self.path / "pieces"
+
     def _write(self, path: Path, data: bytes) -> None:
         """Atomic, owner-only; the home itself made 0700 when missing."""
         if not self.path.is_dir():

@@ -189,7 +189,11 @@ class IndexerCommands:
             self.output.line(results.fail_line("CONNECT"))
             self.output.note(f"CONNECT: {reason(exc)}")
             return
-        wanted = {"identity": identity, "is_current": session.is_current}
+        wanted = {
+            "identity": identity,
+            "is_current": session.is_current,
+            "pieces": session,
+        }
         extra = {k: v for k, v in wanted.items() if _takes(session.server_factory, k)}
         server = session.server_factory(
             session.share_dir, session.is_published, reactor=session.reactor, **extra

@@ -42,6 +42,7 @@ from p2p.client.uploads import UploadNotices
 from p2p.console import parse_command_line
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, positive_int
 from p2p.metrics import METRICS_OPTION
+from p2p.peer.ratelimit import parse_rate
 from p2p.startup import StartFailure
 from p2p.tls import is_fingerprint
 
@@ -90,6 +91,15 @@ class Options(usage.Options):
             "Files peers may download from this client at once; beyond it a FETCH is "
             "answered 4 (busy, try again later) and a classic GET_FILE 2 (default: no limit).",
             positive_int,
+        ],
+        [
+            "max-upload-rate",
+            None,
+            None,
+            "Bytes per second all uploads to peers together may take (GET_FILE, FETCH, "
+            "RANGE); a whole number, or with K, M or G for KiB, MiB, GiB (1024-based): "
+            "--max-upload-rate 512K (default: no limit).",
+            parse_rate,
         ],
         [
             "max-per-source",
@@ -266,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             PeerServer,
             max_per_source=options["max-per-source"],
             max_uploads=options["max-uploads"],
+            max_upload_rate=options["max-upload-rate"],
             uploads=UploadNotices(output.note) if interactive else None,
             metrics=served,
         ),

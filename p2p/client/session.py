@@ -26,6 +26,7 @@ from p2p.client import content
 from p2p.client.content import Claim, Stamp
 from p2p.client.home import Home
 from p2p.client.indexer_client import UnknownOperation
+from p2p.peer.server import NoPieces
 
 
 class Output(Protocol):
@@ -86,7 +87,9 @@ class Session:
         #: ``start()`` when a user connects, ``stop()`` before it goes.
         self.lease: Any = None
         #: Sizes and SHA-256 of the files published from here, computed off the reactor.
-        self.content = content.for_reactor(self.home.content_cache_file, reactor)
+        self.content = content.for_reactor(
+            self.home.content_cache_file, reactor, self.home.pieces_dir
+        )
         #: Names being hashed and published again because they changed (one at a time each).
         self.refreshing: dict[str, Deferred] = {}
 
@@ -118,6 +121,22 @@ class Session:
             return True  # nothing was claimed of it (classic PUBLISH), or unchanged
         self.republish(user, name, claim)
         return False
+
+    def pieces(self, name: str, fd: int, size: int) -> Deferred[bytes]:
+        """The piece digests of the published file ``name``, open as ``fd`` (the peer
+        server's :class:`~p2p.peer.server.PieceSource`, asked after ``is_current``):
+        from ``$P2P_HOME/pieces``, else read from ``fd`` in a thread. Fails with
+        NoPieces for a file published without a hash (nothing to check them against)."""
+        user = self.user
+        claim = self.home.claim(user, self.share_dir, name) if user is not None else None
+        if claim is None or claim.content.size != size:
+            return defer.fail(NoPieces(name))
+
+        def changed(failure):
+            failure.trap(content.FileChanging)
+            raise NoPieces(name)  # not what was published after all: as a stale file
+
+        return self.content.pieces_of(claim.content.sha256, fd, size).addErrback(changed)
 
     def republish(self, user: str, name: str, claim: Claim) -> Deferred:
         """Hash ``name`` again and publish it again with its new size and SHA-256;

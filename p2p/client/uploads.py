@@ -19,8 +19,11 @@ class UploadNotices:
     def __init__(self, note: Callable[[str], None]) -> None:
         self.note = note
 
-    def started(self, who: str, name: str, size: int, offset: int) -> None:
-        part = f" from byte {offset}" if offset else ""
+    def started(self, who: str, name: str, size: int, offset: int, end: int | None = None) -> None:
+        if end is not None:  # a RANGE: part of the file
+            part = f" bytes {offset}-{end - 1}"
+        else:
+            part = f" from byte {offset}" if offset else ""
         self.note(f"upload: {who} is downloading {quote(name)} ({human_bytes(size)}){part}")
 
     def ended(self, who: str, name: str, sent: int, complete: bool, seconds: float) -> None:

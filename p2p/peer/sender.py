@@ -16,6 +16,11 @@ one chunk of the file in this process.
   On TLS it writes through ``twisted_internals.tls_bulk_writer`` when that
   applies: each chunk encrypted in one call rather than 16 KiB at a time.
 
+- ``PacedProducer`` sends no faster than a shared :class:`~p2p.peer.ratelimit.TokenBucket`
+  allows (``p2p-client --max-upload-rate``): a push producer that writes what the
+  bucket grants, and waits on the reactor's clock when it is empty or the
+  transport is full. Any transport; with a cap, ``sendfile`` is not used.
+
 Each fires ``done`` with the number of file bytes sent, or fails with the
 reason (the connection went away, the file shrank under us).
 """
@@ -31,6 +36,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from p2p import twisted_internals
+from p2p.peer.ratelimit import TokenBucket
 
 #: Bytes read per ``resumeProducing`` by ``ChunkProducer``: the memory bound per connection.
 CHUNK = 256 * 1024
@@ -83,6 +89,19 @@ class _RangeProducer:
         if self.on_progress is not None and count:
             self.on_progress(count)
 
+    def _read(self, count: int) -> bytes | None:
+        """Up to ``count`` bytes at the offset; None once finished by an error or the
+        file ending early."""
+        try:
+            data = os.pread(self.fd, count, self.offset)
+        except OSError as exc:
+            self._finish(exc)
+            return None
+        if not data:
+            self._finish(FileShrank(self.offset))
+            return None
+        return data
+
     def _finish(self, failure: BaseException | None = None) -> None:
         if self._finished:
             return
@@ -114,13 +133,8 @@ class ChunkProducer(_RangeProducer):
         if self.offset >= self.end:
             self._finish()
             return
-        try:
-            data = os.pread(self.fd, min(self._chunk, self.end - self.offset), self.offset)
-        except OSError as exc:
-            self._finish(exc)
-            return
-        if not data:
-            self._finish(FileShrank(self.offset))
+        data = self._read(min(self._chunk, self.end - self.offset))
+        if data is None:
             return
         self._write(data)
         self._advance(len(data))
@@ -169,6 +183,86 @@ class SendfileProducer(_RangeProducer):
             self.header = self.header[count:]
 
 
+@implementer(interfaces.IPushProducer)
+class PacedProducer(_RangeProducer):
+    """Writes what ``bucket`` grants, one chunk at a time, on ``clock``'s schedule.
+
+    Pushes while the transport takes bytes; ``pauseProducing`` (its buffer is
+    full) stops it until ``resumeProducing``; an empty bucket queues it until the
+    bucket wakes it in turn. At most one chunk is held in memory.
+    """
+
+    def __init__(
+        self,
+        transport: interfaces.ITransport,
+        bucket: TokenBucket,
+        clock,
+        *args,
+        **kwargs,
+    ) -> None:
+        super().__init__(transport, *args, **kwargs)
+        self.bucket = bucket
+        self.clock = clock
+        self._chunk = min(
+            TLS_CHUNK if interfaces.ISSLTransport.providedBy(transport) else CHUNK, bucket.burst
+        )
+        self._paused = False
+        self._queued = False  # waiting for its turn at the bucket
+        self._call = None
+
+    def start(self) -> Deferred[int]:
+        self.transport.registerProducer(self, True)
+        self._schedule(0)
+        return self.done
+
+    def _schedule(self, delay: float) -> None:
+        if self._call is None and not self._finished:
+            self._call = self.clock.callLater(delay, self._pump)
+
+    def _wake(self) -> None:
+        """The bucket says it is this transfer's turn."""
+        self._queued = False
+        self._pump(turn=True)
+
+    def _pump(self, turn: bool = False) -> None:
+        self._call = None
+        if self.header and not self._finished:
+            header, self.header = self.header, b""
+            self.transport.write(header)
+        while not self._paused and not self._finished and not self._queued:
+            if self.offset >= self.end:
+                self._finish()
+                return
+            want = min(self._chunk, self.end - self.offset)
+            granted = self.bucket.take(want, turn)
+            turn = False
+            if not granted:
+                self._queued = True
+                self.bucket.queue(self._wake)
+                return
+            data = self._read(granted)
+            if data is None:
+                return
+            self.transport.write(data)  # may pause us (the transport's buffer is full)
+            self._advance(len(data))
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule(0)
+
+    def _finish(self, failure: BaseException | None = None) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._queued:
+            self._queued = False
+            self.bucket.cancel(self._wake)
+        super()._finish(failure)
+
+
 def make_producer(
     transport: interfaces.ITransport,
     fd: int,
@@ -177,8 +271,13 @@ def make_producer(
     header: bytes = b"",
     on_progress: Callable[[int], None] | None = None,
     use_sendfile: bool = True,
+    bucket: TokenBucket | None = None,
+    clock=None,
 ) -> _RangeProducer:
-    """The fastest producer this transport allows (sendfile on a plain socket)."""
+    """The fastest producer this transport allows (sendfile on a plain socket); with a
+    ``bucket``, the one that keeps to its rate (on ``clock``, the reactor)."""
+    if bucket is not None:
+        return PacedProducer(transport, bucket, clock, fd, offset, end, header, on_progress)
     sock = twisted_internals.sendfile_socket(transport) if use_sendfile else None
     if sock is None:
         return ChunkProducer(transport, fd, offset, end, header, on_progress)

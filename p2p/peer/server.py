@@ -1,4 +1,5 @@
-"""The peer's file server: classic ``GET_FILE`` and the ``FETCH`` extension.
+"""The peer's file server: classic ``GET_FILE`` and the extensions ``FETCH``,
+``RANGE`` and ``PIECES``.
 
 protocol.md section 2. One request per connection:
 
@@ -6,11 +7,20 @@ protocol.md section 2. One request per connection:
   file (or not shared); 2 any other error.
 - ``FETCH\\0<name>\\0<offset>\\0``: code 0, the total size as a decimal string
   and NUL, bytes ``[offset, size)``, close; 1; 2; 3 bad offset; 4 busy.
+- ``RANGE\\0<name>\\0<offset>\\0<length>\\0``: code 0, the total size and NUL,
+  exactly ``length`` bytes from ``offset``, close; 1; 2; 3 bad range (not
+  numbers, length 0, past the end: nothing served); 4 busy.
+- ``PIECES\\0<name>\\0``: code 0, the total size and NUL, the piece size
+  (``wire.piece_size``) and NUL, the raw SHA-256 of each piece, close; 1 (also
+  for a file published without a hash); 2. The digests come from a
+  :class:`PieceSource` (the client's cache, or computed in a thread).
 
-With ``max_uploads``, a request beyond that many transfers under way is refused
-at once: 4 ("busy, ask again later") to FETCH, 2 to a classic GET_FILE. An
-``uploads`` watcher is told when each transfer starts and ends (the client's
-notices on stderr).
+With ``max_uploads``, a transfer beyond that many under way is refused at once:
+4 ("busy, ask again later") to FETCH and RANGE, 2 to a classic GET_FILE (PIECES
+is not a transfer of the file and is not counted). An ``uploads`` watcher is
+told when each transfer starts and ends (the client's notices on stderr). With
+``max_upload_rate`` (bytes per second), every transfer of this server together
+keeps to that rate (one :class:`~p2p.peer.ratelimit.TokenBucket`).
 - any other operation: closed without a reply byte (what a classic peer sees
   when it is asked for something it does not know).
 
@@ -56,6 +66,7 @@ from zope.interface import implementer
 from p2p import tls, wire
 from p2p.listening import DEFAULT_MAX_PER_SOURCE, ConnectionCap, listen
 from p2p.peer.metrics import PeerMetrics
+from p2p.peer.ratelimit import TokenBucket
 from p2p.peer.sender import make_producer
 from p2p.peer.share import NotShared, open_shared
 
@@ -65,12 +76,29 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_REQUEST_DEADLINE = 3 * wire.DEFAULT_TIMEOUT
 
 #: Fields of each request after the operation.
-_ARGUMENTS = {wire.GET_FILE.encode(): 1, wire.FETCH.encode(): 2}
+_ARGUMENTS = {op.encode(): count for op, count in wire.PEER_ARGUMENTS.items()}
+#: The requests that transfer the file (counted against ``max_uploads``, paced by the cap).
+_TRANSFERS = frozenset({wire.GET_FILE, wire.FETCH, wire.RANGE})
+#: The requests whose reply carries the size (the extensions): a busy peer answers them 4.
+_SIZED = frozenset({wire.FETCH, wire.RANGE, wire.PIECES})
+
+
+class NoPieces(Exception):
+    """The file has no piece list to serve: it was published without a hash (reply 1)."""
+
+
+class PieceSource(Protocol):
+    """Gives the piece digests of a published file (PIECES), so that this layer needs
+    nothing of the client: ``pieces(name, fd, size)`` fires with the concatenated raw
+    SHA-256 of each piece of the open file ``fd`` (``wire.piece_size(size)``), or
+    fails with :class:`NoPieces`; ``fd`` stays open until it fires."""
+
+    def pieces(self, name: str, fd: int, size: int) -> Deferred[bytes]: ...
 
 
 @implementer(IHalfCloseableProtocol)
 class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
-    """Serves one GET_FILE or FETCH request, then closes.
+    """Serves one GET_FILE, FETCH, RANGE or PIECES request, then closes.
 
     Half-closeable: a downloader may shut down its sending side once its
     request is out (classic clients do); that must not cut the file it asked for.
@@ -181,7 +209,7 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             return
         if len(self.fields) > _ARGUMENTS[op]:
             self.answered = True
-            self._serve(op.decode(), self.fields[1:])
+            self._serve(op.decode(), self.fields[1 : _ARGUMENTS[op] + 1])
 
     def _malformed(self) -> None:
         """A field overran its limit: no reply for a bad operation, else code 2."""
@@ -214,9 +242,9 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             self._reply(wire.PEER_ERROR)
             return
         limit = self.server.max_uploads
-        if limit is not None and self.server.uploading >= limit:
+        if op in _TRANSFERS and limit is not None and self.server.uploading >= limit:
             self._note("{op} {name!r} refused: {n} uploads under way", op=op, name=name, n=limit)
-            self._reply(wire.PEER_BUSY if op == wire.FETCH else wire.PEER_ERROR)
+            self._reply(wire.PEER_BUSY if op in _SIZED else wire.PEER_ERROR)
             return
         try:
             published = self.server.is_published(name)
@@ -247,19 +275,58 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
             self._note("{op} {name!r} changed since it was published", op=op, name=name)
             self._reply(wire.PEER_NO_FILE)
             return
+        if op == wire.PIECES:
+            self._pieces(fd, size, name)
+            return
         header = wire.encode_code(wire.PEER_OK)
-        offset = 0
-        if op == wire.FETCH:
-            try:
-                offset = wire.decode_field(args[1], wire.FieldKind.OFFSET)
-            except wire.BadField:
-                offset = -1
-            if not 0 <= offset <= size:
+        offset, end = 0, size
+        if op != wire.GET_FILE:
+            offset, end = _range(args[1:], size)
+            if offset < 0:
                 os.close(fd)
+                self._note("{op} {name!r}: bad offset or range", op=op, name=name)
                 self._reply(wire.PEER_BAD_OFFSET)
                 return
             header += wire.encode_field(size)
-        self._send(fd, offset, size, header, name)
+        self._send(fd, offset, end, header, name, size)
+
+    def _pieces(self, fd: int, size: int, name: str) -> None:
+        """PIECES: the digests from the server's :class:`PieceSource`, then close."""
+        source = self.server.pieces
+        if source is None:
+            os.close(fd)
+            self._reply(wire.PEER_NO_FILE)
+            return
+        self.setTimeout(self.server.idle_timeout)  # computing may take a while: not forever
+
+        def answer(digests: bytes) -> None:
+            if len(digests) != wire.PIECE_DIGEST * wire.piece_count(size):
+                raise ValueError(f"{len(digests)} bytes of digests for {size} bytes")
+            self._count(wire.PEER_OK)
+            self.setTimeout(None)
+            self.transport.write(
+                wire.encode_code(wire.PEER_OK)
+                + wire.encode_fields(size, wire.piece_size(size))
+                + digests
+            )
+            self.transport.loseConnection()
+            self._note("sent the pieces of {name!r}", name=name)
+
+        def refuse(failure: Failure) -> None:
+            if failure.check(NoPieces):
+                self._note("PIECES {name!r}: published without a hash", name=name)
+                self._reply(wire.PEER_NO_FILE)
+            else:
+                self.log.failure("the pieces of {name!r}", failure, name=name)
+                self._reply(wire.PEER_ERROR)
+
+        def closed(result):
+            os.close(fd)
+            return result
+
+        d = defer.maybeDeferred(source.pieces, name, fd, size).addBoth(closed)
+        d.addCallbacks(answer, refuse).addErrback(refuse)
+        d.addErrback(lambda f: self.log.failure("answering PIECES", f))
 
     def _current(self, name: str, fd: int) -> bool | None:
         """Whether the open file is still what was published (True without a check);
@@ -275,19 +342,25 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
 
     # --- transfer ----------------------------------------------------------
 
-    def _send(self, fd: int, offset: int, size: int, header: bytes, name: str) -> None:
+    def _send(self, fd: int, offset: int, end: int, header: bytes, name: str, size: int) -> None:
+        """Send ``header`` then bytes ``[offset, end)`` of the file (``size`` bytes in all)."""
         self._count(wire.PEER_OK)
         self.server.uploading += 1
-        self._tell("started", name, size, offset)
+        if end == size:
+            self._tell("started", name, size, offset)
+        else:
+            self._tell("started", name, size, offset, end)
         self.setTimeout(self.server.idle_timeout)
         self.producer = make_producer(
             self.transport,
             fd,
             offset,
-            size,
+            end,
             header,
             on_progress=lambda _count: self.resetTimeout(),
             use_sendfile=self.server.use_sendfile,
+            bucket=self.server.bucket,
+            clock=self.server.reactor,
         )
 
         def finished(result):
@@ -313,6 +386,22 @@ class PeerRequestProtocol(protocol.Protocol, TimeoutMixin):
                 self.transport.loseConnection()
 
         self.producer.start().addBoth(finished)
+
+
+def _range(args: list[bytes], size: int) -> tuple[int, int]:
+    """``(offset, end)`` a FETCH (offset) or RANGE (offset, length) asks of a file of
+    ``size`` bytes; ``(-1, -1)`` when it is not a range of it (reply 3)."""
+    try:
+        numbers = [wire.decode_field(raw, wire.FieldKind.OFFSET) for raw in args]
+    except wire.BadField:
+        return -1, -1
+    offset = numbers[0]
+    end = offset + numbers[1] if len(numbers) > 1 else size
+    if len(numbers) > 1 and numbers[1] == 0:
+        return -1, -1
+    if not offset <= end <= size:
+        return -1, -1
+    return offset, end
 
 
 class _Factory(ConnectionCap, protocol.Factory):
@@ -348,9 +437,12 @@ class _Sniffing(tls.SniffingFactory):
 
 
 class UploadWatcher(Protocol):
-    """Told of each transfer of the peer server (``who``: the downloader's address)."""
+    """Told of each transfer of the peer server (``who``: the downloader's address).
 
-    def started(self, who: str, name: str, size: int, offset: int) -> None: ...
+    ``started`` gets ``end`` only for a RANGE that stops before the end of the file.
+    """
+
+    def started(self, who: str, name: str, size: int, offset: int, end: int = ...) -> None: ...
 
     def ended(self, who: str, name: str, sent: int, complete: bool, seconds: float) -> None: ...
 
@@ -361,7 +453,9 @@ class PeerServer:
     With ``identity`` (the user's :class:`p2p.tls.Identity`) the port serves
     TLS as that user beside classic plaintext; without it, plaintext only.
     ``is_current(name, stat_result)``: False refuses a published file that
-    changed since it was published (answered 1).
+    changed since it was published (answered 1). ``pieces`` answers PIECES
+    (None: every PIECES is answered 1). ``max_upload_rate``: bytes per second
+    all transfers together may send (None: no cap; with one, no ``sendfile``).
     """
 
     def __init__(
@@ -381,6 +475,8 @@ class PeerServer:
         metrics: PeerMetrics | None = None,
         max_uploads: int | None = None,
         uploads: UploadWatcher | None = None,
+        pieces: PieceSource | None = None,
+        max_upload_rate: int | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -405,6 +501,10 @@ class PeerServer:
         self.uploads = uploads
         #: Transfers under way.
         self.uploading = 0
+        #: Where PIECES gets the digests (None: answered 1).
+        self.pieces = pieces
+        #: The cap every transfer shares (None: as fast as the downloaders take).
+        self.bucket = TokenBucket(max_upload_rate, reactor) if max_upload_rate else None
         #: Builds (and caps) the request protocols, plaintext or inside TLS.
         self.factory = _Factory(self)
         #: What the port listens with: ``factory`` itself, or TLS sniffing in front of it.

@@ -22,8 +22,9 @@ from p2p import wire
 from p2p.client.indexer_client import IndexerClient, IndexerError, ReplyLost
 from p2p.client.main import Options
 from p2p.client.nodes import BadNodeList, Node, Nodes, parse_nodes
+from p2p.indexer.pgdirectory import HELD
 from tests.support import deadline, hold_port, poll_until
-from tests.test_client_e2e import Stack
+from tests.test_client_e2e import ShellProcess, Stack
 from tests.test_client_indexer import ScriptedIndexer as ClassicScripted
 from tests.test_client_indexer import stamp
 from tests.test_client_tls import InProcessTestCase, ScriptedIndexer
@@ -363,3 +364,54 @@ class TwoIndexersTests(TestCase):
         self.assertNotIn("does not answer", "\n".join(alice.lines))
         code, rows = yield self.second.raw("LIST_USERS", "alice")
         self.assertEqual((code, [row[0] for row in rows]), (wire.OK, ["alice"]))
+
+
+class ClusterFailOverTests(TestCase):
+    """What the list is for: two nodes on one PostgreSQL database (tests/postgres.py). A
+    node killed under a client holding its user's lease: the lease moves to the other
+    node, and the user is never dropped."""
+
+    @defer.inlineCallbacks
+    def test_a_killed_node_the_held_lease_moves_and_the_user_stays(self):
+        from tests.test_indexer_cluster import lease_until, start_nodes
+        from tests.test_liveness_e2e import TIMEOUT
+
+        a, b = yield start_nodes(self, 2, "--peer-timeout", str(TIMEOUT))
+        nodes = f"{LOCAL}:{a.port},{LOCAL}:{b.port}"
+        wsdl = f"http://{LOCAL}:{hold_port(self)}/?wsdl"
+        # Her peer server listens where the indexer would not probe it (127.0.0.2): only
+        # a held (or renewed) lease keeps her listed.
+        alice = ShellProcess(
+            self,
+            "alice",
+            a.port,
+            wsdl,
+            extra=("-s", nodes, "--peer-listen", "tcp:0:interface=127.0.0.2"),
+        )
+        yield alice.check("REGISTER alice", "c> REGISTER OK")
+        yield alice.check("CONNECT alice", "c> CONNECT OK")
+        yield poll_until(lambda: self.lease_kind("alice") == HELD, what="alice held on A")
+        yield a.process.kill()
+        yield alice.proc.wait_for_line(
+            rf"the indexer at {LOCAL}:{a.port} does not answer \(.*\); "
+            rf"using the indexer at {LOCAL}:{b.port}$"
+        )
+        yield poll_until(lambda: self.lease_kind("alice") == HELD, what="alice held on B")
+        # Three leases later she is still held (node B renews her lease as it holds it).
+        since = lease_until(self, "alice")
+        yield poll_until(
+            lambda: lease_until(self, "alice") > since + 3 * TIMEOUT, what="3 leases held on B"
+        )
+        listing = yield alice.run("LIST_USERS", 2)
+        self.assertEqual(listing[0], "c> LIST_USERS OK")
+        self.assertIn("alice", listing[1])
+        errors = alice.proc.errlines
+        self.assertEqual(len([e for e in errors if "does not answer" in e]), 1, errors)
+        self.assertEqual([e for e in errors if "dropped" in e], [])
+
+    def lease_kind(self, user: str) -> int | None:
+        import psycopg
+
+        with psycopg.connect(self.postgres_uri) as conn:
+            row = conn.execute("SELECT lease_kind FROM users WHERE name = %s", (user,)).fetchone()
+        return None if row is None else row[0]

@@ -53,7 +53,7 @@ from p2p.indexer.fulltext import (
     query_words,
     words_of,
 )
-from p2p.indexer.pgstore import PgStore
+from p2p.indexer.pgstore import PgStore, batch_memo
 
 Address = tuple[str, int]
 
@@ -68,7 +68,13 @@ MATCHING_CAP = 5000
 #: Users looked at per expiry tick, at most.
 EXPIRY_BATCH = 256
 
-_USER = "SELECT ip, port, identity, connected FROM users WHERE name = %s"
+_USER = "SELECT ip, port, identity, connected FROM users WHERE name = %s FOR UPDATE"
+#: The users of a batch's requests, read and locked at its start in one statement (in
+#: name order: every batch locks users in one order).
+_USERS = (
+    "SELECT name, ip, port, identity, connected FROM users WHERE name = ANY(%s)"
+    " ORDER BY name FOR UPDATE"
+)
 
 
 @dataclass(slots=True)
@@ -125,6 +131,7 @@ class ClusterDirectory:
         self.audit = audit
         self.classic_ops = CLASSIC_POLICIES[classic]
         self.leases = leases if leases is not None else ClusterLeases(store)
+        store.prepare = self._prepare
         #: Nothing is kept in memory: the metrics' count of connected users is not known here.
         self.connected: dict[str, Address] = {}
         #: Each operation's own part: ``_<op in lower case>`` (HOLD is ALIVE's).
@@ -159,6 +166,28 @@ class ClusterDirectory:
 
     # --- In a pool thread, inside the transaction ---------------------------------
 
+    @staticmethod
+    def _prepare(cursor, keys: list[str]) -> None:
+        """At a batch's start: read and lock every user its requests name, in one
+        statement; the requests then find their user's row in the batch's memo (each
+        change of a row there is written back to it by the request that made it)."""
+        names = sorted({key for key in keys if key})
+        memo = batch_memo()
+        users: dict[str, tuple | None] = dict.fromkeys(names)
+        if names:
+            for name, *row in cursor.execute(_USERS, (names,)):
+                users[name] = tuple(row)
+        memo["users"] = users
+
+    @staticmethod
+    def _user(cursor, user: str) -> tuple | None:
+        """``user``'s row (ip, port, identity, connected), locked: from the batch's memo
+        when its start read it, else read (and locked) now."""
+        users = batch_memo().setdefault("users", {})
+        if user not in users:
+            users[user] = cursor.execute(_USER, (user,)).fetchone()
+        return users[user]
+
     def _apply(
         self,
         cursor,
@@ -171,8 +200,7 @@ class ClusterDirectory:
         stale: Address | None,
         probe: bool,
     ) -> Outcome:
-        changes = op.name not in wire.READ_OPS
-        row = cursor.execute(_USER + (" FOR UPDATE" if changes else ""), (user,)).fetchone()
+        row = self._user(cursor, user)
         if (identity is None and op.name not in self.classic_ops) or (
             row is not None and row[2] is not None and row[2] != identity
         ):
@@ -205,10 +233,12 @@ class ClusterDirectory:
             (user, identity),
         )
         if cursor.rowcount == 1:
+            _changed(user, (None, None, identity, None))
             return Outcome(wire.OK)
         # Registered by another request (on any node) since we looked: as if first seen.
-        other = cursor.execute("SELECT identity FROM users WHERE name = %s", (user,)).fetchone()
-        if other is not None and other[0] is not None and other[0] != identity:
+        forget(user)
+        other = self._user(cursor, user)
+        if other is not None and other[2] is not None and other[2] != identity:
             return Outcome(wire.REGISTER.error)
         return Outcome(wire.REGISTER.own)
 
@@ -216,6 +246,7 @@ class ClusterDirectory:
         if row[0] is not None:  # refused while connected
             return Outcome(wire.UNREGISTER.error)
         cursor.execute("DELETE FROM users WHERE name = %s", (user,))
+        _changed(user, None)
         return Outcome(wire.OK)
 
     def _connect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
@@ -226,9 +257,11 @@ class ClusterDirectory:
             return Outcome(wire.CONNECT.error)
         cursor.execute(
             "UPDATE users SET ip = %s, port = %s, connected = nextval('connect_order'),"
-            f" lease_until = {NOW} + %s, lease_kind = {SILENT} WHERE name = %s",
+            f" lease_until = {NOW} + %s, lease_kind = {SILENT} WHERE name = %s"
+            " RETURNING connected",
             (address[0], address[1], self.leases.timeout, user),
         )
+        _changed(user, (address[0], address[1], row[2], cursor.fetchone()[0]))
         return Outcome(wire.OK, ended=ip is not None)
 
     def _disconnect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
@@ -237,6 +270,7 @@ class ClusterDirectory:
             " WHERE name = %s",
             (user,),
         )
+        _changed(user, (None, None, row[2], None))
         return Outcome(wire.OK, ended=True)
 
     def _alive(self, cursor, user, row, args, address, identity, stale) -> Outcome:
@@ -282,18 +316,11 @@ class ClusterDirectory:
         return Outcome(wire.OK if cursor.rowcount == 1 else wire.DELETE.own)
 
     def _list_users(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        rows = cursor.execute(
-            "SELECT name, ip, port FROM users WHERE ip IS NOT NULL ORDER BY connected"
-        ).fetchall()
-        return Outcome(wire.OK, wire.encode_listing(rows))
+        return Outcome(wire.OK, _connected_listing(cursor, claims=False))
 
     def _list_peers(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        rows = cursor.execute(
-            "SELECT name, ip, port, coalesce(identity, %s) FROM users WHERE ip IS NOT NULL"
-            " ORDER BY connected",
-            (wire.UNCLAIMED,),
-        ).fetchall()
-        return Outcome(wire.OK, wire.encode_listing(rows))
+        """LIST_USERS with each user's claim: its fingerprint, or wire.UNCLAIMED."""
+        return Outcome(wire.OK, _connected_listing(cursor, claims=True))
 
     def _owner_files(self, cursor, op, owner: str, columns: str) -> Outcome:
         """LIST_CONTENT and LIST_FILES: ``owner``'s files in publishing order, or the
@@ -345,6 +372,36 @@ class ClusterDirectory:
                 for h in hits
             ),
         )
+
+
+def _connected_listing(cursor, claims: bool) -> bytes:
+    """The connected users as LIST_USERS lists them (with ``claims``: as LIST_PEERS), in
+    connection order; built once per batch until one of its requests connects or
+    disconnects someone."""
+    listings = batch_memo().setdefault("listings", {})
+    listing = listings.get(claims)
+    if listing is None:
+        columns = "name, ip, port" + (", coalesce(identity, %s)" if claims else "")
+        rows = cursor.execute(
+            f"SELECT {columns} FROM users WHERE ip IS NOT NULL ORDER BY connected",
+            (wire.UNCLAIMED,) if claims else (),
+        ).fetchall()
+        listing = listings[claims] = wire.encode_listing(rows)
+    return listing
+
+
+def _changed(user: str, row: tuple | None) -> None:
+    """A request of this batch changed ``user``'s row: later ones see ``row``."""
+    memo = batch_memo()
+    memo.setdefault("users", {})[user] = row
+    memo.pop("listings", None)
+
+
+def forget(user: str) -> None:
+    """``user``'s row changed otherwise (expiry, a REGISTER elsewhere): read it again."""
+    memo = batch_memo()
+    memo.get("users", {}).pop(user, None)
+    memo.pop("listings", None)
 
 
 def search(cursor, words: list[str], limit: int) -> list[Hit]:
@@ -658,6 +715,7 @@ def _drop(cursor, user: str, connected: int, record: str | None) -> bool:
     )
     if cursor.rowcount != 1:
         return False  # renewed, disconnected or connected again meanwhile
+    forget(user)
     if record is not None:
         PgStore.add_record(cursor, record)
     return True

@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 #: What ``--db`` starts with when it names a PostgreSQL database.
 SCHEMES = ("postgresql://", "postgres://")
 #: Threads (each with its own connection) running the requests' transactions.
-DEFAULT_THREADS = 8
+DEFAULT_THREADS = 2
 #: The advisory lock keys: the schema's creation, and the relay's (and expiry's) leader.
 SCHEMA_LOCK = 0x70327001
 LEADER_LOCK = 0x70327002
@@ -99,8 +99,14 @@ INSERT INTO outbox (seq, record)
 SELECT next.seq - %(n)s + r.n, r.record
 FROM next, unnest(%(records)s::text[]) WITH ORDINALITY AS r(record, n)
 """
-#: The audit records of the transaction a pool thread is running.
+#: The audit records of the transaction a pool thread is running, and its memo.
 _pending = threading.local()
+
+
+def batch_memo() -> dict:
+    """What the works of the batch a pool thread is running share (the rows its
+    ``prepare`` hook read, listings already built); empty at each attempt's start."""
+    return _pending.memo
 
 
 def is_postgres(db: str) -> bool:
@@ -150,6 +156,9 @@ class PgStore:
         self._fetch_again = False
         self._deleted_through = 0
         self.leadership: Leadership | None = None
+        #: ``prepare(cursor, keys)``: called in a batch's transaction before its works
+        #: run, with their keys in order (the directory reads and locks their users).
+        self.prepare: Callable[[Any, list[str]], None] | None = None
         #: Works waiting for a thread, and how many threads run a batch.
         self._queue: deque[tuple] = deque()
         self._busy = 0
@@ -273,8 +282,11 @@ class PgStore:
         for attempt in range(ATTEMPTS):
             results: list[Any] = [None] * len(batch)
             _pending.records = []
+            _pending.memo = {}
             try:
                 with conn.transaction(), conn.cursor() as cursor:
+                    if self.prepare is not None:
+                        self.prepare(cursor, [batch[i][0] for i in order])
                     for i in order:
                         _key, work, args, _d = batch[i]
                         results[i] = (True, work(cursor, *args))

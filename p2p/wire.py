@@ -372,19 +372,24 @@ PUBLISH_FILE = OpSpec(
 LIST_FILES = OpSpec("LIST_FILES", (FieldKind.NAME,), error=4, no_user=1, not_connected=2, own=3)
 #: Extension: full-text search over every connected owner's files (words, limit).
 SEARCH = OpSpec("SEARCH", (FieldKind.WORDS, FieldKind.LIMIT), error=3, no_user=1, not_connected=2)
+#: Extension (protocol.md 8.6): the connected owners of a file with this SHA-256, with
+#: their addresses (at most MAX_SOURCES, the asking user excluded), to download it from several.
+SOURCES = OpSpec("SOURCES", (FieldKind.SHA256,), error=3, no_user=1, not_connected=2)
+#: SOURCES lists at most this many owners.
+MAX_SOURCES = 64
 #: Shown for the size or hash of a file published without them (classic PUBLISH).
 UNKNOWN = "-"
 
 #: Every operation the indexer serves: the classic ones and the extensions.
 OPS: dict[str, OpSpec] = {
     **CLASSIC_OPS,
-    **{op.name: op for op in (LIST_PEERS, ALIVE, HOLD, PUBLISH_FILE, LIST_FILES, SEARCH)},
+    **{op.name: op for op in (LIST_PEERS, ALIVE, HOLD, PUBLISH_FILE, LIST_FILES, SEARCH, SOURCES)},
 }
 OPS_BY_BYTES: dict[bytes, OpSpec] = {name.encode("ascii"): op for name, op in OPS.items()}
 
 #: Operations that change nothing (what ``--classic read-only`` still serves).
 READ_OPS = frozenset(
-    {"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE", "HOLD", "LIST_FILES", "SEARCH"}
+    {"LIST_USERS", "LIST_CONTENT", "LIST_PEERS", "ALIVE", "HOLD", "LIST_FILES", "SEARCH", "SOURCES"}
 )
 #: Operations that are not audited: a heartbeat changes nothing and comes every few seconds.
 UNAUDITED_OPS = frozenset({"ALIVE", "HOLD"})

@@ -106,7 +106,7 @@ class CodesTests(TestCase):
         # The extensions: LIST_PEERS answers exactly as LIST_USERS does.
         self.assertEqual(
             set(wire.OPS) - set(wire.CLASSIC_OPS),
-            {"LIST_PEERS", "ALIVE", "HOLD", "PUBLISH_FILE", "LIST_FILES", "SEARCH"},
+            {"LIST_PEERS", "ALIVE", "HOLD", "PUBLISH_FILE", "LIST_FILES", "SEARCH", "SOURCES"},
         )
         self.assertEqual(wire.LIST_PEERS.codes, expected["LIST_USERS"])
         self.assertEqual(wire.ALIVE.codes, expected["DISCONNECT"])
@@ -116,7 +116,11 @@ class CodesTests(TestCase):
         self.assertEqual(wire.LIST_FILES.codes, expected["LIST_CONTENT"])
         self.assertEqual(wire.SEARCH.codes, (0, 1, 2, 3))
         self.assertEqual(wire.SEARCH.error, 3)
-        self.assertLessEqual({"LIST_FILES", "SEARCH"}, wire.READ_OPS)
+        self.assertLessEqual({"LIST_FILES", "SEARCH", "SOURCES"}, wire.READ_OPS)
+        # SOURCES answers as SEARCH (same shape and checks), its one argument a hash.
+        self.assertEqual(wire.SOURCES.codes, wire.SEARCH.codes)
+        self.assertEqual(wire.SOURCES.error, 3)
+        self.assertEqual(wire.SOURCES.args, (wire.FieldKind.SHA256,))
 
     def test_piece_size(self):
         """1 MiB pieces, doubled while a file would have more than 16384 of them."""

@@ -35,6 +35,8 @@ the connections to the node left are closed, so a held lease is held again there
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.defer import Deferred, DeferredLock
@@ -55,6 +57,7 @@ LISTING_COLUMNS: dict[str, int] = {
     "LIST_PEERS": 4,
     "LIST_FILES": 4,
     "SEARCH": 6,
+    "SOURCES": 4,
 }
 #: Replies with a fixed number of fields (no count) after code 0: the lease in seconds.
 FIXED_FIELDS: dict[str, int] = {"ALIVE": 1, "HOLD": 1}
@@ -725,6 +728,49 @@ def _connect_failure(exc: BaseException) -> str:
     if isinstance(exc, error.DNSLookupError):
         return "its name does not resolve"
     return str(exc).strip() or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Source:
+    """One owner of a file with a given SHA-256 (a row of SOURCES): where to ask for it."""
+
+    owner: str
+    name: str
+    host: str
+    port: int
+
+
+class SourcesRefused(IndexerError):
+    """The indexer answered SOURCES with an error ``code`` (1 no such user, 2 not
+    connected, 3 bad hash or a claimed name without its key)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the indexer refused SOURCES (code {code})")
+        self.code = code
+
+
+@defer.inlineCallbacks
+def ask_sources(indexer: Any, user: str, sha256: str):
+    """The connected owners of a file with ``sha256`` (64 lowercase hex digits) besides
+    ``user`` (SOURCES, protocol.md 8.6): fires with a list of :class:`Source`, by owner
+    then file name, at most ``wire.MAX_SOURCES``.
+
+    ``indexer`` is anything with ``request(op, user, *args)`` (an :class:`IndexerClient`,
+    the shell's ``session.indexer``); ``user`` is the connected user asking. Call it as
+    ``sources = yield ask_sources(session.indexer, session.user, sha256)``. Fails with
+    :class:`UnknownOperation` when the indexer does not know SOURCES (a classic one:
+    download from the named owner only; it is not asked again in the session),
+    :class:`SourcesRefused` for an error code, :class:`IndexerError` when it could not
+    be asked. Rows whose port is not a port are left out.
+    """
+    code, rows = yield indexer.request("SOURCES", user, sha256)
+    if code != wire.OK:
+        raise SourcesRefused(code)
+    found = []
+    for owner, name, host, port in rows or ():
+        if port.isdigit() and 0 < int(port) < 65536:
+            found.append(Source(owner, name, host, int(port)))
+    return found
 
 
 def _channel_key(identity: tls.Identity | None) -> str | None:

@@ -101,6 +101,7 @@ class Directory:
             wire.PUBLISH_FILE.name: self._publish_file,
             wire.LIST_FILES.name: self._list_files,
             wire.SEARCH.name: self._search,
+            wire.SOURCES.name: self._sources,
         }
 
     def load(self) -> None:
@@ -367,6 +368,18 @@ class Directory:
                 result.raiseException()
             return wire.OK, result
         return wire.OK, found
+
+    def _sources(
+        self, user: str, row: UserRow, args: list, address: Address | None, identity: str | None
+    ) -> Result:
+        """The connected owners of a file with this SHA-256 and their addresses, the
+        asking user left out (protocol.md 8.6); never cached (owners come and go)."""
+        found = self.store.sources(args[0], wire.MAX_SOURCES, exclude=user)
+        return wire.OK, wire.encode_listing(
+            (owner, name, *self.connected[owner])
+            for owner, name in found
+            if owner in self.connected
+        )
 
     def _files_changed(self, user: str) -> None:
         """``user``'s files changed: its cached listings are stale."""

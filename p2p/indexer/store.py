@@ -590,6 +590,17 @@ class Store:
         for words, limit, found in waiting:
             self._ask(words, limit, found)
 
+    def sources(self, sha256: str, limit: int, exclude: str | None = None) -> list[tuple[str, str]]:
+        """``(owner, file name)`` of the files with this SHA-256 whose owner is connected
+        (and is not ``exclude``), by owner then name (code point order), at most
+        ``limit`` (SOURCES, protocol.md 8.6)."""
+        return self.db.execute(
+            "SELECT f.user, f.name FROM files f JOIN users u ON u.name = f.user"
+            " WHERE f.sha256 = ? AND u.ip IS NOT NULL AND f.user IS NOT ?"
+            " ORDER BY f.user, f.name LIMIT ?",
+            (sha256, exclude, limit),
+        ).fetchall()
+
     def file_count(self) -> int:
         """How many files are published (kept up to date once counted)."""
         if self._file_count is None:

@@ -166,6 +166,27 @@ class TwoNodes(TestCase):
         self.assertEqual(fingerprints[0], fingerprints[1])
 
 
+class StartFailure(TestCase):
+    @defer.inlineCallbacks
+    def test_a_database_it_cannot_reach_is_one_line(self):
+        """One ``s> indexer cannot start`` line naming the database (never its password)
+        and what to check, and a non-zero status."""
+        cwd = tls.folder(self)
+        output = yield tls.failed_start(
+            self,
+            cwd,
+            "--db",
+            "postgresql://p2p:secret@/nodb?host=/nonexistent",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        )
+        said = [line for line in output.splitlines() if "s> indexer cannot start: " in line]
+        self.assertEqual(len(said), 1, output)
+        self.assertIn("/nonexistent", said[0])
+        self.assertIn("check the URI", said[0])
+        self.assertNotIn("secret", output)
+
+
 class Audit(TestCase):
     """The outbox across nodes: each record delivered to the logger once, in commit
     order, by the leader; when the leader dies, another node takes over."""

@@ -29,6 +29,7 @@ from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
 from p2p.client.content import Claim
+from p2p.client.hash_progress import HashProgress
 from p2p.client.indexer_client import IndexerKeyChanged, UnknownOperation
 from p2p.client.session import Session, quietly, reason
 from p2p.tls import Identity
@@ -253,7 +254,7 @@ class IndexerCommands:
         found = None
         if path is not None and "PUBLISH_FILE" not in self._noted:
             try:
-                found = yield session.content.identify(path)
+                found = yield self._identify(path, name)
             except OSError as exc:
                 self.output.note(
                     f"PUBLISH: cannot read {name} ({reason(exc)}): published without its "
@@ -293,6 +294,17 @@ class IndexerCommands:
                     session.home.add_published(user, session.share_dir, name)
 
             self._home("PUBLISH", keep)
+
+    def _identify(self, path: Path, name: str) -> Deferred:
+        """The file's size and SHA-256, read in a thread; a long read shows its progress
+        (:mod:`p2p.client.hash_progress`)."""
+        session = self.session
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        shown = HashProgress(self.output, name, size, session.reactor)
+        return session.content.identify(path, progress=shown.read).addBoth(shown.end)
 
     def _shared_file(self, name: str) -> Path | None:
         """The file ``name`` names in the share directory; None, with a warning, if

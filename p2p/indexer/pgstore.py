@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 #: What ``--db`` starts with when it names a PostgreSQL database.
 SCHEMES = ("postgresql://", "postgres://")
 #: Threads (each with its own connection) running the requests' transactions.
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = 1
 #: The advisory lock keys: the schema's creation, and the relay's (and expiry's) leader.
 SCHEMA_LOCK = 0x70327001
 LEADER_LOCK = 0x70327002

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from p2p import wire
 from p2p.client import results
 from p2p.client.commands import field_problem
-from p2p.client.indexer_client import UnknownOperation
+from p2p.client.indexer_client import UnknownOperation, ask_sources
 from p2p.client.progress import ProgressBar
 from p2p.client.session import Session, reason
 from p2p.peer.download import ContentMismatch, Expected, Source
@@ -232,20 +232,22 @@ class GetFile:
         as :class:`Source` s with the address and key LIST_PEERS gave; none when the
         indexer cannot say (a classic one: the named owner only)."""
         try:
-            code, rows = yield self.session.indexer.request("SOURCES", user, sha256)
-        except Exception:  # unknown to the indexer (or to this client): the owner only
+            rows = yield ask_sources(self.session.indexer, user, sha256)
+        except UnknownOperation:  # a classic indexer: the named owner only
             return []
-        if code != wire.OK or not rows:
+        except Exception as exc:
+            self.output.note(f"GET_FILE: SOURCES could not be asked ({reason(exc)}): {owner} only")
             return []
         found = []
         for row in rows:
-            if len(row) < 2 or row[0] in (owner, user):
+            # The key (and address) LIST_PEERS lists for that owner: a peer is always
+            # checked against the key the indexer binds to its name.
+            address = peers.get(row.owner)
+            if row.owner == owner or not isinstance(address, tuple):
                 continue
-            other, name = row[0], row[1]
-            address = peers.get(other)
-            if isinstance(address, tuple) and field_problem(name, wire.FieldKind.FILE) is None:
+            if field_problem(row.name, wire.FieldKind.FILE) is None:
                 host, port, fingerprint = address
-                found.append(Source(other, name, host, port, fingerprint))
+                found.append(Source(row.owner, row.name, host, port, fingerprint))
         return found
 
 

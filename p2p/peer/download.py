@@ -18,7 +18,10 @@ one of ours).
 
 Bytes go to a hidden temporary file beside the destination, renamed into place
 only when the transfer is complete; any failure removes it, so the destination
-either holds the whole file or is untouched.
+either holds the whole file or is untouched. A *resumable* download (``resume``,
+what GET_FILE runs) writes to ``.<name>.p2p-part`` instead and keeps it, with its
+state, when it stops short (:mod:`p2p.peer.partial`); the next one of the same
+content asks ``FETCH`` from the bytes held, whose hash is computed first.
 
 Given what the owner published (:class:`Expected`: the size and SHA-256 from
 ``LIST_FILES``, protocol.md section 8), the download is *verified* before that
@@ -44,6 +47,8 @@ move it (from the connection, the file and the caller)::
     verifying ──verified──▶ storing ──stored──▶ done
     fetch_requesting ──closed/lost/timed_out/answered_error──▶ get_file_connecting
     fetch_receiving_size ──closed/lost/malformed──▶ get_file_connecting
+    fetch_requesting ──answered_bad_offset──▶ fetch_connecting (again from 0)
+    fetch_receiving_size ──other_content──▶ fetch_connecting (again from 0)
     get_file_connecting ──connected──▶ get_file_requesting ──answered_ok──▶ get_file_receiving_bytes
     get_file_receiving_bytes ──closed──▶ verifying
     *_receiving_bytes, verifying ──mismatch──▶ failed (ContentMismatch)

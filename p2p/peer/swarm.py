@@ -61,18 +61,6 @@ STALL = 10.0
 DIGEST = 32  # bytes of one SHA-256 piece digest
 
 
-def piece_size(size: int) -> int:
-    """The piece size of a file of ``size`` bytes (protocol.md 2.5): 1 MiB, doubled
-    until the file has at most 16384 pieces."""
-    own = getattr(wire, "piece_size", None)
-    if own is not None:
-        return own(size)
-    piece = 1024 * 1024
-    while -(-size // piece) > 16384:
-        piece *= 2
-    return piece
-
-
 def _check_and_write(fd: int, offset: int, data: bytes, digest: bytes) -> bool:
     """(In a thread.) Write ``data`` at ``offset`` if its SHA-256 is ``digest``;
     whether it was. ``fd`` is this call's own descriptor, closed here."""
@@ -349,7 +337,7 @@ class _Swarm:
         self.part: single._PartFile | None = None
         self.asks: list[_PiecesAsk] = []
         self.peers: list[_Peer] = []
-        self.piece = piece_size(self.size)
+        self.piece = wire.piece_size(self.size)
         self.count = -(-self.size // self.piece)
         self.digests = b""
         self.complete: set[int] = set()

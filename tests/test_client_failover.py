@@ -119,6 +119,15 @@ class NodesTests(TestCase):
         self.nodes.failed(self.a, "reset")  # an older request's
         self.assertEqual(self.nodes.current, self.b)
 
+    def test_a_late_answer_from_another_node_is_no_switch(self) -> None:
+        """A reply from a node asked while the node used was failing, once the node used
+        answers again, moves nothing back and forth (and says nothing)."""
+        self.nodes.failed(self.a, "no reply in 10s")
+        self.assertFalse(self.nodes.answered(self.a))  # a answers again: still a
+        self.assertFalse(self.nodes.answered(self.b))  # b's late reply: no switch
+        self.assertEqual((self.nodes.using, self.nodes.current), (self.a, self.a))
+        self.assertEqual(self.notes, [])
+
     def test_one_node_never_notes(self) -> None:
         nodes = Nodes([self.a], self.notes.append)
         nodes.failed(self.a, "connection refused")

@@ -483,10 +483,13 @@ class IndexerClient:
         return _cut()
 
     def _answered(self, node: Node) -> None:
-        """``node`` replied: the client uses it; on a switch, leave the other nodes."""
-        if self.nodes.answered(node):
+        """``node`` replied: the client uses it if that is a switch, and leaves the other
+        nodes (after a switch, or a late reply from a node that is not the one used)."""
+        switched = self.nodes.answered(node)
+        used = self.nodes.using
+        if switched or node != used:
             for channel in list(self._channels.values()):
-                if channel.node != node:
+                if channel.node != used:
                     channel.move_off()
 
     def close(self) -> Deferred:

@@ -125,8 +125,10 @@ class Nodes:
             self._why = why
 
     def answered(self, node: Node) -> bool:
-        """``node`` replied: stick to it. True when that is a switch (the note is said)."""
-        if node not in self.nodes:
+        """``node`` replied: stick to it, if the node used has failed since it answered
+        (a late reply from another node, asked while the node used was being left and
+        came back, is no reason to switch). True when that is a switch (the note is said)."""
+        if node not in self.nodes or (node != self.using and self._why is None):
             return False
         self._first = self.nodes.index(node)
         if node == self.using:

@@ -60,18 +60,11 @@ class CappedCase(TransferTestCase):
         self.assertGreater(kept, 0)
         return kept
 
-    def resumed_at(self, shell, name: str) -> list[int]:
-        pattern = re.compile(RESUMING.format(name=re.escape(name)))
-        return [int(m[1]) for line in shell.proc.errlines if (m := pattern.search(line))]
-
-
-class ResumeTests(CappedCase):
     @defer.inlineCallbacks
-    def test_downloading_client_killed_then_restarted(self):
-        alice = yield self.capped("alice")
-        (bob,) = yield self.online("bob")
-        original = make_big(alice.share / "big.bin", 40)
-        yield alice.check("PUBLISH big.bin big", "c> PUBLISH OK")
+    def kill_and_resume(self, bob, original: str):
+        """bob runs ``GET_FILE alice big.bin big.bin`` and is killed (kill -9) once it has
+        saved some progress; bob started again (same directory and home) resumes at
+        least there and ends with the bytes whose SHA-256 is ``original``."""
         bob.proc.write(b"GET_FILE alice big.bin big.bin\n")
         yield poll_until(lambda: held(bob.cwd, "big.bin") > 0, BIG_DEADLINE, what="progress saved")
         yield bob.proc.kill()  # kill -9: no goodbye, no last save
@@ -86,6 +79,20 @@ class ResumeTests(CappedCase):
         self.assertGreater(at, 0)
         self.assertEqual(digest(bob.cwd / "big.bin"), original)
         self.assertEqual(sorted(p.name for p in bob.cwd.glob(".big.bin*")), [])
+
+    def resumed_at(self, shell, name: str) -> list[int]:
+        pattern = re.compile(RESUMING.format(name=re.escape(name)))
+        return [int(m[1]) for line in shell.proc.errlines if (m := pattern.search(line))]
+
+
+class ResumeTests(CappedCase):
+    @defer.inlineCallbacks
+    def test_downloading_client_killed_then_restarted(self):
+        alice = yield self.capped("alice")
+        (bob,) = yield self.online("bob")
+        original = make_big(alice.share / "big.bin", 40)
+        yield alice.check("PUBLISH big.bin big", "c> PUBLISH OK")
+        yield self.kill_and_resume(bob, original)
 
     @defer.inlineCallbacks
     def test_resumed_from_another_owner_of_the_same_content(self):
@@ -142,18 +149,7 @@ class SeveralSourcesTests(CappedCase):
     @defer.inlineCallbacks
     def test_downloading_client_killed_midway_resumes_with_the_pieces_checked(self):
         (_alice, _carol, _dave, bob), original = yield self.three_owners(100)
-        bob.proc.write(b"GET_FILE alice big.bin big.bin\n")
-        yield poll_until(lambda: held(bob.cwd, "big.bin") > 0, BIG_DEADLINE, what="pieces in")
-        yield bob.proc.kill()
-        kept = held(bob.cwd, "big.bin")
-        again = self.stack.shell("bob", cwd=bob.cwd, home=bob.home)
-        yield again.check("CONNECT bob", "c> CONNECT OK")
-        got = yield again.run("GET_FILE alice big.bin big.bin", timeout=BIG_DEADLINE)
-        self.assertEqual(got, ["c> GET_FILE OK"], again.proc.output())
-        [at] = self.resumed_at(again, "big.bin")
-        self.assertGreaterEqual(at, kept)
-        self.assertEqual(digest(bob.cwd / "big.bin"), original)
-        self.assertEqual(sorted(p.name for p in bob.cwd.glob(".big.bin*")), [])
+        yield self.kill_and_resume(bob, original)
 
     @defer.inlineCallbacks
     def test_three_sources_one_killed_one_altered(self):

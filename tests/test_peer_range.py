@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import tls, wire
 from p2p.client.content import ContentCache, FileChanging, digest_file
+from p2p.client.uploads import UploadNotices
 from p2p.peer.ratelimit import MIN_BURST, TokenBucket, parse_rate
 from p2p.peer.sender import PacedProducer
 from p2p.peer.server import NoPieces, PeerServer
@@ -103,6 +104,11 @@ class RangeTests(TestCase):
             self.watcher.events,
             [("started", "notes.txt", 6, 2, 5), ("ended", "notes.txt", 3, True)],
         )
+
+    def test_the_notice_names_the_bytes(self) -> None:
+        notes: list[str] = []
+        UploadNotices(notes.append).started("10.0.0.7:4000", "notes.txt", 6, 2, 5)
+        self.assertEqual(notes, ["upload: 10.0.0.7:4000 is downloading notes.txt (6 B) bytes 2-4"])
 
     def test_ranges_that_fit(self) -> None:
         for offset, length, body in ((0, 6, b"hello\n"), (5, 1, b"\n"), (0, 1, b"h")):

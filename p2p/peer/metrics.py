@@ -24,7 +24,7 @@ class PeerMetrics:
         self.metrics = metrics if metrics is not None else Metrics("p2p_peer")
         self.requests = self.metrics.counter(
             "requests",
-            "Requests answered, by operation (GET_FILE, FETCH) and reply code "
+            "Requests answered, by operation (GET_FILE, FETCH, RANGE, PIECES) and reply code "
             "(none: closed without a reply).",
             ("op", "code"),
         )

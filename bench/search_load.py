@@ -300,11 +300,14 @@ def publish_delete_client(address: tuple[str, int], user: str, seconds: float, q
 
 def throughput_round(
     db_path: str, pythonpath: str, clients: int, seconds: float, tag: str
-) -> float:
-    """PUBLISH/DELETE requests per second of one indexer run."""
+) -> tuple[float, float]:
+    """PUBLISH/DELETE requests per second of one indexer run, and the indexer's CPU
+    (user + system, all its threads and child processes: the search process) per
+    request in us."""
     with tempfile.TemporaryDirectory() as workdir:
         proc, port = spawn_indexer(db_path, workdir, pythonpath)
         try:
+            cpu = tree_cpu(proc.pid)
             queue = multiprocessing.Queue()
             workers = [
                 multiprocessing.Process(
@@ -316,11 +319,21 @@ def throughput_round(
             for w in workers:
                 w.start()
             total = sum(queue.get(timeout=seconds + 120) for _ in workers)
+            cpu = tree_cpu(proc.pid) - cpu
             for w in workers:
                 w.join()
         finally:
             stop(proc)
-    return total / seconds
+    return total / seconds, cpu / total * 1e6
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and of its children, theirs too (Linux /proc)."""
+    total = indexer_load.cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            total += tree_cpu(int(child))
+    return total
 
 
 def baseline_tree(revision: str, into: str) -> str:
@@ -357,20 +370,32 @@ def throughput(args: argparse.Namespace) -> None:
         shutil.copyfile(args.db, with_index)
         shutil.copyfile(args.db + SUFFIX, with_index + SUFFIX)  # built: not rebuilt at start
         without_search(args.db, without)
-        runs: dict[str, list[float]] = {"with the search index": [], "baseline": []}
+        runs: dict[str, list[tuple[float, float]]] = {"with the search index": [], "baseline": []}
+        ratios = []
         for r in range(args.rounds):
             for label, db_path, pythonpath in (
                 ("with the search index", with_index, str(REPO)),
                 ("baseline", without, tree),
             ):
-                rate = throughput_round(db_path, pythonpath, args.clients, args.seconds, f"{r}")
-                runs[label].append(rate)
-                print(f"round {r + 1} {label}: {rate:,.0f} PUBLISH/DELETE per s", flush=True)
-    base = statistics.median(runs["baseline"])
-    new = statistics.median(runs["with the search index"])
+                rate, cpu = throughput_round(
+                    db_path, pythonpath, args.clients, args.seconds, f"{r}"
+                )
+                runs[label].append((rate, cpu))
+                print(
+                    f"round {r + 1} {label}: {rate:,.0f} PUBLISH/DELETE per s,"
+                    f" indexer CPU {cpu:.0f} us per request",
+                    flush=True,
+                )
+            ratios.append(runs["with the search index"][-1][0] / runs["baseline"][-1][0])
+    base = statistics.median(rate for rate, _ in runs["baseline"])
+    new = statistics.median(rate for rate, _ in runs["with the search index"])
+    base_cpu = statistics.median(cpu for _, cpu in runs["baseline"])
+    new_cpu = statistics.median(cpu for _, cpu in runs["with the search index"])
     print(
         f"median: with the search index {new:,.0f}/s, baseline ({args.baseline}) {base:,.0f}/s:"
-        f" {100 * new / base:.1f} %"
+        f" {100 * new / base:.1f} % (median of the rounds' ratios"
+        f" {100 * statistics.median(ratios):.1f} %); indexer CPU per request {new_cpu:.0f} us"
+        f" against {base_cpu:.0f} us"
     )
 
 

@@ -1,4 +1,4 @@
-"""SEARCH answered by the file store's search thread (p2p.indexer.searchindex): a SEARCH
+"""SEARCH answered by the file store's search process (p2p.indexer.searchindex): a SEARCH
 sees every change acknowledged before it, the search database catches up after a
 ``kill -9`` with changes it had not written, and a worker that cannot write refuses
 searches until it can, losing nothing."""
@@ -17,14 +17,14 @@ from p2p.indexer import protocol as protocol_module
 from p2p.indexer import searchindex
 from p2p.indexer.directory import Directory
 from p2p.indexer.protocol import IndexerFactory
-from p2p.indexer.searchindex import SearchIndex
+from p2p.indexer.searchindex import IndexWorker, SearchIndex
 from p2p.indexer.store import Store
 from tests.test_indexer_protocol import DT, Harness
 from tests.test_indexer_search import H1, rows
 
 
 class FileHarness(Harness):
-    """The protocol harness on a database file: SEARCH is answered by the search thread,
+    """The protocol harness on a database file: SEARCH is answered by the search process,
     its reply delivered through the running reactor."""
 
     def __init__(self, testcase: TestCase, path: str) -> None:
@@ -62,9 +62,10 @@ class FileHarness(Harness):
         return transport.value()
 
 
-def worker_index(store: Store) -> SearchIndex:
-    """The search database of ``store``'s worker thread."""
-    return store._index.index  # type: ignore[union-attr]
+def worker(store: Store) -> IndexWorker:
+    """``store``'s end of its search process."""
+    assert isinstance(store._index, IndexWorker)
+    return store._index
 
 
 def failing(*args) -> None:
@@ -86,12 +87,12 @@ class Ordering(TestCase):
     def test_search_sees_the_changes_of_its_own_turn(self):
         """A PUBLISH on another connection, handled before the SEARCH in the same reactor
         turn, is acknowledged at the turn's commit: the SEARCH, answered later by the
-        search thread, finds the file; a DELETE and a DISCONNECT the same way."""
+        search process, finds the file; a DELETE and a DISCONNECT the same way."""
         published, _ = self.h.start("PUBLISH", "alice", "walrus.txt", "tusks")
         searched, search_done = self.h.start("SEARCH", "bob", "walrus", 10)
         self.h.clock.advance(0)
         self.assertEqual(published.value(), b"\0")  # at the commit
-        self.assertEqual(searched.value(), b"")  # not yet: the search thread answers
+        self.assertEqual(searched.value(), b"")  # not yet: the search process answers
         yield search_done
         self.assertEqual(
             rows(searched.value(), 6), [("alice", "walrus.txt", "tusks", "-", "-", "1")]
@@ -136,7 +137,7 @@ class Ordering(TestCase):
         self.assertTrue(self.h.store.writable())
         reply = yield self.h.ask("SEARCH", "bob", "mole", 10)
         self.assertEqual(rows(reply, 6), [])
-        # The search thread answered the first SEARCH too, before: that answer is dropped.
+        # The search process answered the first SEARCH too, before: that answer is dropped.
         self.assertEqual(searched.value(), bytes((wire.SEARCH.error,)))
 
 
@@ -158,8 +159,8 @@ class CatchUp(TestCase):
         first.add_file("v", "seal.txt", "whiskers", 3, H1)
         first.commit()
         self.assertEqual(len(first.search(["walrus"], 10)), 3)  # written and searched
-        # From now on the worker cannot write: what follows stays out of the index.
-        self.patch(worker_index(first), "apply", failing)
+        # From now on the search process cannot write: what follows stays out of the index.
+        worker(first).fault("apply")
         first.remove_file("u", "walrus_0.txt")
         first.publish_file("u", "walrus_1.txt", "now a narwhal", 1, H1)
         first.remove_file("u", "walrus_2.txt")
@@ -224,13 +225,12 @@ class WorkerFailure(TestCase):
         """The search database cannot be written: changes are acknowledged (the main
         database holds them), SEARCH gets its error code rather than an answer that
         misses one; once it can write again, nothing was lost."""
-        index = worker_index(self.h.store)
-        self.patch(index, "apply", failing)
+        worker(self.h.store).fault("apply")
         self.assertEqual(self.h.request("PUBLISH", "alice", "walrus.txt", "tusks"), b"\0")
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual(reply, b"\3")
         self.assertEqual(self.h.request("PUBLISH", "alice", "seal.txt", "tusks"), b"\0")
-        del index.apply
+        worker(self.h.store).fault("apply", None)
         reply = yield self.h.ask("SEARCH", "alice", "tusks", 10)
         self.assertEqual(sorted(r[1] for r in rows(reply, 6)), ["seal.txt", "walrus.txt"])
 
@@ -238,14 +238,13 @@ class WorkerFailure(TestCase):
     def test_too_much_held_is_read_again_from_the_main_database(self):
         """A worker that held more changes than it may drops them and, once it can write,
         catches up from the main database instead."""
-        index = worker_index(self.h.store)
-        self.patch(index, "apply", failing)
-        self.patch(searchindex, "MAX_PENDING", 2)
+        worker(self.h.store).fault("apply")
+        worker(self.h.store).fault("max_pending", 2)
         for i in range(4):
             self.assertEqual(self.h.request("PUBLISH", "alice", f"walrus_{i}.txt", "x"), b"\0")
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual(reply, b"\3")
-        del index.apply
+        worker(self.h.store).fault("apply", None)
         self.assertEqual(self.h.request("DELETE", "alice", "walrus_0.txt"), b"\0")
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual(
@@ -256,16 +255,11 @@ class WorkerFailure(TestCase):
     def test_a_search_that_fails_gets_the_error_code(self):
         """Any other failure of a search (a bug) is logged and answered with the error
         code; the next search is answered."""
-        index = worker_index(self.h.store)
         self.assertEqual(self.h.request("PUBLISH", "alice", "walrus.txt", "tusks"), b"\0")
-
-        def broken(*args):
-            raise ZeroDivisionError("a bug")
-
-        self.patch(index, "search", broken)
+        worker(self.h.store).fault("search", ZeroDivisionError("a bug"))
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual(reply, b"\3")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
-        del index.search
+        worker(self.h.store).fault("search", None)
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual([r[1] for r in rows(reply, 6)], ["walrus.txt"])

@@ -25,7 +25,7 @@ with a size and a hash (mode ``replace`` updates an entry in place); memory keep
 names and descriptions only, the store the rest. LIST_FILES is read from the store
 and cached per owner like LIST_CONTENT, both dropped whenever that owner's files
 change; SEARCH asks the store (:meth:`Store.search_async`) and is never cached: its
-listing is a Deferred when the store answers later (a file store's search thread).
+listing is a Deferred when the store answers later (a file store's search process).
 
 Liveness (protocol.md section 7): every connected user holds a lease in
 ``leases``; a request that passes the checks of a connected user renews it,

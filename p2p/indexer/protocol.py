@@ -469,7 +469,7 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         self.max_per_source = max_per_source  # None: sources are not counted apart
         self.policy = policy or AddressPolicy("127.0.0.1")
         #: This turn's replies: (protocol, code byte, shared listing or b"", or a Deferred
-        #: of the listing: a SEARCH, replied to when its store's search thread answers).
+        #: of the listing: a SEARCH, replied to when its store's search process answers).
         self._replies: list[tuple[IndexerProtocol, bytes, bytes | Deferred]] = []
         self._lines: list[str] = []
         self._flush_call = None

@@ -1,31 +1,37 @@
-"""The SQLite store's search side (protocol.md section 8.3): its own database, its own thread.
+"""The SQLite store's search side (protocol.md section 8.3): its own database, its own process.
 
 Writing each file's words into the FTS5 index inside the reactor's group commit
 cost PUBLISH and DELETE a quarter of their rate. So what only SEARCH needs lives
-in a separate database beside the main one (``<db>.search``), written by one
-worker thread on its own connection (:class:`IndexWorker`):
+in a separate database beside the main one (``<db>.search``), written and read
+by a process of its own (``python -m p2p.indexer.searchindex``, started and
+stopped by the store: :class:`IndexWorker`, its end of two pipes). A thread was
+measured first: it took the interpreter's lock from the reactor so often that
+PUBLISH/DELETE ran at 57-88 % of their rate before the search index; the
+process costs the indexer itself one small pickled message per commit.
 
 - The main store records each change of a file or of a user's connection as a
-  :data:`Change` while it writes it, and hands the turn's changes to the worker
-  after its COMMIT succeeded, in order, in memory. The worker applies whatever
-  has arrived every :data:`WRITE_DELAY` (or before a search), in one transaction
-  of its own, only the last change of each file and user: a burst of changes is
-  one FTS5 segment, not one per turn, and the two threads rarely wake each other.
-- A search is a job on the same queue: the worker answers it after it applied
-  every change handed over before it, so a SEARCH sees every change
-  acknowledged before it (the store hands a SEARCH over after the commit of the
+  :data:`Change` while it writes it, and sends the turn's changes to the process
+  after its COMMIT succeeded, in order. The process writes what has arrived
+  every :data:`WRITE_DELAY` (or before a search), in one transaction, only the
+  last change of each file and user: a burst of changes is one FTS5 segment,
+  not one per turn.
+- A search is a message on the same pipe: the process answers it after it
+  applied every change sent before it, so a SEARCH sees every change
+  acknowledged before it (the store sends a SEARCH after the commit of the
   changes of its own turn: see ``Store.search_async``).
 - Nothing is lost by a ``kill -9``: every change the main database commits is
   numbered, and the rows it wrote carry the number (``seq`` of a ``files`` or
   ``users`` row, a row of ``tombstones`` for a file deleted): no extra write per
   commit. The search database records the last number it applied
   (``search_meta``), and :func:`catch_up` applies what the main database holds
-  past it, at start, or after the worker had to drop changes it could not write.
-  The main store numbers its commits past the highest number its rows and the
-  search database hold (:func:`last_change`), so nothing committed after the
-  mark is ever numbered below it.
-- A worker that cannot write (a full disk) keeps the changes in memory, in
-  order, and tries again before its next job; searches get SEARCH's error code
+  past it, at start, or after the process had to drop changes it could not
+  write. The main store numbers its commits past the highest number its rows
+  and the search database hold (:func:`last_change`), so nothing committed
+  after the mark is ever numbered below it. The process ends when the indexer's
+  pipe closes (its ``kill -9`` too), after writing what it got.
+- A process that cannot write (a full disk) keeps the changes in memory, in
+  order (up to :data:`MAX_PENDING`, then it catches up from the main database),
+  and tries again before each search; searches get SEARCH's error code
   meanwhile rather than an answer that could miss an acknowledged change.
 
 The search database holds a copy of each file's row (``docs``: owner, name,
@@ -36,19 +42,22 @@ ranking never folds text), the FTS5 index over it, the connected users
 A memory-only store (``:memory:``: tests) attaches a memory database as schema
 ``search`` to its own connection instead and applies changes on the reactor
 thread, before each search and at each commit, in the same transaction: no
-thread, answers at once.
+process, answers at once.
 """
 
 from __future__ import annotations
 
-import queue
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from typing import Any
 
 from twisted.logger import Logger
@@ -126,7 +135,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS {s}.{FTS_TABLE} USING fts5(
 class SearchIndex:
     """The search database on one connection: :meth:`apply` changes, :meth:`search`.
 
-    Used by one thread at a time (the worker's, or the reactor's for a memory store).
+    Used by one thread at a time (the search process's, or the reactor's for a memory store).
     """
 
     log = Logger()
@@ -510,94 +519,209 @@ def open_search_database(path: str) -> sqlite3.Connection:
     return db
 
 
-# --- The worker thread -----------------------------------------------------------
+# --- The worker process ------------------------------------------------------------
+
+
+class SearchUnavailable(Exception):
+    """The search process is gone: SEARCH gets its error code."""
+
+
+#: What a test may make the search process do (see :meth:`IndexWorker.fault`).
+FAULTS = ("apply", "search", "max_pending")
 
 
 class IndexWorker:
-    """The search database's own thread: changes applied, then questions answered, in
-    the order they were handed over (see the module's doc).
+    """The indexer's end of the search process (``python -m p2p.indexer.searchindex``).
 
-    ``jobs`` are ``(call, deliver)`` for :meth:`call`, None to stop the thread; the
-    changes wait in their own deque (see :meth:`hand_over`).
+    A process, not a thread: a thread writing the index took the interpreter's lock
+    from the reactor thousands of times a second (PUBLISH/DELETE at 57-68 % of the
+    rate before the search index, against 88 % or more without it). Messages go
+    over two pipes, pickled (:class:`multiprocessing.connection.Connection`): to
+    the process ``("changes", changes, seq)``, ``("search", ticket, words, limit)``,
+    ``("fault", name, value)`` and None (stop); back ``("found", ticket, result)``,
+    ``("applied", seq)`` and ``("log", level, text)``, read by a thread of ours that
+    sleeps until one comes.
     """
 
     log = Logger()
 
-    def __init__(self, index: SearchIndex, main_path: str, source: str, applied: int) -> None:
-        self.index = index
-        self.main_path = main_path
-        self.source = source
+    def __init__(self, main_path: str, search_path: str, source: str, applied: int) -> None:
         #: The last change number written to the search database (read by the store
         #: to forget the tombstones no longer needed).
         self.applied = applied
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._handed: deque[tuple[list[Change], int]] = deque()
-        #: Changes handed over and not yet written (after a failure), with their number.
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            args = (main_path, search_path, source, str(applied), str(child_reads))
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", __name__, *args, str(child_writes)],
+                pass_fds=(child_reads, child_writes),
+                env=env,
+                start_new_session=True,  # a Ctrl-C is the indexer's: it stops the process
+            )
+        except BaseException:
+            os.close(parent_writes)
+            os.close(parent_reads)
+            raise
+        finally:
+            os.close(child_reads)
+            os.close(child_writes)
+        self._out = Connection(parent_writes, readable=False)
+        self._in = Connection(parent_reads, writable=False)
+        self._tickets: dict[int, Callable[[Any], None]] = {}
+        self._next = 0
+        self._gone = False
+        self._reader = threading.Thread(target=self._receive, name="search-results", daemon=True)
+        self._reader.start()
+
+    def hand_over(self, changes: list[Change], seq: int) -> None:
+        """Changes committed by the main database as number ``seq``: apply them."""
+        self._send(("changes", changes, seq))
+
+    def search(self, words: list[str], limit: int, deliver: Callable[[Any], None]) -> None:
+        """Search once every change handed over before is applied; the hits (or the
+        exception that kept them from being found) go to ``deliver``, on a thread of ours."""
+        ticket = self._next = self._next + 1
+        self._tickets[ticket] = deliver
+        if not self._send(("search", ticket, words, limit)):
+            self._tickets.pop(ticket, None)
+            deliver(SearchUnavailable("the search process is gone"))
+
+    def fault(self, name: str, value: object = True) -> None:
+        """Tests: make the process fail its writes (``apply``), its searches (``search``:
+        the exception to raise), or hold fewer changes (``max_pending``); None: no more."""
+        assert name in FAULTS
+        self._send(("fault", name, value))
+
+    def stop(self) -> None:
+        """Have what was handed over written and what was asked answered; then end."""
+        self._send(None)
+        self._out.close()
+        self._reader.join()
+        self._process.wait()
+
+    def _send(self, message: object) -> bool:
+        if self._gone:
+            return False
+        try:
+            self._out.send(message)
+        except OSError:
+            self._gone = True
+            return False
+        return True
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                message = self._in.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "found":
+                deliver = self._tickets.pop(message[1])
+                deliver(message[2])
+            elif kind == "applied":
+                self.applied = message[1]
+            else:
+                getattr(self.log, message[1])("search index: {text}", text=message[2])
+        self._in.close()
+        if not self._gone:
+            self._gone = True
+            self.log.warn("search index: its process ended ({code})", code=self._process.poll())
+        for deliver in list(self._tickets.values()):
+            deliver(SearchUnavailable("the search process is gone"))
+        self._tickets.clear()
+
+
+class _Server:
+    """The search process: changes applied, then questions answered, in the order they
+    came (see the module's doc)."""
+
+    def __init__(
+        self,
+        index: SearchIndex,
+        main_path: str,
+        source: str,
+        applied: int,
+        incoming: Connection,
+        outgoing: Connection,
+    ) -> None:
+        self.index = index
+        self.main_path = main_path
+        self.source = source
+        self.applied = applied
+        self._in = incoming
+        self._out = outgoing
+        #: Changes handed over and not yet written, with their number.
         self._pending: list[tuple[list[Change], int]] = []
         self._pending_count = 0
+        self._max_pending = MAX_PENDING
         #: Changes were dropped (too many held while failing): catch up from the main db.
         self._behind = False
         self._failing = False
-        #: When the changes held are written at the latest (see :data:`WRITE_DELAY`).
+        #: When the changes held are written (see :data:`WRITE_DELAY`).
         self._due = 0.0
-        self._thread = threading.Thread(target=self._run, name="search-index", daemon=True)
-        self._thread.start()
+        self._search_fault: Exception | None = None
 
-    def hand_over(self, changes: list[Change], seq: int) -> None:
-        """Changes committed by the main database as number ``seq``: apply them.
-
-        They wait in a deque the worker drains when it wakes (before a question, or
-        every :data:`WRITE_DELAY`): waking it at every commit would make the two
-        threads take the interpreter's lock from each other thousands of times a second.
-        """
-        self._handed.append((changes, seq))
-
-    def call(self, call: Callable[[SearchIndex], Any], deliver: Callable[[Any], None]) -> None:
-        """Run ``call(index)`` once every change handed over before is applied; its result
-        (or the exception it raised, or the one that kept the changes out) goes to
-        ``deliver``, on the worker thread."""
-        self._jobs.put((call, deliver))
-
-    def stop(self) -> None:
-        """Apply what is queued, answer the questions, and end the thread."""
-        self._jobs.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        jobs, handed = self._jobs, self._handed
+    def run(self) -> None:
+        incoming = self._in
         while True:
+            wait = None
+            if self._pending or self._behind:
+                wait = max(0.0, self._due - time.monotonic())
             try:
-                job = jobs.get(timeout=WRITE_DELAY)
-            except queue.Empty:  # the changes handed over meanwhile: write them
-                job = ()
-            while handed:  # every change handed over before the job
-                self._hold(*handed.popleft())
-            if job == () and time.monotonic() < self._due:
-                continue  # (failing: not before the retry delay)
-            failure = self._write()
-            if job is None:
+                message = incoming.recv() if incoming.poll(wait) else ()
+            except (EOFError, OSError):
+                message = None  # the indexer is gone: write what came, and end
+            if message == ():
+                self._write()
+                continue
+            if message is None:
+                self._write()
                 self.index.db.close()
                 return
-            if job == ():
-                continue
-            call, deliver = job
-            try:
-                if failure is not None:
-                    raise failure
-                result = call(self.index)
-            except Exception as exc:  # handed to the asker
-                result = exc
-            try:
-                deliver(result)
-            except Exception:
-                self.log.failure("delivering a search result failed")
+            kind = message[0]
+            if kind == "changes":
+                if not self._pending:
+                    self._due = time.monotonic() + WRITE_DELAY
+                self._hold(message[1], message[2])
+            elif kind == "search":
+                self._answer(message[1], message[2], message[3])
+            else:
+                self._fault(message[1], message[2])
+
+    def _answer(self, ticket: int, words: list[str], limit: int) -> None:
+        failure = self._write()
+        try:
+            if failure is not None:
+                raise failure
+            if self._search_fault is not None:
+                raise self._search_fault
+            result: object = self.index.search(words, limit)
+        except Exception as exc:  # handed to the asker
+            result = exc
+        self._out.send(("found", ticket, result))
+
+    def _fault(self, name: str, value: object) -> None:
+        if name == "apply":
+            if value:
+                self.index.apply = _full  # type: ignore[method-assign]
+            else:
+                del self.index.apply
+        elif name == "search":
+            self._search_fault = value  # type: ignore[assignment]
+        else:
+            self._max_pending = value if value else MAX_PENDING  # type: ignore[assignment]
 
     def _hold(self, changes: list[Change], seq: int) -> None:
         if self._behind or seq <= self.applied:
             return  # the catch-up reads (or read) them from the main database
         self._pending.append((changes, seq))
         self._pending_count += len(changes)
-        if self._pending_count > MAX_PENDING:
+        if self._pending_count > self._max_pending:
             self._pending.clear()
             self._pending_count = 0
             self._behind = True
@@ -614,16 +738,17 @@ class IndexWorker:
         except sqlite3.Error as exc:
             self._due = time.monotonic() + RETRY_DELAY
             if not self._failing:
-                self.log.warn(
-                    "search index: cannot write ({exc}); searches are refused until it can",
-                    exc=exc,
-                )
+                self._say("warn", f"cannot write ({exc}); searches are refused until it can")
             self._failing = True
             return exc
         if self._failing:
-            self.log.info("search index: writing again")
+            self._say("info", "writing again")
             self._failing = False
+        self._out.send(("applied", self.applied))
         return None
+
+    def _say(self, level: str, text: str) -> None:
+        self._out.send(("log", level, text))
 
     def _apply_pending(self) -> None:
         index, seq = self.index, self._pending[-1][1]
@@ -642,3 +767,22 @@ class IndexWorker:
             main.close()
         self._behind = False
         self.applied = seq  # changes handed over up to it were read: skipped (``_hold``)
+
+
+def _full(changes: Iterable[Change]) -> None:
+    """A test's stand-in for :meth:`SearchIndex.apply`: the disk is full."""
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def serve(argv: list[str]) -> None:
+    """The search process: ``MAIN_DB SEARCH_DB SOURCE APPLIED READ_FD WRITE_FD``."""
+    main_path, search_path, source, applied, read_fd, write_fd = argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the indexer says when to stop
+    index = SearchIndex(open_search_database(search_path))
+    incoming = Connection(int(read_fd), writable=False)
+    outgoing = Connection(int(write_fd), readable=False)
+    _Server(index, main_path, source, int(applied), incoming, outgoing).run()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

@@ -16,7 +16,7 @@ Databases written before claims existed gain the column when opened.
 
 Content identity and search (protocol.md section 8): ``files`` also holds each
 file's size and SHA-256 (NULL for a classic PUBLISH). SEARCH is answered from a
-database of its own beside this one, written and read by a worker thread
+database of its own beside this one, written and read by a process of its own
 (:mod:`p2p.indexer.searchindex`): this store records each change SEARCH sees
 while it writes it and hands the turn's changes over after its commit; each
 changed row carries the number of that commit (``seq``; ``tombstones`` for the
@@ -324,8 +324,9 @@ class Store:
 
     def open_index(self) -> None:
         """Open the search side, bringing it up to date first: a file database's search
-        database (``<path>.search``, created and filled if missing) with its worker
-        thread. The indexer opens it at start; otherwise the first search does.
+        database (``<path>.search``, created and filled if missing), then its process
+        (:class:`IndexWorker`). The indexer opens it at start; otherwise the first
+        search does.
 
         Until it is open, committed changes are not handed over (``p2p-admin``):
         they are read from this database when it opens.
@@ -336,19 +337,18 @@ class Store:
             self.open()
         if self._in_transaction:
             raise RuntimeError("open_index in a transaction")
-        search = searchindex.open_search_database(self.path + searchindex.SUFFIX)
+        search_path = self.path + searchindex.SUFFIX
+        search = searchindex.open_search_database(search_path)
         try:
-            index = SearchIndex(search)
             reader = sqlite3.connect(self.path, isolation_level=None)
             try:
-                applied = searchindex.catch_up(index, reader, self.sender_id)
+                applied = searchindex.catch_up(SearchIndex(search), reader, self.sender_id)
             finally:
                 reader.close()
-        except BaseException:
+        finally:
             search.close()
-            raise
         self._change_seq = max(self._change_seq, applied)
-        self._index = IndexWorker(index, self.path, self.sender_id, applied)
+        self._index = IndexWorker(self.path, search_path, self.sender_id, applied)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -526,7 +526,7 @@ class Store:
         if isinstance(self._ready_index(), SearchIndex):
             return self._search_now(words, limit)
         answer: Future = Future()
-        self._worker().call(lambda index: index.search(words, limit), answer.set_result)
+        self._worker().search(words, limit, answer.set_result)
         result = answer.result()
         if isinstance(result, Exception):
             raise result
@@ -536,10 +536,10 @@ class Store:
         """:meth:`search` without waiting: a Deferred of the hits, fired on the reactor
         thread, that sees every change made before it, committed or in the open
         transaction (SEARCH: every acknowledged change). A memory store's has fired
-        already; a file store's worker searches after it applied every change handed
-        over before, and the changes of the open transaction are handed over by its
-        commit, the search right after. Errbacks with what kept the search from being
-        answered (the worker could not write the changes before it, say).
+        already; a file store's search process searches after it applied every change
+        sent before, and the changes of the open transaction are sent by its commit,
+        the search right after. Errbacks with what kept the search from being
+        answered (the process could not write the changes before it, say).
         """
         if isinstance(self._ready_index(), SearchIndex):
             return succeed(self._search_now(words, limit))
@@ -582,7 +582,7 @@ class Store:
             fire = found.errback if isinstance(result, Exception) else found.callback
             reactor.callFromThread(fire, result)
 
-        self._worker().call(lambda index: index.search(words, limit), deliver)
+        self._worker().search(words, limit, deliver)
 
     def _release_waiting(self) -> None:
         """Hand over the searches that waited for the open transaction's changes."""

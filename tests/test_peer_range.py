@@ -393,6 +393,30 @@ class TokenBucketTests(TestCase):
             with self.subTest(bad=bad):
                 self.assertRaises(ValueError, parse_rate, bad)
 
+    def test_the_client_option(self) -> None:
+        """p2p-client --max-upload-rate: 1024-based suffixes, no cap by default, and a
+        usage error that names the option for anything else."""
+        from twisted.python import usage
+
+        from p2p.client.main import Options
+
+        def parsed(*argv: str) -> int | None:
+            options = Options()
+            options.parseOptions(["--share-dir", ".", *argv])
+            return options["max-upload-rate"]
+
+        self.assertIsNone(parsed())
+        self.assertEqual(parsed("--max-upload-rate", "512K"), 512 * 1024)
+        self.assertEqual(parsed("--max-upload-rate", "3M"), 3 * MIB)
+        for bad in ("12x", "1.5M", "0", "-1K"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(usage.UsageError) as caught:
+                    parsed("--max-upload-rate", bad)
+                self.assertIn(
+                    "not a byte rate" if bad != "0" else "positive", str(caught.exception)
+                )
+        self.assertIn("1024-based", Options().__str__())
+
     def test_burst(self) -> None:
         clock = task.Clock()
         self.assertEqual(TokenBucket(1000, clock).burst, MIN_BURST)

@@ -434,7 +434,7 @@ class TokenBucketTests(TestCase):
             if got:
                 sent.append((clock.seconds(), got))
                 continue
-            bucket.queue(lambda: woken.append(1))
+            bucket.queue(lambda: woken.append(1), 30_000)
             while not woken:
                 clock.advance(0.001)
         total = sum(n for _, n in sent)

@@ -10,7 +10,6 @@ any interval of ``t`` seconds are at most ``burst + rate * t``.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +42,8 @@ class TokenBucket:
         self.clock = clock
         self._tokens = float(self.burst)
         self._at = clock.seconds()
-        self._waiting: deque[Callable[[], None]] = deque()
+        #: Who waits for a turn, and how many bytes each wants (first come, first served).
+        self._waiting: deque[tuple[Callable[[], None], int]] = deque()
         self._timer: Any = None
 
     def _refill(self) -> None:
@@ -69,15 +69,19 @@ class TokenBucket:
         self._tokens = max(self._tokens - granted, 0.0)
         return granted
 
-    def queue(self, wake: Callable[[], None]) -> None:
-        """Call ``wake()`` (on the clock) when it is this caller's turn to :meth:`take`."""
-        self._waiting.append(wake)
+    def queue(self, wake: Callable[[], None], want: int) -> None:
+        """Call ``wake()`` (on the clock) when it is this caller's turn to :meth:`take`
+        ``want`` bytes (woken as soon as ``min(want, step)`` are in the bucket: waiting for
+        more would let a full bucket overflow while the reactor is late)."""
+        self._waiting.append((wake, want))
         self._arm()
 
     def cancel(self, wake: Callable[[], None]) -> None:
         """``wake`` no longer waits (its connection ended)."""
-        with contextlib.suppress(ValueError):
-            self._waiting.remove(wake)
+        for entry in self._waiting:
+            if entry[0] == wake:
+                self._waiting.remove(entry)
+                break
         if not self._waiting and self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -85,15 +89,20 @@ class TokenBucket:
     def _arm(self) -> None:
         if self._timer is None and self._waiting:
             self._refill()
-            missing = self.step - self._tokens
+            missing = self._needed() - self._tokens
             self._timer = self.clock.callLater(max(missing / self.rate, MIN_WAIT), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         self._refill()
-        while self._waiting and int(self._tokens + _SLACK) >= self.step:
-            self._waiting.popleft()()
+        while self._waiting and int(self._tokens + _SLACK) >= self._needed():
+            wake, _want = self._waiting.popleft()
+            wake()
         self._arm()
+
+    def _needed(self) -> int:
+        """Bytes the first in the queue waits for."""
+        return min(self._waiting[0][1], self.step)
 
 
 def parse_rate(text: str) -> int:

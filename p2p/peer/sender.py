@@ -238,7 +238,7 @@ class PacedProducer(_RangeProducer):
             turn = False
             if not granted:
                 self._queued = True
-                self.bucket.queue(self._wake)
+                self.bucket.queue(self._wake, want)
                 return
             data = self._read(granted)
             if data is None:

@@ -18,7 +18,7 @@ from p2p.client.indexer_client import (
     reply_shape,
 )
 from p2p.indexer.directory import Directory
-from p2p.indexer.store import Store
+from tests import test_indexer_search
 from tests.support import deadline
 from tests.test_indexer_protocol import DT, Harness
 from tests.test_indexer_search import H1, H2, KEY, rows
@@ -141,17 +141,11 @@ class Policies(TestCase):
     """Claimed names, --classic read-only and the audit hold for SOURCES as for SEARCH."""
 
     def directory(self, classic: str = "allow") -> Directory:
-        store = Store()
-        store.open()
-        self.addCleanup(store.close)
-        store.add_user("alice", KEY)
-        store.set_address("alice", ("127.0.0.1", 5000))
-        store.add_user("bob")
-        store.set_address("bob", ("127.0.0.1", 5001))
-        store.publish_file("bob", "b.txt", "bob's", 12, H1)
-        store.commit()
-        directory = Directory(store, audit=True, classic=classic)
-        directory.load()
+        """SEARCH's policy fixture (alice claimed, bob unclaimed, both connected), and
+        bob's file published with a hash."""
+        directory = test_indexer_search.Policies.directory(self, classic)
+        directory.store.publish_file("bob", "b.txt", "bob's", 12, H1)
+        directory.store.commit()
         return directory
 
     def handle(self, directory: Directory, user: str, identity=None):

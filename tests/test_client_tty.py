@@ -119,6 +119,14 @@ class TerminalCase(TestCase):
 
         yield d.addErrback(show)
 
+    def assertOnlyPartial(self, name: str) -> None:
+        """Nothing at the destination ``name``: only the hidden partial files a cut
+        download keeps for the next GET_FILE to continue (protocol.md 2.6)."""
+        self.assertEqual(
+            sorted(p.name for p in self.cwd.iterdir()),
+            [f".{name}.p2p-part", f".{name}.p2p-part.json"],
+        )
+
     def resize(self, columns: int, rows: int = 24) -> None:
         """Set the pty's size, as a terminal window does."""
         fcntl.ioctl(
@@ -187,10 +195,11 @@ class BackgroundDownloadTests(TerminalCase):
         yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK")
         yield poll_until(lambda: re.search(rb"\t\[1\] f\.bin from slow  +\d+%", self.raw))
         self.assertNotRegex(self.raw, rb"c> GET_FILE (OK|FAIL)")
-        # CANCEL: the FAIL line, and nothing left at the destination.
+        # CANCEL: the FAIL line, and nothing at the destination (what arrived stays
+        # hidden beside it, for the next GET_FILE to continue).
         yield self.type_keys(b"CANCEL 1\r", "c> CANCEL OK")
         self.assertIn(b"c> GET_FILE FAIL\r\n", self.raw)
-        self.assertEqual(list(self.cwd.iterdir()), [])
+        self.assertOnlyPartial("f.bin")
         yield self.type_keys(b"CANCEL 1\r", "c> CANCEL FAIL, NO SUCH DOWNLOAD")
         yield self.type_keys(b"DOWNLOADS\r", "c> DOWNLOADS OK", 2)
         self.assertFalse(self.proc.exited)
@@ -207,7 +216,7 @@ class BackgroundDownloadTests(TerminalCase):
         # Redrawn by itself, the status line says for how long nothing came.
         yield self.type_keys(b"", " / 64.0 KiB  stalled 0:06")
         yield self.type_keys(b"CANCEL 1\r", "c> CANCEL OK")
-        self.assertEqual(list(self.cwd.iterdir()), [])
+        self.assertOnlyPartial("f.bin")
 
     @defer.inlineCallbacks
     def test_no_silent_overwrite_and_the_remote_name_by_default(self):
@@ -332,7 +341,7 @@ class InterruptTests(TerminalCase):
         self.assertEqual(code, 0, self.raw)
         self.assertIn(b"quitting with 1 download running: cancelled", self.raw)
         self.assertIn(b"c> GET_FILE FAIL\r\n", self.raw)
-        self.assertEqual(list(self.cwd.iterdir()), [])
+        self.assertOnlyPartial("f.bin")
         self.assertIsNone(self.indexer.users["alice"]["addr"])
         self.assertTrue(self.raw.endswith(INSERT_OFF), self.raw[-60:])
 

@@ -348,7 +348,7 @@ class Store:
         finally:
             search.close()
         self._change_seq = max(self._change_seq, applied)
-        self._index = IndexWorker(self.path, search_path, self.sender_id, applied)
+        self._index = IndexWorker(self.path, search_path, self.sender_id, applied, self._clock())
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -572,11 +572,17 @@ class Store:
             self._inline = len(self._log)
         return index.search(words, limit)
 
+    def _clock(self):
+        """The reactor: :attr:`reactor`, or the global one."""
+        if self.reactor is not None:
+            return self.reactor
+        from twisted.internet import reactor
+
+        return reactor
+
     def _ask(self, words: list[str], limit: int, found: Deferred) -> None:
         """Hand a search to the worker; its result fires ``found`` on the reactor thread."""
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = self._clock()
 
         def deliver(result: object) -> None:
             fire = found.errback if isinstance(result, Exception) else found.callback

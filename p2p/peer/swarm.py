@@ -208,6 +208,7 @@ class _PiecesAsk(_Exchange):
     def __init__(self, swarm: _Swarm, source: Source) -> None:
         self.result: Deferred = Deferred()
         self.digests = bytearray()
+        self.old = False
         request = wire.encode_fields("PIECES", source.remote)
         super().__init__(swarm, source, request, swarm.timeout)
 
@@ -232,7 +233,9 @@ class _PiecesAsk(_Exchange):
                 self.result.callback((size, piece, bytes(self.digests)))
                 return
             problem = "cut its list of piece digests short"
-        if self.code is not None or problem is not None:  # (a bare close: an older peer)
+        #: Closed without a reply byte: a peer that does not know PIECES (an older one).
+        self.old = self.code is None and problem is None
+        if not self.old:
             self.swarm.say(
                 self.source, f"gives no piece list ({problem or 'a cut reply'}): not used"
             )
@@ -374,8 +377,9 @@ class _Swarm:
 
     def choose(self, lists: list[tuple[int, int, bytes] | None]) -> None:
         """Use the piece list most sources agree on (of the expected piece size),
-        and the sources that serve it; fewer than two: stream from one."""
-        self.asks = []
+        and the sources that serve it; fewer than two: stream from one (the owner
+        named, if it is an older peer that does not know PIECES: as before)."""
+        asks, self.asks = self.asks, []
         if self.result.called:
             return
         votes = collections.Counter(
@@ -391,7 +395,8 @@ class _Swarm:
             if got is not None and got[2] != agreed:
                 self.say(source, "lists other piece digests than the other sources: not used")
         if len(users) < 2:
-            self.stream_from(users[0] if users else self.sources[0])
+            named_is_old = asks[0].old if asks else True
+            self.stream_from(users[0] if users and not named_is_old else self.sources[0])
             return
         self.digests = agreed
         self.peers = [_Peer(source, []) for source in users]

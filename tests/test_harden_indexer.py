@@ -101,6 +101,7 @@ ARG_KINDS = {
     "PUBLISH_FILE": ("file", "text", "size", "sha256", "mode"),
     "LIST_FILES": ("name",),
     "SEARCH": ("words", "limit"),
+    "SOURCES": ("sha256",),
 }
 ERROR = {"REGISTER": 2, "UNREGISTER": 2, "CONNECT": 3, "DISCONNECT": 3}
 
@@ -191,6 +192,13 @@ class Model:
             )
         if op == "SEARCH":  # the code here; Fuzz checks each hit is a connected owner's file
             return b"\0" if any(ch.isalnum() for ch in args[0]) else b"\3"
+        if op == "SOURCES":  # connected owners but the asker, by owner then name, at most 64
+            found = sorted(
+                (owner, name)
+                for (owner, name), (_size, sha256) in self.identity.items()
+                if sha256 == args[0] and owner != user and owner in self.connected
+            )
+            return b"\0" + _listing((o, n, *self.connected[o]) for o, n in found[:64])
         raise AssertionError(op)
 
 

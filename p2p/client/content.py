@@ -229,7 +229,9 @@ class ContentCache:
         self.run_in_thread = run_in_thread
         #: Set by :meth:`stop`: hashing under way gives up.
         self.stopping = threading.Event()
-        self.digest = digest or partial(digest_file, stop=self.stopping)
+        self._reading = partial(digest_file, stop=self.stopping)
+        #: Reads a file into its Content; another one (tests) is called with the path only.
+        self.digest = digest or self._reading
         self.hashed = 0
         self._lock = threading.Lock()
         self._entries: dict[str, list[Any]] | None = None
@@ -261,7 +263,10 @@ class ContentCache:
             known = self._load().get(path)
         if known is not None and known[:4] == stamp.as_list():
             return Content(stamp.size, known[4], stamp)
-        content = self.digest(path) if progress is None else self.digest(path, progress=progress)
+        if progress is not None and self.digest is self._reading:
+            content = self._reading(path, progress=progress)
+        else:
+            content = self.digest(path)
         self._keep_pieces(content)
         with self._lock:
             self.hashed += 1

@@ -3,12 +3,16 @@
 :class:`ClusterDirectory` is :class:`p2p.indexer.directory.Directory` for
 ``--db postgresql://...``: the same operations, codes and check order (taken
 from each ``wire.OpSpec``: claim, then user exists, then connected, then the
-operation's own check), but nothing is answered from memory. Each request is
-one transaction (:meth:`p2p.indexer.pgstore.PgStore.transact`), run in a pool
-thread, and :meth:`ClusterDirectory.handle` returns a Deferred of its
-:class:`Outcome`. The database makes the rules hold across nodes:
+operation's own check), but nothing is answered from memory.
+:meth:`ClusterDirectory.handle` returns a Deferred of the request's
+:class:`Outcome`, fired once its transaction committed. The requests waiting
+for a database thread form a batch (:meth:`p2p.indexer.pgstore.PgStore.transact`),
+applied in one transaction by one statement, ``p2p_batch`` (the rules as
+server functions: :mod:`p2p.indexer.pgrules`); this module turns each result
+into its reply, writes its audit record and ranks SEARCH's hits. The database
+makes the rules hold across nodes:
 
-- the user's row is locked (``FOR UPDATE``) by every change, so two changes of
+- the user's row is locked (``FOR UPDATE``) by every request, so two changes of
   one user, on any nodes, run one after the other, each seeing the other's;
 - ``REGISTER`` is ``INSERT ... ON CONFLICT DO NOTHING``: of two at once, on two
   nodes, exactly one inserts (0), the other sees the row (1);
@@ -39,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -53,6 +58,7 @@ from p2p.indexer.fulltext import (
     query_words,
     words_of,
 )
+from p2p.indexer.pgrules import RULES
 from p2p.indexer.pgstore import PgStore, batch_memo
 
 Address = tuple[str, int]
@@ -67,14 +73,6 @@ SEARCH_CANDIDATES = 300
 MATCHING_CAP = 5000
 #: Users looked at per expiry tick, at most.
 EXPIRY_BATCH = 256
-
-_USER = "SELECT ip, port, identity, connected FROM users WHERE name = %s FOR UPDATE"
-#: The users of a batch's requests, read and locked at its start in one statement (in
-#: name order: every batch locks users in one order).
-_USERS = (
-    "SELECT name, ip, port, identity, connected FROM users WHERE name = ANY(%s)"
-    " ORDER BY name FOR UPDATE"
-)
 
 
 @dataclass(slots=True)
@@ -131,13 +129,10 @@ class ClusterDirectory:
         self.audit = audit
         self.classic_ops = CLASSIC_POLICIES[classic]
         self.leases = leases if leases is not None else ClusterLeases(store)
-        store.prepare = self._prepare
         #: Nothing is kept in memory: the metrics' count of connected users is not known here.
         self.connected: dict[str, Address] = {}
-        #: Each operation's own part: ``_<op in lower case>`` (HOLD is ALIVE's).
-        self._handlers: dict[str, Callable[..., Outcome]] = {
-            name: getattr(self, f"_{name.lower()}") for name in wire.OPS
-        }
+        store.schema_extra.append(RULES)
+        store.prepare = self._prepare
 
     def load(self) -> None:
         """Nothing to load: every request reads the database."""
@@ -153,255 +148,118 @@ class ClusterDirectory:
         stale: Address | None = None,
         probe: bool = True,
     ) -> Deferred:
-        """Apply one well-formed request in a transaction of its own; a Deferred of its
+        """Apply one well-formed request in a transaction (its batch's); a Deferred of its
         :class:`Outcome`, fired once committed.
 
         ``probe``: a CONNECT for a user recorded as connected returns the address to
         probe instead (nothing written); after the probe the factory sends it again
         with ``probe=False`` and, when nothing answered, ``stale`` (that address).
         """
-        return self.store.transact(
-            self._apply, op, datetime, user, args, address, identity, stale, probe, key=user
-        )
+        request = self.request(op, user, args, address, identity, stale, probe)
+        if self.audit and op.name not in wire.UNAUDITED_OPS:
+            file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
+            request["record"] = wire.audit_record(user, op.name, datetime, file_name)
+        return self.store.transact(self._apply, op, args, request, key=user)
 
-    # --- In a pool thread, inside the transaction ---------------------------------
-
-    @staticmethod
-    def _prepare(cursor, keys: list[str]) -> None:
-        """At a batch's start: read and lock every user its requests name, in one
-        statement; the requests then find their user's row in the batch's memo (each
-        change of a row there is written back to it by the request that made it)."""
-        names = sorted({key for key in keys if key})
-        memo = batch_memo()
-        users: dict[str, tuple | None] = dict.fromkeys(names)
-        if names:
-            for name, *row in cursor.execute(_USERS, (names,)):
-                users[name] = tuple(row)
-        memo["users"] = users
-
-    @staticmethod
-    def _user(cursor, user: str) -> tuple | None:
-        """``user``'s row (ip, port, identity, connected), locked: from the batch's memo
-        when its start read it, else read (and locked) now."""
-        users = batch_memo().setdefault("users", {})
-        if user not in users:
-            users[user] = cursor.execute(_USER, (user,)).fetchone()
-        return users[user]
-
-    def _apply(
+    def request(
         self,
-        cursor,
         op: wire.OpSpec,
-        datetime: str,
         user: str,
         args: list,
         address: Address | None,
         identity: str | None,
         stale: Address | None,
         probe: bool,
-    ) -> Outcome:
-        row = self._user(cursor, user)
-        if (identity is None and op.name not in self.classic_ops) or (
-            row is not None and row[2] is not None and row[2] != identity
-        ):
-            outcome = Outcome(op.error)
-        elif row is None and op.no_user is not None:
-            outcome = Outcome(op.no_user)
-        elif op.not_connected is not None and row[0] is None:
-            outcome = Outcome(op.not_connected)
-        else:
-            outcome = self._handlers[op.name](cursor, user, row, args, address, identity, stale)
-            if outcome.probe is not None:
-                if probe:
-                    return outcome  # nothing written: applied again after the probe
-                outcome = Outcome(op.own)
-            outcome.seen = row is not None and row[0] is not None and not outcome.ended
-        if self.audit and op.name not in wire.UNAUDITED_OPS:
-            file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
-            self.store.add_record(cursor, wire.audit_record(user, op.name, datetime, file_name))
-            outcome.audited = True
+    ) -> dict[str, Any]:
+        """The request as :data:`p2p.indexer.pgrules.RULES` reads it: its codes from
+        ``op`` (those it has), whether the ``--classic`` policy allows it, its fields."""
+        request: dict[str, Any] = {
+            "op": op.name,
+            "user": user,
+            "identity": identity,
+            "allowed": identity is not None or op.name in self.classic_ops,
+            "error": op.error,
+        }
+        for name in ("no_user", "not_connected", "own"):
+            code = getattr(op, name)
+            if code is not None:
+                request[name] = code
+        name = op.name
+        if name == wire.CONNECT.name:
+            request["probe"] = probe
+            if address is not None:
+                request["ip"], request["port"] = address
+            if stale is not None:
+                request["stale_ip"], request["stale_port"] = stale
+        elif name in (wire.PUBLISH.name, wire.PUBLISH_FILE.name):
+            request["file"], request["description"] = args[0], args[1]
+            request["words"] = file_words(args[0], args[1])
+            if name == wire.PUBLISH_FILE.name:
+                request["size"], request["sha256"], request["mode"] = args[2:5]
+        elif name == wire.DELETE.name:
+            request["file"] = args[0]
+        elif name in (wire.LIST_CONTENT.name, wire.LIST_FILES.name):
+            request["owner"] = args[0]
+            request["unknown"] = wire.UNKNOWN
+        elif name == wire.LIST_PEERS.name:
+            request["unclaimed"] = wire.UNCLAIMED
+        elif name == "SOURCES":
+            request["sha256"] = args[0]
+            request["max"] = getattr(wire, "MAX_SOURCES", 64)
+        return request
+
+    # --- In a pool thread, inside the batch's transaction ---------------------------
+
+    def _prepare(self, cursor, works: list[tuple]) -> set[int]:
+        """A batch's requests applied, and audited, by one statement (its own
+        transaction), in the batch's order (by user); each request's result waits in
+        the batch's memo. The positions of those done whole: all but the searches,
+        whose hits are then read in the batch's transaction."""
+        positions = [n for n, (work, _args) in enumerate(works) if work == self._apply]
+        results = batch_memo()["results"] = {}
+        if not positions:
+            return set()
+        requests = [works[n][1][-1] for n in positions]
+        cursor.execute("SELECT p2p_batch(%s, %s)", (Jsonb(requests), float(self.leases.timeout)))
+        done = set()
+        for n, request, result in zip(positions, requests, cursor.fetchone()[0], strict=True):
+            results[id(request)] = result
+            if not result.get("search"):
+                done.add(n)
+        return done
+
+    def _apply(self, cursor, op: wire.OpSpec, args: list, request: dict) -> Outcome:
+        """The request's :class:`Outcome` from what the rules said, and for SEARCH the
+        hits (``cursor``: the batch's transaction; None for the others)."""
+        result = batch_memo()["results"][id(request)]
+        if "probe" in result:  # nothing written: applied again after the probe
+            return Outcome(op.own, probe=tuple(result["probe"]))
+        outcome = Outcome(
+            result["code"],
+            ended=result.get("ended", False),
+            seen=result.get("seen", False),
+            connected=result.get("connected"),
+        )
+        if "rows" in result:
+            outcome.body = wire.encode_listing(result["rows"])
+        elif outcome.code == wire.OK and op.name in (wire.ALIVE.name, wire.HOLD.name):
+            outcome.body = b"%d\0" % self.leases.seconds  # the lease, whole seconds
+        elif result.get("search"):
+            outcome.code, outcome.body = _search(cursor, *args)
+        outcome.audited = "record" in request
         return outcome
 
-    # Each operation's own part. ``row`` is (ip, port, identity, connected), locked for
-    # a change; None only for REGISTER.
 
-    def _register(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        if row is not None:
-            return Outcome(wire.REGISTER.own)
-        cursor.execute(
-            "INSERT INTO users (name, identity) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            (user, identity),
-        )
-        if cursor.rowcount == 1:
-            _changed(user, (None, None, identity, None))
-            return Outcome(wire.OK)
-        # Registered by another request (on any node) since we looked: as if first seen.
-        forget(user)
-        other = self._user(cursor, user)
-        if other is not None and other[2] is not None and other[2] != identity:
-            return Outcome(wire.REGISTER.error)
-        return Outcome(wire.REGISTER.own)
-
-    def _unregister(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        if row[0] is not None:  # refused while connected
-            return Outcome(wire.UNREGISTER.error)
-        cursor.execute("DELETE FROM users WHERE name = %s", (user,))
-        _changed(user, None)
-        return Outcome(wire.OK)
-
-    def _connect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        ip, port = row[0], row[1]
-        if ip is not None and (ip, port) != stale:
-            return Outcome(wire.CONNECT.own, probe=(ip, port))
-        if address is None:
-            return Outcome(wire.CONNECT.error)
-        cursor.execute(
-            "UPDATE users SET ip = %s, port = %s, connected = nextval('connect_order'),"
-            f" lease_until = {NOW} + %s, lease_kind = {SILENT} WHERE name = %s"
-            " RETURNING connected",
-            (address[0], address[1], self.leases.timeout, user),
-        )
-        _changed(user, (address[0], address[1], row[2], cursor.fetchone()[0]))
-        return Outcome(wire.OK, ended=ip is not None)
-
-    def _disconnect(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        cursor.execute(
-            "UPDATE users SET ip = NULL, port = NULL, connected = NULL, lease_until = NULL"
-            " WHERE name = %s",
-            (user,),
-        )
-        _changed(user, (None, None, row[2], None))
-        return Outcome(wire.OK, ended=True)
-
-    def _alive(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        """ALIVE and HOLD: the lease runs from now (HOLD: the factory then ties it to the
-        connection, which renews it while open); the reply says how long it lasts."""
-        cursor.execute(
-            f"UPDATE users SET lease_until = {NOW} + %s, lease_kind = CASE WHEN lease_kind"
-            f" = {HELD} THEN {HELD} ELSE {RENEWING} END WHERE name = %s",
-            (self.leases.timeout, user),
-        )
-        return Outcome(wire.OK, b"%d\0" % self.leases.seconds, connected=row[3])
-
-    _hold = _alive
-
-    def _publish(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        name, description = args
-        return self._add_file(cursor, wire.PUBLISH, user, name, description, None, None)
-
-    def _publish_file(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        name, description, size, sha256, mode = args
-        if mode != "replace":
-            return self._add_file(cursor, wire.PUBLISH_FILE, user, name, description, size, sha256)
-        cursor.execute(
-            "INSERT INTO files (owner, name, description, size, sha256, words)"
-            " VALUES (%s, %s, %s, %s, %s, array_to_tsvector(%s::text[]))"
-            " ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description,"
-            " size = excluded.size, sha256 = excluded.sha256, words = excluded.words",
-            (user, name, description, size, sha256, file_words(name, description)),
-        )
-        return Outcome(wire.OK)
-
-    def _add_file(self, cursor, op, user, name, description, size, sha256) -> Outcome:
-        cursor.execute(
-            "INSERT INTO files (owner, name, description, size, sha256, words)"
-            " VALUES (%s, %s, %s, %s, %s, array_to_tsvector(%s::text[]))"
-            " ON CONFLICT (owner, name) DO NOTHING",
-            (user, name, description, size, sha256, file_words(name, description)),
-        )
-        return Outcome(wire.OK if cursor.rowcount == 1 else op.own)
-
-    def _delete(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        cursor.execute("DELETE FROM files WHERE owner = %s AND name = %s", (user, args[0]))
-        return Outcome(wire.OK if cursor.rowcount == 1 else wire.DELETE.own)
-
-    def _list_users(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        return Outcome(wire.OK, _connected_listing(cursor, claims=False))
-
-    def _list_peers(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        """LIST_USERS with each user's claim: its fingerprint, or wire.UNCLAIMED."""
-        return Outcome(wire.OK, _connected_listing(cursor, claims=True))
-
-    def _owner_files(self, cursor, op, owner: str, columns: str) -> Outcome:
-        """LIST_CONTENT and LIST_FILES: ``owner``'s files in publishing order, or the
-        operation's own code when there is no such owner."""
-        rows = cursor.execute(
-            f"SELECT {columns} FROM files WHERE owner = %s ORDER BY id", (owner,)
-        ).fetchall()
-        if (
-            not rows
-            and cursor.execute("SELECT 1 FROM users WHERE name = %s", (owner,)).fetchone() is None
-        ):
-            return Outcome(op.own)
-        return Outcome(wire.OK, wire.encode_listing(rows))
-
-    def _list_content(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        return self._owner_files(cursor, wire.LIST_CONTENT, args[0], "name, description")
-
-    def _list_files(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        """LIST_CONTENT with sizes and hashes (wire.UNKNOWN where published without)."""
-        return self._owner_files(
-            cursor,
-            wire.LIST_FILES,
-            args[0],
-            f"name, description, coalesce(size::text, {_UNKNOWN}), coalesce(sha256, {_UNKNOWN})",
-        )
-
-    def _sources(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        """The connected owners of a file with this SHA-256 and their addresses, the
-        asking user left out (protocol.md 8.6)."""
-        rows = cursor.execute(
-            "SELECT f.owner, f.name, u.ip, u.port FROM files f JOIN users u ON u.name = f.owner"
-            " WHERE f.sha256 = %s AND u.ip IS NOT NULL AND f.owner <> %s ORDER BY f.id LIMIT %s",
-            (args[0], user, getattr(wire, "MAX_SOURCES", 64)),
-        ).fetchall()
-        return Outcome(wire.OK, wire.encode_listing(rows))
-
-    def _search(self, cursor, user, row, args, address, identity, stale) -> Outcome:
-        """The best hits among connected owners' files; the error code for a query
-        without a word or with more than MAX_QUERY_WORDS (protocol.md 8.3)."""
-        text, limit = args
-        words = query_words(text)
-        if not words or len(words) > MAX_QUERY_WORDS:
-            return Outcome(wire.SEARCH.error)
-        hits = search(cursor, words, limit)
-        return Outcome(
-            wire.OK,
-            wire.encode_listing(
-                (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies)
-                for h in hits
-            ),
-        )
-
-
-def _connected_listing(cursor, claims: bool) -> bytes:
-    """The connected users as LIST_USERS lists them (with ``claims``: as LIST_PEERS), in
-    connection order; built once per batch until one of its requests connects or
-    disconnects someone."""
-    listings = batch_memo().setdefault("listings", {})
-    listing = listings.get(claims)
-    if listing is None:
-        columns = "name, ip, port" + (", coalesce(identity, %s)" if claims else "")
-        rows = cursor.execute(
-            f"SELECT {columns} FROM users WHERE ip IS NOT NULL ORDER BY connected",
-            (wire.UNCLAIMED,) if claims else (),
-        ).fetchall()
-        listing = listings[claims] = wire.encode_listing(rows)
-    return listing
-
-
-def _changed(user: str, row: tuple | None) -> None:
-    """A request of this batch changed ``user``'s row: later ones see ``row``."""
-    memo = batch_memo()
-    memo.setdefault("users", {})[user] = row
-    memo.pop("listings", None)
-
-
-def forget(user: str) -> None:
-    """``user``'s row changed otherwise (expiry, a REGISTER elsewhere): read it again."""
-    memo = batch_memo()
-    memo.get("users", {}).pop(user, None)
-    memo.pop("listings", None)
+def _search(cursor, text: str, limit: int) -> tuple[int, bytes]:
+    """SEARCH's code and listing: the error code for a query without a word or with
+    more than MAX_QUERY_WORDS (protocol.md 8.3), else the best hits."""
+    words = query_words(text)
+    if not words or len(words) > MAX_QUERY_WORDS:
+        return wire.SEARCH.error, b""
+    return wire.OK, wire.encode_listing(
+        (h.owner, h.name, h.description, _known(h.size), _known(h.sha256), h.copies)
+        for h in search(cursor, words, limit)
+    )
 
 
 def search(cursor, words: list[str], limit: int) -> list[Hit]:
@@ -465,10 +323,6 @@ def search(cursor, words: list[str], limit: int) -> list[Hit]:
 
 def _known(value: int | str | None) -> int | str:
     return wire.UNKNOWN if value is None else value
-
-
-#: wire.UNKNOWN as an SQL literal.
-_UNKNOWN = "'{}'".format(wire.UNKNOWN.replace("'", "''"))
 
 
 class ClusterLeases:
@@ -715,7 +569,6 @@ def _drop(cursor, user: str, connected: int, record: str | None) -> bool:
     )
     if cursor.rowcount != 1:
         return False  # renewed, disconnected or connected again meanwhile
-    forget(user)
     if record is not None:
         PgStore.add_record(cursor, record)
     return True

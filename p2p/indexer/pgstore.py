@@ -156,9 +156,13 @@ class PgStore:
         self._fetch_again = False
         self._deleted_through = 0
         self.leadership: Leadership | None = None
-        #: ``prepare(cursor, keys)``: called in a batch's transaction before its works
-        #: run, with their keys in order (the directory reads and locks their users).
-        self.prepare: Callable[[Any, list[str]], None] | None = None
+        #: ``prepare(cursor, works)``: called first for each batch with the (work, args)
+        #: of its works in order; applies what it can in one statement (the directory:
+        #: its requests) and returns the positions of the works that need no
+        #: transaction of their own after it.
+        self.prepare: Callable[[Any, list[tuple]], set[int]] | None = None
+        #: More SQL run with the schema at open (the directory's functions).
+        self.schema_extra: list[str] = []
         #: Works waiting for a thread, and how many threads run a batch.
         self._queue: deque[tuple] = deque()
         self._busy = 0
@@ -175,6 +179,8 @@ class PgStore:
         with psycopg.connect(self.uri, autocommit=True) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             conn.execute(SCHEMA)
+            for extra in self.schema_extra:
+                conn.execute(extra)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('sender_id', %s) ON CONFLICT DO NOTHING",
                 (uuid.uuid4().hex,),
@@ -274,43 +280,80 @@ class PgStore:
         self._dispatch()
 
     def _execute(self, batch: list[tuple]) -> list[tuple[bool, Any]]:
-        """In a pool thread: ``batch`` in one transaction, its audit records at the end."""
-        import psycopg.errors
+        """In a pool thread: ``batch``; the results of its works, in its order.
 
-        conn = self._connection()
+        First the ``prepare`` hook, as one statement (its own transaction): it says
+        which works it did whole, and those are final. The others (a search, the
+        liveness upkeep) then run in one transaction, their audit records at its end.
+        A batch of requests alone is so one statement, one round trip to the server.
+        """
+        import psycopg
+
         order = sorted(range(len(batch)), key=lambda i: batch[i][0])
-        for attempt in range(ATTEMPTS):
-            results: list[Any] = [None] * len(batch)
-            _pending.records = []
-            _pending.memo = {}
+        items = [batch[i] for i in order]
+        _pending.memo = {}
+        done: set[int] = set()
+        if self.prepare is not None:
             try:
-                with conn.transaction(), conn.cursor() as cursor:
-                    if self.prepare is not None:
-                        self.prepare(cursor, [batch[i][0] for i in order])
-                    for i in order:
-                        _key, work, args, _d = batch[i]
-                        results[i] = (True, work(cursor, *args))
+                done = self._attempts(lambda cursor: self.prepare(cursor, [i[1:3] for i in items]))
+            except psycopg.OperationalError:
+                raise  # the connection is lost: every work fails
+            except Exception:
+                if len(items) == 1:
+                    raise
+                return self._alone_each(batch, order)  # nothing of it was written
+        results: list[Any] = [None] * len(batch)
+        rest = [n for n in range(len(items)) if n not in done]
+        for n in done:
+            _key, work, args, _d = items[n]
+            results[order[n]] = (True, work(None, *args))  # reads what prepare left
+        if rest:
+
+            def transaction(cursor) -> list[Any]:
+                _pending.records = []
+                with cursor.connection.transaction():
+                    out = [items[n][1](cursor, *items[n][2]) for n in rest]
                     records, _pending.records = _pending.records, []
                     if records:
                         cursor.execute(_ADD_RECORDS, {"n": len(records), "records": records})
-                return results
+                return out
+
+            try:
+                for n, value in zip(rest, self._attempts(transaction), strict=True):
+                    results[order[n]] = (True, value)
+            except Exception:
+                failure = Failure()
+                for n in rest:
+                    results[order[n]] = (False, failure)
+        return results
+
+    def _attempts(self, work: Callable[[Any], Any]) -> Any:
+        """``work(cursor)`` on this thread's connection, again after a deadlock or a
+        serialization failure (each changed nothing); a lost connection is closed."""
+        import psycopg.errors
+
+        conn = self._connection()
+        for attempt in range(ATTEMPTS):
+            try:
+                with conn.cursor() as cursor:
+                    return work(cursor)
             except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
                 if attempt == ATTEMPTS - 1:
                     raise
             except psycopg.OperationalError:
                 conn.close()  # a lost connection: the next transaction makes a new one
                 raise
-            except Exception:
-                if len(batch) == 1:
-                    raise
-                return [self._alone(item) for item in batch]
         raise AssertionError("unreachable")
 
-    def _alone(self, item: tuple) -> tuple[bool, Any]:
-        try:
-            return self._execute([item])[0]
-        except Exception:
-            return (False, Failure())
+    def _alone_each(self, batch: list[tuple], order: list[int]) -> list[tuple[bool, Any]]:
+        """Each work of a failed batch in a batch of its own: one failing fails alone."""
+        results: list[Any] = [None] * len(batch)
+        for i in order:
+            try:
+                results[i] = self._execute([batch[i]])[0]
+            except Exception:
+                results[i] = (False, Failure())
+        return results
 
     @staticmethod
     def add_record(cursor, record: str) -> None:

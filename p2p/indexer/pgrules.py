@@ -1,0 +1,197 @@
+"""The indexer's rules as PostgreSQL functions: one statement runs a whole batch.
+
+``p2p_batch(requests jsonb, lease)`` applies each request of a batch (a JSON
+object per request, built by :meth:`p2p.indexer.pgdirectory.ClusterDirectory.request`)
+in the order given, then writes their audit records into the outbox, numbered
+last (so in commit order), all as one statement: its own transaction. It returns
+one JSON object per request: its code, and what the node needs besides (the
+listing's rows, the address to probe first, whether the user's lease ended or
+renews). For SEARCH it only checks: the node ranks the hits (Python: the folding
+and BM25 of :mod:`p2p.indexer.fulltext`).
+
+Why in the server: a node's Python time per request is what limits it (its
+reactor and its database thread share one interpreter lock), and psycopg
+spends 11-16 µs of it per statement; here a batch of any size is one statement.
+
+Every code comes from the request (``wire.OpSpec``: ``error``, and ``no_user``,
+``not_connected``, ``own`` when the operation has them), and the checks run in
+the order of the codes, as in :mod:`p2p.indexer.directory`: the claim (and the
+``--classic`` policy, decided by the node as ``allowed``), then user exists,
+then connected, then the operation's own check.
+"""
+
+from __future__ import annotations
+
+RULES = r"""
+CREATE OR REPLACE FUNCTION p2p_request(r jsonb, lease double precision) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    usr text := r->>'user';
+    ident text := r->>'identity';
+    op text := r->>'op';
+    u_ip text;
+    u_port integer;
+    u_identity text;
+    u_connected bigint;
+    known boolean;
+    listing jsonb;
+    res jsonb;
+BEGIN
+    SELECT ip, port, identity, connected INTO u_ip, u_port, u_identity, u_connected
+        FROM users WHERE name = usr FOR UPDATE;
+    known := FOUND;
+    IF NOT (r->>'allowed')::boolean
+            OR (known AND u_identity IS NOT NULL AND u_identity IS DISTINCT FROM ident) THEN
+        RETURN jsonb_build_object('code', r->'error');
+    END IF;
+    IF NOT known AND r ? 'no_user' THEN
+        RETURN jsonb_build_object('code', r->'no_user');
+    END IF;
+    IF r ? 'not_connected' AND u_ip IS NULL THEN
+        RETURN jsonb_build_object('code', r->'not_connected');
+    END IF;
+    CASE op
+    WHEN 'REGISTER' THEN
+        IF known THEN
+            res := jsonb_build_object('code', r->'own');
+        ELSE
+            INSERT INTO users (name, identity) VALUES (usr, ident) ON CONFLICT DO NOTHING;
+            IF FOUND THEN
+                res := jsonb_build_object('code', 0);
+            ELSE
+                -- Registered by another request (on any node) since we looked.
+                SELECT identity INTO u_identity FROM users WHERE name = usr;
+                IF u_identity IS NOT NULL AND u_identity IS DISTINCT FROM ident THEN
+                    res := jsonb_build_object('code', r->'error');
+                ELSE
+                    res := jsonb_build_object('code', r->'own');
+                END IF;
+            END IF;
+        END IF;
+    WHEN 'UNREGISTER' THEN
+        IF u_ip IS NOT NULL THEN  -- refused while connected
+            res := jsonb_build_object('code', r->'error');
+        ELSE
+            DELETE FROM users WHERE name = usr;  -- its files go with it
+            res := jsonb_build_object('code', 0);
+        END IF;
+    WHEN 'CONNECT' THEN
+        IF u_ip IS NOT NULL AND ((r->>'stale_ip') IS NULL OR u_ip <> r->>'stale_ip'
+                OR u_port <> (r->>'stale_port')::integer) THEN
+            IF (r->>'probe')::boolean THEN
+                -- Nothing written: the node probes this address, then asks again.
+                RETURN jsonb_build_object('probe', jsonb_build_array(u_ip, u_port));
+            END IF;
+            res := jsonb_build_object('code', r->'own');
+        ELSIF (r->>'ip') IS NULL THEN
+            res := jsonb_build_object('code', r->'error');
+        ELSE
+            UPDATE users SET ip = r->>'ip', port = (r->>'port')::integer,
+                connected = nextval('connect_order'),
+                lease_until = extract(epoch from now()) + lease, lease_kind = 0
+                WHERE name = usr;
+            res := jsonb_build_object('code', 0, 'ended', u_ip IS NOT NULL);
+        END IF;
+    WHEN 'DISCONNECT' THEN
+        UPDATE users SET ip = NULL, port = NULL, connected = NULL, lease_until = NULL
+            WHERE name = usr;
+        res := jsonb_build_object('code', 0, 'ended', true);
+    WHEN 'ALIVE', 'HOLD' THEN
+        UPDATE users SET lease_until = extract(epoch from now()) + lease,
+            lease_kind = CASE WHEN lease_kind = 2 THEN 2 ELSE 1 END
+            WHERE name = usr;
+        res := jsonb_build_object('code', 0, 'connected', u_connected);
+    WHEN 'PUBLISH', 'PUBLISH_FILE' THEN
+        IF r->>'mode' = 'replace' THEN
+            INSERT INTO files (owner, name, description, size, sha256, words)
+                VALUES (usr, r->>'file', r->>'description', (r->>'size')::bigint,
+                        r->>'sha256',
+                        array_to_tsvector(ARRAY(SELECT jsonb_array_elements_text(r->'words'))))
+                ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description,
+                    size = excluded.size, sha256 = excluded.sha256, words = excluded.words;
+            res := jsonb_build_object('code', 0);
+        ELSE
+            INSERT INTO files (owner, name, description, size, sha256, words)
+                VALUES (usr, r->>'file', r->>'description', (r->>'size')::bigint,
+                        r->>'sha256',
+                        array_to_tsvector(ARRAY(SELECT jsonb_array_elements_text(r->'words'))))
+                ON CONFLICT (owner, name) DO NOTHING;
+            res := jsonb_build_object('code', CASE WHEN FOUND THEN to_jsonb(0) ELSE r->'own' END);
+        END IF;
+    WHEN 'DELETE' THEN
+        DELETE FROM files WHERE owner = usr AND name = r->>'file';
+        res := jsonb_build_object('code', CASE WHEN FOUND THEN to_jsonb(0) ELSE r->'own' END);
+    WHEN 'LIST_USERS' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, ip, port) ORDER BY connected), '[]')
+            INTO listing FROM users WHERE ip IS NOT NULL;
+        res := jsonb_build_object('code', 0, 'rows', listing);
+    WHEN 'LIST_PEERS' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, ip, port,
+                coalesce(identity, r->>'unclaimed')) ORDER BY connected), '[]')
+            INTO listing FROM users WHERE ip IS NOT NULL;
+        res := jsonb_build_object('code', 0, 'rows', listing);
+    WHEN 'LIST_CONTENT' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description) ORDER BY id), '[]')
+            INTO listing FROM files WHERE owner = r->>'owner';
+        res := p2p_owner_listing(r, listing);
+    WHEN 'LIST_FILES' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description,
+                coalesce(size::text, r->>'unknown'), coalesce(sha256, r->>'unknown'))
+                ORDER BY id), '[]')
+            INTO listing FROM files WHERE owner = r->>'owner';
+        res := p2p_owner_listing(r, listing);
+    WHEN 'SOURCES' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(owner, name, ip, port) ORDER BY id), '[]')
+            INTO listing FROM (
+                SELECT f.owner, f.name, u.ip, u.port, f.id FROM files f
+                JOIN users u ON u.name = f.owner
+                WHERE f.sha256 = r->>'sha256' AND u.ip IS NOT NULL AND f.owner <> usr
+                ORDER BY f.id LIMIT (r->>'max')::integer
+            ) found;
+        res := jsonb_build_object('code', 0, 'rows', listing);
+    WHEN 'SEARCH' THEN
+        res := jsonb_build_object('code', 0, 'search', true);  -- ranked by the node
+    END CASE;
+    -- A connected user's request that passed the checks renews its lease (the node
+    -- writes those in one statement a tick).
+    RETURN res || jsonb_build_object(
+        'seen', u_ip IS NOT NULL AND NOT coalesce((res->>'ended')::boolean, false));
+END $$;
+
+CREATE OR REPLACE FUNCTION p2p_owner_listing(r jsonb, listing jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF listing = '[]' AND NOT EXISTS (SELECT 1 FROM users WHERE name = r->>'owner') THEN
+        RETURN jsonb_build_object('code', r->'own');  -- no such owner
+    END IF;
+    RETURN jsonb_build_object('code', 0, 'rows', listing);
+END $$;
+
+CREATE OR REPLACE FUNCTION p2p_batch(requests jsonb, lease double precision) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    results jsonb[] := '{}';
+    records text[] := '{}';
+    r jsonb;
+    res jsonb;
+    last bigint;
+BEGIN
+    FOR r IN SELECT value FROM jsonb_array_elements(requests) LOOP
+        res := p2p_request(r, lease);
+        results := results || res;
+        IF r ? 'record' AND NOT res ? 'probe' THEN  -- a CONNECT to probe: audited after
+            records := records || (r->>'record');
+        END IF;
+    END LOOP;
+    IF cardinality(records) > 0 THEN
+        -- Numbered last, from the counter row, whose lock is held until this statement
+        -- commits: the numbers follow the commits.
+        UPDATE outbox_counter SET seq = seq + cardinality(records) WHERE id = 1
+            RETURNING seq INTO last;
+        INSERT INTO outbox (seq, record)
+            SELECT last - cardinality(records) + n, rec
+            FROM unnest(records) WITH ORDINALITY AS x(rec, n);
+    END IF;
+    RETURN to_jsonb(results);
+END $$;
+"""

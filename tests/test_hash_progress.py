@@ -7,6 +7,7 @@ one: the notes come from the reactor while the hash is pending.
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 from twisted.internet import defer, task
@@ -14,6 +15,8 @@ from twisted.trial.unittest import TestCase
 
 from p2p.client.hash_progress import HashProgress
 from tests.test_client_shell import FakeOutput, ShellTestCase
+
+MIB = 1024 * 1024
 
 
 class _BarOutput(FakeOutput):
@@ -100,3 +103,27 @@ class PublishShowsHashingTests(ShellTestCase):
         d.callback(f(*args))
         self.assertIn("hashed film.bin: 4.9 KiB in 0:11", self.output.notes[-1])
         self.assertEqual(self.output.lines[-1], "c> PUBLISH OK")
+
+
+class PiecesAtConnectTests(ShellTestCase):
+    """CONNECT computes, in the thread, the piece digests its published files lack."""
+
+    def test_missing_digests_are_computed_again_at_connect(self) -> None:
+        data = bytes(range(256)) * 5000
+        (self.share / "film.bin").write_bytes(data)
+        (self.share / "changed.txt").write_bytes(b"one")
+        self.connect()
+        self.assertEqual(self.send("PUBLISH film.bin a film"), ["c> PUBLISH OK"])
+        self.assertEqual(self.send("PUBLISH changed.txt text"), ["c> PUBLISH OK"])
+        kept = self.home.pieces_dir / hashlib.sha256(data).hexdigest()
+        other = self.home.pieces_dir / hashlib.sha256(b"one").hexdigest()
+        pieces = hashlib.sha256(data[:MIB]).digest() + hashlib.sha256(data[MIB:]).digest()
+        self.assertEqual(kept.read_bytes(), pieces)
+        kept.unlink()
+        other.unlink()
+        (self.share / "changed.txt").write_bytes(b"two")  # no longer what was published
+        self.assertEqual(self.send("DISCONNECT alice"), ["c> DISCONNECT OK"])
+        self.assertEqual(self.send("CONNECT alice"), ["c> CONNECT OK"])
+        self.successResultOf(self.shell.session.pieces_ready)
+        self.assertEqual(kept.read_bytes(), pieces)
+        self.assertFalse(other.exists(), "a changed file is not read for its old content")

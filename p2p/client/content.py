@@ -297,6 +297,10 @@ class ContentCache:
         self.run_in_thread(self._pieces_blocking, sha256, fd, size).addBoth(done)
         return mine
 
+    def has_pieces(self, sha256: str) -> bool:
+        """Whether piece digests of the content ``sha256`` are kept (one ``stat``)."""
+        return self.pieces_dir is not None and (self.pieces_dir / sha256).is_file()
+
     def _pieces_blocking(self, sha256: str, fd: int, size: int) -> bytes:
         wanted = wire.PIECE_DIGEST * wire.piece_count(size)
         if self.pieces_dir is not None:

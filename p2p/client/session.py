@@ -13,6 +13,7 @@ connected user (protocol.md section 5).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from p2p.client.content import Claim, Stamp
 from p2p.client.home import Home
 from p2p.client.indexer_client import UnknownOperation
 from p2p.peer.server import NoPieces
+from p2p.peer.share import NotShared, open_shared
 
 
 class Output(Protocol):
@@ -90,6 +92,8 @@ class Session:
         self.content = content.for_reactor(
             self.home.content_cache_file, reactor, self.home.pieces_dir
         )
+        #: Fires when the piece digests missing at CONNECT are computed (:meth:`prepare_pieces`).
+        self.pieces_ready: Deferred = defer.succeed(None)
         #: Names being hashed and published again because they changed (one at a time each).
         self.refreshing: dict[str, Deferred] = {}
 
@@ -189,6 +193,43 @@ class Session:
         self.server = server
         self.port = port
         self.renew_lease()
+        self.pieces_ready = self.prepare_pieces()
+
+    @defer.inlineCallbacks
+    def prepare_pieces(self):
+        """Compute, one file at a time in the thread, the piece digests of the connected
+        user's published files that have none kept (published before PIECES existed, or
+        the cache was removed), so that a downloader's first PIECES need not wait for a
+        whole read. Never fails; stops when the user goes or the client ends."""
+        user = self.user
+        try:
+            names = sorted(self.home.published(user, self.share_dir)) if user else []
+        except Exception:
+            names = []
+        for name in names:
+            if self.user != user or self.content.stopping.is_set():
+                return
+            try:
+                yield self._prepare(user, name)
+            except Exception:
+                self.log.failure("the pieces of {name}", name=name)
+
+    @defer.inlineCallbacks
+    def _prepare(self, user: str, name: str):
+        claim = self.home.claim(user, self.share_dir, name)
+        if claim is None or self.content.has_pieces(claim.content.sha256):
+            return
+        try:
+            fd, size = open_shared(self.share_dir, name)
+        except (NotShared, OSError):
+            return  # not there (yet): computed on demand if it comes
+        try:
+            if Stamp.of(os.fstat(fd)) == claim.content.stamp:
+                yield self.content.pieces_of(claim.content.sha256, fd, size)
+        except (content.FileChanging, content.Interrupted):
+            pass  # changed meanwhile (republished), or the client is ending
+        finally:
+            os.close(fd)
 
     def renew_lease(self) -> None:
         """(Re)start renewing the connected user's lease: once now, then periodically."""

@@ -357,6 +357,9 @@ class _Swarm:
         self.whole = hashlib.sha256()
         self.hashed = 0
         self.hashing = False
+        #: Pieces being checked and written in threads, and what to do once none is.
+        self.writing = 0
+        self.release: Callable[[], None] | None = None
 
     # --- the steps ------------------------------------------------------------
 
@@ -530,7 +533,18 @@ class _Swarm:
         work = in_thread(
             self.reactor, _check_and_write, self.part.another(os.O_WRONLY), offset, data, digest
         )
+        self.writing += 1
+        work.addBoth(self.written)
         work.addCallbacks(self.checked, self.crashed, (fetch.source, index, len(data)))
+
+    def written(self, result: Any) -> Any:
+        """A piece's thread is done: once none is left, a stopped download lets go of
+        its file (its lock), so no write of ours lands in the next download's."""
+        self.writing -= 1
+        if not self.writing and self.release is not None:
+            release, self.release = self.release, None
+            release()
+        return result
 
     def checked(self, good: bool, source: Source, index: int, length: int) -> None:
         self.checking.discard(index)
@@ -653,18 +667,27 @@ class _Swarm:
             self.fail(DownloadFailed(f"cannot go on: {failure.getErrorMessage()}"))
 
     def fail(self, exc: BaseException) -> None:
-        """End with ``exc``: bytes found wrong are removed, the pieces checked kept."""
+        """End with ``exc``: bytes found wrong are removed, the pieces checked kept.
+        The end is told once no piece is being written any more (a cancel: at once)."""
         self.hang_up()
-        if self.part is not None:
-            state = self.part.partial.state
-            if isinstance(exc, ContentMismatch) or not (state.prefix or state.pieces):
-                self.part.discard()  # wrong bytes, or none: nothing hidden stays
-            else:
-                self.save()
-                self.part.partial.close()
-            self.part = None
-        if not self.result.called:
-            self.result.errback(exc)
+        part, self.part = self.part, None
+
+        def end() -> None:
+            if part is not None:
+                state = part.partial.state
+                if isinstance(exc, ContentMismatch) or not (state.prefix or state.pieces):
+                    part.discard()  # wrong bytes, or none: nothing hidden stays
+                else:
+                    with contextlib.suppress(OSError):
+                        part.partial.save()
+                    part.partial.close()
+            if not self.result.called:
+                self.result.errback(exc)
+
+        if self.writing:
+            self.release = end
+        else:
+            end()
 
     def hang_up(self) -> None:
         for ask in self.asks:

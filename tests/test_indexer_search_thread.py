@@ -5,7 +5,9 @@ searches until it can, losing nothing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sqlite3
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -263,3 +265,23 @@ class WorkerFailure(TestCase):
         worker(self.h.store).fault("search", None)
         reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
         self.assertEqual([r[1] for r in rows(reply, 6)], ["walrus.txt"])
+
+    @inlineCallbacks
+    def test_a_search_process_killed_is_replaced(self):
+        """The search process killed (changes sent to it lost with it): the next SEARCH
+        starts another, caught up from the main database, and finds every change."""
+        self.assertEqual(self.h.request("PUBLISH", "alice", "walrus.txt", "tusks"), b"\0")
+        reply = yield self.h.ask("SEARCH", "alice", "walrus", 10)
+        self.assertEqual([r[1] for r in rows(reply, 6)], ["walrus.txt"])
+        old = worker(self.h.store)
+        old.fault("apply")  # what follows never reaches its database
+        self.assertEqual(self.h.request("PUBLISH", "alice", "seal.txt", "tusks"), b"\0")
+        self.assertEqual(self.h.request("DELETE", "alice", "walrus.txt"), b"\0")
+        old._send_changes()
+        os.kill(old._process.pid, signal.SIGKILL)
+        old._process.wait()
+        old._reader.join()  # it saw the pipe close
+        self.assertTrue(old.gone)
+        reply = yield self.h.ask("SEARCH", "alice", "tusks", 10)
+        self.assertEqual([r[1] for r in rows(reply, 6)], ["seal.txt"])
+        self.assertIsNot(worker(self.h.store), old)

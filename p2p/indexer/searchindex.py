@@ -597,6 +597,11 @@ class IndexWorker:
         self._reader = threading.Thread(target=self._receive, name="search-results", daemon=True)
         self._reader.start()
 
+    @property
+    def gone(self) -> bool:
+        """The process ended (or its pipe broke): nothing more is answered."""
+        return self._gone
+
     def hand_over(self, changes: list[Change], seq: int) -> None:
         """Changes committed by the main database as number ``seq``: apply them.
 

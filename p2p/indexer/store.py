@@ -335,8 +335,8 @@ class Store:
             return
         if self._db is None:
             self.open()
-        if self._in_transaction:
-            raise RuntimeError("open_index in a transaction")
+        # (In a transaction, its changes are sent at its commit: the catch-up reads
+        # only what is committed, on a connection of its own.)
         search_path = self.path + searchindex.SUFFIX
         search = searchindex.open_search_database(search_path)
         try:
@@ -551,6 +551,13 @@ class Store:
         return found
 
     def _ready_index(self) -> SearchIndex | IndexWorker:
+        index = self._index
+        if isinstance(index, IndexWorker) and index.gone:
+            # The search process died (killed, say): a new one, caught up from this
+            # database, which holds every change the old one may have missed.
+            self.log.warn("{path}: the search process is gone; starting another", path=self.path)
+            self._index = None
+            index.stop()
         if self._index is None:
             self.open_index()
         assert self._index is not None

@@ -308,24 +308,44 @@ class PgStore:
             _key, work, args, _d = items[n]
             results[order[n]] = (True, work(None, *args))  # reads what prepare left
         if rest:
+            self._transactions(items, rest, order, results)
+        return results
 
+    def _transactions(
+        self, items: list[tuple], rest: list[int], order: list[int], results: list[Any]
+    ) -> None:
+        """The works ``rest`` (positions in ``items``) in one transaction, their audit
+        records at its end; if it fails otherwise than by a lost connection, each again
+        in a transaction of its own, so one failing work fails alone."""
+        import psycopg
+
+        def run(positions: list[int]) -> list[Any]:
             def transaction(cursor) -> list[Any]:
                 _pending.records = []
                 with cursor.connection.transaction():
-                    out = [items[n][1](cursor, *items[n][2]) for n in rest]
+                    out = [items[n][1](cursor, *items[n][2]) for n in positions]
                     records, _pending.records = _pending.records, []
                     if records:
                         cursor.execute(_ADD_RECORDS, {"n": len(records), "records": records})
                 return out
 
-            try:
-                for n, value in zip(rest, self._attempts(transaction), strict=True):
-                    results[order[n]] = (True, value)
-            except Exception:
-                failure = Failure()
-                for n in rest:
-                    results[order[n]] = (False, failure)
-        return results
+            return self._attempts(transaction)
+
+        try:
+            for n, value in zip(rest, run(rest), strict=True):
+                results[order[n]] = (True, value)
+            return
+        except psycopg.OperationalError:
+            failure, alone = Failure(), False
+        except Exception:
+            failure, alone = Failure(), len(rest) > 1
+        for n in rest:
+            results[order[n]] = (False, failure)
+            if alone:
+                try:
+                    results[order[n]] = (True, run([n])[0])
+                except Exception:
+                    results[order[n]] = (False, Failure())
 
     def _attempts(self, work: Callable[[Any], Any]) -> Any:
         """``work(cursor)`` on this thread's connection, again after a deadlock or a

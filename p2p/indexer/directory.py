@@ -57,6 +57,14 @@ CLASSIC_POLICIES: dict[str, frozenset[str]] = {
 }
 
 
+def classic_ops(classic: str) -> frozenset[str]:
+    """The operations the ``--classic`` policy ``classic`` serves to a request without
+    identity (ValueError for a policy that does not exist)."""
+    if classic not in CLASSIC_POLICIES:
+        raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
+    return CLASSIC_POLICIES[classic]
+
+
 class Directory:
     """Users (connected or not) with the files each one published."""
 
@@ -67,13 +75,11 @@ class Directory:
         classic: str = "allow",
         leases: Leases | None = None,
     ) -> None:
-        if classic not in CLASSIC_POLICIES:
-            raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
         self.store = store
         #: Write one audit record per request into the store's outbox.
         self.audit = audit
         #: The operations served to requests without identity (``--classic``).
-        self.classic_ops = CLASSIC_POLICIES[classic]
+        self.classic_ops = classic_ops(classic)
         #: The connected users' leases (in memory only: a load starts them afresh).
         self.leases = leases if leases is not None else Leases()
         self.users: dict[str, UserRow] = {}

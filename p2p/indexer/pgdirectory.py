@@ -49,7 +49,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from p2p import wire
-from p2p.indexer.directory import CLASSIC_POLICIES
+from p2p.indexer.directory import classic_ops
 from p2p.indexer.fulltext import (
     MAX_QUERY_WORDS,
     Hit,
@@ -123,11 +123,9 @@ class ClusterDirectory:
         classic: str = "allow",
         leases: ClusterLeases | None = None,
     ) -> None:
-        if classic not in CLASSIC_POLICIES:
-            raise ValueError(f"classic must be one of {sorted(CLASSIC_POLICIES)}, not {classic!r}")
         self.store = store
         self.audit = audit
-        self.classic_ops = CLASSIC_POLICIES[classic]
+        self.classic_ops = classic_ops(classic)
         self.leases = leases if leases is not None else ClusterLeases(store)
         #: Nothing is kept in memory: the metrics' count of connected users is not known here.
         self.connected: dict[str, Address] = {}

@@ -1226,6 +1226,9 @@ def start(
     part, failure = open_part(destination, limits, key)
     if failure is not None:
         return defer.fail(failure)
+    if part.partial is not None:
+        # The stream writes on from the bytes held over whatever follows: only they count.
+        part.partial.state.prefix, part.partial.state.pieces = part.written, set()
     if part.written and notice is not None:
         notice(f"resuming {destination} at {part.written} bytes")
     d = _Download(endpoint, where, remote_name, part, progress, reactor, timeout, verify, expected)

@@ -185,6 +185,23 @@ class StreamResumeTests(Case):
         self.assertEqual(other.requests, [("FETCH", "f.bin", str(kept))])
 
     @defer.inlineCallbacks
+    def test_a_stream_counts_only_its_prefix(self):
+        body = body_of(5 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        key = Key(expected.sha256, len(body), "alice", "f.bin")
+        partial = open_partial(self.dest, key)  # as a multi-source attempt left it
+        os.pwrite(partial.fd, body[: 4 * MiB], 0)
+        partial.state.piece_size, partial.state.pieces = MiB, {0, 1, 3}
+        partial.save()
+        partial.close()
+        cut = Behaviour("f.bin", body, die_after=MiB // 2)
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(self.peers.add(cut), expected))
+        self.assertEqual(cut.requests, [("FETCH", "f.bin", str(2 * MiB))])
+        state = json.loads(paths(self.dest)[1].read_text())
+        self.assertEqual((state["prefix"], state["pieces"]), (2 * MiB + MiB // 2, []))
+
+    @defer.inlineCallbacks
     def test_nothing_received_nothing_hidden_left(self):
         body = body_of(MiB)
         expected = Expected(len(body), hashlib.sha256(body).hexdigest())

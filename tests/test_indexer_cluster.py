@@ -156,6 +156,39 @@ class TwoNodes(TestCase):
         self.assertTrue(set(listed) <= set(names))
 
     @defer.inlineCallbacks
+    def test_extensions_across_nodes(self):
+        """PUBLISH_FILE on one node; LIST_FILES, SEARCH and SOURCES on the other see it
+        (SOURCES: protocol.md 8.6's example, byte for byte: owner order, the asker left
+        out)."""
+        a, b = yield start_nodes(self)
+        sha = "a948904f2f0f479b8f8197694b30184b0d2ed1c1cd2a1ec0fb85d299a192a447"
+        for user, port in (("alice", 5000), ("bob", 5001), ("dave", 5003)):
+            codes = yield a.codes(("REGISTER", user), ("CONNECT", user, port))
+            self.assertEqual(codes, [0, 0])
+        for user, name in (
+            ("dave", "cuna.txt"),
+            ("alice", "canci\u00f3n_de_cuna.txt"),
+            ("bob", "mine.txt"),
+        ):
+            codes = yield a.codes(("PUBLISH_FILE", user, name, "same bytes", 12, sha, "new"))
+            self.assertEqual(codes, [0])
+        files = yield b.request("LIST_FILES", "bob", "dave")
+        self.assertEqual(files, b"\0" + wire.encode_fields(1, "cuna.txt", "same bytes", 12, sha))
+        found = yield b.request("SEARCH", "bob", "CANCION cun", 100)
+        self.assertEqual(
+            found,
+            b"\0"
+            + wire.encode_fields(1, "alice", "canci\u00f3n_de_cuna.txt", "same bytes", 12, sha, 3),
+        )
+        if "SOURCES" in wire.OPS:
+            sources = yield b.request("SOURCES", "bob", sha)
+            self.assertEqual(
+                sources,
+                b"\x002\x00alice\x00canci\xc3\xb3n_de_cuna.txt\x00127.0.0.1\x005000\x00"
+                b"dave\x00cuna.txt\x00127.0.0.1\x005003\x00",
+            )
+
+    @defer.inlineCallbacks
     def test_nodes_share_one_identity(self):
         """Nodes share one identity (kept in the database) and one sender id."""
         a, b = yield start_nodes(self)

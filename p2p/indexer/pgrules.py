@@ -141,12 +141,13 @@ BEGIN
             INTO listing FROM files WHERE owner = r->>'owner';
         res := p2p_owner_listing(r, listing);
     WHEN 'SOURCES' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_array(owner, name, ip, port) ORDER BY id), '[]')
+        SELECT coalesce(jsonb_agg(jsonb_build_array(owner, name, ip, port)
+                ORDER BY owner COLLATE "C", name COLLATE "C"), '[]')
             INTO listing FROM (
-                SELECT f.owner, f.name, u.ip, u.port, f.id FROM files f
+                SELECT f.owner, f.name, u.ip, u.port FROM files f
                 JOIN users u ON u.name = f.owner
                 WHERE f.sha256 = r->>'sha256' AND u.ip IS NOT NULL AND f.owner <> usr
-                ORDER BY f.id LIMIT (r->>'max')::integer
+                ORDER BY f.owner COLLATE "C", f.name COLLATE "C" LIMIT (r->>'max')::integer
             ) found;
         res := jsonb_build_object('code', 0, 'rows', listing);
     WHEN 'SEARCH' THEN

@@ -569,15 +569,24 @@ class IndexWorker:
         self._seq = applied
         self._clock = clock
         self._sending: IDelayedCall | None = None
+        self._args = (main_path, search_path, source, str(applied))
+        self._out: Connection | None = None
+        self._tickets: dict[int, Callable[[Any], None]] = {}
+        self._next = 0
+        self._gone = False
+
+    def _start(self) -> None:
+        """Start the process, at the first message: after the indexer gave up its
+        privileges (twistd ``--uid``), so the process runs as the indexer's user."""
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            args = (main_path, search_path, source, str(applied), str(child_reads))
+            fds = (str(child_reads), str(child_writes))
             self._process = subprocess.Popen(
-                [sys.executable, "-m", __name__, *args, str(child_writes)],
+                [sys.executable, "-m", __name__, *self._args, *fds],
                 pass_fds=(child_reads, child_writes),
                 env=env,
                 start_new_session=True,  # a Ctrl-C is the indexer's: it stops the process
@@ -591,9 +600,6 @@ class IndexWorker:
             os.close(child_writes)
         self._out = Connection(parent_writes, readable=False)
         self._in = Connection(parent_reads, writable=False)
-        self._tickets: dict[int, Callable[[Any], None]] = {}
-        self._next = 0
-        self._gone = False
         self._reader = threading.Thread(target=self._receive, name="search-results", daemon=True)
         self._reader.start()
 
@@ -643,6 +649,8 @@ class IndexWorker:
     def stop(self) -> None:
         """Have what was handed over written and what was asked answered; then end."""
         self._send_changes()
+        if self._out is None:
+            return  # never started: nothing was sent
         self._send(None)
         self._out.close()
         self._reader.join()
@@ -651,8 +659,15 @@ class IndexWorker:
     def _send(self, message: object) -> bool:
         if self._gone:
             return False
+        if self._out is None:
+            try:
+                self._start()
+            except OSError as exc:  # the next search tries another (Store._ready_index)
+                self.log.warn("search index: cannot start its process: {exc}", exc=exc)
+                self._gone = True
+                return False
         try:
-            self._out.send(message)
+            self._out.send(message)  # type: ignore[union-attr]
         except OSError:
             self._gone = True
             return False

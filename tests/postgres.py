@@ -77,6 +77,20 @@ class Server:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.uri(name)
 
+    def pause(self) -> None:
+        """Stop the server (``fast``: its sessions end), keeping its data (blocking)."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the paused server again (blocking)."""
+        log = str(self.directory / "server.log")
+        self._pg_ctl("-o", _options(self.directory), "-l", log, "-w", "-t", "60", "start")
+
+    def _pg_ctl(self, *args: str) -> None:
+        data = str(self.directory / "data")
+        pg_ctl = [*self.prefix, str(self.bin / "pg_ctl"), "-D", data, *args]
+        subprocess.run(pg_ctl, check=True, capture_output=True)
+
     def stop(self) -> None:
         """Stop the server at once (``immediate``) and remove its directory."""
         subprocess.run(
@@ -94,6 +108,17 @@ class Server:
             capture_output=True,
         )
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _options(directory: Path) -> str:
+    """The server's settings: only the Unix socket in ``directory``; durability against
+    a crash of the host is not what the tests look at (a killed indexer never takes the
+    server with it): no fsync."""
+    return (
+        f"-c listen_addresses='' -c unix_socket_directories='{directory}' "
+        "-c fsync=off -c full_page_writes=off -c max_connections=200 "
+        "-c shared_buffers=32MB"
+    )
 
 
 _server: Server | None = None
@@ -134,20 +159,13 @@ def _start() -> Server:
     if done.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
-    # Only the Unix socket; durability against a crash of the host is not what the
-    # tests look at (a killed indexer never takes the server with it): no fsync.
-    options = (
-        f"-c listen_addresses='' -c unix_socket_directories='{directory}' "
-        "-c fsync=off -c full_page_writes=off -c max_connections=200 "
-        "-c shared_buffers=32MB"
-    )
     start = [
         *prefix,
         str(bin_dir / "pg_ctl"),
         "-D",
         str(data),
         "-o",
-        options,
+        _options(directory),
         "-l",
         str(directory / "server.log"),
         "-w",
@@ -183,9 +201,18 @@ def server() -> Server:
     return _server
 
 
+def own_server(testcase: TestCase) -> Server:
+    """A throwaway server of this test's own (one it may stop and start), gone after it."""
+    server()  # skips the test, saying why, where there is none
+    own = _start()
+    atexit.unregister(own.stop)
+    testcase.addCleanup(own.stop)
+    return own
+
+
 def database(testcase: TestCase) -> str:
     """The URI of a fresh database on the throwaway server, for this test only."""
     return server().create_database()
 
 
-__all__ = ["Server", "binaries", "database", "server"]
+__all__ = ["Server", "binaries", "database", "own_server", "server"]

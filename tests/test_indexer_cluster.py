@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from p2p import wire
+from tests import postgres
 from tests import test_indexer_e2e as e2e
 from tests import test_indexer_names as names
 from tests import test_indexer_refusal as refusal
@@ -197,6 +198,27 @@ class TwoNodes(TestCase):
             for node in (a, b)
         ]
         self.assertEqual(fingerprints[0], fingerprints[1])
+
+
+class DatabaseAway(TestCase):
+    @defer.inlineCallbacks
+    def test_error_codes_while_the_server_is_away_then_served_again(self):
+        """The server stops under a running node: requests get their "any other error"
+        code (nothing half-done, the node keeps running); once it is back they are served,
+        with everything acknowledged before."""
+        server = postgres.own_server(self)
+        self.postgres_uri = server.create_database()
+        (node,) = yield start_nodes(self, 1)
+        codes = yield node.codes(("REGISTER", "alice"), ("CONNECT", "alice", 7000))
+        self.assertEqual(codes, [0, 0])
+        yield threads.deferToThread(server.pause)
+        codes = yield node.codes(("REGISTER", "bob"), ("LIST_USERS", "alice"))
+        self.assertEqual(codes, [wire.REGISTER.error, wire.LIST_USERS.error])
+        yield threads.deferToThread(server.resume)
+        codes = yield node.codes(("REGISTER", "bob"), ("REGISTER", "alice"))
+        self.assertEqual(codes, [0, 1])
+        users = yield node.request("LIST_USERS", "alice")
+        self.assertEqual(users, b"\0" + wire.encode_fields(1, "alice", "127.0.0.1", 7000))
 
 
 class StartFailure(TestCase):

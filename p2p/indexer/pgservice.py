@@ -104,7 +104,15 @@ class ClusterFactory(IndexerFactory):
         proto.reply(_CODES[outcome.code], outcome.body)
 
     def _failed(self, failure: Failure, proto: IndexerProtocol, op: wire.OpSpec) -> None:
-        self.log.failure("database transaction failed; answering the error code", failure)
+        import psycopg
+
+        if failure.check(psycopg.OperationalError):  # the server is away: one line, no trace
+            self.log.warn(
+                "database unreachable ({why}); answering the error code",
+                why=" ".join(failure.getErrorMessage().split()),
+            )
+        else:
+            self.log.failure("database transaction failed; answering the error code", failure)
         proto.reply(_CODES[op.error])
 
     def drained(self) -> Deferred:

@@ -14,6 +14,13 @@ says so. The download itself is ``p2p.peer.download`` (or whatever the shell
 was given), drawing a progress bar when stdout is a terminal. The
 destination is checked before anyone is asked anything. A running download
 can be cancelled (QUIT, Ctrl-C, SIGTERM).
+
+Every download is resumable (protocol.md 2.6): what arrived stays hidden beside
+the destination when it stops short, and the next GET_FILE of the same content
+continues it (stderr: ``resuming <file> at <N> bytes``). For a file published
+with a hash, the other connected owners of that content (``SOURCES``; their
+addresses and keys from LIST_PEERS) are handed to the download, which then
+takes pieces from all of them at once.
 """
 
 from __future__ import annotations

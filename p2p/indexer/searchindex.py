@@ -48,20 +48,26 @@ process, answers at once.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import select
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IWriteDescriptor
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p.indexer.fulltext import (
     FTS_TABLE,
@@ -103,6 +109,10 @@ RETRY_DELAY = 1.0
 MAX_PENDING = 200_000
 #: How much of the database SQLite maps into memory (address space, not RAM).
 MMAP_SIZE = 1 << 32
+#: Bytes of messages the indexer holds for a search process that does not read them
+#: (busy with a long write or catch-up, or stopped); beyond, the changes among them
+#: are dropped and the process catches up from the main database instead.
+MAX_QUEUED = 16 << 20
 
 
 def _schema(s: str) -> str:
@@ -542,23 +552,142 @@ class SearchUnavailable(Exception):
 FAULTS = ("apply", "search", "max_pending")
 
 
+@implementer(IWriteDescriptor)
+class _Outgoing:
+    """The indexer's end of the pipe to the search process, written without ever
+    blocking the reactor: messages wait in memory, in order, and the reactor writes
+    them as the pipe takes them (its write end is non-blocking).
+
+    A process that stops reading (busy with a long write or a catch-up, or stopped)
+    fills the pipe (64 KiB); what follows waits here. Beyond :data:`MAX_QUEUED`
+    bytes the changes waiting are dropped: one ``("behind",)`` in the place of the
+    first of them has the process catch up from the main database, which holds
+    every change dropped (each was committed before it was queued). Searches and
+    the other messages are kept, in order.
+    """
+
+    def __init__(self, fd: int, reactor: IReactorFDSet, log: Logger) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._reactor = reactor
+        self._log = log
+        #: Framed messages not written yet (whether each holds changes), and how much
+        #: of the first one was written.
+        self._queue: deque[tuple[bool, bytes]] = deque()
+        self._written = 0
+        #: Bytes waiting in :attr:`_queue`.
+        self.queued = 0
+        self._watching = False
+        #: The pipe broke (the process is gone).
+        self.broken = False
+
+    def send(self, message: object) -> bool:
+        """Queue ``message`` and write what the pipe takes now; False once the pipe broke."""
+        if self.broken:
+            return False
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        changes = isinstance(message, tuple) and message[0] in ("changes", "behind")
+        self._queue.append((changes, struct.pack("!i", len(data)) + data))
+        self.queued += 4 + len(data)
+        self.doWrite()
+        if self.queued > MAX_QUEUED:
+            self._drop_changes()
+        return not self.broken
+
+    def _drop_changes(self) -> None:
+        """Replace the changes waiting (but one partly written) by one ``("behind",)``."""
+        kept: deque[tuple[bool, bytes]] = deque()
+        dropped = 0
+        for i, (changes, data) in enumerate(self._queue):
+            if changes and not (i == 0 and self._written):
+                if not dropped:
+                    behind = pickle.dumps(("behind",), pickle.HIGHEST_PROTOCOL)
+                    kept.append((True, struct.pack("!i", len(behind)) + behind))
+                    self.queued += len(kept[-1][1])
+                dropped += 1
+                self.queued -= len(data)
+                continue
+            kept.append((changes, data))
+        self._queue = kept
+        if dropped:
+            self._log.warn(
+                "search index: its process is not reading; the changes waiting for it are"
+                " dropped, to be read again from the main database"
+            )
+
+    def doWrite(self) -> None:
+        """Write what the pipe takes (the reactor calls it when the pipe is writable)."""
+        queue = self._queue
+        while queue:
+            data = queue[0][1]
+            try:
+                n = os.write(self._fd, memoryview(data)[self._written :])
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the process is gone
+                self.broken = True
+                queue.clear()
+                self.queued = 0
+                break
+            self._written += n
+            self.queued -= n
+            if self._written == len(data):
+                queue.popleft()
+                self._written = 0
+        self._watch(bool(queue))
+
+    def _watch(self, wanted: bool) -> None:
+        if wanted != self._watching:
+            if wanted:
+                self._reactor.addWriter(self)
+            else:
+                self._reactor.removeWriter(self)
+            self._watching = wanted
+
+    def flush(self) -> None:
+        """Write everything waiting, blocking until it is written (a caller that then
+        waits for an answer anyway: :meth:`IndexWorker.flush`, the store's close)."""
+        while self._queue:
+            select.select([], [self._fd], [])
+            self.doWrite()
+
+    def close(self) -> None:
+        """Stop writing and close the pipe (the process sees its end)."""
+        self._watch(False)
+        self._queue.clear()
+        self.queued = 0
+        os.close(self._fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.broken = True
+        self._watch(False)
+
+    def logPrefix(self) -> str:
+        return "search-index-pipe"
+
+
 class IndexWorker:
     """The indexer's end of the search process (``python -m p2p.indexer.searchindex``).
 
     A process, not a thread: a thread writing the index took the interpreter's lock
     from the reactor thousands of times a second (PUBLISH/DELETE at 57-68 % of the
     rate before the search index, against 88 % or more without it). Messages go
-    over two pipes, pickled (:class:`multiprocessing.connection.Connection`): to
-    the process ``("changes", changes, seq)``, ``("search", ticket, words, limit)``,
-    ``("fault", name, value)`` and None (stop); back ``("found", ticket, result)``,
-    ``("applied", seq)`` and ``("log", level, text)``, read by a thread of ours that
-    sleeps until one comes.
+    over two pipes, pickled (framed as :class:`multiprocessing.connection.Connection`
+    frames them): to the process ``("changes", changes, seq)``, ``("behind",)``
+    (catch up from the main database: changes were dropped), ``("search", ticket,
+    words, limit)``, ``("fault", name, value)`` and None (stop), written by the
+    reactor without blocking it (:class:`_Outgoing`); back ``("found", ticket,
+    result)``, ``("applied", seq)`` and ``("log", level, text)``, read by a thread of
+    ours that sleeps until one comes.
     """
 
     log = Logger()
 
     def __init__(
-        self, main_path: str, search_path: str, source: str, applied: int, clock: IReactorTime
+        self, main_path: str, search_path: str, source: str, applied: int, reactor: Any
     ) -> None:
         #: The last change number written to the search database (read by the store
         #: to forget the tombstones no longer needed).
@@ -567,10 +696,11 @@ class IndexWorker:
         #: that sends them (see :meth:`hand_over`).
         self._changes: list[Change] = []
         self._seq = applied
-        self._clock = clock
+        self._clock: IReactorTime = reactor
+        self._reactor = reactor
         self._sending: IDelayedCall | None = None
         self._args = (main_path, search_path, source, str(applied))
-        self._out: Connection | None = None
+        self._out: _Outgoing | None = None
         self._tickets: dict[int, Callable[[Any], None]] = {}
         self._next = 0
         self._gone = False
@@ -598,7 +728,7 @@ class IndexWorker:
         finally:
             os.close(child_reads)
             os.close(child_writes)
-        self._out = Connection(parent_writes, readable=False)
+        self._out = _Outgoing(parent_writes, self._reactor, self.log)
         self._in = Connection(parent_reads, writable=False)
         self._reader = threading.Thread(target=self._receive, name="search-results", daemon=True)
         self._reader.start()
@@ -607,6 +737,12 @@ class IndexWorker:
     def gone(self) -> bool:
         """The process ended (or its pipe broke): nothing more is answered."""
         return self._gone
+
+    @property
+    def queued(self) -> int:
+        """Bytes of messages waiting for the process to read them (at most about
+        :data:`MAX_QUEUED`)."""
+        return 0 if self._out is None else self._out.queued
 
     def hand_over(self, changes: list[Change], seq: int) -> None:
         """Changes committed by the main database as number ``seq``: apply them.
@@ -639,6 +775,12 @@ class IndexWorker:
             self._tickets.pop(ticket, None)
             deliver(SearchUnavailable("the search process is gone"))
 
+    def flush(self) -> None:
+        """Write what waits for the process, blocking until it is written: for a caller
+        that waits for an answer without a running reactor (``Store.search``)."""
+        if self._out is not None:
+            self._out.flush()
+
     def fault(self, name: str, value: object = True) -> None:
         """Tests: make the process fail its writes (``apply``), its searches (``search``:
         the exception to raise), or hold fewer changes (``max_pending``); None: no more."""
@@ -652,6 +794,7 @@ class IndexWorker:
         if self._out is None:
             return  # never started: nothing was sent
         self._send(None)
+        self._out.flush()
         self._out.close()
         self._reader.join()
         self._process.wait()
@@ -666,9 +809,8 @@ class IndexWorker:
                 self.log.warn("search index: cannot start its process: {exc}", exc=exc)
                 self._gone = True
                 return False
-        try:
-            self._out.send(message)  # type: ignore[union-attr]
-        except OSError:
+        assert self._out is not None
+        if not self._out.send(message):
             self._gone = True
             return False
         return True
@@ -748,6 +890,10 @@ class _Server:
                 self._hold(message[1], message[2])
                 if not self._failing:  # (failing: at the next search, or the retry)
                     self._write()
+            elif kind == "behind":  # the indexer dropped changes: read them from the main db
+                self._fall_behind()
+                if not self._failing:
+                    self._write()
             elif kind == "search":
                 self._answer(message[1], message[2], message[3])
             else:
@@ -782,9 +928,13 @@ class _Server:
         self._pending.append((changes, seq))
         self._pending_count += len(changes)
         if self._pending_count > self._max_pending:
-            self._pending.clear()
-            self._pending_count = 0
-            self._behind = True
+            self._fall_behind()
+
+    def _fall_behind(self) -> None:
+        """Drop the changes held: the next write catches up from the main database."""
+        self._pending.clear()
+        self._pending_count = 0
+        self._behind = True
 
     def _write(self) -> Exception | None:
         """Write the changes held, in one transaction; the error that prevented it."""

@@ -526,7 +526,9 @@ class Store:
         if isinstance(self._ready_index(), SearchIndex):
             return self._search_now(words, limit)
         answer: Future = Future()
-        self._worker().search(words, limit, answer.set_result)
+        worker = self._worker()
+        worker.search(words, limit, answer.set_result)
+        worker.flush()  # no reactor may run to write it: written here, then waited for
         result = answer.result()
         if isinstance(result, Exception):
             raise result

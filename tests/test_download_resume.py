@@ -185,6 +185,22 @@ class StreamResumeTests(Case):
         self.assertEqual(other.requests, [("FETCH", "f.bin", str(kept))])
 
     @defer.inlineCallbacks
+    def test_a_peer_offering_another_size_leaves_the_bytes_held(self):
+        body = body_of(3 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        with self.assertRaises(DownloadFailed):
+            yield deadline(
+                self.fetch(self.peers.add(Behaviour("f.bin", body, die_after=MiB)), expected)
+            )
+        other = Behaviour("f.bin", body + b"more")
+        with self.assertRaises(ContentMismatch):
+            yield deadline(self.fetch(self.peers.add(other), expected))
+        self.assertEqual(json.loads(paths(self.dest)[1].read_text())["prefix"], MiB)
+        yield deadline(self.fetch(self.peers.add(Behaviour("f.bin", body)), expected))
+        self.assertEqual(self.dest.read_bytes(), body)
+        self.assertEqual(self.resumed_at(), [MiB, MiB])
+
+    @defer.inlineCallbacks
     def test_a_stream_counts_only_its_prefix(self):
         body = body_of(5 * MiB)
         expected = Expected(len(body), hashlib.sha256(body).hexdigest())

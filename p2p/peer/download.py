@@ -681,6 +681,8 @@ class _Download:
         self.head = b""  # the FETCH size field while it arrives
         self.size = 0  # FETCH: bytes announced
         self.received = part.written  # a resumed download: the bytes already held
+        #: A mismatch that says nothing of the bytes held (the peer offers another size).
+        self.held_intact = False
         self.last_saved = reactor.seconds()
         self.last_report = float("-inf")
         self.window_start = 0  # bytes received when the current rate window began
@@ -791,6 +793,8 @@ class _Download:
         than ``size``, or (content without a hash) not the size recorded with them.
         Else the size is recorded with them."""
         partial = self.part.partial
+        if partial is not None and partial.state.key.sha256:
+            return False  # the hash is the content: a size other than it published fails
         if not self.received or partial is None:
             if partial is not None and partial.state.key.size is None:
                 partial.state.key = dataclasses.replace(partial.state.key, size=size)
@@ -802,10 +806,13 @@ class _Download:
             partial.state.key = dataclasses.replace(partial.state.key, size=size)
         return False
 
-    def check_size(self, events: _Events, size: int) -> bool:
-        """False (and ``mismatch``) if the peer announces a size other than the one published."""
+    def check_size(self, events: _Events, size: int, announced: bool = False) -> bool:
+        """False (and ``mismatch``) if the peer announces (``announced``: in its FETCH
+        reply, before any byte) or sent a size other than the one published."""
         published = self.expected.size
         if published is not None and size != published:
+            # Announced, it says nothing of the bytes held: they stay for another peer.
+            self.held_intact = announced
             events.mismatch(f"the peer offers {size} bytes, not the {published} published")
             return False
         return True
@@ -850,7 +857,7 @@ class _Download:
         self.hang_up()
         if self.digest is not None:
             self.digest.close()
-        if isinstance(exc, ContentMismatch):
+        if isinstance(exc, ContentMismatch) and not self.held_intact:
             self.part.discard()
         else:
             self.part.keep()
@@ -1025,7 +1032,7 @@ def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
     except OSError as exc:
         events.broken(f"no room for {size} bytes: {exc}")
         return
-    if not d.check_size(events, size):
+    if not d.check_size(events, size, announced=True):
         return
     d.size = size
     d.report(size, force=True)

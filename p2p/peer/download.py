@@ -1118,7 +1118,9 @@ def _verify(events: _Events, d: _Download, *_why: object) -> None:
 @get_file_receiving_bytes.upon(_Events.mismatch).to(failed)
 @verifying.upon(_Events.mismatch).to(failed)
 def _mismatch(events: _Events, d: _Download, why: str) -> None:
-    d.fail(ContentMismatch(f"{why}; nothing was kept"))
+    kept = d.held_intact and d.received and d.part.partial is not None
+    outcome = "what was held from before stays, hidden, to resume" if kept else "nothing was kept"
+    d.fail(ContentMismatch(f"{why}; {outcome}"))
 
 
 @verifying.upon(_Events.verified).to(storing)

@@ -40,6 +40,8 @@ class Behaviour:
     served: bytes | None = None
     #: The piece list it sends (default: the true one of ``body``).
     pieces: bytes | None = None
+    #: The piece size it announces (default: the one the size fixes).
+    piece: int | None = None
     #: Drop every connection once this many file bytes were sent in all (then refuse all).
     die_after: int | None = None
     #: Answer RANGE and PIECES as an old peer does: close without a reply byte.
@@ -104,7 +106,8 @@ class _FakePeer(protocol.Protocol):
         if op == "PIECES":
             listed = digests(how.body) if how.pieces is None else how.pieces
             size = len(how.body)
-            self.transport.write(b"\x00%d\x00%d\x00" % (size, piece_size(size)) + listed)
+            piece = piece_size(size) if how.piece is None else how.piece
+            self.transport.write(b"\x00%d\x00%d\x00" % (size, piece) + listed)
             self.transport.loseConnection()
             return
         if op == "FETCH":

@@ -362,6 +362,17 @@ class SwarmTests(Case):
         self.assertIn("other piece digests", "\n".join(self.notes))
 
     @defer.inlineCallbacks
+    def test_a_source_announcing_another_piece_size_is_not_used(self):
+        # A piece size of 1 would have us take 32 bytes of "digests" per byte of file:
+        # refused from the header, before any digest is held.
+        tiny = Behaviour("f.bin", self.body, piece=1, pieces=bytes(64 * 1024))
+        a, c = Behaviour("f.bin", self.body), Behaviour("f.bin", self.body)
+        yield deadline(self.many(a, ("bob", tiny), ("carol", c)))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual(self.ranges(tiny), 0)
+        self.assertIn("lists pieces of 1 bytes", "\n".join(self.notes))
+
+    @defer.inlineCallbacks
     def test_old_peers_without_ranges_mean_one_stream(self):
         a = Behaviour("f.bin", self.body)
         old = Behaviour("f.bin", self.body, classic=True)

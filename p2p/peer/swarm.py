@@ -214,8 +214,15 @@ class _PiecesAsk(_Exchange):
 
     def headed(self) -> bool:
         size, piece = self.head
-        if size != self.swarm.size or piece <= 0:
+        if size != self.swarm.size:
             self.finish(f"lists pieces of a {size}-byte file, not the {self.swarm.size} published")
+            return False
+        if piece != wire.piece_size(size):
+            # The piece size is a function of the size (protocol.md 2.5): any other would
+            # only let a peer make us hold up to 32 bytes of "digests" per byte of file.
+            self.finish(
+                f"lists pieces of {piece} bytes, not the {wire.piece_size(size)} the size fixes"
+            )
             return False
         return True
 

@@ -226,6 +226,13 @@ def _is_control(ch: str) -> bool:
     return o < 0x20 or 0x7F <= o < 0xA0
 
 
+def is_decimal(text: str) -> bool:
+    """True for plain ASCII digits: ``str.isdigit`` also takes ``²`` (which ``int``
+    refuses: a peer's or an indexer's field must not raise there) and ``٣`` (which it
+    reads as 3: not a number our protocols send)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_name(text: str) -> bool:
     """True for a valid user name or owner (non-empty, no whitespace or control chars)."""
     return bool(text) and not any(ch.isspace() or _is_control(ch) for ch in text)

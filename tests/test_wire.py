@@ -200,3 +200,13 @@ class FileNamesAtTheIndexerTests(TestCase):
         )
         self.assertEqual(h.request("LIST_CONTENT", "alice", "my song"), b"\4")  # an owner: no
         self.assertEqual(h.request("DELETE", "alice", "my song.mp3"), b"\0")
+
+
+class DecimalTests(TestCase):
+    """wire.is_decimal: what a number field may hold before int() reads it."""
+
+    def test_plain_ascii_digits_only(self):
+        self.assertTrue(wire.is_decimal("0"))
+        self.assertTrue(wire.is_decimal("9090"))
+        for text in ("", "²", "٣", "\uff11\uff12", "-1", " 1", "1.0", "0x1"):
+            self.assertFalse(wire.is_decimal(text), text)

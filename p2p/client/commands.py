@@ -44,7 +44,7 @@ def search_arguments(words: list[str]) -> tuple[str, str]:
         option, _, value = words.pop(0).partition("=")
         if not value:
             value = words.pop(0) if words else ""
-        if not (value.isascii() and value.isdigit()):
+        if not wire.is_decimal(value):
             raise ValueError(f"{option} takes a number")
         limit = int(value)
         if not 1 <= limit <= wire.MAX_SEARCH_LIMIT:

@@ -208,7 +208,7 @@ class GetFile:
         for name, ip, port, *claim in rows:
             if name in peers:
                 continue
-            if not port.isdigit() or not 0 < int(port) < 65536:
+            if not wire.is_decimal(port) or not 0 < int(port) < 65536:
                 peers[name] = "a bad port"
                 continue
             fingerprint = claim[0] if claim else wire.UNCLAIMED

@@ -152,7 +152,7 @@ class _ReplyParser:
         self.fields.extend(self.reader.feed(data))
         if self.count is None and self.fields:
             raw = self.fields.pop(0)
-            if not raw.isdigit():
+            if not wire.is_decimal(raw):
                 raise ValueError(f"listing count is not a number: {raw[:20]!r}")
             self.count = int(raw)
         wanted = None if self.count is None else self.count * self.columns
@@ -771,7 +771,7 @@ def ask_sources(indexer: Any, user: str, sha256: str):
         raise SourcesRefused(code)
     found = []
     for owner, name, host, port in rows or ():
-        if port.isdigit() and 0 < int(port) < 65536:
+        if wire.is_decimal(port) and 0 < int(port) < 65536:
             found.append(Source(owner, name, host, int(port)))
     return found
 
@@ -787,7 +787,7 @@ def lease_seconds(rows: list[Row] | None) -> float | None:
         text = rows[0][0]
     except (TypeError, IndexError):
         return None
-    return float(text) if text.isdigit() and int(text) > 0 else None
+    return float(text) if wire.is_decimal(text) and int(text) > 0 else None
 
 
 def _op_of(payload: bytes) -> str:

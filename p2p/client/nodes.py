@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from p2p import wire
 from p2p.client.home import indexer_key
 
 #: A host name: letters, digits, dots, hyphens and underscores (no option-like ``-``).
@@ -76,7 +77,7 @@ def _parse_node(entry: str, default_port: int) -> Node:
         raise BadNodeList(f"{entry}: not a host name or address: {host!r}")
     if port is None:
         return Node(host, default_port)
-    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+    if not (wire.is_decimal(port) and 0 < int(port) < 65536):
         raise BadNodeList(f"{entry}: not a TCP port (1-65535): {port!r}")
     return Node(host, int(port))
 

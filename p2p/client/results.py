@@ -119,7 +119,7 @@ def search_row(owner: str, name: str, size: str, description: str, copies: str) 
     """One SEARCH hit, tab-indented: as a LIST_CONTENT row after its owner, and how many
     connected users have the same content when more than one does."""
     row = f"\t{typed(owner)} {content_row(name, size, description)[1:]}"
-    if copies.isdigit() and int(copies) > 1:
+    if wire.is_decimal(copies) and int(copies) > 1:
         row += f" ({int(copies)} users have it)"
     return row
 

@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from p2p import wire
 from p2p.client.get_file import GetFile, local_destination
 from p2p.client.progress import Meter, human_bytes, human_duration
 from p2p.client.session import Session
@@ -210,7 +211,7 @@ class Transfers:
 
     def cancel_command(self, number: str) -> None:
         """CANCEL <n>."""
-        if not (number.isascii() and number.isdigit()) or not self.cancel(int(number)):
+        if not wire.is_decimal(number) or not self.cancel(int(number)):
             self.output.line(CANCEL_FAIL)
             self.output.note(f"CANCEL: no running download {number} (DOWNLOADS lists them)")
             return

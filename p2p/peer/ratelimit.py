@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from p2p import wire
+
 #: The smallest burst: a chunk big enough that a slow cap does not mean tiny writes.
 MIN_BURST = 64 * 1024
 #: The shortest wait for the bucket: a clock's float sums must not make it wake
@@ -111,7 +113,7 @@ def parse_rate(text: str) -> int:
     raw = text.strip()
     factor = SUFFIXES.get(raw[-1:].upper(), 1)
     digits = raw[:-1] if factor != 1 else raw
-    if not digits.isascii() or not digits.isdigit():
+    if not wire.is_decimal(digits):
         raise ValueError(f"not a byte rate: {text!r} (a whole number, optionally K, M or G)")
     rate = int(digits) * factor
     if rate <= 0:

@@ -36,7 +36,8 @@ process costs the indexer itself one small pickled message per commit.
 
 The search database holds a copy of each file's row (``docs``: owner, name,
 description, size, hash, and the folded words of name and description, so
-ranking never folds text), the FTS5 index over it, the connected users
+ranking never folds text), the FTS5 index over it (no positions: see
+:data:`FTS_OPTIONS`), the connected users
 (``connected``) and the ids of their files (``online``).
 
 A memory-only store (``:memory:``: tests) attaches a memory database as schema
@@ -137,10 +138,20 @@ CREATE VIRTUAL TABLE IF NOT EXISTS {s}.{FTS_TABLE} USING fts5(
     name, description,
     content='docs', content_rowid='id',
     tokenize='unicode61 remove_diacritics 2',
-    detail=column,
+    {FTS_OPTIONS},
     prefix='{PREFIXES}'
 );
+INSERT OR IGNORE INTO {s}.search_meta (key, value) VALUES ('version', '{VERSION}');
 """
+
+
+#: The search database's layout: one written by another version is filled again.
+VERSION = "2"
+#: No positions nor column sizes: SEARCH asks FTS5 for prefixes and whole words only,
+#: and ranks and checks words in Python from ``docs``'s folded words (less to write).
+FTS_OPTIONS = "detail=none, columnsize=0"
+#: What an older version of the search database may hold.
+_OLD_TABLES = (FTS_TABLE, "online", "docs", "connected", "search_meta")
 
 
 class SearchIndex:
@@ -154,6 +165,9 @@ class SearchIndex:
     def __init__(self, db: sqlite3.Connection, schema: str = "main") -> None:
         self.db = db
         s = self.schema = schema
+        if self._version() not in (None, VERSION):
+            for table in _OLD_TABLES:
+                db.execute(f"DROP TABLE IF EXISTS {s}.{table}")
         db.executescript(_schema(s))
         self._count: int | None = None
         fts = f"{s}.{FTS_TABLE}"
@@ -172,6 +186,16 @@ WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
         self._matching_sql = (
             f"SELECT count(*) FROM (SELECT 1 FROM {fts} WHERE {FTS_TABLE} MATCH ? LIMIT ?)"
         )
+
+    def _version(self) -> str | None:
+        """The layout of the database as found: None when new (no ``search_meta``)."""
+        try:
+            row = self.db.execute(
+                f"SELECT value FROM {self.schema}.search_meta WHERE key = 'version'"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else "1"
 
     # --- Where it stands ------------------------------------------------------
 
@@ -319,8 +343,9 @@ WHERE {FTS_TABLE} MATCH ? ORDER BY {FTS_TABLE}.rowid DESC LIMIT ?
         """Empty the index (in the caller's transaction), to :meth:`fill` it again."""
         db, s = self.db, self.schema
         db.execute(f"INSERT INTO {s}.{FTS_TABLE} ({FTS_TABLE}) VALUES ('delete-all')")
-        for table in ("docs", "connected", "online", "search_meta"):
+        for table in ("docs", "connected", "online"):
             db.execute(f"DELETE FROM {s}.{table}")
+        db.execute(f"DELETE FROM {s}.search_meta WHERE key != 'version'")
         self._count = None
 
     # --- Search -----------------------------------------------------------------

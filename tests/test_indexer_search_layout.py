@@ -27,10 +27,12 @@ class OlderLayout(TestCase):
     def test_filled_again(self) -> None:
         path = self.mktemp()
         store = Store(path)
-        store.open()
-        store.add_user("u")
-        store.set_address("u", ("10.0.0.1", 5000))
-        store.add_file("u", "otter.txt", "paws")
+        for change, args in (
+            (store.add_user, ("u",)),
+            (store.set_address, ("u", ("10.0.0.1", 5000))),
+            (store.add_file, ("u", "otter.txt", "paws")),
+        ):
+            change(*args)
         store.commit()
         self.assertEqual([h.name for h in store.search(["otter"], 10)], ["otter.txt"])
         store.close()

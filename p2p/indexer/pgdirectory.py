@@ -38,6 +38,7 @@ Python by the same BM25 (:func:`p2p.indexer.fulltext.bm25`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from p2p.indexer.fulltext import (
     query_words,
     words_of,
 )
+from p2p.indexer.pgpipe import StatementPipe
 from p2p.indexer.pgrules import RULES
 from p2p.indexer.pgstore import PgStore, batch_memo
 
@@ -131,6 +133,9 @@ class ClusterDirectory:
         self.connected: dict[str, Address] = {}
         store.schema_extra.append(RULES)
         store.prepare = self._prepare
+        #: Batches of requests sent from the reactor (made at the first request).
+        self.pipe: StatementPipe | None = None
+        store.closers.append(self._close_pipe)
 
     def load(self) -> None:
         """Nothing to load: every request reads the database."""
@@ -157,7 +162,23 @@ class ClusterDirectory:
         if self.audit and op.name not in wire.UNAUDITED_OPS:
             file_name = args[0] if op.name in wire.AUDIT_FILE_OPS else None
             request["record"] = wire.audit_record(user, op.name, datetime, file_name)
-        return self.store.transact(self._apply, op, args, request, key=user)
+        if op is wire.SEARCH:  # its hits are read in a transaction: the thread pool's
+            return self.store.transact(self._apply, op, args, request, key=user)
+        if self.pipe is None:
+            self.pipe = StatementPipe(
+                self.store.uri, self.store.reactor, self._statement, json.loads
+            )
+        d = self.pipe.submit(user, request)
+        return d.addCallback(self._outcome, op, args, request)
+
+    def _statement(self, requests: list[dict]) -> tuple[bytes, list[bytes]]:
+        """The one statement of a batch sent by the pipe."""
+        lease = repr(float(self.leases.timeout)).encode("ascii")
+        return b"SELECT p2p_batch($1::jsonb, $2::float8)", [json.dumps(requests).encode(), lease]
+
+    def _close_pipe(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
 
     def request(
         self,
@@ -227,9 +248,15 @@ class ClusterDirectory:
         return done
 
     def _apply(self, cursor, op: wire.OpSpec, args: list, request: dict) -> Outcome:
+        """In a pool thread: the :class:`Outcome` of a request its batch's statement
+        applied (``cursor``: the batch's transaction, for SEARCH; None for the others)."""
+        return self._outcome(batch_memo()["results"][id(request)], op, args, request, cursor)
+
+    def _outcome(
+        self, result: dict, op: wire.OpSpec, args: list, request: dict, cursor=None
+    ) -> Outcome:
         """The request's :class:`Outcome` from what the rules said, and for SEARCH the
-        hits (``cursor``: the batch's transaction; None for the others)."""
-        result = batch_memo()["results"][id(request)]
+        hits (read with ``cursor``)."""
         if "probe" in result:  # nothing written: applied again after the probe
             return Outcome(op.own, probe=tuple(result["probe"]))
         outcome = Outcome(

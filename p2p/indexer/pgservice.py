@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from p2p import wire
 from p2p.indexer.liveness import MAX_PROBE_TIMEOUT, TCPProber
 from p2p.indexer.pgdirectory import ClusterDirectory, ClusterLeases, ClusterLiveness, Outcome
+from p2p.indexer.pgpipe import StatementFailed
 from p2p.indexer.pgstore import Leadership, PgStore
 from p2p.indexer.protocol import IndexerFactory, IndexerProtocol
 from p2p.indexer.service import IndexerService
@@ -106,7 +107,8 @@ class ClusterFactory(IndexerFactory):
     def _failed(self, failure: Failure, proto: IndexerProtocol, op: wire.OpSpec) -> None:
         import psycopg
 
-        if failure.check(psycopg.OperationalError):  # the server is away: one line, no trace
+        if failure.check(psycopg.OperationalError, StatementFailed):  # the server is away
+            # (or refused the statement): one line, no trace
             self.log.warn(
                 "database unreachable ({why}); answering the error code",
                 why=" ".join(failure.getErrorMessage().split()),

@@ -163,6 +163,8 @@ class PgStore:
         self.prepare: Callable[[Any, list[tuple]], set[int]] | None = None
         #: More SQL run with the schema at open (the directory's functions).
         self.schema_extra: list[str] = []
+        #: Called at close, first (the directory's statement pipe).
+        self.closers: list[Callable[[], None]] = []
         #: Works waiting for a thread, and how many threads run a batch.
         self._queue: deque[tuple] = deque()
         self._busy = 0
@@ -193,6 +195,8 @@ class PgStore:
 
     def close(self) -> None:
         """Stop the leadership and the threads, close every connection."""
+        for closer in self.closers:
+            closer()
         if self.leadership is not None:
             self.leadership.stop()
         pool, self.pool = self.pool, None

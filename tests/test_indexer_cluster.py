@@ -393,10 +393,16 @@ class ClaimsOnPostgres(tls.EndToEnd):
         got = yield tls.codes_over(client, ("REGISTER", "carol"))
         self.assertEqual(got, [0])
 
+    @defer.inlineCallbacks
     def test_memory_database_new_key_each_start(self):
-        """SQLite's ``:memory:`` only."""
-
-    test_memory_database_new_key_each_start.skip = "SQLite's :memory: has no PostgreSQL form"
+        """SQLite's ``:memory:`` keeps no key, so each start makes one; PostgreSQL has no
+        such database. What it stands for here: the key belongs to the database, so a
+        new (empty) database, a new cluster, gets a key of its own."""
+        self.postgres_uri = postgres.database(self)
+        _, fp1 = yield tls.start(self)
+        self.postgres_uri = postgres.database(self)  # the next start: another database
+        _, fp2 = yield tls.start(self)
+        self.assertNotEqual(fp1, fp2)
 
     @defer.inlineCallbacks
     def test_second_indexer_on_one_database_refused(self):

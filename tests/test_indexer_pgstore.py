@@ -9,7 +9,7 @@ import threading
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
-from p2p.indexer.pgstore import Leadership, PgStore
+from p2p.indexer.pgstore import TIMEOUT_DEFAULTS, Leadership, PgStore, with_timeouts
 from tests import postgres
 from tests.support import poll_until
 
@@ -102,3 +102,28 @@ class Leader(TestCase):
         yield poll_until(lambda: other.leading, what="the other node leading")
         yield poll_until(lambda: not first.leading, what="the old leader stepping down")
         yield threads.deferToThread(lambda: None)  # let the leader threads settle
+
+
+class Timeouts(TestCase):
+    """A node's connections give up on a vanished database host instead of hanging."""
+
+    def test_defaults_added_and_the_uri_wins(self):
+        from psycopg.conninfo import conninfo_to_dict
+
+        got = conninfo_to_dict(
+            with_timeouts("postgresql://p2p:pw@db.example:5433/p2p?connect_timeout=3")
+        )
+        self.assertEqual(got["connect_timeout"], "3")  # set by the operator: kept
+        for key in ("keepalives", "keepalives_idle", "tcp_user_timeout"):
+            self.assertEqual(got[key], TIMEOUT_DEFAULTS[key])
+        self.assertEqual(
+            (got["host"], got["port"], got["dbname"], got["user"], got["password"]),
+            ("db.example", "5433", "p2p", "p2p", "pw"),
+        )
+
+    def test_the_store_connects_with_them(self):
+        from psycopg.conninfo import conninfo_to_dict
+
+        store = PgStore("postgresql:///p2p?host=/run/postgresql")
+        self.assertEqual(conninfo_to_dict(store.uri)["connect_timeout"], "10")
+        self.assertNotIn("connect_timeout", store.path)  # messages name the URI as given

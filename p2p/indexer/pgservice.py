@@ -122,6 +122,10 @@ class ClusterFactory(IndexerFactory):
         return DeferredList(list(self._running), consumeErrors=True)
 
 
+#: How long a stopping node waits for the answers of requests under way.
+STOP_DRAIN = 15.0
+
+
 class ClusterIndexerService(IndexerService):
     """An indexer node: the shared database, no file lock, the cluster's identity."""
 
@@ -174,7 +178,9 @@ class ClusterIndexerService(IndexerService):
         drained = succeed(None)
         if self.indexer is not None:
             self.indexer.stop()
-            drained = self.indexer.drained()
+            # Answers waiting on a database that stopped answering are given up after
+            # STOP_DRAIN seconds: the node stops anyway (their clients see the close).
+            drained = self.indexer.drained().addTimeout(STOP_DRAIN, self.indexer.reactor)
         return DeferredList([d, drained], consumeErrors=True).addBoth(lambda _: self._release())
 
     def _release(self) -> None:

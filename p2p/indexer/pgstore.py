@@ -128,6 +128,28 @@ def shown(uri: str) -> str:
     return make_conninfo(**params)
 
 
+#: libpq settings a node adds to its URI unless the URI sets them: a database host that
+#: vanishes (no FIN, no RST) fails the connection attempt, the request waiting on it and
+#: a stopping node's last answers within seconds instead of hanging on TCP's defaults
+#: (connect: forever; a lost peer: about 15 minutes). Ignored over a Unix socket.
+TIMEOUT_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "3",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+}
+
+
+def with_timeouts(uri: str) -> str:
+    """``uri`` with :data:`TIMEOUT_DEFAULTS` for what it does not set itself."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(uri)
+    return make_conninfo(**{**TIMEOUT_DEFAULTS, **params})
+
+
 class PgStore:
     """Connections to the shared database, the requests' transactions, the outbox."""
 
@@ -140,7 +162,7 @@ class PgStore:
     def __init__(self, uri: str, threads: int = DEFAULT_THREADS, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        self.uri = uri
+        self.uri = with_timeouts(uri)
         self.path = shown(uri)  # what messages name
         self.reactor = reactor
         self.threads = threads

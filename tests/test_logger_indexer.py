@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from p2p import wire
 from tests.support import deadline, hold_port, indexer_port, logger_ports, poll_until, spawn_twistd
+from tests.test_indexer_e2e import indexer_db
 
 PROGRAM = 0x2ABC0001
 DATETIME = "25/11/2026 12:00:00"
@@ -131,7 +132,7 @@ class IndexerToLoggerTests(unittest.TestCase):
             "--listen",
             f"tcp:{self.indexer_port}:interface=127.0.0.1",
             "--db",
-            "indexer.db",
+            indexer_db(self, "indexer.db"),
             "--logger",
             f"tcp:host=127.0.0.1:port={self.logger_port}",
             "--logger-program",

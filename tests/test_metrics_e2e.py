@@ -27,6 +27,7 @@ from tests.support import (
     spawn_twistd,
     time_url,
 )
+from tests.test_indexer_e2e import indexer_db
 from tests.test_metrics import samples
 from tests.test_stack import logger_listen
 
@@ -73,8 +74,9 @@ def listening_ports(pid: int) -> int:
 class IndexerMetricsTests(TestCase):
     @defer.inlineCallbacks
     def test_counts_requests_by_op_and_code(self):
+        db = indexer_db(self, ":memory:")
         proc = spawn_twistd(
-            self, "p2p-indexer", f"--listen={LOOPBACK}", "--db=:memory:", f"--metrics={LOOPBACK}"
+            self, "p2p-indexer", f"--listen={LOOPBACK}", f"--db={db}", f"--metrics={LOOPBACK}"
         )
         port = yield indexer_port(proc)
         url = yield metrics_url(proc)
@@ -102,7 +104,8 @@ class IndexerMetricsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_off_by_default(self):
-        proc = spawn_twistd(self, "p2p-indexer", f"--listen={LOOPBACK}", "--db=:memory:")
+        db = indexer_db(self, ":memory:")
+        proc = spawn_twistd(self, "p2p-indexer", f"--listen={LOOPBACK}", f"--db={db}")
         yield indexer_port(proc)
         self.assertEqual(listening_ports(proc.transport.pid), 1)
         self.assertFalse([line for line in proc.lines if "metrics" in line])

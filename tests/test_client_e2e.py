@@ -28,6 +28,7 @@ from tests.support import (
     spawn_twistd,
     time_url,
 )
+from tests.test_indexer_e2e import indexer_db
 
 
 class ShellProcess:
@@ -141,7 +142,7 @@ class Stack:
             "--listen",
             listen,
             "--db",
-            ":memory:",
+            indexer_db(self.testcase, ":memory:"),
             "--tls-key",
             key,
             "--tls-cert",

@@ -8,6 +8,10 @@ the node, the subclass reads the same thing from the PostgreSQL database instead
 
 from __future__ import annotations
 
+from twisted.trial.unittest import TestCase
+
+from tests import postgres
+from tests import test_client_e2e as client_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 
@@ -29,3 +33,27 @@ class IndexerMetricsOnPostgres(metrics_e2e.IndexerMetricsTests):
     """The PostgreSQL node's ``/metrics``."""
 
     on_postgres = True
+
+
+class CommandLineOnPostgres(client_e2e.CommandLineTests):
+    """Every line of the shell against a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+    def test_user_gone_and_indexer_down(self):
+        """The indexer restarted with nothing kept (SQLite's ``:memory:``) is, on
+        PostgreSQL, a node started on a new, empty database: alice no longer exists."""
+        new_database_at_each_start(self, self.stack)
+        return super().test_user_gone_and_indexer_down()
+
+
+def new_database_at_each_start(testcase: TestCase, stack: client_e2e.Stack) -> None:
+    """Make each ``stack.start_indexer()`` start its node on a new, empty PostgreSQL
+    database: what a restarted ``--db :memory:`` indexer is on SQLite."""
+    start = stack.start_indexer
+
+    def start_on_a_new_database(*args, **kwargs):
+        testcase.postgres_uri = postgres.database(testcase)
+        return start(*args, **kwargs)
+
+    stack.start_indexer = start_on_a_new_database

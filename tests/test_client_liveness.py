@@ -40,6 +40,7 @@ from tests.test_client_e2e import ShellProcess, Stack
 from tests.test_client_indexer import ScriptedIndexer
 from tests.test_client_interop import ARITY, ClassicIndexer
 from tests.test_client_shell import FakeOutput, FakeServer
+from tests.test_indexer_e2e import indexer_db
 
 LEASE = 30  # seconds, as the scripted indexer announces it
 DEFAULT_ANSWERS = {
@@ -673,7 +674,12 @@ class LiveClientTests(TestCase):
         self.stack = Stack(self)
         db = Path(self.mktemp()).resolve()
         db.mkdir()
-        self.stack.indexer_options = ("--peer-timeout", str(PEER_TIMEOUT), "--db", str(db / "db"))
+        self.stack.indexer_options = (
+            "--peer-timeout",
+            str(PEER_TIMEOUT),
+            "--db",
+            indexer_db(self, str(db / "db")),
+        )
         yield self.stack.start_indexer()
         self.bob = _SlowPeerFactory()
         bob_peer = reactor.listenTCP(0, self.bob, interface="127.0.0.1")

@@ -12,8 +12,12 @@ from twisted.trial.unittest import TestCase
 
 from tests import postgres
 from tests import test_client_e2e as client_e2e
+from tests import test_client_liveness as client_liveness
+from tests import test_harden_fairness as harden_fairness
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
+from tests import test_names_e2e as names_e2e
+from tests import test_peer_range_e2e as peer_range_e2e
 
 
 class IndexerToLoggerOnPostgres(logger_indexer.IndexerToLoggerTests):
@@ -57,3 +61,33 @@ def new_database_at_each_start(testcase: TestCase, stack: client_e2e.Stack) -> N
         return start(*args, **kwargs)
 
     stack.start_indexer = start_on_a_new_database
+
+
+class LiveClientOnPostgres(client_liveness.LiveClientTests):
+    """Our client's lease kept by a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class ClaimedNamesOnPostgres(names_e2e.ClaimedNamesTests):
+    """Claimed names (TLS identities) kept in PostgreSQL."""
+
+    on_postgres = True
+
+
+class RangeEndToEndOnPostgres(peer_range_e2e.RangeEndToEndTests):
+    """RANGE downloads found through a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class IndexerFloodOnPostgres(harden_fairness.IndexerFlood):
+    """A PostgreSQL-backed node under a flood from one address."""
+
+    on_postgres = True
+
+
+class LoggerFloodOnPostgres(harden_fairness.LoggerFlood):
+    """The relay from the PostgreSQL outbox to a flooded logger."""
+
+    on_postgres = True

@@ -56,6 +56,7 @@ from tests.support import (
 )
 from tests.test_client_e2e import ShellProcess, Stack
 from tests.test_harden_time import GET_TIME, TIME, http_request, split_responses
+from tests.test_indexer_e2e import indexer_db
 
 WHEN = "27/11/2026 12:00:00"
 REPORT = b"the real report\n" * 1000
@@ -217,7 +218,9 @@ class IndexerFlood(FloodTestCase):
     def test_trickling_flood_from_one_address(self):
         """1,500 trickling connections: 13 of 551 good requests were served."""
         # --timeout 60: the flood outlasts the good client whatever the machine's pace
-        proc, port = yield self.start_indexer("--db", ":memory:", "--timeout", "60", *self.extra)
+        proc, port = yield self.start_indexer(
+            "--db", indexer_db(self, ":memory:"), "--timeout", "60", *self.extra
+        )
         for user in ("alice", "bob"):
             for request in (("REGISTER", WHEN, user), ("CONNECT", WHEN, user, 4000)):
                 reply = yield exchange(port, wire.encode_request(*request))
@@ -322,7 +325,8 @@ class LoggerFlood(FloodTestCase):
 
     def start_audited_indexer(self, logger_port: int, logger: str | None = None):
         logger = logger or f"tcp:host={GOOD}:port={logger_port}"
-        return self.start_indexer("--db", str(self.dir / "indexer.db"), "--logger", logger)
+        db = indexer_db(self, str(self.dir / "indexer.db"))
+        return self.start_indexer("--db", db, "--logger", logger)
 
     @defer.inlineCallbacks
     def register(self, port: int, user: str):

@@ -134,6 +134,54 @@ class PartialStateTests(Case):
             open_partial(self.dest, key)
 
 
+class PlantedNamesTests(Case):
+    """Names planted beside the destination (a shared directory) are never
+    followed: the file they point to stays as it was."""
+
+    def victim(self) -> Path:
+        victim = Path(self.mktemp())
+        victim.write_bytes(b"precious")
+        return victim
+
+    @defer.inlineCallbacks
+    def download_checked(self, victim: Path):
+        body = body_of(MiB + 3)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        got = yield deadline(self.fetch(self.peers.add(Behaviour("f.bin", body)), expected))
+        self.assertEqual(got, len(body))
+        self.assertFalse(self.dest.is_symlink())
+        self.assertEqual(self.dest.read_bytes(), body)
+        self.assertEqual(victim.read_bytes(), b"precious")
+
+    def test_a_symlink_at_the_data_file(self):
+        victim = self.victim()
+        paths(self.dest)[0].symlink_to(victim)
+        return self.download_checked(victim)
+
+    def test_a_symlink_at_the_state_files_temporary(self):
+        victim = self.victim()
+        json_path = paths(self.dest)[1]
+        json_path.with_name(json_path.name + ".tmp").symlink_to(victim)
+        return self.download_checked(victim)
+
+    def test_a_hard_link_at_the_data_file(self):
+        victim = self.victim()
+        os.link(victim, paths(self.dest)[0])
+        return self.download_checked(victim)
+
+    def test_a_name_swapped_for_a_symlink_is_not_reopened(self):
+        victim = self.victim()
+        key = Key("ab" * 32, 100, "alice", "f.bin")
+        partial = open_partial(self.dest, key)
+        self.addCleanup(partial.close)
+        partial.data_path.unlink()
+        partial.data_path.symlink_to(victim)
+        with self.assertRaises(OSError):
+            partial.finish(0, 0o644)
+        self.assertFalse(self.dest.exists())
+        self.assertEqual(victim.read_bytes(), b"precious")
+
+
 class StreamResumeTests(Case):
     """One source: FETCH from the bytes held."""
 

@@ -92,7 +92,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import tls, wire
-from p2p.peer.partial import Key, Partial, PartialBusy, open_partial
+from p2p.peer.partial import Key, Partial, PartialBusy, open_partial, same_file
 
 #: Bytes asked of the socket per read: fewer, larger reads make a transfer cheaper.
 RECV_SIZE = 1024 * 1024
@@ -205,8 +205,18 @@ class _PartFile:
 
     def another(self, flags: int = os.O_RDONLY) -> int:
         """A descriptor of its own on the file, for a thread: not a ``dup``, so the
-        lock on a resumable download's file goes when the download's own does."""
-        return os.open(self.path, flags | os.O_CLOEXEC)
+        lock on a resumable download's file goes when the download's own does.
+        Opened by name, so it must still be that file: a name swapped for a link
+        to someone else's file meanwhile is refused (OSError)."""
+        assert self.fd is not None and self.path is not None
+        fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not same_file(self.fd, os.fstat(fd)):
+                raise OSError(f"{self.path} was replaced while the download ran")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def restart(self) -> None:
         """Forget the bytes held: write again from the start of an empty file."""

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,12 @@ class Partial:
     def save(self) -> None:
         """Write the state to the JSON (temporary file, then rename over it)."""
         temporary = self.json_path.with_name(self.json_path.name + ".tmp")
-        temporary.write_text(json.dumps(self.state.to_json()))
+        # A fresh file of our own: never through a name planted in a shared directory.
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(temporary, flags, 0o600), "w") as out:
+            out.write(json.dumps(self.state.to_json()))
         os.replace(temporary, self.json_path)
 
     def reset(self, key: Key | None = None) -> None:
@@ -181,6 +187,8 @@ class Partial:
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
         os.fchmod(self.fd, mode)
+        if not same_file(self.fd, os.lstat(self.data_path)):
+            raise OSError(f"{self.data_path} was replaced while the download ran")
         os.replace(self.data_path, self.destination)
         with contextlib.suppress(OSError):
             self.json_path.unlink()
@@ -196,7 +204,7 @@ def open_partial(destination: Path, key: Key) -> Partial:
     be made.
     """
     data_path, json_path = paths(destination)
-    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_data(data_path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -230,6 +238,33 @@ def open_partial(destination: Path, key: Key) -> Partial:
     except BaseException:
         os.close(fd)
         raise
+
+
+def same_file(fd: int, st: os.stat_result) -> bool:
+    """Whether ``st`` (an ``lstat`` of a name) is the file open at ``fd``."""
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
+_DATA_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_data(path: Path) -> int:
+    """The data file, open read-write: never through a symbolic link, and only a
+    regular file with no other name (what is planted at that name in a shared
+    directory, a link to someone's file, is unlinked and a fresh file made)."""
+    try:
+        fd = os.open(path, _DATA_FLAGS | os.O_CREAT, 0o600)
+    except OSError:
+        if not path.is_symlink():
+            raise
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
+        os.close(fd)
+    path.unlink()
+    return os.open(path, _DATA_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def _piece_end(index: int, piece_size: int, size: int | None) -> int:

@@ -285,3 +285,38 @@ class WorkerFailure(TestCase):
         reply = yield self.h.ask("SEARCH", "alice", "tusks", 10)
         self.assertEqual([r[1] for r in rows(reply, 6)], ["seal.txt"])
         self.assertIsNot(worker(self.h.store), old)
+
+
+class AnsweredOnce(TestCase):
+    """A search the reader thread answers (the process died) while the reactor finds it
+    cannot send it: one answer, not two (a second would raise from the Deferred)."""
+
+    def test_a_search_racing_the_process_end_is_answered_once(self):
+        from p2p.indexer.searchindex import IndexWorker, SearchUnavailable
+
+        worker = IndexWorker("main.db", "main.db.search", "x", 0, MemoryReactorClock())
+
+        class Ended:
+            def recv(self):
+                raise EOFError
+
+            def close(self):
+                pass
+
+        class Gone:
+            def poll(self):
+                return -9
+
+        worker._in, worker._process = Ended(), Gone()
+
+        def send(message):
+            # The process ends while the question goes out: the reader thread runs its
+            # end (here, at this very point), then the write fails.
+            worker._receive()
+            return False
+
+        worker._send = send
+        answers = []
+        worker.search(["cuna"], 10, answers.append)
+        self.assertEqual(len(answers), 1)
+        self.assertIsInstance(answers[0], SearchUnavailable)

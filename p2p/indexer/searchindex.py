@@ -799,8 +799,11 @@ class IndexWorker:
         ticket = self._next = self._next + 1
         self._tickets[ticket] = deliver
         if not self._send(("search", ticket, words, limit)):
-            self._tickets.pop(ticket, None)
-            deliver(SearchUnavailable("the search process is gone"))
+            # The reader thread may have answered it already (the process died meanwhile):
+            # whoever takes the ticket out of the dict answers it, once.
+            taken = self._tickets.pop(ticket, None)
+            if taken is not None:
+                taken(SearchUnavailable("the search process is gone"))
 
     def flush(self) -> None:
         """Write what waits for the process, blocking until it is written: for a caller
@@ -850,8 +853,9 @@ class IndexWorker:
                 break
             kind = message[0]
             if kind == "found":
-                deliver = self._tickets.pop(message[1])
-                deliver(message[2])
+                deliver = self._tickets.pop(message[1], None)
+                if deliver is not None:
+                    deliver(message[2])
             elif kind == "applied":
                 self.applied = message[1]
             else:
@@ -860,9 +864,10 @@ class IndexWorker:
         if not self._gone:
             self._gone = True
             self.log.warn("search index: its process ended ({code})", code=self._process.poll())
-        for deliver in list(self._tickets.values()):
-            deliver(SearchUnavailable("the search process is gone"))
-        self._tickets.clear()
+        for ticket in list(self._tickets):
+            deliver = self._tickets.pop(ticket, None)
+            if deliver is not None:
+                deliver(SearchUnavailable("the search process is gone"))
 
 
 class _Server:

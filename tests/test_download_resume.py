@@ -206,6 +206,49 @@ class StreamResumeTests(Case):
         self.assertEqual(self.files(), ["out.bin"])
 
     @defer.inlineCallbacks
+    def held_after_a_cut(self, body: bytes, expected: Expected):
+        """Cut a first download after 2 MiB; the bytes held, checked."""
+        dying = Behaviour("f.bin", body, die_after=2 * MiB)
+        port = self.peers.add(dying)
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(port, expected))
+        self.assert_held(body, 2 * MiB)
+        return port
+
+    def assert_held(self, body: bytes, prefix: int) -> None:
+        data, state = paths(self.dest)
+        self.assertEqual(json.loads(state.read_text())["prefix"], prefix)
+        self.assertEqual(data.read_bytes()[:prefix], body[:prefix])
+
+    @defer.inlineCallbacks
+    def test_a_peer_dropping_every_connection_leaves_the_bytes_held(self):
+        # FETCH cut before its reply, then GET_FILE cut too: nothing was sent, nothing goes.
+        body = body_of(5 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        port = yield self.held_after_a_cut(body, expected)
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(port, expected))
+        self.assert_held(body, 2 * MiB)
+        got = yield deadline(self.fetch(self.peers.add(Behaviour("f.bin", body)), expected))
+        self.assertEqual(got, len(body))
+        self.assertEqual(self.resumed_at(), [2 * MiB, 2 * MiB])
+        self.assertEqual(self.dest.read_bytes(), body)
+
+    @defer.inlineCallbacks
+    def test_a_peer_with_a_shorter_file_leaves_the_bytes_held(self):
+        # Code 3 to the FETCH from 2 MiB, then a size not the one published.
+        body = body_of(5 * MiB)
+        expected = Expected(len(body), hashlib.sha256(body).hexdigest())
+        yield self.held_after_a_cut(body, expected)
+        short = Behaviour("f.bin", body[:MiB])
+        with self.assertRaises(DownloadFailed):
+            yield deadline(self.fetch(self.peers.add(short), expected))
+        self.assertEqual(
+            short.requests, [("FETCH", "f.bin", str(2 * MiB)), ("FETCH", "f.bin", "0")]
+        )
+        self.assert_held(body, 2 * MiB)
+
+    @defer.inlineCallbacks
     def test_cancel_keeps_the_bytes(self):
         body = body_of(3 * MiB)
         expected = Expected(len(body), hashlib.sha256(body).hexdigest())

@@ -707,14 +707,22 @@ class _Download:
             digest.held(self.part.fd, self.part.written)
         return digest
 
-    def start_over(self) -> None:
-        """The bytes held cannot be continued (a classic peer, another size): drop
-        them and count from 0 again."""
+    def start_over(self, now: bool = True) -> None:
+        """The bytes held cannot be continued (a classic peer, another size): count
+        from 0 again. They are dropped now, or (``now`` false) only once the peer
+        actually starts sending the file (:meth:`drop_held`): a peer that fails
+        before that leaves them for the next attempt."""
         self.hang_up()
         self.head = b""
         if self.received:
-            self.part.restart()
             self.received = 0
+            if now:
+                self.drop_held()
+
+    def drop_held(self) -> None:
+        """Empty the file of bytes held from an earlier attempt (:meth:`start_over`)."""
+        if self.part.written and not self.received:
+            self.part.restart()
             if self.digest is not None:
                 self.digest.close()
                 self.digest = self.new_digest()
@@ -930,12 +938,19 @@ def _ask_with_fetch(events: _Events, d: _Download) -> None:
 @fetch_after_one.upon(_Events.data_received).to(get_file_connecting)
 def _ask_with_get_file(events: _Events, d: _Download, *_why: object) -> None:
     # Nothing was written in this attempt; bytes held from an earlier one cannot be
-    # continued by GET_FILE (it always starts at 0).
-    d.start_over()
+    # continued by GET_FILE (it always starts at 0): they go once its bytes start.
+    d.start_over(now=False)
     d.connect(wire.GET_FILE)
 
 
 @fetch_requesting.upon(_Events.answered_bad_offset).to(fetch_connecting)
+def _ask_again_from_0(events: _Events, d: _Download) -> None:
+    # The peer's file is shorter than the bytes held: they go only if it then
+    # announces a size that may be kept (_expect).
+    d.start_over(now=False)
+    d.connect(wire.FETCH)
+
+
 @fetch_receiving_size.upon(_Events.other_content).to(fetch_connecting)
 def _ask_from_the_start(events: _Events, d: _Download) -> None:
     d.start_over()
@@ -1034,6 +1049,9 @@ def _read_size(events: _Events, d: _Download, data: bytes) -> None:
 @fetch_receiving_size.upon(_Events.sized).to(fetch_receiving_bytes)
 def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
     # Only the first step is reserved now; a size past the room left fails at once.
+    if not d.check_size(events, size, announced=True):
+        return
+    d.drop_held()
     try:
         room = d.part.room()
         if size - d.received > room:
@@ -1041,8 +1059,6 @@ def _expect(events: _Events, d: _Download, size: int, rest: bytes) -> None:
         d.part.make_room(min(size, d.received + max(len(rest), 1)), size)
     except OSError as exc:
         events.broken(f"no room for {size} bytes: {exc}")
-        return
-    if not d.check_size(events, size, announced=True):
         return
     d.size = size
     d.report(size, force=True)
@@ -1080,6 +1096,7 @@ def _cut(events: _Events, d: _Download, *_why: object) -> None:
 @get_file_requesting.upon(_Events.answered_course).to(get_file_receiving_bytes)
 @get_file_after_one.upon(_Events.data_received).to(get_file_receiving_bytes)
 def _stream(events: _Events, d: _Download, rest: bytes) -> None:
+    d.drop_held()
     d.watch_rate()
     _take_get_file_bytes(events, d, rest)
 

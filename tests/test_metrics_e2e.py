@@ -103,6 +103,40 @@ class IndexerMetricsTests(TestCase):
         self.assertIn(("process_cpu_seconds_total", ()), got)
 
     @defer.inlineCallbacks
+    def test_connected_users_gauge_follows_connect_and_disconnect(self):
+        """The gauge counts CONNECT without DISCONNECT (on PostgreSQL, the cluster's
+        users, counted at the node's next leadership tick: read until it says so)."""
+        db = indexer_db(self, ":memory:")
+        proc = spawn_twistd(
+            self, "p2p-indexer", f"--listen={LOOPBACK}", f"--db={db}", f"--metrics={LOOPBACK}"
+        )
+        port = yield indexer_port(proc)
+        url = yield metrics_url(proc)
+        gauge = ("p2p_indexer_connected_users", ())
+        for data in (
+            request("REGISTER", "alice"),
+            request("REGISTER", "bob"),
+            request("CONNECT", "alice", "7000"),
+            request("CONNECT", "bob", "7001"),
+        ):
+            self.assertEqual((yield exchange(port, data)), b"\x00")
+        yield self.until_gauge(url, gauge, 2)
+        self.assertEqual((yield exchange(port, request("DISCONNECT", "alice"))), b"\x00")
+        yield self.until_gauge(url, gauge, 1)
+
+    @defer.inlineCallbacks
+    def until_gauge(self, url: str, gauge: tuple, value: float):
+        """Scrape ``url`` until ``gauge`` reads ``value``."""
+        start = reactor.seconds()
+        while True:
+            got = yield scrape(url)
+            if got[gauge] == value:
+                return
+            if reactor.seconds() - start > DEADLINE:
+                self.fail(f"{gauge[0]} is {got[gauge]}, not {value}, after {DEADLINE}s")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
     def test_off_by_default(self):
         db = indexer_db(self, ":memory:")
         proc = spawn_twistd(self, "p2p-indexer", f"--listen={LOOPBACK}", f"--db={db}")

@@ -110,6 +110,10 @@ class Directory:
             wire.SOURCES.name: self._sources,
         }
 
+    def connected_count(self) -> int:
+        """The users connected now (the metrics' gauge)."""
+        return len(self.connected)
+
     def load(self) -> None:
         """Replace memory with what the store holds (at start, or after a failed commit);
         the store's search side is opened then too (caught up), not at the first SEARCH."""

@@ -129,13 +129,18 @@ class ClusterDirectory:
         self.audit = audit
         self.classic_ops = classic_ops(classic)
         self.leases = leases if leases is not None else ClusterLeases(store)
-        #: Nothing is kept in memory: the metrics' count of connected users is not known here.
+        #: Nothing is kept in memory (connected_count() asks the store).
         self.connected: dict[str, Address] = {}
         store.schema_extra.append(RULES)
         store.prepare = self._prepare
         #: Batches of requests sent from the reactor (made at the first request).
         self.pipe: StatementPipe | None = None
         store.closers.append(self._close_pipe)
+
+    def connected_count(self) -> int:
+        """The cluster's connected users, as the store last counted them (the metrics'
+        gauge: read on the reactor, counted in the leadership thread each second)."""
+        return self.store.connected_users
 
     def load(self) -> None:
         """Nothing to load: every request reads the database."""

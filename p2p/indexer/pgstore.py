@@ -178,6 +178,8 @@ class PgStore:
         self._fetch_again = False
         self._deleted_through = 0
         self.leadership: Leadership | None = None
+        #: The cluster's connected users, as counted at the last leadership tick.
+        self.connected_users = 0
         #: ``prepare(cursor, works)``: called first for each batch with the (work, args)
         #: of its works in order; applies what it can in one statement (the directory:
         #: its requests) and returns the positions of the works that need no
@@ -564,8 +566,9 @@ class Leadership:
         d = deferToThreadPool(self.reactor, self._pool, self._try)
         d.addCallbacks(self._checked, self._failed)
 
-    def _try(self) -> bool:
-        """In the leader thread: keep or take the lock; True while it is held."""
+    def _try(self) -> tuple[bool, int]:
+        """In the leader thread: keep or take the lock (True while it is held), and
+        count the cluster's connected users (the metrics' gauge, refreshed each tick)."""
         import psycopg
 
         conn = self._conn
@@ -576,18 +579,19 @@ class Leadership:
         else:
             held = self.leading
         try:
-            if held:
-                conn.execute("SELECT 1")
-                return True
-            return bool(
-                conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]
-            )
+            if not held:
+                held = bool(
+                    conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()[0]
+                )
+            count = conn.execute("SELECT count(*) FROM users WHERE ip IS NOT NULL").fetchone()[0]
+            return held, count
         except psycopg.Error:
             self._close()
             raise
 
-    def _checked(self, leading: bool) -> None:
+    def _checked(self, result: tuple[bool, int]) -> None:
         self._checking = False
+        leading, self.store.connected_users = result
         self._set(leading)
 
     def _failed(self, failure) -> None:

@@ -404,7 +404,7 @@ def watch_indexer(counts: IndexerMetrics, indexer: IndexerService, relay=None) -
     def running_store():
         return indexer.store if indexer.running and indexer.indexer is not None else None
 
-    counts.watch(open_connections, lambda: len(indexer.directory.connected))
+    counts.watch(open_connections, lambda: indexer.directory.connected_count())
     if relay is not None:
 
         def backlog() -> int | None:

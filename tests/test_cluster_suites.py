@@ -14,6 +14,7 @@ from tests import postgres
 from tests import test_client_e2e as client_e2e
 from tests import test_client_liveness as client_liveness
 from tests import test_harden_fairness as harden_fairness
+from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
@@ -89,5 +90,11 @@ class IndexerFloodOnPostgres(harden_fairness.IndexerFlood):
 
 class LoggerFloodOnPostgres(harden_fairness.LoggerFlood):
     """The relay from the PostgreSQL outbox to a flooded logger."""
+
+    on_postgres = True
+
+
+class SourcesOverTheWireOnPostgres(search_e2e.SourcesOverTheWire):
+    """SOURCES answered from PostgreSQL."""
 
     on_postgres = True

@@ -162,3 +162,27 @@ class SearchOverTheWire(TestCase):
         self.assertEqual(hits, [("alice", "kept.txt", "across restarts", "5", H2, "1")])
         reply = yield self.ix.request("LIST_FILES", "bob", "alice")
         self.assertEqual(rows(reply, 4), [("kept.txt", "across restarts", "5", H2)])
+
+
+class SourcesOverTheWire(TestCase):
+    """SOURCES (protocol.md 8.6) from a real indexer: owner order, the asker left out,
+    offline owners and deleted files hidden, at most 64 rows."""
+
+    @defer.inlineCallbacks
+    def test_listing_rules(self):
+        ix = yield start_indexer(self)
+        owners = [f"o{i:02d}" for i in range(70)]
+        for user in ["asker", "zoff", *reversed(owners)]:
+            codes = yield ix.codes(
+                ("REGISTER", user),
+                ("CONNECT", user, 5000),
+                ("PUBLISH_FILE", user, f"{user}.txt", "same bytes", 5, H1, "new"),
+            )
+            self.assertEqual(codes, [0, 0, 0])
+        codes = yield ix.codes(("DISCONNECT", "zoff"), ("DELETE", "o00", "o00.txt"))
+        self.assertEqual(codes, [0, 0])
+        reply = yield ix.request("SOURCES", "asker", H1)
+        expected = [(user, f"{user}.txt", "127.0.0.1", "5000") for user in owners[1:65]]
+        self.assertEqual(rows(reply, 4), expected)
+        reply = yield ix.request("SOURCES", "asker", H2)
+        self.assertEqual(rows(reply, 4), [])

@@ -126,6 +126,33 @@ class PartialStateTests(Case):
         self.assertEqual(partial.state.held(), 10)
         partial.close()
 
+    def assert_state_discarded(self) -> None:
+        key = Key("ab" * 32, 100, "alice", "f.bin")
+        partial = open_partial(self.dest, key)
+        self.addCleanup(partial.close)
+        self.assertEqual(partial.state, State(key))
+        self.assertEqual(State.from_json(json.loads(partial.json_path.read_text())), State(key))
+
+    def test_a_deeply_nested_state_is_not_ours(self) -> None:
+        paths(self.dest)[1].write_text("[" * 200000)
+        self.assert_state_discarded()
+
+    def test_a_fifo_at_the_state_is_not_read(self) -> None:
+        os.mkfifo(paths(self.dest)[1])
+        self.assert_state_discarded()
+
+    def test_an_endless_file_at_the_state_is_not_read(self) -> None:
+        paths(self.dest)[1].symlink_to("/dev/zero")
+        self.assert_state_discarded()
+
+    def test_an_oversized_state_is_not_ours(self) -> None:
+        # (held bytes its JSON names, past the bound: not read, so not held)
+        data, json_path = paths(self.dest)
+        data.write_bytes(b"x" * 60)
+        state = State(Key("ab" * 32, 100, "alice", "f.bin"), prefix=50).to_json()
+        json_path.write_text(json.dumps(state) + " " * (2 << 20))
+        self.assert_state_discarded()
+
     def test_a_second_download_to_the_same_destination_is_refused(self) -> None:
         key = Key("ab" * 32, 100, "alice", "f.bin")
         first = open_partial(self.dest, key)

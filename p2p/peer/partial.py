@@ -210,9 +210,7 @@ def open_partial(destination: Path, key: Key) -> Partial:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PartialBusy(f"another download is writing to {destination}") from None
-        state = None
-        with contextlib.suppress(OSError, ValueError):
-            state = State.from_json(json.loads(json_path.read_text()))
+        state = _read_state(json_path)
         partial = Partial(destination, fd, state or State(key))
         if state is None or not key.same_content(state.key):
             partial.reset(key)
@@ -238,6 +236,37 @@ def open_partial(destination: Path, key: Key) -> Partial:
     except BaseException:
         os.close(fd)
         raise
+
+
+#: The largest state JSON read (a few hundred thousand piece indices); past it, not ours.
+MAX_STATE = 1 << 20
+
+
+def _read_state(path: Path) -> State | None:
+    """The state the JSON at ``path`` holds, or None if there is none we can read
+    as ours: it is read only if a plain file (never through a symbolic link, never
+    a FIFO that would block), at most :data:`MAX_STATE` bytes, and anything in it
+    that does not parse (however deep or odd) makes it not ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = b""
+        while len(text) <= MAX_STATE:
+            chunk = os.read(fd, MAX_STATE + 1 - len(text))
+            if not chunk:
+                break
+            text += chunk
+        if len(text) > MAX_STATE:
+            return None
+        return State.from_json(json.loads(text))
+    except Exception:
+        return None
+    finally:
+        os.close(fd)
 
 
 def same_file(fd: int, st: os.stat_result) -> bool:

@@ -13,12 +13,15 @@ from twisted.trial.unittest import TestCase
 from tests import postgres
 from tests import test_client_e2e as client_e2e
 from tests import test_client_liveness as client_liveness
+from tests import test_client_transfer as client_transfer
 from tests import test_harden_fairness as harden_fairness
 from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
 from tests import test_peer_range_e2e as peer_range_e2e
+from tests import test_search_e2e as search_client_e2e
+from tests import test_shell_names as shell_names
 
 
 class IndexerToLoggerOnPostgres(logger_indexer.IndexerToLoggerTests):
@@ -96,5 +99,23 @@ class LoggerFloodOnPostgres(harden_fairness.LoggerFlood):
 
 class SourcesOverTheWireOnPostgres(search_e2e.SourcesOverTheWire):
     """SOURCES answered from PostgreSQL."""
+
+    on_postgres = True
+
+
+class SearchEndToEndOnPostgres(search_client_e2e.SearchEndToEndTests):
+    """Our client's SEARCH and download by hash through a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class TwoClientsOnPostgres(client_transfer.TwoClientTests):
+    """Two shells sharing files through a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class ShellNamesOnPostgres(shell_names.EndToEndTests):
+    """The shell's user names against a PostgreSQL-backed node."""
 
     on_postgres = True

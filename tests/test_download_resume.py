@@ -6,6 +6,7 @@ protocol.md 2.2, 2.4 and 2.5 say, some of them misbehaving (tests/fake_peers.py)
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import TestCase
 
+from p2p.peer import download as single
 from p2p.peer import swarm
 from p2p.peer.download import (
     ContentMismatch,
@@ -429,6 +431,36 @@ class SwarmTests(Case):
             self.assertEqual(how.requests[0], ("PIECES", "f.bin"))
             self.assertGreater(self.ranges(how), 0)
         self.assertEqual(self.files(), ["out.bin"])
+
+    @defer.inlineCallbacks
+    def no_descriptor_after(self, flags: int, allowed: int):
+        """A download whose thread descriptors opened with ``flags`` fail after
+        ``allowed`` of them (too many open files): it fails, it does not hang."""
+        opened = [0]
+        another = single._PartFile.another
+
+        def failing(part, how: int = os.O_RDONLY) -> int:
+            if how == flags:
+                opened[0] += 1
+                if opened[0] > allowed:
+                    raise OSError(errno.EMFILE, "Too many open files")
+            return another(part, how)
+
+        self.patch(single._PartFile, "another", failing)
+        a, b = (Behaviour("f.bin", self.body) for _ in range(2))
+        with self.assertRaises(DownloadFailed) as failed:
+            yield deadline(self.many(a, ("bob", b)))
+        self.assertIn("Too many open files", str(failed.exception))
+        self.assertGreater(opened[0], allowed)
+
+    def test_no_descriptor_to_check_the_pieces_held(self):
+        return self.no_descriptor_after(os.O_RDONLY, 0)
+
+    def test_no_descriptor_to_write_a_piece(self):
+        return self.no_descriptor_after(os.O_WRONLY, 2)
+
+    def test_no_descriptor_to_hash_the_pieces(self):
+        return self.no_descriptor_after(os.O_RDONLY, 1)
 
     @defer.inlineCallbacks
     def test_a_dying_and_a_lying_source(self):

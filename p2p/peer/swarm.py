@@ -450,7 +450,10 @@ class _Swarm:
             for i in range(self.count)
             if i not in self.complete and self.piece_end(i) <= state.prefix
         ]
-        work = in_thread(self.reactor, _check_pieces, self.part.another(), prefix, self.digests)
+        fd = self.descriptor()
+        if fd is None:
+            return
+        work = in_thread(self.reactor, _check_pieces, fd, prefix, self.digests)
         work.addCallback(self.held)
         work.addErrback(self.crashed)
 
@@ -489,8 +492,8 @@ class _Swarm:
 
     def fill(self) -> None:
         """Give every live source work, up to :data:`PER_SOURCE` requests each."""
-        if self.result.called or self.finishing:
-            return
+        if self.result.called or self.finishing or self.part is None:
+            return  # (part None: failing, waiting for a piece's write to end)
         if len(self.complete) == self.count:
             self.verify_whole()
             return
@@ -534,12 +537,13 @@ class _Swarm:
         """A whole piece came: check it against its digest and write it, in a thread."""
         if index in self.complete or index in self.checking or self.part is None:
             return
+        fd = self.descriptor(os.O_WRONLY)
+        if fd is None:
+            return
         self.checking.add(index)
         digest = self.digests[index * DIGEST : (index + 1) * DIGEST]
         offset = index * self.piece
-        work = in_thread(
-            self.reactor, _check_and_write, self.part.another(os.O_WRONLY), offset, data, digest
-        )
+        work = in_thread(self.reactor, _check_and_write, fd, offset, data, digest)
         self.writing += 1
         work.addBoth(self.written)
         work.addCallbacks(self.checked, self.crashed, (fetch.source, index, len(data)))
@@ -629,10 +633,13 @@ class _Swarm:
             if self.finishing and self.hashed == self.count:
                 self.compare(self.whole.hexdigest())
             return
+        fd = self.descriptor()
+        if fd is None:
+            return
         self.hashing = True
         offset = self.hashed * self.piece
         length = self.piece_end(end - 1) - offset
-        work = in_thread(self.reactor, _hash_span, self.whole, self.part.another(), offset, length)
+        work = in_thread(self.reactor, _hash_span, self.whole, fd, offset, length)
         work.addCallbacks(self.hashed_to, self.crashed, (end,))
 
     def hashed_to(self, _: None, end: int) -> None:
@@ -676,6 +683,8 @@ class _Swarm:
     def fail(self, exc: BaseException) -> None:
         """End with ``exc``: bytes found wrong are removed, the pieces checked kept.
         The end is told once no piece is being written any more (a cancel: at once)."""
+        if self.part is None and self.release is not None:
+            return  # (already failing, waiting for a piece's write: that end stands)
         self.hang_up()
         part, self.part = self.part, None
 
@@ -714,6 +723,16 @@ class _Swarm:
                 self.reactor, source.host, source.port, self.timeout, source.fingerprint
             )
         return known
+
+    def descriptor(self, flags: int = os.O_RDONLY) -> int | None:
+        """A descriptor of the file for a thread, or None (the download failed) if
+        none can be opened (too many open files, the file removed...)."""
+        assert self.part is not None
+        try:
+            return self.part.another(flags)
+        except OSError as exc:
+            self.fail(DownloadFailed(f"cannot open {self.part.path}: {exc}"))
+            return None
 
     def piece_end(self, index: int) -> int:
         return min((index + 1) * self.piece, self.size)

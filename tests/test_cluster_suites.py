@@ -15,6 +15,7 @@ from tests import test_client_e2e as client_e2e
 from tests import test_client_liveness as client_liveness
 from tests import test_client_transfer as client_transfer
 from tests import test_harden_fairness as harden_fairness
+from tests import test_harden_indexer as harden_indexer
 from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
@@ -117,5 +118,12 @@ class TwoClientsOnPostgres(client_transfer.TwoClientTests):
 
 class ShellNamesOnPostgres(shell_names.EndToEndTests):
     """The shell's user names against a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class HardenedOnPostgres(harden_indexer.EndToEnd):
+    """Slowloris, resets mid-reply, half-close and the connection cap on a
+    PostgreSQL-backed node."""
 
     on_postgres = True

@@ -25,6 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import wire
 from tests.support import deadline, exchange, indexer_port, spawn_twistd
+from tests.test_indexer_e2e import indexer_db
 from tests.test_indexer_protocol import DT, Harness
 
 OPS = list(wire.OPS)
@@ -700,7 +701,7 @@ class EndToEnd(TestCase):
             "--listen",
             "tcp:0:interface=127.0.0.1",
             "--db",
-            ":memory:",
+            indexer_db(self, ":memory:"),
             *options,
         )
         port = yield indexer_port(proc)

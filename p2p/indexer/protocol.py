@@ -262,8 +262,11 @@ class IndexerProtocol(Protocol, TimeoutMixin):
             self.factory.note(f"s> {op.name} FROM {values[1]}")
         if count == len(fields):
             self._done = True
-            if self.keep_open:  # no next request before this one's reply
-                self.transport.pauseProducing()
+            # Read nothing before this one's reply: on a kept connection, no next request;
+            # on a classic one, a client that half-closed after its request must not lose
+            # its reply (an EOF read now would end the connection before a reply that
+            # comes after a database round trip, as on PostgreSQL).
+            self.transport.pauseProducing()
             self.factory.submit(self, op, values)
             return True
         self._limit = fields[count].limit

@@ -12,7 +12,9 @@ from twisted.trial.unittest import TestCase
 
 from tests import postgres
 from tests import test_client_e2e as client_e2e
+from tests import test_client_identity as client_identity
 from tests import test_client_liveness as client_liveness
+from tests import test_client_tls as client_tls
 from tests import test_client_transfer as client_transfer
 from tests import test_harden_fairness as harden_fairness
 from tests import test_harden_indexer as harden_indexer
@@ -125,5 +127,17 @@ class ShellNamesOnPostgres(shell_names.EndToEndTests):
 class HardenedOnPostgres(harden_indexer.EndToEnd):
     """Slowloris, resets mid-reply, half-close and the connection cap on a
     PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class MoveIdentityOnPostgres(client_identity.MoveIdentityTests):
+    """An identity moved to another machine, its name claimed in PostgreSQL."""
+
+    on_postgres = True
+
+
+class RecordedTrafficOnPostgres(client_tls.RecordedTrafficTests):
+    """What our client sends, recorded, against a PostgreSQL-backed node."""
 
     on_postgres = True

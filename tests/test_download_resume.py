@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from twisted.internet import defer, reactor
@@ -461,6 +462,50 @@ class SwarmTests(Case):
 
     def test_no_descriptor_to_hash_the_pieces(self):
         return self.no_descriptor_after(os.O_RDONLY, 1)
+
+    @defer.inlineCallbacks
+    def test_a_second_end_while_a_piece_is_written_keeps_the_first(self):
+        # The download fails (no descriptor for a second piece) while the first
+        # piece's write is held in its thread; then it is cancelled too. Once the
+        # write ends, the first end still runs: pieces saved, the file let go.
+        write_held = threading.Event()
+        check_and_write = swarm._check_and_write
+
+        def held_write(*args):
+            write_held.wait(30)
+            return check_and_write(*args)
+
+        self.patch(swarm, "_check_and_write", held_write)
+        self.addCleanup(write_held.set)
+        opened = [0]
+        another = single._PartFile.another
+
+        def failing(part, how: int = os.O_RDONLY) -> int:
+            if how == os.O_WRONLY:
+                opened[0] += 1
+                if opened[0] > 1:
+                    raise OSError(errno.EMFILE, "Too many open files")
+            return another(part, how)
+
+        self.patch(single._PartFile, "another", failing)
+        a, b = (Behaviour("f.bin", self.body) for _ in range(2))
+        d = self.many(a, ("bob", b))
+        d.addErrback(lambda _: None)
+        yield poll_until(lambda: opened[0] > 1, what="a second piece refused")
+        d.cancel()
+        write_held.set()
+
+        def let_go() -> bool:
+            try:
+                partial = open_partial(
+                    self.dest, Key(self.expected.sha256, len(self.body), "a", "f")
+                )
+            except OSError:
+                return False
+            partial.close()
+            return True
+
+        yield poll_until(let_go, what="the partial file let go")
 
     @defer.inlineCallbacks
     def test_a_dying_and_a_lying_source(self):

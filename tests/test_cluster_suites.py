@@ -22,7 +22,6 @@ from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
-from tests import test_peer_range_e2e as peer_range_e2e
 from tests import test_search_e2e as search_client_e2e
 from tests import test_shell_names as shell_names
 
@@ -78,12 +77,6 @@ class LiveClientOnPostgres(client_liveness.LiveClientTests):
 
 class ClaimedNamesOnPostgres(names_e2e.ClaimedNamesTests):
     """Claimed names (TLS identities) kept in PostgreSQL."""
-
-    on_postgres = True
-
-
-class RangeEndToEndOnPostgres(peer_range_e2e.RangeEndToEndTests):
-    """RANGE downloads found through a PostgreSQL-backed node."""
 
     on_postgres = True
 

@@ -23,6 +23,7 @@ from p2p.peer.download import (
     ContentMismatch,
     DownloadFailed,
     Expected,
+    Limits,
     NoSuchFile,
     Source,
     download,
@@ -506,6 +507,29 @@ class SwarmTests(Case):
             return True
 
         yield poll_until(let_go, what="the partial file let go")
+
+    @defer.inlineCallbacks
+    def test_the_disk_is_reserved_a_step_at_a_time(self):
+        # (not the whole 24 MiB at once on the reactor: posix_fallocate may write every block)
+        grown: list[int] = []
+        fallocate = os.posix_fallocate
+
+        def counted(fd: int, offset: int, length: int) -> None:
+            grown.append(length)
+            fallocate(fd, offset, length)
+
+        self.patch(os, "posix_fallocate", counted)
+        a, b = (Behaviour("f.bin", self.body) for _ in range(2))
+        limits = Limits(reserve_step=2 * MiB)
+        got = yield deadline(
+            self.fetch(
+                self.peers.add(a), self.expected, sources=[self.source("bob", b)], limits=limits
+            )
+        )
+        self.assertEqual(got, len(self.body))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertGreater(len(grown), 1)
+        self.assertLessEqual(max(grown), limits.reserve_step + swarm.CHUNK_PIECES * MiB)
 
     @defer.inlineCallbacks
     def test_a_dying_and_a_lying_source(self):

@@ -253,6 +253,20 @@ class _PartFile:
         )
         return st.f_bavail * st.f_frsize - keep
 
+    def check_room(self, end: int) -> None:
+        """Raise :class:`DiskLimit` if growing the file to ``end`` bytes (from those
+        reserved) would leave less free than the limits' margin."""
+        grow = end - self.reserved
+        room = self.room()
+        if grow > room:
+            raise DiskLimit(
+                errno.ENOSPC,
+                f"stopped at {self.written} bytes: {grow} more would leave less than "
+                f"{_size(self.limits.min_free_bytes)} or {self.limits.min_free_share:.0%} "
+                f"free on the disk holding {self.destination.parent} "
+                f"(room for {max(room, 0)} bytes)",
+            )
+
     def make_room(self, end: int, cap: int | None = None) -> None:
         """Make sure the file's first ``end`` bytes are reserved, reserving one
         step further (never past ``cap``, the announced size) when they are not.
@@ -264,15 +278,7 @@ class _PartFile:
         if cap is not None:
             target = max(end, min(cap, target))
         grow = target - self.reserved
-        room = self.room()
-        if grow > room:
-            raise DiskLimit(
-                errno.ENOSPC,
-                f"stopped at {self.written} bytes: {grow} more would leave less than "
-                f"{_size(self.limits.min_free_bytes)} or {self.limits.min_free_share:.0%} "
-                f"free on the disk holding {self.destination.parent} "
-                f"(room for {max(room, 0)} bytes)",
-            )
+        self.check_room(target)
         if hasattr(os, "posix_fallocate"):
             try:
                 os.posix_fallocate(self.fd, self.reserved, grow)

@@ -468,14 +468,15 @@ class _Swarm:
         self.complete_bytes = sum(self.piece_end(i) - i * self.piece for i in self.complete)
         if self.complete_bytes:
             self.notice(f"resuming {self.destination} at {self.complete_bytes} bytes")
-        try:
-            self.part.partial.save()
-            self.part.make_room(self.size, self.size)
-        except DiskLimit as exc:
-            self.fail(DownloadFailed(exc.strerror))
-            return
-        except OSError as exc:
-            self.fail(DownloadFailed(f"cannot write beside {self.destination}: {exc}"))
+        part = self.part
+
+        def save_and_check() -> None:
+            part.partial.save()
+            # The whole size must fit; the disk is reserved a step at a time as
+            # pieces arrive (piece_arrived), never all at once on the reactor.
+            part.check_room(self.size)
+
+        if not self.on_disk(save_and_check):
             return
         missing = [i for i in range(self.count) if i not in self.complete]
         # The last pieces go one at a time, so the sources end together.
@@ -537,12 +538,15 @@ class _Swarm:
         """A whole piece came: check it against its digest and write it, in a thread."""
         if index in self.complete or index in self.checking or self.part is None:
             return
+        offset = index * self.piece
+        part = self.part
+        if not self.on_disk(lambda: part.make_room(offset + len(data), self.size)):
+            return
         fd = self.descriptor(os.O_WRONLY)
         if fd is None:
             return
         self.checking.add(index)
         digest = self.digests[index * DIGEST : (index + 1) * DIGEST]
-        offset = index * self.piece
         work = in_thread(self.reactor, _check_and_write, fd, offset, data, digest)
         self.writing += 1
         work.addBoth(self.written)
@@ -723,6 +727,19 @@ class _Swarm:
                 self.reactor, source.host, source.port, self.timeout, source.fingerprint
             )
         return known
+
+    def on_disk(self, action: Callable[[], object]) -> bool:
+        """Run ``action`` (a write of the state, a reservation); False, and the
+        download failed, if the disk or its limits refuse it."""
+        try:
+            action()
+        except DiskLimit as exc:
+            self.fail(DownloadFailed(exc.strerror))
+            return False
+        except OSError as exc:
+            self.fail(DownloadFailed(f"cannot write beside {self.destination}: {exc}"))
+            return False
+        return True
 
     def descriptor(self, flags: int = os.O_RDONLY) -> int | None:
         """A descriptor of the file for a thread, or None (the download failed) if

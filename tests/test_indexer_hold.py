@@ -141,6 +141,18 @@ class Hold(Base):
         self.assertTrue(transport.value().startswith(b"\x00"))  # the listing, whole
         self.assertTrue(transport.disconnecting)
 
+    def test_disconnect_from_elsewhere_in_the_same_turn_closes_the_holder(self) -> None:
+        """A HOLD answered 0 in the turn of another connection's DISCONNECT: the reply
+        stands (it was true when applied), then the connection closes as for any hold
+        ended from elsewhere, so its client holds again, gets 2, and says so."""
+        proto, transport = self.kept()
+        proto.dataReceived(request("HOLD", "alice"))  # answered at the turn's end
+        self.assertEqual(self.h.request("DISCONNECT", "alice"), b"\x00")  # the same turn
+        self.assertEqual(transport.value(), b"\x0030\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.leases.held, {})
+        self.assertEqual(self.h.online(), set())
+
     def test_lost_before_the_reply_holds_nothing(self) -> None:
         """A connection closed while its HOLD waited for the turn's commit holds nothing."""
         proto, _transport = self.kept()

@@ -625,9 +625,12 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         for proto, code, body in replies:
             if code == _OK and proto.op is wire.HOLD and not proto.lost:
                 user = holds.get(proto)
-                if user is not None and leases.heard(user):  # still connected
-                    leases.hold(user, proto)
+                if user is not None:
                     proto.hold(user, leases.timeout)
+                    if leases.heard(user):  # still connected
+                        leases.hold(user, proto)
+                    else:  # a DISCONNECT on another connection later in this turn
+                        proto.lease_ended(user)  # ended the hold it was given: 7.3's close
             if isinstance(body, Deferred):  # a SEARCH its store answers later
                 body.addCallbacks(proto.reply_later, self._answer_failed, (code,), None, (proto,))
             else:

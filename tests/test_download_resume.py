@@ -13,8 +13,8 @@ import os
 import threading
 from pathlib import Path
 
-from twisted.internet import defer, reactor
-from twisted.internet.defer import CancelledError
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import TestCase
 
 from p2p.peer import download as single
@@ -535,6 +535,71 @@ class SwarmTests(Case):
         window = 2 * swarm.PER_SOURCE * swarm.CHUNK_PIECES * MiB
         self.assertLessEqual(max(grown), limits.reserve_step + window)
         self.assertLess(limits.reserve_step + window, len(self.body))  # (so this can fail)
+
+    @defer.inlineCallbacks
+    def test_pieces_waiting_for_their_check_are_bounded(self):
+        # A check (or disk) slower than the network: the pieces' checks go to a
+        # "thread pool" this test runs only when told. However fast the sources
+        # send, at most MAX_CHECKING pieces (their bytes) wait: no new range goes
+        # out and every connection stops reading. A paused source is not silent
+        # (its timer stops): its clock runs on meanwhile, and no source is dropped.
+        held: list[tuple[object, tuple, Deferred]] = []
+        waiting = {"now": 0, "most": 0}
+        released = [False]
+        in_thread = swarm.in_thread
+
+        def controlled(reactor_, f, *args) -> Deferred:
+            if f is not swarm._check_and_write:
+                return in_thread(reactor_, f, *args)
+            waiting["now"] += 1
+            waiting["most"] = max(waiting["most"], waiting["now"])
+            d: Deferred = Deferred()
+
+            def done(result):
+                waiting["now"] -= 1
+                return result
+
+            d.addBoth(done)
+            if released[0]:
+                in_thread(reactor_, f, *args).chainDeferred(d)
+            else:
+                held.append((f, args, d))
+            return d
+
+        self.patch(swarm, "in_thread", controlled)
+        a, b = (Behaviour("f.bin", self.body) for _ in range(2))
+        sources = [self.source("alice", a), self.source("bob", b)]
+        s = swarm._Swarm(
+            sources, self.dest, self.expected, None, reactor, 5.0, None, self.notes.append
+        )
+        s.clock = task.Clock()
+        done = s.start()
+
+        def settled() -> bool:
+            """Past the bound, or stopped at it: every request paused."""
+            if waiting["now"] > swarm.MAX_CHECKING:
+                return True
+            fetches = [f for p in s.peers for f in p.fetches]
+            return (
+                waiting["now"] == swarm.MAX_CHECKING
+                and bool(fetches)
+                and all(getattr(f, "paused", False) for f in fetches)
+            )
+
+        yield poll_until(settled, what="the swarm held at its bound")
+        self.assertEqual(waiting["most"], swarm.MAX_CHECKING)
+        self.assertLess(swarm.MAX_CHECKING, s.count)  # (so this can fail)
+        s.clock.advance(swarm.STALL * 10)
+        self.assertEqual([p.source.owner for p in s.peers if p.dropped], [])
+        released[0] = True
+        for f, args, d in held:
+            in_thread(reactor, f, *args).chainDeferred(d)
+        got = yield deadline(done)
+        self.assertEqual(got, len(self.body))
+        self.assertEqual(self.dest.read_bytes(), self.body)
+        self.assertEqual(waiting["most"], swarm.MAX_CHECKING)
+        self.assertEqual(self.files(), ["out.bin"])
+        self.assertEqual([n for n in self.notes if "sent nothing" in n], [])
 
     @defer.inlineCallbacks
     def test_a_dying_and_a_lying_source(self):

@@ -629,6 +629,20 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
         if self.events is not None:
             self.events.timed_out()
 
+    def pause(self) -> None:
+        """Read nothing more from the peer for now (TCP then slows it down), and
+        stop timing its silence meanwhile: it is we who are not reading."""
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        """Read from the peer again (after :meth:`pause`), timing its silence anew."""
+        if self.transport is not None:
+            self.transport.resumeProducing()
+        if self.events is not None:
+            self.setTimeout(self.timeout)
+
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: the peer holds the expected key."""
         self.secured = True
@@ -808,9 +822,8 @@ class _Download:
 
     def throttle(self, pause: bool) -> None:
         """Pause (or resume) reading from the peer while the hash catches up."""
-        transport = self.client.transport if self.client is not None else None
-        if transport is not None:
-            (transport.pauseProducing if pause else transport.resumeProducing)()
+        if self.client is not None:
+            (self.client.pause if pause else self.client.resume)()
 
     def other_content(self, size: int) -> bool:
         """Whether a FETCH size shows the bytes held belong to other content: more

@@ -9,7 +9,9 @@ all of them in parallel, at most :data:`PER_SOURCE` connections each:
 - every piece is checked against its digest (in the reactor's thread pool) and
   only then written at its offset in the hidden partial file and recorded in its
   state (:mod:`p2p.peer.partial`), so a ``kill -9`` resumes with the pieces
-  already checked;
+  already checked; at most :data:`MAX_CHECKING` pieces wait for their check (a
+  disk slower than the network): meanwhile no range goes out and the
+  connections stop reading, so TCP slows the sources down;
 - a source whose piece does not match its digest is dropped (it lies, or its
   copy changed); one that closes, resets, refuses or sends nothing for
   :data:`STALL` seconds is dropped too; the ranges it held go back to the
@@ -58,6 +60,11 @@ PER_SOURCE = 2
 CHUNK_PIECES = 4
 #: Seconds a range connection may stay silent before its source counts as stalled.
 STALL = 10.0
+#: Pieces at most waiting for their check in a thread, each holding its bytes (up to
+#: 1 MiB below 16 GiB files): at this many no new range goes out and every range
+#: connection stops reading (TCP slows the sources down) until checks complete, so a
+#: disk slower than the network does not fill the memory.
+MAX_CHECKING = 4
 DIGEST = 32  # bytes of one SHA-256 piece digest
 
 
@@ -120,7 +127,7 @@ class _Exchange:
         self.buffer = b""
         self.over = False
         endpoint, verify = swarm.endpoint(source)
-        self.client = single._PeerClient(self, request, timeout, swarm.reactor, verify)
+        self.client = single._PeerClient(self, request, timeout, swarm.clock, verify)
         self.endpoint = endpoint
         self.attempt: Deferred | None = None
 
@@ -267,12 +274,36 @@ class _RangeFetch(_Exchange):
         self.length = swarm.piece_end(end - 1) - self.offset
         self.received = 0
         self.current = bytearray()
+        #: Bytes received while the swarm had as many pieces waiting for their check
+        #: as it takes (:data:`MAX_CHECKING`): split into pieces once it has room.
+        self.pending = bytearray()
+        self.paused = False
         request = wire.encode_fields("RANGE", source.remote, self.offset, self.length)
         super().__init__(swarm, source, request, min(swarm.timeout, STALL))
 
     def remaining(self) -> range:
         """The pieces this request has not delivered yet."""
         return range(self.piece, self.end)
+
+    def connected(self) -> None:
+        if self.swarm.saturated():
+            self.pause()
+
+    def pause(self) -> None:
+        """Read nothing more until :meth:`resume` (the swarm waits for checks)."""
+        if not self.paused and not self.over:
+            self.paused = True
+            self.client.pause()
+
+    def resume(self) -> None:
+        """Hand over the pieces held back, then read again if the swarm has room."""
+        if not self.paused or self.over or self.swarm.saturated():
+            return
+        self.paused = False
+        held, self.pending = self.pending, bytearray()
+        self.split(memoryview(held))
+        if not self.paused and not self.over:
+            self.client.resume()
 
     def headed(self) -> bool:
         if self.head[0] != self.swarm.size:
@@ -288,17 +319,29 @@ class _RangeFetch(_Exchange):
             return
         self.received += len(data)
         self.swarm.arrived += len(data)
-        view = memoryview(data)
+        if self.pending:
+            self.pending += data
+        else:
+            self.split(memoryview(data))
+        self.swarm.report()
+
+    def split(self, view: memoryview) -> None:
+        """Add ``view`` to the piece being received, handing each whole piece to the
+        swarm; what would complete one while the swarm has no room waits in
+        ``pending``, the connection paused."""
         while view and not self.over:
             want = self.swarm.piece_end(self.piece) - self.piece * self.swarm.piece
             take = want - len(self.current)
+            if len(view) >= take and self.swarm.saturated():
+                self.pending += view
+                self.pause()
+                return
             self.current += view[:take]
             view = view[take:]
             if len(self.current) == want:
                 index, data_, self.current = self.piece, bytes(self.current), bytearray()
                 self.piece += 1
                 self.swarm.piece_arrived(self, index, data_)
-        self.swarm.report()
 
     def ended(self, problem: str | None) -> None:
         if problem is None and self.received < self.length:
@@ -360,6 +403,8 @@ class _Swarm:
         self.stream: Deferred | None = None
         self.finishing = False
         self.endpoints: dict[Source, tuple[Any, Any]] = {}
+        #: What times the sources' silence (the reactor; a test's Clock).
+        self.clock = reactor
         #: The whole file's running SHA-256 and the pieces it has read (from 0).
         self.whole = hashlib.sha256()
         self.hashed = 0
@@ -498,6 +543,8 @@ class _Swarm:
         if len(self.complete) == self.count:
             self.verify_whole()
             return
+        if self.saturated():
+            return  # (no new range while pieces wait for their check: see checked)
         live = [peer for peer in self.peers if not peer.dropped]
         if not live:
             self.fail(DownloadFailed("every source failed; what was received is kept"))
@@ -546,6 +593,9 @@ class _Swarm:
         if fd is None:
             return
         self.checking.add(index)
+        if self.saturated():
+            for fetch in self.fetches():
+                fetch.pause()
         digest = self.digests[index * DIGEST : (index + 1) * DIGEST]
         work = in_thread(self.reactor, _check_and_write, fd, offset, data, digest)
         self.writing += 1
@@ -565,25 +615,28 @@ class _Swarm:
         self.checking.discard(index)
         if self.result.called or self.part is None:
             return
-        if not good:
+        if good:
+            self.complete.add(index)
+            self.complete_bytes += length
+            assert self.part.partial is not None
+            self.part.partial.state.pieces.add(index)
+            now = self.reactor.seconds()
+            if now - self.last_saved >= single.SAVE_INTERVAL:
+                self.last_saved = now
+                self.save()
+            # Requests whose remaining pieces all arrived by another way are done.
+            for peer in self.peers:
+                for fetch in list(peer.fetches):
+                    if all(i in self.complete for i in fetch.remaining()) and not fetch.current:
+                        fetch.hang_up()
+                        peer.fetches.remove(fetch)
+        else:
             self.drop(source, f"sent piece {index} with a wrong digest")
             self.queue.appendleft((index, index + 1))
-            self.fill()
-            return
-        self.complete.add(index)
-        self.complete_bytes += length
-        assert self.part.partial is not None
-        self.part.partial.state.pieces.add(index)
-        now = self.reactor.seconds()
-        if now - self.last_saved >= single.SAVE_INTERVAL:
-            self.last_saved = now
-            self.save()
-        # Requests whose remaining pieces all arrived by another way are done.
-        for peer in self.peers:
-            for fetch in list(peer.fetches):
-                if all(i in self.complete for i in fetch.remaining()) and fetch.current == b"":
-                    fetch.hang_up()
-                    peer.fetches.remove(fetch)
+        # Room for one more piece: those held back go first (each request stops
+        # again as soon as the swarm is full), then new ranges (fill).
+        for fetch in self.fetches():
+            fetch.resume()
         self.report()
         self.advance_hash()
         self.fill()
@@ -593,9 +646,10 @@ class _Swarm:
         if peer is None:
             return
         peer.fetches.remove(fetch)
+        if fetch.piece < fetch.end:
+            # (cut short; or ended while paused with pieces held back, unsplit)
+            self.queue.appendleft((fetch.piece, fetch.end))
         if problem is not None:
-            if fetch.piece < fetch.end:
-                self.queue.appendleft((fetch.piece, fetch.end))
             if fetch.code == wire.PEER_BUSY and peer.fetches:
                 peer.limit = len(peer.fetches)  # serving us already: no more at once
             else:
@@ -751,6 +805,14 @@ class _Swarm:
             self.fail(DownloadFailed(f"cannot open {self.part.path}: {exc}"))
             return None
 
+    def saturated(self) -> bool:
+        """Whether as many pieces wait for their check as the swarm takes."""
+        return len(self.checking) >= MAX_CHECKING
+
+    def fetches(self) -> list[_RangeFetch]:
+        """Every range request running."""
+        return [fetch for peer in self.peers for fetch in peer.fetches]
+
     def piece_end(self, index: int) -> int:
         return min((index + 1) * self.piece, self.size)
 
@@ -769,7 +831,7 @@ class _Swarm:
         now = self.reactor.seconds()
         if force or now - self.last_report >= single.PROGRESS_INTERVAL:
             self.last_report = now
-            in_flight = sum(len(f.current) for p in self.peers for f in p.fetches)
+            in_flight = sum(len(f.current) + len(f.pending) for f in self.fetches())
             self.progress(min(self.complete_bytes + in_flight, self.size), self.size)
 
 

@@ -99,6 +99,15 @@ INSERT INTO outbox (seq, record)
 SELECT next.seq - %(n)s + r.n, r.record
 FROM next, unnest(%(records)s::text[]) WITH ORDINALITY AS r(record, n)
 """
+
+
+def insert_records(cursor, records: list[str]) -> None:
+    """Write ``records`` into the outbox in ``cursor``'s transaction, numbered after
+    every committed one: the counter row stays locked until this transaction ends,
+    so the numbers follow the commits (see the module's doc)."""
+    cursor.execute(_ADD_RECORDS, {"n": len(records), "records": records})
+
+
 #: The audit records of the transaction a pool thread is running, and its memo.
 _pending = threading.local()
 
@@ -354,7 +363,7 @@ class PgStore:
                     out = [items[n][1](cursor, *items[n][2]) for n in positions]
                     records, _pending.records = _pending.records, []
                     if records:
-                        cursor.execute(_ADD_RECORDS, {"n": len(records), "records": records})
+                        insert_records(cursor, records)
                 return out
 
             return self._attempts(transaction)

@@ -36,6 +36,8 @@ tells the factory which CONNECT must first probe the address recorded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -65,7 +67,23 @@ def classic_ops(classic: str) -> frozenset[str]:
     return CLASSIC_POLICIES[classic]
 
 
-class Directory:
+class BaseDirectory:
+    """What a directory holds whatever its store: the store, the audit switch, the
+    ``--classic`` policy, the leases, and the connected users it keeps in memory."""
+
+    def __init__(self, store: Any, audit: bool, classic: str, leases: Any) -> None:
+        self.store = store
+        #: Write one audit record per request into the store's outbox.
+        self.audit = audit
+        #: The operations served to requests without identity (``--classic``).
+        self.classic_ops = classic_ops(classic)
+        #: The connected users' leases.
+        self.leases = leases
+        #: Connected users and their addresses, in connection order (LIST_USERS).
+        self.connected: dict[str, Address] = {}
+
+
+class Directory(BaseDirectory):
     """Users (connected or not) with the files each one published."""
 
     def __init__(
@@ -75,16 +93,9 @@ class Directory:
         classic: str = "allow",
         leases: Leases | None = None,
     ) -> None:
-        self.store = store
-        #: Write one audit record per request into the store's outbox.
-        self.audit = audit
-        #: The operations served to requests without identity (``--classic``).
-        self.classic_ops = classic_ops(classic)
-        #: The connected users' leases (in memory only: a load starts them afresh).
-        self.leases = leases if leases is not None else Leases()
+        # The leases are in memory only: a load starts them afresh.
+        super().__init__(store, audit, classic, leases if leases is not None else Leases())
         self.users: dict[str, UserRow] = {}
-        #: Connected users and their addresses, in connection order (LIST_USERS).
-        self.connected: dict[str, Address] = {}
         #: The listings of LIST_USERS and LIST_PEERS, kept until ``connected`` changes.
         self._listings: dict[bool, bytes] = {}
         #: Each owner's LIST_CONTENT listing, kept until the owner's files change: one

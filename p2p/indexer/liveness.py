@@ -167,7 +167,36 @@ class Leases:
         )
 
 
-class Liveness:
+class Ticking:
+    """A :meth:`check` every :attr:`tick` seconds (a tenth of the lease, at most 1 s)
+    on ``reactor``, from :meth:`start` until :meth:`stop`: the liveness loop of either
+    store (the leases given at load run from the start on)."""
+
+    def __init__(self, reactor: IReactorTime, lease: float) -> None:
+        self.reactor = reactor
+        #: Seconds between two looks at the oldest leases.
+        self.tick = min(1.0, lease / 10)
+        self.stopped = False
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        """Begin ticking (once: a second start changes nothing)."""
+        if not self._loop.running:
+            self._loop.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        """Stop ticking: nobody is dropped any more."""
+        self.stopped = True
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        """One tick."""
+        raise NotImplementedError
+
+
+class Liveness(Ticking):
     """Drops connected users whose lease ran out, probing silent ones first."""
 
     log = Logger()
@@ -181,33 +210,21 @@ class Liveness:
         prober: Prober,
         max_probes: int = DEFAULT_MAX_PROBES,
     ) -> None:
+        super().__init__(reactor, leases.timeout)
         self.leases = leases
-        self.reactor = reactor
         self.address_of = address_of
         self.drop = drop
         self.prober = prober
         self.max_probes = max_probes
-        #: Seconds between two looks at the oldest leases.
-        self.tick = min(1.0, leases.timeout / 10)
         #: In flight: user -> (the address probed, its Deferred).
         self._probes: dict[str, tuple[Address, Deferred]] = {}
         self._scheduled = 0  # of those, how many the tick started (bounded by max_probes)
         self._allowance = 0  # probes this tick may still start
         self.probes_sent = 0  # diagnostics and the benchmark
-        self.stopped = False
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = reactor
-
-    def start(self) -> None:
-        """Begin ticking (the leases given at load run from then on)."""
-        if not self._loop.running:
-            self._loop.start(self.tick, now=False)
 
     def stop(self) -> None:
         """Stop ticking and give up the probes in flight (nobody is dropped any more)."""
-        self.stopped = True
-        if self._loop.running:
-            self._loop.stop()
+        super().stop()
         for _address, d in list(self._probes.values()):
             d.cancel()
 

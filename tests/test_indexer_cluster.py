@@ -440,6 +440,39 @@ class LivenessOnPostgres(liveness_e2e.Liveness):
         self.assertRegex(rows[0], r"^gone DISCONNECT \d\d/\d\d/\d{4} \d\d:\d\d:\d\d$")
         self.assertFalse([r for r in outbox(self) if " ALIVE " in r])
 
+    @defer.inlineCallbacks
+    def test_leases_start_afresh_when_a_node_takes_the_lead(self):
+        """The only node is down longer than a lease (its clients cannot renew): when
+        one starts and leads, every connected user has a full lease again, as a
+        restarted SQLite indexer gives, and a renewing client stays."""
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        ix = yield self.start(cwd=cwd)
+        yield liveness_e2e.join(ix, "ours", hold_port(self))
+        renewer = liveness_e2e.Renewer(self, ix, "ours")
+        yield ix.process.stop()
+        yield poll_until(
+            lambda: database_now(self) > lease_until(self, "ours") + 1,
+            what="ours's lease run out while no node runs",
+        )
+        restarted = yield e2e.start_indexer(
+            self, "--peer-timeout", str(liveness_e2e.TIMEOUT), cwd=cwd
+        )
+        ix.port, ix.process = restarted.port, restarted.process
+        before = len(renewer.replies)
+        yield poll_until(lambda: len(renewer.replies) >= before + 3, what="three renewals")
+        self.assertEqual(renewer.replies[-1], b"\x00%d\x00" % liveness_e2e.TIMEOUT)
+        users = yield liveness_e2e.listed(ix)
+        self.assertIn("ours", users)
+
+
+def database_now(testcase: TestCase) -> float:
+    """The PostgreSQL server's clock, epoch seconds (leases run on it)."""
+    import psycopg
+
+    with psycopg.connect(testcase.postgres_uri) as conn:
+        return float(conn.execute("SELECT extract(epoch from now())").fetchone()[0])
+
 
 def lease_until(testcase: TestCase, user: str) -> float:
     """When ``user``'s lease runs out (the database's clock, epoch seconds)."""

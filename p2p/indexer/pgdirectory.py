@@ -46,11 +46,10 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from p2p import wire
-from p2p.indexer.directory import classic_ops
+from p2p.indexer.directory import BaseDirectory
 from p2p.indexer.fulltext import (
     MAX_QUERY_WORDS,
     Hit,
@@ -59,6 +58,7 @@ from p2p.indexer.fulltext import (
     query_words,
     words_of,
 )
+from p2p.indexer.liveness import Ticking
 from p2p.indexer.pgpipe import StatementPipe
 from p2p.indexer.pgrules import RULES
 from p2p.indexer.pgstore import PgStore, batch_memo
@@ -113,7 +113,7 @@ def prefix_query(words: list[str], prefix: bool = True) -> str:
     )
 
 
-class ClusterDirectory:
+class ClusterDirectory(BaseDirectory):
     """Users, their addresses and files, in the shared database (see the module's doc)."""
 
     log = Logger()
@@ -125,12 +125,10 @@ class ClusterDirectory:
         classic: str = "allow",
         leases: ClusterLeases | None = None,
     ) -> None:
-        self.store = store
-        self.audit = audit
-        self.classic_ops = classic_ops(classic)
-        self.leases = leases if leases is not None else ClusterLeases(store)
-        #: Nothing is kept in memory (connected_count() asks the store).
-        self.connected: dict[str, Address] = {}
+        # Nothing is kept in ``connected`` (connected_count() asks the store).
+        super().__init__(
+            store, audit, classic, leases if leases is not None else ClusterLeases(store)
+        )
         store.schema_extra.append(RULES)
         store.prepare = self._prepare
         #: Batches of requests sent from the reactor (made at the first request).
@@ -471,7 +469,7 @@ def _renew(cursor, seen: list[str], held: dict[str, int], timeout: float) -> set
     return {row[0] for row in cursor.fetchall()}
 
 
-class ClusterLiveness:
+class ClusterLiveness(Ticking):
     """Every node's tick renews what it heard (:meth:`ClusterLeases.renew`); the
     leader's also drops the users whose lease ran out (renewing ones, held ones whose
     node stopped renewing, released ones past their grace) and probes silent ones past
@@ -492,37 +490,39 @@ class ClusterLiveness:
         on_dropped: Callable[[str, bool], None] | None = None,
         max_probes: int = 64,
     ) -> None:
+        super().__init__(reactor, directory.leases.timeout)
         self.directory = directory
         self.leases = directory.leases
-        self.reactor = reactor
         self.prober = prober
         self.leading = leading
         self.on_dropped = on_dropped
         self.max_probes = max_probes
-        self.tick = min(1.0, self.leases.timeout / 10)
-        self.stopped = False
         self._probing: set[str] = set()
         self._busy = False
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = reactor
+        #: This node led at its last tick, and gave every lease its fresh start.
+        self._leads = False
         self.dropped = 0  # diagnostics, tests
-
-    def start(self) -> None:
-        if not self._loop.running:
-            self._loop.start(self.tick, now=False)
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self._loop.running:
-            self._loop.stop()
 
     def check(self) -> None:
         renewing = self.leases.renew(self.reactor.seconds())
         if renewing is not None:
             renewing.addErrback(lambda f: self.log.warn("cannot renew leases: {f}", f=f))
-        if self._busy or not self.leading() or self.store_closed:
+        if self._busy or self.store_closed:
+            return
+        if not self.leading():
+            self._leads = False
             return
         self._busy = True
+        if not self._leads:
+            # Taking the lead: nobody may have run the expiry (every node down, or
+            # failing over), and clients could not renew with no node up. As a
+            # restarted SQLite indexer does (protocol.md 7.2), every connected user
+            # gets at least a full lease from now before anyone is dropped.
+            d = self.directory.store.transact(_fresh_leases, self.leases.timeout)
+            d.addCallback(lambda _: setattr(self, "_leads", True))
+            d.addErrback(lambda f: self.log.warn("cannot start the leases afresh: {f}", f=f))
+            d.addBoth(self._idle)
+            return
         d = self.directory.store.transact(_expired, EXPIRY_BATCH)
         d.addCallback(self._act)
         d.addErrback(lambda f: self.log.warn("cannot read expired leases: {f}", f=f))
@@ -573,6 +573,14 @@ class ClusterLiveness:
                     self.on_dropped(user, record is not None)
 
         d.addCallbacks(done, lambda f: self.log.warn("cannot drop {user}: {f}", user=user, f=f))
+
+
+def _fresh_leases(cursor, timeout: float) -> None:
+    cursor.execute(
+        f"UPDATE users SET lease_until = {NOW} + %s"
+        f" WHERE ip IS NOT NULL AND lease_until < {NOW} + %s",
+        (timeout, timeout),
+    )
 
 
 def _expired(cursor, limit: int) -> list[Any]:

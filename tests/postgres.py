@@ -110,6 +110,18 @@ class Server:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _run_or_remove(command: list[str], directory: Path, what: str) -> None:
+    """Run ``command``; if it fails, remove ``directory`` and say why (with the
+    server's log, when there is one)."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        return
+    log_file = directory / "server.log"
+    log = log_file.read_text(errors="replace") if log_file.exists() else ""
+    shutil.rmtree(directory, ignore_errors=True)
+    raise RuntimeError(f"{what} failed:\n{done.stdout}\n{done.stderr}\n{log}")
+
+
 def _options(directory: Path) -> str:
     """The server's settings: only the Unix socket in ``directory``; durability against
     a crash of the host is not what the tests look at (a killed indexer never takes the
@@ -155,10 +167,7 @@ def _start() -> Server:
         "--locale=C",
         "--no-sync",
     ]
-    done = subprocess.run(run, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+    _run_or_remove(run, directory, "initdb")
     start = [
         *prefix,
         str(bin_dir / "pg_ctl"),
@@ -173,15 +182,7 @@ def _start() -> Server:
         "60",
         "start",
     ]
-    done = subprocess.run(start, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        log = (
-            (directory / "server.log").read_text(errors="replace")
-            if (directory / "server.log").exists()
-            else ""
-        )
-        shutil.rmtree(directory, ignore_errors=True)
-        raise RuntimeError(f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}\n{log}")
+    _run_or_remove(start, directory, "pg_ctl start")
     server = Server(directory, bin_dir, prefix, itertools.count(1))
     atexit.register(server.stop)
     return server

@@ -49,6 +49,12 @@ class Harness:
         assert transport.disconnecting, "the connection must be closed after the reply"
         return reply
 
+    def given(self, *steps: tuple) -> None:
+        """Run each ``(op, user, *args)`` request; each must be answered 0."""
+        for op, user, *args in steps:
+            reply = self.request(op, user, *args)
+            assert reply == b"\0", (op, user, args, reply)
+
 
 class Fixture(TestCase):
     """State: alice connected (port 5000) with a.txt, bob registered offline, no carol."""
@@ -58,13 +64,12 @@ class Fixture(TestCase):
 
     def setUp(self) -> None:
         self.h = self.harness(self, audit=self.audit)
-        for op, user, *args in [
+        self.h.given(
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),
             ("CONNECT", "alice", 5000),
             ("PUBLISH", "alice", "a.txt", "alice's file"),
-        ]:
-            self.assertEqual(self.h.request(op, user, *args), b"\0")
+        )
 
     def code(self, op: str, user: str, *args) -> int:
         reply = self.h.request(op, user, *args)

@@ -40,7 +40,7 @@ class Base(TestCase):
 
     def setUp(self) -> None:
         self.h = Harness(self, audit=self.audit)
-        for op, user, *args in [
+        self.h.given(
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),
             ("REGISTER", "carol"),
@@ -48,8 +48,7 @@ class Base(TestCase):
             ("CONNECT", "alice", 5000),
             ("CONNECT", "bob", 5001),
             ("CONNECT", "dave", 5003),
-        ]:
-            self.assertEqual(self.h.request(op, user, *args), b"\0")
+        )
 
     def req(self, op: str, user: str, *args) -> bytes:
         return self.h.request(op, user, *args)

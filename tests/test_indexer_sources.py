@@ -29,7 +29,7 @@ class Sources(TestCase):
 
     def setUp(self) -> None:
         self.h = Harness(self)
-        for op, user, *args in [
+        self.h.given(
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),
             ("REGISTER", "carol"),
@@ -38,8 +38,7 @@ class Sources(TestCase):
             ("CONNECT", "bob", 5001),
             ("CONNECT", "carol", 5002),
             ("CONNECT", "dave", 5003),
-        ]:
-            self.assertEqual(self.h.request(op, user, *args), b"\0")
+        )
 
     def publish(self, user: str, name: str, sha: str = H1) -> None:
         reply = self.h.request("PUBLISH_FILE", user, name, "same bytes", 12, sha, "new")

@@ -22,8 +22,11 @@ from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
+from tests import test_peer_tls_e2e as peer_tls_e2e
 from tests import test_search_e2e as search_client_e2e
 from tests import test_shell_names as shell_names
+from tests import test_stack as stack
+from tests import test_tour as tour
 
 
 class IndexerToLoggerOnPostgres(logger_indexer.IndexerToLoggerTests):
@@ -132,5 +135,31 @@ class MoveIdentityOnPostgres(client_identity.MoveIdentityTests):
 
 class RecordedTrafficOnPostgres(client_tls.RecordedTrafficTests):
     """What our client sends, recorded, against a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class ThreeClientsOnPostgres(client_transfer.ThreeClientTests):
+    """Three shells downloading from each other at once through a PostgreSQL-backed node."""
+
+    on_postgres = True
+
+
+class PeerTLSOnPostgres(peer_tls_e2e.PeerTLSEndToEndTests):
+    """Peer TLS end to end: the peer's key, pinned through LIST_PEERS, read from
+    PostgreSQL (a hijacked address cannot serve the download)."""
+
+    on_postgres = True
+
+
+class StackOnPostgres(stack.StackProcessTests):
+    """``twistd p2p-stack --db postgresql://...``: its node leads and relays to the
+    stack's logger, and Ctrl-C stops it cleanly."""
+
+    on_postgres = True
+
+
+class TourOnPostgres(tour.TourTests):
+    """The README's tour on a stack whose indexer is a PostgreSQL node."""
 
     on_postgres = True

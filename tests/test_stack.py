@@ -24,6 +24,7 @@ from tests.support import (
     time_url,
     url_port,
 )
+from tests.test_indexer_e2e import indexer_db
 
 GET_TIME = (
     b'<?xml version="1.0"?><e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"'
@@ -176,7 +177,7 @@ class StackProcessTests(TestCase):
             "--time-listen=tcp:0:interface=127.0.0.1",
             "--no-rpcbind",
             f"--audit-file={self.audit}",
-            f"--db={self.dir / 'indexer.db'}",
+            f"--db={indexer_db(self, str(self.dir / 'indexer.db'))}",
             cwd=self.dir,
         )
         match = yield self.proc.wait_for_line(r"p2p-indexer: TLS key fingerprint ([0-9a-f]{64})$")

@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from p2p import stack
 from tests.support import REPO, deadline, hold_port, spawn, spawn_twistd
+from tests.test_indexer_e2e import indexer_db
 
 #: A tour line to paste is indented by this much; the others start with ``s> ``.
 INDENT = "    "
@@ -60,7 +61,7 @@ class TourTests(TestCase):
             "--time-listen=tcp:0:interface=127.0.0.1",
             f"--logger-listen=tcp:{logger}:interface=127.0.0.1",
             "--no-rpcbind",
-            "--db=:memory:",
+            f"--db={indexer_db(self, ':memory:')}",
             cwd=home,
             env={stack.DEMO_ENV: str(demo)},
         )

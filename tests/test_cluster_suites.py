@@ -18,6 +18,7 @@ from tests import test_client_tls as client_tls
 from tests import test_client_transfer as client_transfer
 from tests import test_harden_fairness as harden_fairness
 from tests import test_harden_indexer as harden_indexer
+from tests import test_harden_listing as harden_listing
 from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
@@ -27,6 +28,7 @@ from tests import test_search_e2e as search_client_e2e
 from tests import test_shell_names as shell_names
 from tests import test_stack as stack
 from tests import test_tour as tour
+from tests.test_indexer_e2e import indexer_db
 
 
 class IndexerToLoggerOnPostgres(logger_indexer.IndexerToLoggerTests):
@@ -163,3 +165,32 @@ class TourOnPostgres(tour.TourTests):
     """The README's tour on a stack whose indexer is a PostgreSQL node."""
 
     on_postgres = True
+
+
+class NeverReadingReadersOnPostgres(harden_listing.NeverReadingReadersTests):
+    """100 readers that never read a 4 MB listing cost a PostgreSQL node one listing."""
+
+    on_postgres = True
+
+    def database(self) -> str:
+        import psycopg
+
+        from p2p.indexer.pgdirectory import file_words
+        from p2p.indexer.pgstore import PgStore
+
+        uri = indexer_db(self, "")
+        store = PgStore(uri)
+        store.open()  # the tables, as a node makes them
+        store.close()
+        with psycopg.connect(uri) as conn:
+            conn.execute(
+                "INSERT INTO users (name, ip, port, connected, lease_until) VALUES"
+                " ('big', '127.0.0.1', 4000, 1, 1e12), ('reader', '127.0.0.1', 4000, 2, 1e12)"
+            )
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO files (owner, name, description, words)"
+                    " VALUES ('big', %s, %s, array_to_tsvector(%s))",
+                    [(n, d, file_words(n, d)) for n, d in harden_listing.big_files()],
+                )
+        return uri

@@ -41,9 +41,15 @@ def never_reading_readers(port: int, count: int, data: bytes) -> list[socket.soc
     return sockets
 
 
+def big_files() -> list[tuple[str, str]]:
+    """The files of user ``big`` (name, description): a 4 MB ``LIST_CONTENT``."""
+    return [(f"{i:06}-" + "n" * 240, "d" * 250) for i in range(FILES)]
+
+
 class NeverReadingReadersTests(TestCase):
-    @defer.inlineCallbacks
-    def test_a_hundred_never_reading_readers_cost_one_listing(self):
+    def database(self) -> str:
+        """The ``--db`` of the test's indexer: users ``big`` (:func:`big_files`) and
+        ``reader``, both connected."""
         workdir = Path(self.mktemp()).resolve()
         workdir.mkdir()
         db = workdir / "big.db"
@@ -51,12 +57,17 @@ class NeverReadingReadersTests(TestCase):
         for user in ("big", "reader"):
             store.add_user(user)
             store.set_address(user, ("127.0.0.1", 4000))
-        for i in range(FILES):
-            store.add_file("big", f"{i:06}-" + "n" * 240, "d" * 250)
+        for name, description in big_files():
+            store.add_file("big", name, description)
         store.commit()
         store.close()
+        return str(db)
+
+    @defer.inlineCallbacks
+    def test_a_hundred_never_reading_readers_cost_one_listing(self):
+        db = self.database()
         proc = spawn_twistd(
-            self, "p2p-indexer", "--listen", "tcp:0:interface=127.0.0.1", "--db", str(db)
+            self, "p2p-indexer", "--listen", "tcp:0:interface=127.0.0.1", "--db", db
         )
         port = yield indexer_port(proc)
         ask = wire.encode_request("LIST_CONTENT", WHEN, "reader", "big")

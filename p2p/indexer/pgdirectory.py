@@ -60,7 +60,7 @@ from p2p.indexer.fulltext import (
 )
 from p2p.indexer.liveness import Ticking
 from p2p.indexer.pgpipe import StatementPipe
-from p2p.indexer.pgrules import RULES
+from p2p.indexer.pgrules import RULES, decode_batch, resolve_same
 from p2p.indexer.pgstore import PgStore, batch_memo
 
 Address = tuple[str, int]
@@ -169,7 +169,7 @@ class ClusterDirectory(BaseDirectory):
             return self.store.transact(self._apply, op, args, request, key=user)
         if self.pipe is None:
             self.pipe = StatementPipe(
-                self.store.uri, self.store.reactor, self._statement, json.loads
+                self.store.uri, self.store.reactor, self._statement, decode_batch
             )
         d = self.pipe.submit(user, request)
         return d.addCallback(self._outcome, op, args, request)
@@ -244,7 +244,8 @@ class ClusterDirectory(BaseDirectory):
         requests = [works[n][1][-1] for n in positions]
         cursor.execute("SELECT p2p_batch(%s, %s)", (Jsonb(requests), float(self.leases.timeout)))
         done = set()
-        for n, request, result in zip(positions, requests, cursor.fetchone()[0], strict=True):
+        found = resolve_same(cursor.fetchone()[0])
+        for n, request, result in zip(positions, requests, found, strict=True):
             results[id(request)] = result
             if not result.get("search"):
                 done.add(n)

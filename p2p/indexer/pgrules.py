@@ -18,9 +18,35 @@ Every code comes from the request (``wire.OpSpec``: ``error``, and ``no_user``,
 the order of the codes, as in :mod:`p2p.indexer.directory`: the claim (and the
 ``--classic`` policy, decided by the node as ``allowed``), then user exists,
 then connected, then the operation's own check.
+
+A crowd asking for one long listing (``LIST_CONTENT`` of a popular owner) often
+lands in one batch: each repeat of a listing of 64 rows or more, equal to the
+first of its kind (operation and owner) in the batch, comes back as
+``{"same": <position of that first result>}`` instead of its rows, so the
+result holds it once (100 readers of a 4 MB listing used to fetch and parse
+hundreds of MB); :func:`resolve_same` gives the repeats the first one's rows.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def resolve_same(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A batch's results with each ``same`` reference given the rows it names (the one
+    list object: its listing is then encoded once, see ``ClusterFactory.shared``)."""
+    for result in results:
+        if "same" in result:
+            result["rows"] = results[result.pop("same")]["rows"]
+    return results
+
+
+def decode_batch(data: bytes | str) -> list[dict[str, Any]]:
+    """A batch's results from the JSON text ``p2p_batch`` returned."""
+    import json
+
+    return resolve_same(json.loads(data))
+
 
 RULES = r"""
 CREATE OR REPLACE FUNCTION p2p_request(r jsonb, lease double precision) RETURNS jsonb
@@ -176,9 +202,22 @@ DECLARE
     r jsonb;
     res jsonb;
     last bigint;
+    listings jsonb := '{}';  -- a long listing's key: the position of its first result
+    key text;
+    first integer;
 BEGIN
     FOR r IN SELECT value FROM jsonb_array_elements(requests) LOOP
         res := p2p_request(r, lease);
+        IF res ? 'rows' AND jsonb_array_length(res->'rows') >= 64 THEN
+            -- The same long listing again in this batch: sent once (see resolve_same).
+            key := (r->>'op') || ' ' || coalesce(r->>'owner', '');
+            first := (listings->>key)::integer;
+            IF first IS NOT NULL AND results[first + 1]->'rows' = res->'rows' THEN
+                res := (res - 'rows') || jsonb_build_object('same', first);
+            ELSE
+                listings := listings || jsonb_build_object(key, cardinality(results));
+            END IF;
+        END IF;
         results := results || res;
         IF r ? 'record' AND NOT res ? 'probe' THEN  -- a CONNECT to probe: audited after
             records := records || (r->>'record');

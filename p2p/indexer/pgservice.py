@@ -12,6 +12,8 @@ liveness tick of :mod:`p2p.indexer.pgdirectory`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.python.failure import Failure
 
@@ -26,6 +28,10 @@ from p2p.startup import StartFailure
 from p2p.tls import Identity
 
 _CODES = [bytes((code,)) for code in range(256)]
+#: Listings this long or longer are shared by the replies sending the same bytes, and
+#: the number of them kept (:meth:`ClusterFactory.shared`).
+SHARED_LISTING = 64 * 1024
+SHARED_KEPT = 4
 #: The cluster's TLS identity in the database's ``meta`` table.
 IDENTITY_KEY = "tls_identity"
 
@@ -41,6 +47,8 @@ class ClusterFactory(IndexerFactory):
         self._running: set[Deferred] = set()
         #: Probes the CONNECT of a user recorded as connected (set by the service).
         self.prober = None
+        #: The last long listings sent (see :meth:`shared`), oldest first.
+        self._listings: OrderedDict[bytes, bytes] = OrderedDict()
 
     def expire(self, user: str) -> None:
         """Expiry is the leader's (:class:`ClusterLiveness`), in the database."""
@@ -102,7 +110,24 @@ class ClusterFactory(IndexerFactory):
         if op is wire.HOLD and outcome.code == wire.OK and not proto.lost:
             leases.hold(user, proto, outcome.connected)
             proto.hold(user, leases.timeout)
-        proto.reply(_CODES[outcome.code], outcome.body)
+        proto.reply(_CODES[outcome.code], self.shared(outcome.body))
+
+    def shared(self, body: bytes) -> bytes:
+        """``body``, or the equal listing a reply already sends. Each request's listing
+        is built anew from its transaction's rows: a crowd of readers that never read
+        one long listing held one copy each (400 MB for 100 readers of a 4 MB one).
+        The last :data:`SHARED_KEPT` long listings are kept, so a repeat is sent from
+        the copy already held (the SQLite directory shares its cached listing so)."""
+        if len(body) < SHARED_LISTING:
+            return body
+        kept = self._listings.get(body)
+        if kept is not None:
+            self._listings.move_to_end(kept)
+            return kept
+        self._listings[body] = body
+        if len(self._listings) > SHARED_KEPT:
+            self._listings.popitem(last=False)
+        return body
 
     def _failed(self, failure: Failure, proto: IndexerProtocol, op: wire.OpSpec) -> None:
         import psycopg

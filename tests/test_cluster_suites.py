@@ -8,6 +8,7 @@ the node, the subclass reads the same thing from the PostgreSQL database instead
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests import postgres
@@ -19,6 +20,7 @@ from tests import test_client_transfer as client_transfer
 from tests import test_harden_fairness as harden_fairness
 from tests import test_harden_indexer as harden_indexer
 from tests import test_harden_listing as harden_listing
+from tests import test_harden_start as harden_start
 from tests import test_indexer_search_e2e as search_e2e
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
@@ -194,3 +196,67 @@ class NeverReadingReadersOnPostgres(harden_listing.NeverReadingReadersTests):
                     [(n, d, file_words(n, d)) for n, d in harden_listing.big_files()],
                 )
         return uri
+
+
+class StartFailuresOnPostgres(TestCase):
+    """A PostgreSQL node that cannot start: one ``s> ... cannot ...`` line, no traceback,
+    a non-zero status, logging to the terminal and with ``--logfile`` (its thread pools
+    must not keep the process alive).
+
+    Not a subclass: most of ``StartFailures`` is about the SQLite file (not a database,
+    truncated, a foreign or unreadable file, orphan rows, the key file beside it), and
+    its logger and time cases never start an indexer; the cases that apply to a node
+    are here, on a fresh PostgreSQL database.
+    """
+
+    on_postgres = True
+    assert_one_line = harden_start.StartFailures.assert_one_line
+
+    def indexer(self, *options: str, names: str, db: str | None = None):
+        db = db if db is not None else indexer_db(self, "")
+        options = ("--db", db, "--listen", "tcp:0:interface=127.0.0.1", *options)
+        return self.assert_one_line(harden_start.folder(self), "p2p-indexer", options, names)
+
+    @defer.inlineCallbacks
+    def test_a_database_it_cannot_reach(self):
+        line = yield self.indexer(
+            names="/nonexistent", db="postgresql://p2p:secret@/nodb?host=/nonexistent"
+        )
+        self.assertIn("check the URI", line)
+        self.assertNotIn("secret", line)
+
+    @defer.inlineCallbacks
+    def test_indexer_port_taken(self):
+        port = harden_start.taken_port(self)
+        line = yield self.assert_one_line(
+            harden_start.folder(self),
+            "p2p-indexer",
+            ["--db", indexer_db(self, ""), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            str(port),
+        )
+        self.assertIn("choose another --listen", line)
+
+    @defer.inlineCallbacks
+    def test_unusable_key_files(self):
+        cwd = harden_start.folder(self)
+        (cwd / "key.pem").write_bytes(b"junk")
+        for cert in ("key.pem", "missing.pem"):
+            options = ["--tls-key", str(cwd / "key.pem"), "--tls-cert", str(cwd / cert)]
+            yield self.indexer(*options, names=cert)
+
+    @defer.inlineCallbacks
+    def test_stack_says_which_part_once(self):
+        common = [
+            "--indexer-listen=tcp:0:interface=127.0.0.1",
+            "--time-listen=tcp:0:interface=127.0.0.1",
+            "--logger-listen=tcp:0:interface=127.0.0.1",
+            "--no-rpcbind",
+            harden_start.NOWHERE,
+        ]
+        line = yield self.assert_one_line(
+            harden_start.folder(self),
+            "p2p-stack",
+            [*common, "--db=postgresql:///nodb?host=/nonexistent"],
+            "cannot start the stack: indexer cannot start: postgresql:///nodb?host=/nonexistent",
+        )
+        self.assertIn("check the URI", line)

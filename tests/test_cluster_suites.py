@@ -9,9 +9,11 @@ the node, the subclass reads the same thing from the PostgreSQL database instead
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
-from tests import postgres
+from p2p.indexer import protocol as protocol_module
+from tests import postgres, test_indexer_protocol
 from tests import test_client_e2e as client_e2e
 from tests import test_client_identity as client_identity
 from tests import test_client_liveness as client_liveness
@@ -22,6 +24,7 @@ from tests import test_harden_indexer as harden_indexer
 from tests import test_harden_listing as harden_listing
 from tests import test_harden_start as harden_start
 from tests import test_indexer_search_e2e as search_e2e
+from tests import test_indexer_sources as indexer_sources
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
@@ -260,3 +263,63 @@ class StartFailuresOnPostgres(TestCase):
             "cannot start the stack: indexer cannot start: postgresql:///nodb?host=/nonexistent",
         )
         self.assertIn("check the URI", line)
+
+
+class BlockingPipe:
+    """The node's statement pipe, run in the caller's thread: each request is its own
+    batch, the same statement (``ClusterDirectory._statement``) and decoding
+    (:func:`p2p.indexer.pgrules.decode_batch`), answered before :meth:`submit` returns."""
+
+    def __init__(self, uri: str, statement) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(uri, autocommit=True)
+        self.statement = statement
+
+    def submit(self, key: str, request: dict) -> defer.Deferred:
+        from psycopg import pq
+
+        from p2p.indexer.pgrules import decode_batch
+
+        sql, params = self.statement([request])
+        result = self.conn.pgconn.exec_params(sql, params)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            raise RuntimeError(result.error_message.decode())
+        return defer.succeed(decode_batch(result.get_value(0, 0))[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PgHarness(test_indexer_protocol.Harness):
+    """:class:`tests.test_indexer_protocol.Harness` on a PostgreSQL node: the node's
+    factory and directory on a memory reactor, over the test's fresh database, each
+    request's statement run at once (:class:`BlockingPipe`), so a synchronous test
+    reads its reply as it does from the SQLite harness."""
+
+    def __init__(self, testcase: TestCase, audit: bool = False, **kwargs) -> None:
+        from p2p.indexer.pgdirectory import ClusterDirectory
+        from p2p.indexer.pgservice import ClusterFactory
+        from p2p.indexer.pgstore import PgStore
+
+        testcase.on_postgres = True
+        self.clock = MemoryReactorClock()
+        self.store = PgStore(indexer_db(testcase, ""), reactor=self.clock)
+        self.directory = ClusterDirectory(self.store, audit=audit)
+        self.store.open()  # the tables and the rules' functions
+        testcase.addCleanup(self.store.close)
+        self.directory.pipe = BlockingPipe(self.store.uri, self.directory._statement)
+        self.factory = ClusterFactory(self.directory, self.clock, **kwargs)
+        self.lines: list[str] = []
+        testcase.patch(protocol_module, "say", self.lines.append)
+
+
+class SourcesOnPostgres(indexer_sources.Sources):
+    """SOURCES' listing rules and codes from the PostgreSQL node's rules (p2p_request)
+    and factory. (``Policies`` and ``ClientSide`` stay SQLite's: the first drives the
+    in-memory ``Directory`` and its store directly, the second is the client's side
+    against a fake indexer; SOURCES' claim, read-only and audit checks on PostgreSQL
+    are the ones every operation shares, run in ``ClaimedNamesOnPostgres`` and the
+    relay suites.)"""
+
+    harness = PgHarness

@@ -27,8 +27,10 @@ from tests.test_indexer_search import H1, H2, KEY, rows
 class Sources(TestCase):
     """alice (5000), bob (5001), dave (5003) connected; carol offline."""
 
+    harness = Harness
+
     def setUp(self) -> None:
-        self.h = Harness(self)
+        self.h = self.harness(self)
         self.h.given(
             ("REGISTER", "alice"),
             ("REGISTER", "bob"),

@@ -4,6 +4,15 @@ Each class here is an SQLite suite with ``on_postgres = True``: its indexers sta
 a fresh database of the throwaway PostgreSQL server (tests/postgres.py) through
 :func:`tests.test_indexer_e2e.indexer_db`. Where a test reads the SQLite file beside
 the node, the subclass reads the same thing from the PostgreSQL database instead.
+Suites whose tests are synchronous (the in-memory harness of
+tests/test_indexer_protocol.py) run on :class:`PgHarness`.
+
+Not here, on purpose: tests/test_client_tty.py (the shell in a terminal, against a
+stand-in classic indexer of the test's own: no indexer of ours runs), the SQLite
+file's own cases (start failures of the file, ``p2p-admin`` on a file: the
+PostgreSQL forms are :class:`StartFailuresOnPostgres` and
+tests/test_indexer_admin.py), and the tests that never reach the node (named in
+each class's docstring).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from tests import test_indexer_sources as indexer_sources
 from tests import test_logger_indexer as logger_indexer
 from tests import test_metrics_e2e as metrics_e2e
 from tests import test_names_e2e as names_e2e
+from tests import test_peer_range_e2e as peer_range_e2e
 from tests import test_peer_tls_e2e as peer_tls_e2e
 from tests import test_search_e2e as search_client_e2e
 from tests import test_shell_names as shell_names
@@ -323,3 +333,21 @@ class SourcesOnPostgres(indexer_sources.Sources):
     relay suites.)"""
 
     harness = PgHarness
+
+
+class RangeRepublishOnPostgres(TestCase):
+    """A file changed under a running shell is published again (PUBLISH_FILE
+    ``replace``) to a PostgreSQL-backed node, and RANGE serves the new bytes.
+
+    Of ``RangeEndToEndTests`` only this test asks the node anything beyond the setUp's
+    REGISTER, CONNECT, PUBLISH and LIST_USERS (run here too); its other three speak
+    the peer protocol to alice's port alone (RANGE and PIECES codes, TLS on the same
+    port, the upload rate, which takes its 2 s by design), so they stay SQLite's.
+    """
+
+    on_postgres = True
+    timeout = peer_range_e2e.RangeEndToEndTests.timeout
+    setUp = peer_range_e2e.RangeEndToEndTests.setUp
+    test_a_changed_file_is_1_and_published_again = (
+        peer_range_e2e.RangeEndToEndTests.test_a_changed_file_is_1_and_published_again
+    )

@@ -17,6 +17,9 @@ each class's docstring).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import SimpleNamespace
+
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
@@ -319,9 +322,57 @@ class PgHarness(test_indexer_protocol.Harness):
         self.store.open()  # the tables and the rules' functions
         testcase.addCleanup(self.store.close)
         self.directory.pipe = BlockingPipe(self.store.uri, self.directory._statement)
+        # What the SQLite suites read from the in-memory directory and the store's
+        # outbox, read from the database instead.
+        self.directory.users = DatabaseUsers(self.store.uri)
+        self.directory.connected = DatabaseUsers(self.store.uri, connected=True)
+        self.store.outbox_count = lambda: database_rows(self.store.uri, OUTBOX_COUNT)[0][0]
+        self.store.outbox_pending = lambda after, limit: database_rows(
+            self.store.uri, OUTBOX_PENDING, (after, limit)
+        )
         self.factory = ClusterFactory(self.directory, self.clock, **kwargs)
         self.lines: list[str] = []
         testcase.patch(protocol_module, "say", self.lines.append)
+
+
+OUTBOX_COUNT = "SELECT count(*) FROM outbox"
+OUTBOX_PENDING = "SELECT seq, record FROM outbox WHERE seq > %s ORDER BY seq LIMIT %s"
+
+
+def database_rows(uri: str, query: str, args: tuple = ()) -> list[tuple]:
+    """The rows of ``query`` on the database ``uri`` (a connection of its own)."""
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+class DatabaseUsers(Mapping):
+    """The SQLite directory's ``users`` (name: its files and address) or, with
+    ``connected``, its ``connected`` (name: address), read from the database."""
+
+    def __init__(self, uri: str, connected: bool = False) -> None:
+        self.uri = uri
+        self.connected = connected
+
+    def __getitem__(self, name: str):
+        found = database_rows(self.uri, "SELECT ip, port FROM users WHERE name = %s", (name,))
+        address = tuple(found[0]) if found and found[0][0] is not None else None
+        if not found or (self.connected and address is None):
+            raise KeyError(name)
+        if self.connected:
+            return address
+        files = database_rows(
+            self.uri, "SELECT name, description FROM files WHERE owner = %s ORDER BY id", (name,)
+        )
+        return SimpleNamespace(address=address, files=dict(files))
+
+    def __iter__(self):
+        where = " WHERE ip IS NOT NULL" if self.connected else ""
+        return iter([n for (n,) in database_rows(self.uri, f"SELECT name FROM users{where}")])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
 
 
 class SourcesOnPostgres(indexer_sources.Sources):
@@ -351,3 +402,22 @@ class RangeRepublishOnPostgres(TestCase):
     test_a_changed_file_is_1_and_published_again = (
         peer_range_e2e.RangeEndToEndTests.test_a_changed_file_is_1_and_published_again
     )
+
+
+class ProtocolTableOnPostgres(test_indexer_protocol.ProtocolTable):
+    """Every operation's codes and operator lines from the PostgreSQL node's rules."""
+
+    harness = PgHarness
+
+
+class BadInputOnPostgres(test_indexer_protocol.BadInput):
+    """Malformed requests against the PostgreSQL node: refused alike, nothing stored."""
+
+    harness = PgHarness
+
+
+class AuditOnPostgres(test_indexer_protocol.Audit):
+    """One outbox record per request, none for bad input, on PostgreSQL.
+    (``GroupCommit`` stays SQLite's: a PostgreSQL node commits each batch itself.)"""
+
+    harness = PgHarness

@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from p2p.indexer import protocol as protocol_module
-from tests import postgres, test_indexer_protocol
+from tests import postgres, test_indexer_protocol, test_indexer_search
 from tests import test_client_e2e as client_e2e
 from tests import test_client_identity as client_identity
 from tests import test_client_liveness as client_liveness
@@ -421,3 +421,63 @@ class AuditOnPostgres(test_indexer_protocol.Audit):
     (``GroupCommit`` stays SQLite's: a PostgreSQL node commits each batch itself.)"""
 
     harness = PgHarness
+
+
+class LongListingsOnPostgres(TestCase):
+    """A node sends a long owner listing it holds again only while the server says the
+    owner's files are unchanged (their digest): every change shows at once."""
+
+    def setUp(self) -> None:
+        self.h = PgHarness(self)
+        self.h.given(("REGISTER", "alice"), ("REGISTER", "bob"), ("CONNECT", "alice", 5000))
+        self.h.given(("CONNECT", "bob", 5001))
+        for i in range(70):
+            self.h.given(("PUBLISH", "alice", f"f{i:03d}", "same"))
+        self.results: list[dict] = []  # what the server answered each request
+        pipe = self.h.directory.pipe
+        submit = pipe.submit
+
+        def spy(key, request):
+            d = submit(key, request)
+            return d.addCallback(lambda result: self.results.append(result) or result)
+
+        pipe.submit = spy
+
+    def listing(self, op: str = "LIST_CONTENT", owner: str = "alice") -> list[tuple]:
+        return test_indexer_search.rows(self.h.request(op, "bob", owner), 2)
+
+    def test_unchanged_is_not_sent_again_and_a_change_is(self) -> None:
+        first = self.h.request("LIST_CONTENT", "bob", "alice")
+        self.assertIn("rows", self.results[-1])
+        again = self.h.request("LIST_CONTENT", "bob", "alice")
+        self.assertEqual(again, first)
+        self.assertNotIn("rows", self.results[-1])  # the digest alone came back
+        self.assertEqual(self.h.request("PUBLISH", "alice", "new", "added"), b"\0")
+        names = [row[0] for row in self.listing()]
+        self.assertEqual(names[-1], "new")
+        self.assertEqual(len(names), 71)
+        self.assertEqual(self.h.request("PUBLISH", "alice", "new", "again"), b"\3")
+        self.assertEqual(self.h.request("DELETE", "alice", "f000"), b"\0")
+        self.assertNotIn("f000", [row[0] for row in self.listing()])
+
+    def test_a_description_replaced_in_place_shows(self) -> None:
+        """PUBLISH_FILE ``replace`` keeps the row, changes its description."""
+        self.h.request("LIST_FILES", "bob", "alice")  # held now
+        self.h.request("LIST_CONTENT", "bob", "alice")
+        reply = self.h.request("PUBLISH_FILE", "alice", "f001", "changed", 5, "ab" * 32, "replace")
+        self.assertEqual(reply, b"\0")
+        rows = test_indexer_search.rows(self.h.request("LIST_FILES", "bob", "alice"), 4)
+        self.assertEqual(rows[1], ("f001", "changed", "5", "ab" * 32))
+        # LIST_CONTENT of the same owner is a listing of its own.
+        self.assertEqual(self.listing()[1], ("f001", "changed"))
+
+    def test_a_name_registered_again_is_a_new_owner(self) -> None:
+        """alice unregistered and registered again with other files: the listing
+        held for the old alice is never sent for the new one."""
+        before = self.listing()
+        self.assertEqual(len(before), 70)
+        self.h.given(("DISCONNECT", "alice"), ("UNREGISTER", "alice"), ("REGISTER", "alice"))
+        self.h.given(("CONNECT", "alice", 5000))
+        for i in range(70):
+            self.h.given(("PUBLISH", "alice", f"g{i:03d}", "other"))
+        self.assertEqual([row[0] for row in self.listing()][:2], ["g000", "g001"])

@@ -60,7 +60,7 @@ from p2p.indexer.fulltext import (
 )
 from p2p.indexer.liveness import Ticking
 from p2p.indexer.pgpipe import StatementPipe
-from p2p.indexer.pgrules import RULES, decode_batch, resolve_same
+from p2p.indexer.pgrules import RULES, Listings, Request, decode_batch, resolve_same
 from p2p.indexer.pgstore import PgStore, batch_memo
 
 Address = tuple[str, int]
@@ -134,6 +134,8 @@ class ClusterDirectory(BaseDirectory):
         #: Batches of requests sent from the reactor (made at the first request).
         self.pipe: StatementPipe | None = None
         store.closers.append(self._close_pipe)
+        #: The long owner listings sent last, sent again from here while unchanged.
+        self.listings = Listings()
 
     def connected_count(self) -> int:
         """The cluster's connected users, as the store last counted them (the metrics'
@@ -195,13 +197,13 @@ class ClusterDirectory(BaseDirectory):
     ) -> dict[str, Any]:
         """The request as :data:`p2p.indexer.pgrules.RULES` reads it: its codes from
         ``op`` (those it has), whether the ``--classic`` policy allows it, its fields."""
-        request: dict[str, Any] = {
-            "op": op.name,
-            "user": user,
-            "identity": identity,
-            "allowed": identity is not None or op.name in self.classic_ops,
-            "error": op.error,
-        }
+        request: dict[str, Any] = Request(
+            op=op.name,
+            user=user,
+            identity=identity,
+            allowed=identity is not None or op.name in self.classic_ops,
+            error=op.error,
+        )
         for name in ("no_user", "not_connected", "own"):
             code = getattr(op, name)
             if code is not None:
@@ -223,6 +225,7 @@ class ClusterDirectory(BaseDirectory):
         elif name in (wire.LIST_CONTENT.name, wire.LIST_FILES.name):
             request["owner"] = args[0]
             request["unknown"] = wire.UNKNOWN
+            self.listings.ask(request)
         elif name == wire.LIST_PEERS.name:
             request["unclaimed"] = wire.UNCLAIMED
         elif name == "SOURCES":
@@ -269,8 +272,8 @@ class ClusterDirectory(BaseDirectory):
             seen=result.get("seen", False),
             connected=result.get("connected"),
         )
-        if "rows" in result:
-            outcome.body = wire.encode_listing(result["rows"])
+        if "rows" in result or "digest" in result:
+            outcome.body = self.listings.body(request, result)
         elif outcome.code == wire.OK and op.name in (wire.ALIVE.name, wire.HOLD.name):
             outcome.body = b"%d\0" % self.leases.seconds  # the lease, whole seconds
         elif result.get("search"):

@@ -25,10 +25,13 @@ first of its kind (operation and owner) in the batch, comes back as
 ``{"same": <position of that first result>}`` instead of its rows, so the
 result holds it once (100 readers of a 4 MB listing used to fetch and parse
 hundreds of MB); :func:`resolve_same` gives the repeats the first one's rows.
+Across batches, a long owner listing comes with its digest, and a node that holds
+that one (:class:`Listings`) gets the digest alone while the files are unchanged.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 
@@ -37,8 +40,72 @@ def resolve_same(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     list object: its listing is then encoded once, see ``ClusterFactory.shared``)."""
     for result in results:
         if "same" in result:
-            result["rows"] = results[result.pop("same")]["rows"]
+            first = results[result.pop("same")]
+            result["rows"] = first["rows"]
+            result["listing"] = first.setdefault("listing", [])
     return results
+
+
+class Request(dict):
+    """A request as ``p2p_request`` reads it (the dict, sent as JSON) and, not sent, the
+    long listing the node holds for it (:class:`Listings`): ``(digest, body)`` or None."""
+
+    __slots__ = ("held",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: tuple[str, bytes] | None = None
+
+
+class Listings:
+    """The long owner listings (``LIST_CONTENT``, ``LIST_FILES`` of 64 rows or more)
+    this node sent last, by operation and owner, with the digest the server gave.
+
+    A request names the digest of the one held (``have``); while the owner's files are
+    unchanged the server answers with the digest alone, and the node sends the bytes
+    it holds: a crowd asking for one long listing costs the node one parse and one
+    copy, not one per batch (and the replies share it, see ``ClusterFactory.shared``).
+    """
+
+    def __init__(self, kept: int = 8) -> None:
+        self.kept = kept
+        self._held: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
+
+    def ask(self, request: Request) -> None:
+        """Name in ``request`` the listing held for its operation and owner, if any."""
+        held = self._held.get((request["op"], request["owner"]))
+        request.held = held
+        if held is not None:
+            request["have"] = held[0]
+
+    def body(self, request: Request, result: dict[str, Any]) -> bytes:
+        """The wire listing of ``result``: its rows encoded (and held, when it has a
+        digest), or the bytes held for ``request`` when the server said they still are."""
+        if "rows" not in result:
+            if request.held is None or request.held[0] != result["digest"]:
+                raise ValueError("the server named a listing this node does not hold")
+            return request.held[1]
+        body = listing_of(result)
+        if "digest" in result:
+            key = (request["op"], request["owner"])
+            self._held[key] = (result["digest"], body)
+            self._held.move_to_end(key)
+            while len(self._held) > self.kept:
+                self._held.popitem(last=False)
+        return body
+
+
+def listing_of(result: dict[str, Any]) -> bytes:
+    """The wire listing of a result's rows: encoded once for the results that share
+    them (:func:`resolve_same`)."""
+    from p2p import wire
+
+    shared = result.get("listing")
+    if shared is None:
+        return wire.encode_listing(result["rows"])
+    if not shared:
+        shared.append(wire.encode_listing(result["rows"]))
+    return shared[0]
 
 
 def decode_batch(data: bytes | str) -> list[dict[str, Any]]:
@@ -187,9 +254,19 @@ END $$;
 
 CREATE OR REPLACE FUNCTION p2p_owner_listing(r jsonb, listing jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
+DECLARE
+    digest text;
 BEGIN
     IF listing = '[]' AND NOT EXISTS (SELECT 1 FROM users WHERE name = r->>'owner') THEN
         RETURN jsonb_build_object('code', r->'own');  -- no such owner
+    END IF;
+    IF jsonb_array_length(listing) >= 64 THEN
+        -- A long listing goes with its digest; the one the node holds is not sent again.
+        digest := encode(sha256(convert_to(listing::text, 'UTF8')), 'hex');
+        IF r->>'have' = digest THEN
+            RETURN jsonb_build_object('code', 0, 'digest', digest);
+        END IF;
+        RETURN jsonb_build_object('code', 0, 'rows', listing, 'digest', digest);
     END IF;
     RETURN jsonb_build_object('code', 0, 'rows', listing);
 END $$;

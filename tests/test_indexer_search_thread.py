@@ -194,6 +194,47 @@ class CatchUp(TestCase):
         self.addCleanup(index.db.close)
         self.assertEqual(index.mark(), (third.sender_id, last))
 
+    def test_files_of_a_user_removed_or_pruned(self) -> None:
+        """Every file a DELETE takes, one or many (a user removed, orphans pruned), leaves
+        SEARCH at once and leaves its tombstone, numbered with its commit: a search
+        database that missed the change drops the files when it catches up."""
+        path = self.mktemp()
+        first = Store(path)
+        first.open()
+        first.open_index()
+        for user, port in (("u", 5000), ("v", 5001), ("w", 5002)):
+            first.add_user(user)
+            first.set_address(user, ("10.0.0.1", port))
+            for i in range(2):
+                first.add_file(user, f"walrus_{user}{i}.txt", "d")
+        first.commit()
+        self.assertEqual(len(first.search(["walrus"], 10)), 6)
+        first.remove_user("u")
+        first.commit()
+        self.assertEqual(
+            sorted(h.name for h in first.search(["walrus"], 10)),
+            ["walrus_v0.txt", "walrus_v1.txt", "walrus_w0.txt", "walrus_w1.txt"],
+        )
+        worker(first).fault("apply")  # what follows stays out of the index
+        first.db.execute("DELETE FROM users WHERE name = 'v'")  # v's files: orphans
+        self.assertEqual(first.prune_orphans(), 2)
+        first.remove_file("w", "walrus_w0.txt")
+        first.remove_file("w", "no such file")
+        first.commit()
+        seq = searchindex.last_change(first.db)
+        self.assertEqual(
+            sorted(first.db.execute("SELECT seq FROM tombstones")),
+            [(seq - 1,)] * 2 + [(seq,)] * 3,
+        )
+        # kill -9: the first store is never closed; the next start catches up.
+        second = Store(path)
+        second.open()
+        second.open_index()
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.assertEqual([h.name for h in second.search(["walrus"], 10)], ["walrus_w1.txt"])
+        self.assertEqual(second.file_count(), 1)
+
     def test_search_database_lost_or_of_another_database(self) -> None:
         """A search database that is missing, or follows another main database, is
         filled again from the main database."""

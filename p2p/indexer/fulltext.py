@@ -73,7 +73,15 @@ def fts5_match(words: list[str]) -> str:
 
 #: Fold a word as the index's tokenizer does (unicode61, remove_diacritics 2): drop the
 #: combining marks of the canonical decomposition, then lower the case.
-_MARKS = {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Mn"}
+#: ``str.translate`` pays a raised and caught KeyError for each character its table
+#: lacks (half of folding a name with an accent): so every code point below
+#: :data:`_KEPT_BELOW` (the alphabets that carry marks) is in it, as itself when kept.
+_KEPT_BELOW = 0x3000
+_MARKS = {
+    cp: None if unicodedata.category(chr(cp)) == "Mn" else cp
+    for cp in range(sys.maxunicode + 1)
+    if cp < _KEPT_BELOW or unicodedata.category(chr(cp)) == "Mn"
+}
 _TOKENS = re.compile(r"[^\W_]+").findall
 
 

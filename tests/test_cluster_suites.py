@@ -25,6 +25,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from p2p.indexer import protocol as protocol_module
+from p2p.indexer.pgstore import PgStore
 from tests import postgres, test_indexer_protocol, test_indexer_search
 from tests import test_client_e2e as client_e2e
 from tests import test_client_identity as client_identity
@@ -313,63 +314,100 @@ class PgHarness(test_indexer_protocol.Harness):
     def __init__(self, testcase: TestCase, audit: bool = False, **kwargs) -> None:
         from p2p.indexer.pgdirectory import ClusterDirectory
         from p2p.indexer.pgservice import ClusterFactory
-        from p2p.indexer.pgstore import PgStore
 
         testcase.on_postgres = True
         self.clock = MemoryReactorClock()
-        self.store = PgStore(indexer_db(testcase, ""), reactor=self.clock)
+        self.store = BlockingPgStore(indexer_db(testcase, ""), reactor=self.clock)
         self.directory = ClusterDirectory(self.store, audit=audit)
         self.store.open()  # the tables and the rules' functions
         testcase.addCleanup(self.store.close)
         self.directory.pipe = BlockingPipe(self.store.uri, self.directory._statement)
         # What the SQLite suites read from the in-memory directory and the store's
         # outbox, read from the database instead.
-        self.directory.users = DatabaseUsers(self.store.uri)
-        self.directory.connected = DatabaseUsers(self.store.uri, connected=True)
-        self.store.outbox_count = lambda: database_rows(self.store.uri, OUTBOX_COUNT)[0][0]
-        self.store.outbox_pending = lambda after, limit: database_rows(
-            self.store.uri, OUTBOX_PENDING, (after, limit)
-        )
+        reader = Reader(self.store.uri)
+        testcase.addCleanup(reader.close)
+        self.directory.users = DatabaseUsers(reader)
+        self.directory.connected = DatabaseUsers(reader, connected=True)
+        self.store.db = SQLiteLike(reader)
+        self.store.outbox_count = lambda: reader.rows(OUTBOX_COUNT)[0][0]
+        self.store.outbox_pending = lambda after, limit: reader.rows(OUTBOX_PENDING, (after, limit))
         self.factory = ClusterFactory(self.directory, self.clock, **kwargs)
         self.lines: list[str] = []
         testcase.patch(protocol_module, "say", self.lines.append)
+
+
+class BlockingPgStore(PgStore):
+    """The node's store, each transaction run at once in the caller's thread (SEARCH's,
+    the liveness upkeep's): what :class:`PgHarness` needs to answer synchronously."""
+
+    def transact(self, work, *args, key: str = "") -> defer.Deferred:
+        try:
+            ok, value = self._execute([(key, work, args, None)])[0]
+        except Exception:
+            return defer.fail()
+        return defer.succeed(value) if ok else defer.fail(value)
+
+
+class _Rows(list):
+    """Rows as an SQLite cursor gives them: iterated, or ``fetchall()``."""
+
+    def fetchall(self) -> list:
+        return list(self)
+
+
+class SQLiteLike:
+    """``store.db.execute(sql)`` of the SQLite suites (their snapshots of the tables),
+    on the PostgreSQL database: ``ORDER BY rowid`` becomes the tables' first column."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+
+    def execute(self, sql: str) -> _Rows:
+        return _Rows(self.reader.rows(sql.replace("ORDER BY rowid", "ORDER BY 1")))
 
 
 OUTBOX_COUNT = "SELECT count(*) FROM outbox"
 OUTBOX_PENDING = "SELECT seq, record FROM outbox WHERE seq > %s ORDER BY seq LIMIT %s"
 
 
-def database_rows(uri: str, query: str, args: tuple = ()) -> list[tuple]:
-    """The rows of ``query`` on the database ``uri`` (a connection of its own)."""
-    import psycopg
+class Reader:
+    """Queries on the test's database, over one connection of the harness's."""
 
-    with psycopg.connect(uri, autocommit=True) as conn:
-        return conn.execute(query, args).fetchall()
+    def __init__(self, uri: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(uri, autocommit=True)
+
+    def rows(self, query: str, args: tuple = ()) -> list[tuple]:
+        return self.conn.execute(query, args).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class DatabaseUsers(Mapping):
     """The SQLite directory's ``users`` (name: its files and address) or, with
     ``connected``, its ``connected`` (name: address), read from the database."""
 
-    def __init__(self, uri: str, connected: bool = False) -> None:
-        self.uri = uri
+    def __init__(self, reader: Reader, connected: bool = False) -> None:
+        self.reader = reader
         self.connected = connected
 
     def __getitem__(self, name: str):
-        found = database_rows(self.uri, "SELECT ip, port FROM users WHERE name = %s", (name,))
+        found = self.reader.rows("SELECT ip, port FROM users WHERE name = %s", (name,))
         address = tuple(found[0]) if found and found[0][0] is not None else None
         if not found or (self.connected and address is None):
             raise KeyError(name)
         if self.connected:
             return address
-        files = database_rows(
-            self.uri, "SELECT name, description FROM files WHERE owner = %s ORDER BY id", (name,)
+        files = self.reader.rows(
+            "SELECT name, description FROM files WHERE owner = %s ORDER BY id", (name,)
         )
         return SimpleNamespace(address=address, files=dict(files))
 
     def __iter__(self):
         where = " WHERE ip IS NOT NULL" if self.connected else ""
-        return iter([n for (n,) in database_rows(self.uri, f"SELECT name FROM users{where}")])
+        return iter([n for (n,) in self.reader.rows(f"SELECT name FROM users{where}")])
 
     def __len__(self) -> int:
         return len(list(iter(self)))
@@ -481,3 +519,10 @@ class LongListingsOnPostgres(TestCase):
         for i in range(70):
             self.h.given(("PUBLISH", "alice", f"g{i:03d}", "other"))
         self.assertEqual([row[0] for row in self.listing()][:2], ["g000", "g001"])
+
+
+class FuzzOnPostgres(harden_indexer.Fuzz):
+    """Thousands of random requests, split anywhere, against the reference model of
+    protocol.md section 1, answered by the PostgreSQL node's rules."""
+
+    harness = PgHarness

@@ -334,9 +334,11 @@ def snapshot(h: Harness) -> tuple:
 class Fuzz(TestCase):
     """Thousands of random requests, split anywhere, against the reference model."""
 
+    harness = Harness
+
     def run_fuzz(self, seed: int, count: int, audit: bool) -> None:
         rng = random.Random(seed)
-        h = Harness(self, audit=audit)
+        h = self.harness(self, audit=audit)
         model = Model()
         pool = [n.encode() for n in NAMES[:6]]
         for i in range(count):

@@ -9,18 +9,32 @@ request). With two nodes the clients are split between them. Prints
 requests/s, round trips, CPU per request of the indexer processes, and the
 ratios: PostgreSQL node / SQLite node, two nodes / one node.
 
+``--baseline TREE``: the two PostgreSQL setups also run from another checkout
+of the project (say the version before a change, ``git archive REV | tar -x -C
+TREE``), in the same rounds, so the two versions compare side by side.
+
+``--sqlite-full``: also a SQLite node with ``--sync full`` (an fsync per group
+commit: what a reply means is then the same on both stores); the ratios stay
+against ``--sync normal``, the default.
+
 ``--million``: then the cost of each operation with 1,000,000 users (and
 3,000,000 files) in the PostgreSQL database: the same life cycles, from one
 client (``--million-clients``) so a round trip is the operation's own cost,
 against one node on an empty database and on the full one, each operation's
 median round trip and the CPU per request of the node and of the server.
 
-The PostgreSQL server is a throwaway one (tests/postgres.py: a Unix socket,
-``fsync=off``; the indexer connects through the socket). Everything shares the
-machine's cores: the figures compare the stores side by side, run after run.
+The PostgreSQL server is a throwaway one (tests/postgres.py: a Unix socket; the
+indexer connects through it) but durable as docs/operations.md recommends:
+``fsync=on``, ``full_page_writes=on``, ``synchronous_commit=on`` (the tests'
+server runs with ``fsync=off``; ``--tests-server`` measures that one). A reply
+then means committed and flushed to disk, more than the SQLite node's
+``--sync normal`` (which survives a killed process, not a power cut).
+Everything shares the machine's cores: the figures compare the stores side by
+side, run after run.
 
     python bench/cluster_load.py --clients 8 --seconds 5 --rounds 3
     python bench/cluster_load.py --clients 8 --seconds 5 --rounds 1 --million
+    python bench/cluster_load.py --rounds 3 --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -86,12 +101,15 @@ def run_load(addresses: list[tuple[str, int]], clients: int, seconds: float, pid
         for i in range(clients)
     ]
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     for p in procs:
         p.start()
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
     cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    clients_cpu = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
     total = sum(r[0] for r in results)
     per_op: dict[str, list[float]] = {}
     for r in results:
@@ -105,8 +123,28 @@ def run_load(addresses: list[tuple[str, int]], clients: int, seconds: float, pid
         "p50_ms": every[len(every) // 2] * 1e3 if every else float("nan"),
         "p99_ms": every[int(len(every) * 0.99)] * 1e3 if every else float("nan"),
         "indexer_us": cpu / total * 1e6 if total else float("nan"),
+        "clients_us": clients_cpu / total * 1e6 if total else float("nan"),
         "per_op_ms": {op: statistics.median(s) * 1e3 for op, s in per_op.items()},
     }
+
+
+#: The tests' server settings that operations.md advises against in production.
+_RELAXED = "-c fsync=off -c full_page_writes=off"
+#: What operations.md recommends instead (synchronous_commit=on is the default; said).
+DURABLE = "-c fsync=on -c full_page_writes=on -c synchronous_commit=on"
+
+
+def durable_server() -> postgres.Server:
+    """A throwaway server (tests/postgres.py) with operations.md's durability settings."""
+    relaxed = postgres._options
+
+    def options(directory: Path) -> str:
+        settings = relaxed(directory)
+        assert _RELAXED in settings, settings  # the tests' settings changed: look again
+        return settings.replace(_RELAXED, DURABLE)
+
+    postgres._options = options
+    return postgres.server()
 
 
 def server_cpu(server: postgres.Server) -> float:
@@ -129,8 +167,16 @@ def server_cpu(server: postgres.Server) -> float:
     return total
 
 
-def one_setup(store: str, nodes: int, args, server: postgres.Server, db: str | None = None):
-    """Start ``nodes`` indexers on ``store``, run the load, stop them; the figures."""
+def one_setup(
+    store: str,
+    nodes: int,
+    args,
+    server: postgres.Server,
+    db: str | None = None,
+    tree: str = str(REPO),
+):
+    """Start ``nodes`` indexers on ``store`` (the code of ``tree``), run the load, stop
+    them; the figures."""
     with tempfile.TemporaryDirectory() as workdir:
         if store == "pg" and db is None:
             db = server.create_database()
@@ -140,10 +186,12 @@ def one_setup(store: str, nodes: int, args, server: postgres.Server, db: str | N
         procs, addresses = [], []
         try:
             for _ in range(nodes):
-                proc, port = spawn_indexer(workdir, "normal", extra=extra, db=db)
+                sync = "full" if store == "sqlite-full" else "normal"
+                proc, port = spawn_indexer(workdir, sync, extra=extra, db=db, pythonpath=tree)
                 procs.append(proc)
                 addresses.append(("127.0.0.1", port))
             pg_before = server_cpu(server) if store == "pg" else 0.0
+            commits_before = commits(db) if store == "pg" else 0
             run = run_load(addresses, args.clients, args.seconds, [p.pid for p in procs])
             if store == "pg" and run["total"]:
                 run["postgres_us"] = (server_cpu(server) - pg_before) / run["total"] * 1e6
@@ -152,13 +200,31 @@ def one_setup(store: str, nodes: int, args, server: postgres.Server, db: str | N
                 proc.terminate()
                 proc.wait()
                 proc._drain.wait()
+        if store == "pg" and run["total"]:
+            # The nodes' sessions ended: their counts are flushed.
+            run["per_commit"] = run["total"] / max(1, commits(db) - commits_before)
     return run
+
+
+def commits(uri: str) -> int:
+    """Transactions committed in the database so far (``pg_stat_database``): with a
+    batch a transaction, requests per commit is the mean batch (the leadership's
+    and the leases' few transactions a second included)."""
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
 
 
 def show(label: str, run: dict) -> None:
     extra = f", postgres {run['postgres_us']:.0f} us" if "postgres_us" in run else ""
+    extra += f", clients {run['clients_us']:.0f} us"
+    if "per_commit" in run:
+        extra += f", {run['per_commit']:.1f} requests/commit"
     print(
-        f"  {label:22} {run['rate']:7.0f} requests/s  p50 {run['p50_ms']:.2f} ms"
+        f"  {label:33} {run['rate']:7.0f} requests/s  p50 {run['p50_ms']:.2f} ms"
         f"  p99 {run['p99_ms']:.2f} ms  CPU/request: indexer(s) {run['indexer_us']:.0f} us"
         f"{extra}  unexpected {run['unexpected']}"
     )
@@ -196,19 +262,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--db-threads", type=int, default=1, help="--db-threads of each node")
+    parser.add_argument(
+        "--baseline", metavar="TREE", help="also run the PostgreSQL setups from this checkout"
+    )
+    parser.add_argument(
+        "--tests-server",
+        action="store_true",
+        help="the tests' server as it is (fsync=off), not operations.md's settings",
+    )
+    parser.add_argument(
+        "--sqlite-full",
+        action="store_true",
+        help="also a SQLite node with --sync full (an fsync per group commit, as durable"
+        " as PostgreSQL's settings)",
+    )
     parser.add_argument("--million", action="store_true", help="per-operation cost, 1M users")
     parser.add_argument("--users", type=int, default=1_000_000, help="with --million")
     parser.add_argument(
         "--million-clients", type=int, default=1, help="client processes with --million"
     )
     args = parser.parse_args(argv)
-    server = postgres.server()
-    print(f"PostgreSQL {server.bin}, {os.cpu_count()} CPUs, {args.clients} client processes")
-    runs: dict[str, list[dict]] = {label: [] for label, _, _ in SETUPS}
+    server = postgres.server() if args.tests_server else durable_server()
+    import psycopg
+
+    with psycopg.connect(server.uri(), autocommit=True) as conn:
+        settings = ", ".join(
+            f"{name}={conn.execute(f'SHOW {name}').fetchone()[0]}"
+            for name in ("fsync", "full_page_writes", "synchronous_commit")
+        )
+    print(
+        f"PostgreSQL {server.bin} ({settings}), {os.cpu_count()} CPUs,"
+        f" {args.clients} client processes"
+    )
+    setups = [(label, store, nodes, str(REPO)) for label, store, nodes in SETUPS]
+    if args.sqlite_full:
+        setups.insert(1, ("sqlite --sync full, 1 node", "sqlite-full", 1, str(REPO)))
+    if args.baseline:
+        setups += [
+            (f"{label} (baseline)", store, nodes, args.baseline)
+            for label, store, nodes in SETUPS
+            if store == "pg"
+        ]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _, _ in setups}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}")
-        for label, store, nodes in SETUPS:
-            run = one_setup(store, nodes, args, server)
+        for label, store, nodes, tree in setups:
+            run = one_setup(store, nodes, args, server, tree=tree)
             runs[label].append(run)
             show(label, run)
     if args.rounds:
@@ -218,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             f"medians: sqlite {sqlite:.0f}/s, postgresql 1 node {pg1:.0f}/s ({pg1 / sqlite:.2f}x"
             f" sqlite), 2 nodes {pg2:.0f}/s ({pg2 / pg1:.2f}x one node)"
         )
+        if args.baseline:
+            old1, old2 = (rate[f"{label} (baseline)"] for label, _, _ in SETUPS[1:])
+            print(
+                f"baseline: postgresql 1 node {old1:.0f}/s ({old1 / sqlite:.2f}x sqlite),"
+                f" 2 nodes {old2:.0f}/s ({old2 / old1:.2f}x one node)"
+            )
     if args.million:
         # One client: each round trip is then the operation's own cost, not a queue's.
         args.clients = args.million_clients

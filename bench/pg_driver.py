@@ -16,7 +16,14 @@ wall-clock time per request.
 - ``asyncio``: ``psycopg.AsyncConnection`` x 8 on ``asyncioreactor``, a Deferred
   from each coroutine.
 
+``--statement-cost``: instead, the server's own CPU per request of the batch
+statement the indexer sends (``p2p_batch``, :mod:`p2p.indexer.pgrules`), for
+batches of 1, 4 and 8 requests of user life cycles (bench/indexer_load.py's),
+beside a bare ``SELECT 1``: what a statement costs the server whatever it holds,
+and what each request adds (read from the backend's /proc, one connection).
+
     python bench/pg_driver.py --requests 8000 --rounds 3
+    python bench/pg_driver.py --statement-cost
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 MODES = ("threads", "batched", "asyncio")
 LOCK = "SELECT ip, port, identity, connected FROM users WHERE name = %s FOR UPDATE"
@@ -143,6 +151,63 @@ def run(mode: str, uri: str, requests: int, streams: int) -> None:
     reactor.run()
 
 
+def life_cycle_requests(directory, prefix: str):
+    """Endless requests (as the node builds them) of user life cycles, one user after
+    another."""
+    from indexer_load import life_cycle
+
+    from p2p import wire
+
+    n = 0
+    while True:
+        user = f"{prefix}u{n}"
+        n += 1
+        for op, rest in life_cycle(user, 20000):
+            address = ("127.0.0.1", rest[0]) if op == "CONNECT" else None
+            yield directory.request(getattr(wire, op), user, list(rest), address, None, None, False)
+
+
+def statement_cost(uri: str, batches: int = 2000) -> None:
+    """Print the server's CPU (and the wall time) per request of ``p2p_batch`` by batch
+    size, and per ``SELECT 1``."""
+    import json
+
+    import psycopg
+    from indexer_load import cpu_seconds
+
+    from p2p.indexer.pgdirectory import ClusterDirectory
+    from p2p.indexer.pgstore import PgStore
+
+    store = PgStore(uri, threads=1)
+    directory = ClusterDirectory(store)  # its rules go in with the tables
+    store.open()
+    store.close()
+    with psycopg.connect(uri, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+        def measure(label: str, statements: list[tuple], requests: int) -> None:
+            for query, params in statements[:100]:  # warm: plans, caches
+                conn.execute(query, params)
+            cpu, began = cpu_seconds(backend), time.perf_counter()
+            for query, params in statements[100:]:
+                conn.execute(query, params).fetchone()
+            cpu = (cpu_seconds(backend) - cpu) / requests * 1e6
+            wall = (time.perf_counter() - began) / requests * 1e6
+            print(f"  {label:28} server CPU {cpu:5.0f} us/request  wall {wall:5.0f} us/request")
+
+        measure("SELECT 1", [("SELECT 1", ())] * (batches + 100), batches)
+        for size in (1, 4, 8):
+            streams = [life_cycle_requests(directory, f"b{size}s{k}") for k in range(size)]
+            statements = [
+                (
+                    "SELECT p2p_batch(%s::jsonb, %s::float8)",
+                    (json.dumps(sorted((next(s) for s in streams), key=lambda r: r["user"])), 30.0),
+                )
+                for _ in range(batches + 100)
+            ]
+            measure(f"p2p_batch, {size} a batch", statements, batches * size)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8000)
@@ -150,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mode", choices=MODES, help="(internal) run one mode here")
     parser.add_argument("--uri", help="(internal) the database")
+    parser.add_argument(
+        "--statement-cost", action="store_true", help="the server's CPU per batched request"
+    )
     args = parser.parse_args(argv)
     if args.mode:
         run(args.mode, args.uri, args.requests, args.streams)
@@ -158,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 
     server = postgres.server()
     uri = server.create_database()
+    if args.statement_cost:
+        statement_cost(uri)
+        return 0
     from p2p.indexer.pgstore import PgStore
 
     store = PgStore(uri)

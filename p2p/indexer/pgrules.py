@@ -25,8 +25,10 @@ first of its kind (operation and owner) in the batch, comes back as
 ``{"same": <position of that first result>}`` instead of its rows, so the
 result holds it once (100 readers of a 4 MB listing used to fetch and parse
 hundreds of MB); :func:`resolve_same` gives the repeats the first one's rows.
-Across batches, a long owner listing comes with its digest, and a node that holds
-that one (:class:`Listings`) gets the digest alone while the files are unchanged.
+Across batches, a long owner listing comes with the state of the owner's files it
+shows (``digest``: see ``p2p_owner_listing``), and a node that holds that one
+(:class:`Listings`) gets the state alone while the files are unchanged, which the
+server tells without building the listing.
 """
 
 from __future__ import annotations
@@ -223,16 +225,8 @@ BEGIN
                 coalesce(identity, r->>'unclaimed')) ORDER BY connected), '[]')
             INTO listing FROM users WHERE ip IS NOT NULL;
         res := jsonb_build_object('code', 0, 'rows', listing);
-    WHEN 'LIST_CONTENT' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description) ORDER BY id), '[]')
-            INTO listing FROM files WHERE owner = r->>'owner';
-        res := p2p_owner_listing(r, listing);
-    WHEN 'LIST_FILES' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description,
-                coalesce(size::text, r->>'unknown'), coalesce(sha256, r->>'unknown'))
-                ORDER BY id), '[]')
-            INTO listing FROM files WHERE owner = r->>'owner';
-        res := p2p_owner_listing(r, listing);
+    WHEN 'LIST_CONTENT', 'LIST_FILES' THEN
+        res := p2p_owner_listing(r);
     WHEN 'SOURCES' THEN
         SELECT coalesce(jsonb_agg(jsonb_build_array(owner, name, ip, port)
                 ORDER BY owner COLLATE "C", name COLLATE "C"), '[]')
@@ -252,21 +246,43 @@ BEGIN
         'seen', u_ip IS NOT NULL AND NOT coalesce((res->>'ended')::boolean, false));
 END $$;
 
-CREATE OR REPLACE FUNCTION p2p_owner_listing(r jsonb, listing jsonb) RETURNS jsonb
+DROP FUNCTION IF EXISTS p2p_owner_listing(jsonb, jsonb);
+
+-- LIST_CONTENT and LIST_FILES of r->>'owner'. A long listing (64 rows or more) goes with
+-- the state of the owner's files it shows ("digest"): their count, highest and summed
+-- ids, and summed xmin (a row's transaction: every insert brings a higher id, every
+-- delete a lower count, every update a newer xmin). A node holding the listing of that
+-- state (r->>'have') gets the state alone: computed without building the listing.
+CREATE OR REPLACE FUNCTION p2p_owner_listing(r jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    digest text;
+    who text := r->>'owner';
+    listing jsonb;
+    state text;
 BEGIN
-    IF listing = '[]' AND NOT EXISTS (SELECT 1 FROM users WHERE name = r->>'owner') THEN
+    IF r ? 'have' THEN
+        SELECT concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
+            INTO state FROM files WHERE owner = who;
+        IF state = r->>'have' THEN
+            RETURN jsonb_build_object('code', 0, 'digest', state);
+        END IF;
+    END IF;
+    IF r->>'op' = 'LIST_CONTENT' THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description) ORDER BY id), '[]'),
+                concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
+            INTO listing, state FROM files WHERE owner = who;
+    ELSE
+        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description,
+                coalesce(size::text, r->>'unknown'), coalesce(sha256, r->>'unknown'))
+                ORDER BY id), '[]'),
+                concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
+            INTO listing, state FROM files WHERE owner = who;
+    END IF;
+    IF listing = '[]' AND NOT EXISTS (SELECT 1 FROM users WHERE name = who) THEN
         RETURN jsonb_build_object('code', r->'own');  -- no such owner
     END IF;
     IF jsonb_array_length(listing) >= 64 THEN
-        -- A long listing goes with its digest; the one the node holds is not sent again.
-        digest := encode(sha256(convert_to(listing::text, 'UTF8')), 'hex');
-        IF r->>'have' = digest THEN
-            RETURN jsonb_build_object('code', 0, 'digest', digest);
-        END IF;
-        RETURN jsonb_build_object('code', 0, 'rows', listing, 'digest', digest);
+        RETURN jsonb_build_object('code', 0, 'rows', listing, 'digest', state);
     END IF;
     RETURN jsonb_build_object('code', 0, 'rows', listing);
 END $$;

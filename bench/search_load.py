@@ -418,11 +418,17 @@ def throughput(args: argparse.Namespace) -> None:
             continue
         new = statistics.median(rate for rate, _ in runs[label])
         new_cpu = statistics.median(cpu for _, cpu in runs[label])
+        # The CPU per request of each round against the baseline's in the same round:
+        # steadier than the rates when other work shares the cores.
+        cpu_ratio = statistics.median(
+            mine[1] / theirs[1] for mine, theirs in zip(runs[label], runs["baseline"], strict=True)
+        )
         print(
             f"median: {label} {new:,.0f}/s, baseline ({args.baseline}) {base:,.0f}/s:"
             f" {100 * new / base:.1f} % (median of the rounds' ratios"
             f" {100 * statistics.median(ratios[label]):.1f} %); indexer CPU per request"
-            f" {new_cpu:.0f} us against {base_cpu:.0f} us"
+            f" {new_cpu:.0f} us against {base_cpu:.0f} us (median of the rounds' ratios"
+            f" {cpu_ratio:.2f})"
         )
 
 

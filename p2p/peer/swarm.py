@@ -285,13 +285,11 @@ class _RangeFetch(_Exchange):
         """The pieces this request has not delivered yet."""
         return range(self.piece, self.end)
 
-    def connected(self) -> None:
-        if self.swarm.saturated():
-            self.pause()
-
     def pause(self) -> None:
-        """Read nothing more until :meth:`resume` (the swarm waits for checks)."""
-        if not self.paused and not self.over:
+        """Read nothing more until :meth:`resume` (the swarm waits for checks).
+        Only once the reply has begun: a connection still in its handshake or
+        waiting for its reply goes on (it holds no piece; its first one waits)."""
+        if not self.paused and not self.over and self.code is not None:
             self.paused = True
             self.client.pause()
 
@@ -633,9 +631,10 @@ class _Swarm:
         else:
             self.drop(source, f"sent piece {index} with a wrong digest")
             self.queue.appendleft((index, index + 1))
-        # Room for one more piece: those held back go first (each request stops
-        # again as soon as the swarm is full), then new ranges (fill).
-        for fetch in self.fetches():
+        # Room for one more piece: those held back go first, lowest first (the
+        # order the whole file is hashed in; each request stops again as soon as
+        # the swarm is full), then new ranges (fill).
+        for fetch in sorted(self.fetches(), key=lambda f: f.piece):
             fetch.resume()
         self.report()
         self.advance_hash()

@@ -596,6 +596,11 @@ class _PeerClient(protocol.Protocol, TimeoutMixin):
         self._flush_call = None
 
     def connectionMade(self) -> None:
+        if self.events is None:
+            # Hung up while connecting (the attempt's cancel came too late): say
+            # nothing, arm no timer, and do not leave the connection open.
+            self.transport.abortConnection()
+            return
         socket_transport = getattr(self.transport, "transport", self.transport)  # under TLS
         if hasattr(socket_transport, "bufferSize"):
             socket_transport.bufferSize = RECV_SIZE

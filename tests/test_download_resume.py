@@ -404,6 +404,29 @@ class StreamResumeTests(Case):
         self.assertEqual(self.dest.read_bytes(), body + b"more")
 
 
+class HungUpConnectionTests(TestCase):
+    """A request's connection hung up while it was still connecting."""
+
+    def test_it_says_nothing_and_closes_once_connected(self):
+        from twisted.internet.testing import StringTransport
+
+        clock = task.Clock()
+        told: list[str] = []
+
+        class Events:
+            def connected(self) -> None:
+                told.append("connected")
+
+        client = single._PeerClient(Events(), b"RANGE\x00f.bin\x000\x001\x00", 1.0, clock)
+        client.hang_up()  # (the download ended; the attempt's cancel came too late)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])  # no silence timer left running
+        self.assertEqual(told, [])
+
+
 class SwarmTests(Case):
     """Several sources: PIECES, then RANGEs in parallel, every piece checked."""
 

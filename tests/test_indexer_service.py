@@ -56,6 +56,8 @@ class OptionsTests(TestCase):
             ["--timeout=x"],
             ["--max-connections=0"],
             ["--logger-program=5"],
+            ["--db="],
+            ["--db", " "],
         ):
             self.assertRaises(usage.UsageError, parse, *argv)
 

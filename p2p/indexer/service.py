@@ -138,6 +138,8 @@ class Options(LogOptions, usage.Options):
     identity_files: tuple[Path, Path] | None = None
 
     def postOptions(self) -> None:
+        if not self["db"].strip():  # SQLite would open a nameless temporary database
+            raise usage.UsageError("--db needs a file, :memory: or a postgresql:// URI")
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(f"--sync must be one of {', '.join(SYNC_MODES)}")
         if self["classic"] not in CLASSIC_POLICIES:

@@ -153,6 +153,20 @@ class Hold(Base):
         self.assertEqual(self.h.leases.held, {})
         self.assertEqual(self.h.online(), set())
 
+    def test_disconnect_and_connect_from_elsewhere_in_the_same_turn(self) -> None:
+        """The same, when a new CONNECT of the user follows the DISCONNECT in that turn:
+        the new lease is not the one the HOLD was given, so the holder closes too."""
+        proto, transport = self.kept()
+        proto.dataReceived(request("HOLD", "alice"))
+        for values in (("DISCONNECT", "alice"), ("CONNECT", "alice", 6000)):
+            other, _ = self.h.connect()
+            other.dataReceived(request(*values))
+        self.h.clock.advance(0)
+        self.assertEqual(transport.value(), b"\x0030\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.h.leases.held, {})
+        self.assertEqual(self.h.online(), {"alice"})
+
     def test_lost_before_the_reply_holds_nothing(self) -> None:
         """A connection closed while its HOLD waited for the turn's commit holds nothing."""
         proto, _transport = self.kept()

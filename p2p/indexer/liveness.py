@@ -29,6 +29,7 @@ indexer's factory turns into a DISCONNECT (persisted and audited).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -78,6 +79,11 @@ class Leases:
         #: Called with (connection, user) for each connection that held a lease ended by
         #: the user's DISCONNECT or a new CONNECT (not by the connection's own close).
         self.on_end: Callable[[object, str], None] | None = None
+        #: Each connected user's lease number: a new one at every start (CONNECT, a
+        #: load), gone at the end, so a HOLD answered before a DISCONNECT and a new
+        #: CONNECT of the same turn can tell the lease it was given has ended.
+        self.number: dict[str, int] = {}
+        self._numbers = itertools.count(1)
 
     @property
     def seconds(self) -> int:
@@ -92,6 +98,7 @@ class Leases:
         self.renewing.pop(user, None)
         self._unhold(user)
         self.grace.pop(user, None)
+        self.number[user] = next(self._numbers)
         self.silent[user] = self.now()
         self.silent.move_to_end(user)
 
@@ -138,6 +145,7 @@ class Leases:
 
     def end(self, user: str) -> None:
         """The user is no longer connected."""
+        self.number.pop(user, None)
         self.renewing.pop(user, None)
         self.silent.pop(user, None)
         self._unhold(user)
@@ -153,7 +161,7 @@ class Leases:
     def reset(self, connected: list[str]) -> None:
         """Match the connected users (after a load): new ones get a fresh lease."""
         keep = set(connected)
-        for entries in (self.renewing, self.silent, self.held, self.grace):
+        for entries in (self.renewing, self.silent, self.held, self.grace, self.number):
             for user in [u for u in entries if u not in keep]:
                 del entries[user]
         for user in connected:

@@ -484,8 +484,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         #: The connection whose request is being applied (see :meth:`_lease_ended`).
         self._asking: IndexerProtocol | None = None
         #: This turn's HOLDs answered 0, by connection (one request at a time each): the
-        #: user, held when the answer is sent.
-        self._holds: dict[IndexerProtocol, str] = {}
+        #: user and its lease's number, held when the answer is sent.
+        self._holds: dict[IndexerProtocol, tuple[str, int | None]] = {}
 
     @property
     def directory(self) -> Directory:
@@ -581,8 +581,8 @@ class IndexerFactory(ConnectionCap, ServerFactory):
             code, body = op.error, b""
         finally:
             self._asking = None
-        if op is wire.HOLD and code == wire.OK:
-            self._holds[proto] = user  # held once the turn's answers stand
+        if op is wire.HOLD and code == wire.OK:  # held once the turn's answers stand
+            self._holds[proto] = (user, self.directory.leases.number.get(user))
         self._replies.append((proto, _CODES[code], body))
         self._flush_soon()
 
@@ -624,13 +624,13 @@ class IndexerFactory(ConnectionCap, ServerFactory):
         leases = self.directory.leases
         for proto, code, body in replies:
             if code == _OK and proto.op is wire.HOLD and not proto.lost:
-                user = holds.get(proto)
+                user, number = holds.get(proto, (None, None))
                 if user is not None:
                     proto.hold(user, leases.timeout)
-                    if leases.heard(user):  # still connected
-                        leases.hold(user, proto)
-                    else:  # a DISCONNECT on another connection later in this turn
-                        proto.lease_ended(user)  # ended the hold it was given: 7.3's close
+                    if number is not None and leases.number.get(user) == number:
+                        leases.hold(user, proto)  # still the lease it was given
+                    else:  # ended later in this turn by another connection's DISCONNECT
+                        proto.lease_ended(user)  # (and a new CONNECT): 7.3's close
             if isinstance(body, Deferred):  # a SEARCH its store answers later
                 body.addCallbacks(proto.reply_later, self._answer_failed, (code,), None, (proto,))
             else:

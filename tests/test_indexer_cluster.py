@@ -444,13 +444,21 @@ class LivenessOnPostgres(liveness_e2e.Liveness):
     def test_leases_start_afresh_when_a_node_takes_the_lead(self):
         """The only node is down longer than a lease (its clients cannot renew): when
         one starts and leads, every connected user has a full lease again, as a
-        restarted SQLite indexer gives, and a renewing client stays."""
+        restarted SQLite indexer gives, and a renewing client stays. A user whose
+        client stopped renewing meanwhile is probed first, as there: its peer answers,
+        so it stays too."""
         cwd = Path(self.mktemp())
         cwd.mkdir(parents=True)
         ix = yield self.start(cwd=cwd)
         yield liveness_e2e.join(ix, "ours", hold_port(self))
         renewer = liveness_e2e.Renewer(self, ix, "ours")
+        peer = liveness_e2e.PeerListener(self)
+        yield liveness_e2e.join(ix, "quiet", peer.number)
+        quiet = liveness_e2e.Renewer(self, ix, "quiet")
+        yield poll_until(lambda: quiet.replies, what="quiet renewing")
+        quiet.stop()
         yield ix.process.stop()
+        probed = peer.accepted
         yield poll_until(
             lambda: database_now(self) > lease_until(self, "ours") + 1,
             what="ours's lease run out while no node runs",
@@ -462,8 +470,11 @@ class LivenessOnPostgres(liveness_e2e.Liveness):
         before = len(renewer.replies)
         yield poll_until(lambda: len(renewer.replies) >= before + 3, what="three renewals")
         self.assertEqual(renewer.replies[-1], b"\x00%d\x00" % liveness_e2e.TIMEOUT)
+        yield poll_until(
+            lambda: peer.accepted > probed, timeout=liveness_e2e.GONE_WITHIN, what="quiet probed"
+        )
         users = yield liveness_e2e.listed(ix)
-        self.assertIn("ours", users)
+        self.assertTrue({"ours", "quiet"} <= users, users)
 
 
 def database_now(testcase: TestCase) -> float:

@@ -580,8 +580,11 @@ class ClusterLiveness(Ticking):
 
 
 def _fresh_leases(cursor, timeout: float) -> None:
+    """A full lease from now for each connected user with less left, silent (probed
+    when it runs out, as a restarted SQLite indexer's every user is): a client that
+    renews, or a node that holds its lease, makes it renewing or held again."""
     cursor.execute(
-        f"UPDATE users SET lease_until = {NOW} + %s"
+        f"UPDATE users SET lease_until = {NOW} + %s, lease_kind = {SILENT}"
         f" WHERE ip IS NOT NULL AND lease_until < {NOW} + %s",
         (timeout, timeout),
     )

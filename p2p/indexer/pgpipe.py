@@ -222,9 +222,21 @@ class StatementPipe:
             return
         result = received[-1] if received else None
         if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
-            values = self.results(result.get_value(0, 0))
-            for (_key, _item, d), value in zip(batch, values, strict=True):
-                d.callback(value)
+            # Decoded whole before any item hears: a result that cannot be read (bad
+            # JSON, a bad reference, too few or too many values) fails every item of
+            # the batch, as the server's refusal would, instead of leaving them unfired.
+            try:
+                values = list(self.results(result.get_value(0, 0)))
+                if len(values) != len(batch):
+                    raise ValueError(f"{len(values)} results for {len(batch)} requests")
+            except Exception as e:
+                self.log.failure("a batch's result could not be read")
+                failure = Failure(StatementFailed(f"unreadable result: {e}"))
+                for _key, _item, d in batch:
+                    d.errback(failure)
+            else:
+                for (_key, _item, d), value in zip(batch, values, strict=True):
+                    d.callback(value)
         else:
             state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
             message = result.error_message.decode("utf-8", "replace") if result else "no result"

@@ -17,6 +17,7 @@ each class's docstring).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
+from p2p import wire
 from p2p.indexer import protocol as protocol_module
 from p2p.indexer.pgstore import PgStore
 from tests import postgres, test_indexer_protocol, test_indexer_search
@@ -461,16 +463,22 @@ class AuditOnPostgres(test_indexer_protocol.Audit):
     harness = PgHarness
 
 
+def long_listing_harness(testcase: TestCase) -> PgHarness:
+    """A node where bob (connected) may list alice's 70 files: a long listing."""
+    h = PgHarness(testcase)
+    h.given(("REGISTER", "alice"), ("REGISTER", "bob"), ("CONNECT", "alice", 5000))
+    h.given(("CONNECT", "bob", 5001))
+    for i in range(70):
+        h.given(("PUBLISH", "alice", f"f{i:03d}", "same"))
+    return h
+
+
 class LongListingsOnPostgres(TestCase):
     """A node sends a long owner listing it holds again only while the server says the
     owner's files are unchanged (their digest): every change shows at once."""
 
     def setUp(self) -> None:
-        self.h = PgHarness(self)
-        self.h.given(("REGISTER", "alice"), ("REGISTER", "bob"), ("CONNECT", "alice", 5000))
-        self.h.given(("CONNECT", "bob", 5001))
-        for i in range(70):
-            self.h.given(("PUBLISH", "alice", f"f{i:03d}", "same"))
+        self.h = long_listing_harness(self)
         self.results: list[dict] = []  # what the server answered each request
         pipe = self.h.directory.pipe
         submit = pipe.submit
@@ -519,6 +527,52 @@ class LongListingsOnPostgres(TestCase):
         for i in range(70):
             self.h.given(("PUBLISH", "alice", f"g{i:03d}", "other"))
         self.assertEqual([row[0] for row in self.listing()][:2], ["g000", "g001"])
+
+
+class SameInBatchOnPostgres(TestCase):
+    """``p2p_batch`` called directly: a repeat of a long listing in one batch comes back
+    as ``{"same": n}`` only for a request that asks for it (``share``, sent by nodes
+    that resolve it), and only while it equals the last listing of its kind."""
+
+    def setUp(self) -> None:
+        self.h = long_listing_harness(self)
+
+    def request(self, op: wire.OpSpec, user: str, *args) -> dict:
+        return dict(self.h.directory.request(op, user, list(args), None, None, None, False))
+
+    def batch(self, *requests: dict) -> list[dict]:
+        """The results exactly as ``p2p_batch`` returned them (``same`` unresolved)."""
+        from psycopg import pq
+
+        sql, params = self.h.directory._statement(list(requests))
+        result = self.h.directory.pipe.conn.pgconn.exec_params(sql, params)
+        self.assertEqual(result.status, pq.ExecStatus.TUPLES_OK, result.error_message)
+        return json.loads(result.get_value(0, 0))
+
+    def test_without_share_every_repeat_has_its_rows(self) -> None:
+        """A node of the version before ``same`` (it never sends ``share``) running
+        these rules during a rolling upgrade reads rows in every result."""
+        listing = self.request(wire.LIST_CONTENT, "bob", "alice")
+        self.assertIs(listing.pop("share"), True)
+        results = self.batch(listing, dict(listing))
+        for result in results:
+            self.assertNotIn("same", result)
+            self.assertEqual(len(result["rows"]), 70)
+        self.assertEqual(results[0]["rows"], results[1]["rows"])
+
+    def test_a_change_between_repeats_is_a_listing_of_its_own(self) -> None:
+        listing = self.request(wire.LIST_CONTENT, "bob", "alice")
+        publish = self.request(wire.PUBLISH, "alice", "new", "added")
+        results = self.batch(listing, publish, dict(listing), dict(listing))
+        self.assertEqual(len(results[0]["rows"]), 70)
+        self.assertEqual(results[1]["code"], 0)
+        self.assertNotIn("same", results[2])
+        self.assertEqual(len(results[2]["rows"]), 71)
+        self.assertEqual(results[2]["rows"][-1], ["new", "added"])
+        # Nothing changed since the second: it is named, its rows not sent again.
+        self.assertEqual(results[3]["same"], 2)
+        self.assertNotIn("rows", results[3])
+        self.assertEqual(results[3]["code"], 0)
 
 
 class FuzzOnPostgres(harden_indexer.Fuzz):

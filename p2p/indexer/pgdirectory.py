@@ -225,6 +225,7 @@ class ClusterDirectory(BaseDirectory):
         elif name in (wire.LIST_CONTENT.name, wire.LIST_FILES.name):
             request["owner"] = args[0]
             request["unknown"] = wire.UNKNOWN
+            request["share"] = True  # a repeat in the batch may come back as "same"
             self.listings.ask(request)
         elif name == wire.LIST_PEERS.name:
             request["unclaimed"] = wire.UNCLAIMED

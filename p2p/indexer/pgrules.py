@@ -21,10 +21,13 @@ then connected, then the operation's own check.
 
 A crowd asking for one long listing (``LIST_CONTENT`` of a popular owner) often
 lands in one batch: each repeat of a listing of 64 rows or more, equal to the
-first of its kind (operation and owner) in the batch, comes back as
-``{"same": <position of that first result>}`` instead of its rows, so the
+last one of its kind (operation and owner) in the batch, comes back as
+``{"same": <position of that result>}`` instead of its rows, so the
 result holds it once (100 readers of a 4 MB listing used to fetch and parse
-hundreds of MB); :func:`resolve_same` gives the repeats the first one's rows.
+hundreds of MB); :func:`resolve_same` gives the repeats that one's rows. Only a
+request that says it reads ``same`` (``share``) is answered so: every node
+recreates these rules at its start, and a node of an older version, which has no
+:func:`resolve_same`, runs them during a rolling upgrade and must get rows.
 Across batches, a long owner listing comes with the state of the owner's files it
 shows (``digest``: see ``p2p_owner_listing``), and a node that holds that one
 (:class:`Listings`) gets the state alone while the files are unchanged, which the
@@ -248,11 +251,21 @@ END $$;
 
 DROP FUNCTION IF EXISTS p2p_owner_listing(jsonb, jsonb);
 
+-- The state of who's files that a long listing goes with ("digest"): their count,
+-- highest and summed ids, and summed xmin (a row's transaction: every insert brings a
+-- higher id, every delete a lower count, every update a newer xmin). STABLE: called
+-- within a query, it reads that query's snapshot, so it describes the rows the query
+-- lists.
+CREATE OR REPLACE FUNCTION p2p_owner_state(who text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
+    FROM files WHERE owner = who
+$$;
+
 -- LIST_CONTENT and LIST_FILES of r->>'owner'. A long listing (64 rows or more) goes with
--- the state of the owner's files it shows ("digest"): their count, highest and summed
--- ids, and summed xmin (a row's transaction: every insert brings a higher id, every
--- delete a lower count, every update a newer xmin). A node holding the listing of that
--- state (r->>'have') gets the state alone: computed without building the listing.
+-- the state of the owner's files it shows (p2p_owner_state, read in the listing's own
+-- query). A node holding the listing of that state (r->>'have') gets the state alone:
+-- computed without building the listing.
 CREATE OR REPLACE FUNCTION p2p_owner_listing(r jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -261,23 +274,21 @@ DECLARE
     state text;
 BEGIN
     IF r ? 'have' THEN
-        SELECT concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
-            INTO state FROM files WHERE owner = who;
+        state := p2p_owner_state(who);
         IF state = r->>'have' THEN
             RETURN jsonb_build_object('code', 0, 'digest', state);
         END IF;
     END IF;
-    IF r->>'op' = 'LIST_CONTENT' THEN
-        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description) ORDER BY id), '[]'),
-                concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
-            INTO listing, state FROM files WHERE owner = who;
-    ELSE
-        SELECT coalesce(jsonb_agg(jsonb_build_array(name, description,
-                coalesce(size::text, r->>'unknown'), coalesce(sha256, r->>'unknown'))
-                ORDER BY id), '[]'),
-                concat_ws(' ', count(*), max(id), sum(id), sum(xmin::text::bigint))
-            INTO listing, state FROM files WHERE owner = who;
-    END IF;
+    -- The state in the listing's query (one snapshot), for a long listing only.
+    SELECT listed_rows,
+            CASE WHEN jsonb_array_length(listed_rows) >= 64 THEN p2p_owner_state(who) END
+        INTO listing, state FROM (
+            SELECT coalesce(jsonb_agg(CASE WHEN r->>'op' = 'LIST_CONTENT'
+                    THEN jsonb_build_array(name, description)
+                    ELSE jsonb_build_array(name, description, coalesce(size::text,
+                        r->>'unknown'), coalesce(sha256, r->>'unknown')) END
+                ORDER BY id), '[]') AS listed_rows
+            FROM files WHERE owner = who) listed;
     IF listing = '[]' AND NOT EXISTS (SELECT 1 FROM users WHERE name = who) THEN
         RETURN jsonb_build_object('code', r->'own');  -- no such owner
     END IF;
@@ -301,8 +312,10 @@ DECLARE
 BEGIN
     FOR r IN SELECT value FROM jsonb_array_elements(requests) LOOP
         res := p2p_request(r, lease);
-        IF res ? 'rows' AND jsonb_array_length(res->'rows') >= 64 THEN
-            -- The same long listing again in this batch: sent once (see resolve_same).
+        IF r ? 'share' AND res ? 'rows' AND jsonb_array_length(res->'rows') >= 64 THEN
+            -- The same long listing again in this batch: sent once (see resolve_same),
+            -- to a node that says it reads that ('share'; a node of a version before
+            -- it, running these rules during a rolling upgrade, gets the rows).
             key := (r->>'op') || ' ' || coalesce(r->>'owner', '');
             first := (listings->>key)::integer;
             IF first IS NOT NULL AND results[first + 1]->'rows' = res->'rows' THEN
